@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+PACKAGE = "meanflow_policy"
+
+setup(
+    name=PACKAGE,
+    version="0.1.0",
+    packages=find_packages(exclude=["test"]),
+    data_files=[
+        ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
+        (f"share/{PACKAGE}", ["package.xml"]),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="so101-meanflow developers",
+    maintainer_email="dev@so101-meanflow.invalid",
+    description="Mean-Flow one-step Vision-Language-Action policy: model, training from rosbag2 demos, policy node.",
+    license="Apache-2.0",
+    entry_points={"console_scripts": []},
+)

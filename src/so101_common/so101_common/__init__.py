@@ -1,0 +1,1 @@
+"""Shared SO-101 contract and cores (no rclpy import in this package)."""

@@ -1,0 +1,143 @@
+"""The episode format: one rosbag2 directory (mcap) per demonstration, plus ``episode.json`` inside it.
+
+The teleop recorder (live CDR from DDS) and the simulator's demo generator (messages serialised in-process)
+both write through EpisodeWriter, so training reads exactly one format. ``index.json`` at the dataset root
+lists every episode; it is rebuilt from the episodes' own files, so it can never disagree with them for long.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.typesys import Stores, get_typestore
+
+EPISODE_FILE = "episode.json"
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+SOFTWARE_VERSION = "0.1.0"
+_TYPESTORE = get_typestore(Stores.ROS2_KILTED)
+
+
+@dataclass
+class EpisodeMetadata:
+    instruction: str
+    robot: str = "so101"
+    task: str = ""
+    start_time_ns: int = 0
+    stop_time_ns: int = 0
+    success: bool | None = None
+    status: str = "recording"  # recording | complete | failed
+    failure: str = ""
+    message_counts: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
+    software_version: str = SOFTWARE_VERSION
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EpisodeMetadata":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class EpisodeWriter:
+    """Writes one episode bag. Messages are CDR bytes; topics are declared with their ROS type name."""
+
+    def __init__(self, path: str | Path, metadata: EpisodeMetadata) -> None:
+        self.path = Path(path)
+        if self.path.exists():
+            raise FileExistsError(f"episode directory {self.path} already exists")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.metadata = metadata
+        if not self.metadata.start_time_ns:
+            self.metadata.start_time_ns = time.time_ns()
+        self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
+        self._writer.open()
+        self._connections: dict[str, object] = {}
+        self.closed = False
+
+    def add_topic(self, topic: str, msgtype: str) -> None:
+        """Declare a topic, e.g. ``("/joint_states", "sensor_msgs/msg/JointState")``."""
+        if topic in self._connections:
+            return
+        self._connections[topic] = self._writer.add_connection(topic, msgtype, typestore=_TYPESTORE)
+        self.metadata.message_counts.setdefault(topic, 0)
+
+    def write(self, topic: str, timestamp_ns: int, cdr: bytes) -> None:
+        if self.closed:
+            raise RuntimeError(f"episode {self.path} is closed")
+        conn = self._connections.get(topic)
+        if conn is None:
+            raise KeyError(f"topic {topic!r} was not declared with add_topic")
+        self._writer.write(conn, int(timestamp_ns), bytes(cdr))
+        self.metadata.message_counts[topic] += 1
+
+    def close(self, success: bool | None = None, failure: str = "") -> EpisodeMetadata:
+        """Finalise the bag (readable afterwards) and write episode.json; safe to call twice."""
+        if self.closed:
+            return self.metadata
+        self.closed = True
+        self.metadata.stop_time_ns = time.time_ns()
+        self.metadata.success = success
+        self.metadata.status = "failed" if failure else "complete"
+        self.metadata.failure = failure
+        try:
+            self._writer.set_custom_data("so101.episode", json.dumps(asdict(self.metadata), sort_keys=True))
+        finally:
+            self._writer.close()
+            _atomic_write(self.path / EPISODE_FILE, self.metadata.to_json())
+        return self.metadata
+
+    def discard(self) -> None:
+        """Drop the episode entirely."""
+        if not self.closed:
+            self.closed = True
+            try:
+                self._writer.close()
+            except Exception:  # noqa: BLE001 - the directory is removed anyway
+                pass
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def read_episode_metadata(path: str | Path) -> EpisodeMetadata:
+    """Metadata of an episode directory written by EpisodeWriter."""
+    file = Path(path) / EPISODE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not an episode written by so101 tools")
+    return EpisodeMetadata.from_dict(json.loads(file.read_text()))
+
+
+def update_index(dataset_dir: str | Path) -> dict:
+    """Rebuild ``index.json`` of a dataset folder from its episodes' metadata; returns the index."""
+    root = Path(dataset_dir)
+    episodes = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        try:
+            meta = read_episode_metadata(child)
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            continue
+        episodes.append({
+            "name": child.name,
+            "instruction": meta.instruction,
+            "task": meta.task,
+            "status": meta.status,
+            "success": meta.success,
+            "duration_s": max(0.0, (meta.stop_time_ns - meta.start_time_ns) / 1e9),
+            "messages": sum(meta.message_counts.values()),
+        })
+    index = {"format_version": FORMAT_VERSION, "episodes": episodes}
+    _atomic_write(root / INDEX_FILE, json.dumps(index, indent=2))
+    return index

@@ -1,0 +1,134 @@
+"""pytest plugin for node tests over real DDS (loaded with ``-p so101_common.testing``).
+
+Nodes run as separate processes (``python -m <module> --ros-args ...``) exactly as users start them; the test
+process talks to them through its own rclpy context. Every process inherits the loopback-only environment.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from so101_common.dds import loopback_problems
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    problems = loopback_problems()
+    if problems:
+        raise pytest.UsageError("refusing to run: DDS is not loopback-only: " + "; ".join(problems)
+                                + ". Run the tests through `make test` (it sources build/env.sh).")
+
+
+def _param_args(params: dict[str, object] | None) -> list[str]:
+    args: list[str] = []
+    for key, value in (params or {}).items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = "[" + ",".join(repr(v) if isinstance(v, str) else str(v) for v in value) + "]"
+        args += ["-p", f"{key}:={value}"]
+    return args
+
+
+class NodeProcess:
+    """A node started as its own process; output goes to a log file shown when a test fails."""
+
+    def __init__(self, module: str, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def node_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
+    """Factory: ``node_process("pkg.module", params={...}, extra_args=[...])`` -> NodeProcess (stopped after)."""
+    started: list[NodeProcess] = []
+
+    def start(module: str, params: dict[str, object] | None = None, extra_args: list[str] | None = None,
+              name: str | None = None) -> NodeProcess:
+        args = [*(extra_args or []), "--ros-args", *_param_args(params)]
+        if name:
+            args += ["-r", f"__node:={name}"]
+        proc = NodeProcess(module, args, tmp_path / f"{module.rsplit('.', 1)[-1]}-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    for proc in started:
+        proc.stop()
+        if failed:
+            sys.stderr.write(f"\n----- {proc.log_path.name} -----\n{proc.output()[-4000:]}\n")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def ros_node(request: pytest.FixtureRequest):
+    """An rclpy node in the test process, with its own context, spun by ``spin_until``."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context)
+    node = rclpy.create_node(f"test_{abs(hash(request.node.nodeid)) % 10**8}", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    node.executor_for_test = executor
+    try:
+        yield node
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=context)
+
+
+def spin_until(node, predicate: Callable[[], bool], timeout: float, period: float = 0.02) -> bool:
+    """Spin the node's test executor until ``predicate()`` is true or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        node.executor_for_test.spin_once(timeout_sec=period)
+    return predicate()
+
+
+@contextmanager
+def launch_pytest_or_skip() -> Iterator[None]:
+    """Skip a test cleanly where the ROS 2 distro's launch_pytest is missing (the pip environment)."""
+    try:
+        import launch_pytest  # noqa: F401
+    except ImportError:
+        pytest.skip("launch_pytest is only available in a ROS 2 distro (not in the pip environment)")
+    yield
