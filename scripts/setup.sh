@@ -26,7 +26,7 @@ if [ "$(cat "$STAMP_DIR/requirements" 2>/dev/null)" != "$req_hash" ]; then
   # The wheels' CMake exports name the wheel builder's Python; point them at this interpreter.
   py_inc=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
   np_inc=$("$VENV/bin/python" -c 'import numpy; print(numpy.get_include())')
-  grep -l '/opt/python/cp311-cp311' "$VENV"/share/*/cmake/*.cmake 2>/dev/null | while read -r f; do
+  for f in $(grep -l '/opt/python/cp311-cp311' "$VENV"/share/*/cmake/*.cmake 2>/dev/null || true); do
     sed -i -e "s#/opt/python/cp311-cp311/lib/python3.11/site-packages/numpy/_core/include#$np_inc#g" \
            -e "s#/opt/python/cp311-cp311/include/python3.11#$py_inc#g" "$f"
   done
@@ -66,5 +66,10 @@ export PYOPENGL_PLATFORM=\${PYOPENGL_PLATFORM:-egl}
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 export SO101_WS=$ROOT
+# Console scripts of the workspace packages (where `ros2 run` would look), e.g. meanflow-train, so101-eval.
+for d in $ROOT/install/*/lib/*/; do
+  case "\$d" in */lib/python3*) continue;; esac
+  case ":\$PATH:" in *":\$d:"*) ;; *) export PATH=\$d:\$PATH;; esac
+done
 ENV
 echo "[setup] ready: source build/env.sh"

@@ -1,3 +1,5 @@
+from glob import glob
+
 from setuptools import find_packages, setup
 
 PACKAGE = "meanflow_policy"
@@ -9,6 +11,7 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
+        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
     ],
     install_requires=["setuptools"],
     zip_safe=True,
@@ -16,5 +19,13 @@ setup(
     maintainer_email="dev@so101-meanflow.invalid",
     description="Mean-Flow one-step Vision-Language-Action policy: model, training from rosbag2 demos, policy node.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "policy_node = meanflow_policy.policy_node:main",
+            "meanflow-train = meanflow_policy.train_cli:main",
+            "meanflow-eval-bag = meanflow_policy.eval_bag_cli:main",
+            "meanflow-bench = meanflow_policy.bench:main",
+            "meanflow-bench-node = meanflow_policy.bench_node:main",
+        ]
+    },
 )
