@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -43,7 +42,8 @@ class NodeProcess:
     def __init__(self, module: str, args: list[str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-u", "-m", module, *args], stdout=self._log,
+        target = [module] if module.endswith(".py") else ["-m", module]
+        self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
 
     def output(self) -> str:
@@ -67,7 +67,10 @@ class NodeProcess:
 
 @pytest.fixture
 def node_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., NodeProcess]]:
-    """Factory: ``node_process("pkg.module", params={...}, extra_args=[...])`` -> NodeProcess (stopped after)."""
+    """Factory: ``node_process("pkg.module" or "path/script.py", params={...}, extra_args=[...])`` -> NodeProcess.
+
+    Every process started is stopped (SIGINT, then SIGKILL) after the test; its log is printed if the test failed.
+    """
     started: list[NodeProcess] = []
 
     def start(module: str, params: dict[str, object] | None = None, extra_args: list[str] | None = None,
@@ -75,7 +78,8 @@ def node_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
         args = [*(extra_args or []), "--ros-args", *_param_args(params)]
         if name:
             args += ["-r", f"__node:={name}"]
-        proc = NodeProcess(module, args, tmp_path / f"{module.rsplit('.', 1)[-1]}-{len(started)}.log")
+        stem = Path(module).stem if module.endswith(".py") else module.rsplit(".", 1)[-1]
+        proc = NodeProcess(module, args, tmp_path / f"{stem}-{len(started)}.log")
         started.append(proc)
         return proc
 
@@ -122,13 +126,3 @@ def spin_until(node, predicate: Callable[[], bool], timeout: float, period: floa
             return True
         node.executor_for_test.spin_once(timeout_sec=period)
     return predicate()
-
-
-@contextmanager
-def launch_pytest_or_skip() -> Iterator[None]:
-    """Skip a test cleanly where the ROS 2 distro's launch_pytest is missing (the pip environment)."""
-    try:
-        import launch_pytest  # noqa: F401
-    except ImportError:
-        pytest.skip("launch_pytest is only available in a ROS 2 distro (not in the pip environment)")
-    yield
