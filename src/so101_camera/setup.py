@@ -16,5 +16,5 @@ setup(
     maintainer_email="dev@so101-meanflow.invalid",
     description="Camera node for the SO-101 (V4L2 device, video file or test pattern), one instance per camera.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["camera_node = so101_camera.camera_node:main"]},
 )

@@ -16,5 +16,8 @@ setup(
     maintainer_email="dev@so101-meanflow.invalid",
     description="Joy-Con teleoperation of the SO-101 and the rosbag2 episode recorder.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "teleop_node = so101_teleop.teleop_node:main",
+        "episode_recorder = so101_teleop.recorder_node:main",
+    ]},
 )

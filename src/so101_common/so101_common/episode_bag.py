@@ -97,8 +97,11 @@ class EpisodeWriter:
         try:
             self._writer.set_custom_data("so101.episode", json.dumps(asdict(self.metadata), sort_keys=True))
         finally:
-            self._writer.close()
-            _atomic_write(self.path / EPISODE_FILE, self.metadata.to_json())
+            try:
+                self._writer.close()
+            finally:
+                # Written even when closing the bag fails (broken storage), so the episode says why it failed.
+                _atomic_write(self.path / EPISODE_FILE, self.metadata.to_json())
         return self.metadata
 
     def discard(self) -> None:
