@@ -1,0 +1,308 @@
+"""Read demonstration episodes from rosbag2 directories (mcap or sqlite3) without a ROS install.
+
+rosbags is used only as the container (it reads both storage plugins); messages are decoded with
+``rclpy.serialization.deserialize_message`` because rosbags' own CDR decoder rejects some Fast-CDR payloads.
+Reading is split in two passes so a long episode never holds every full-size image in memory: ``read_episode``
+collects joint states, trajectories and image timestamps; ``read_frames`` later decodes only the frames the
+synchroniser picked.
+
+rosbags and the ROS message packages are imported only where a bag is actually read, so a training server can
+train from a copied preprocessing cache without the ROS wheels installed.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
+from so101_common.instruction import validate_instruction
+
+BAG_METADATA_FILE = "metadata.yaml"
+EPISODE_FILE = "episode.json"  # so101_common.episode_bag.EPISODE_FILE (that module needs rosbags)
+CLOCKS = ("bag", "header")
+_IMAGE_TYPE = "sensor_msgs/msg/Image"
+_JOINT_STATE_TYPE = "sensor_msgs/msg/JointState"
+_TRAJECTORY_TYPE = "trajectory_msgs/msg/JointTrajectory"
+
+
+class BagError(ValueError):
+    """An episode bag that cannot be used; the message names the bag and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class BagTopics:
+    """Which topics hold the cameras (in camera order), the joint states and the commanded trajectories."""
+
+    cameras: tuple[tuple[str, str], ...] = tuple((c, camera_image_topic(c)) for c in ("wrist", "top"))
+    joint_states: str = JOINT_STATES_TOPIC
+    trajectory: str = TRAJECTORY_TOPIC
+
+    @classmethod
+    def for_cameras(cls, camera_keys: Sequence[str], overrides: dict[str, str] | None = None,
+                    joint_states: str = JOINT_STATES_TOPIC, trajectory: str = TRAJECTORY_TOPIC) -> "BagTopics":
+        """Default graph topics for ``camera_keys``; ``overrides`` maps a camera key to another topic."""
+        overrides = dict(overrides or {})
+        unknown = sorted(set(overrides) - set(camera_keys))
+        if unknown:
+            raise ValueError(f"camera topic overrides for unknown cameras {unknown}; cameras are {list(camera_keys)}")
+        cams = tuple((c, overrides[c] if c in overrides else camera_image_topic(c)) for c in camera_keys)
+        return cls(cams, joint_states, trajectory)
+
+
+@dataclass
+class TrajectoryCommand:
+    """One recorded JointTrajectory: when it takes effect on the reference clock, and its points."""
+
+    time_ns: int
+    joint_names: list[str]
+    times_s: np.ndarray
+    positions: np.ndarray
+
+
+@dataclass
+class RawEpisode:
+    """Everything but the pixels of one bag; image times are per camera, in the bag's message order."""
+
+    path: Path
+    name: str
+    instruction: str
+    image_times: dict[str, np.ndarray]
+    state_times: np.ndarray
+    states: np.ndarray
+    trajectories: list[TrajectoryCommand]
+    bad_messages: dict[str, int] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def is_bag_dir(path: Path) -> bool:
+    return (path / BAG_METADATA_FILE).is_file()
+
+
+def find_bags(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand each path: a rosbag2 directory itself, or a folder whose sub-directories are bags (a dataset)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise BagError(f"{path}: no such file or directory")
+        if is_bag_dir(path):
+            found.append(path)
+            continue
+        if not path.is_dir():
+            raise BagError(f"{path}: not a rosbag2 directory (a bag is a folder with {BAG_METADATA_FILE})")
+        children = sorted(p for p in path.iterdir() if p.is_dir() and is_bag_dir(p))
+        if not children:
+            raise BagError(f"{path}: neither a rosbag2 directory nor a folder of them "
+                           f"(no {BAG_METADATA_FILE} in it or in its sub-directories)")
+        found.extend(children)
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    return unique
+
+
+def episode_instruction(path: Path, override: str | None) -> str:
+    """The instruction of a bag: ``override`` if given, else the one its episode.json recorded.
+
+    Episodes our recorder marked failed, unfinished or unsuccessful are refused: they are not demonstrations.
+    """
+    from so101_common.episode_bag import read_episode_metadata
+
+    meta = None
+    if (path / EPISODE_FILE).is_file():
+        try:
+            meta = read_episode_metadata(path)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise BagError(f"{path}: {EPISODE_FILE} is not valid episode metadata ({exc})") from exc
+        if meta.status != "complete":
+            raise BagError(f"{path}: episode status is {meta.status!r}, not 'complete'"
+                           + (f" ({meta.failure})" if meta.failure else ""))
+        if meta.success is False:
+            raise BagError(f"{path}: episode is marked unsuccessful (success: false)")
+    if override is not None:
+        text = override
+    elif meta is not None:
+        text = meta.instruction
+    else:
+        raise BagError(f"{path}: no {EPISODE_FILE} (not recorded by so101 tools) and no instruction override; "
+                       "pass --instruction")
+    ok, cleaned, message = validate_instruction(text)
+    if not ok:
+        raise BagError(f"{path}: bad instruction: {message}")
+    return cleaned
+
+
+def _open(path: Path):
+    """An open rosbags Reader (mcap or sqlite3); a bag it cannot open becomes a BagError."""
+    from rosbags.rosbag2 import Reader, ReaderError
+
+    try:
+        reader = Reader(path)
+        reader.open()
+    except (ReaderError, OSError, ValueError, KeyError) as exc:
+        raise BagError(f"{path}: cannot open the bag (truncated or corrupt?): {exc}") from exc
+    return reader
+
+
+def _connection(reader, path: Path, topic: str, msgtype: str, what: str):
+    conns = [c for c in reader.connections if c.topic == topic]
+    if not conns:
+        have = sorted({c.topic for c in reader.connections})
+        raise BagError(f"{path}: topic {topic!r} ({what}) is missing; the bag has {have}")
+    wrong = [c.msgtype for c in conns if c.msgtype != msgtype]
+    if wrong:
+        raise BagError(f"{path}: topic {topic!r} ({what}) has type {wrong[0]}, expected {msgtype}")
+    if sum(c.msgcount for c in conns) == 0:
+        raise BagError(f"{path}: topic {topic!r} ({what}) has no messages")
+    return conns
+
+
+def _messages(reader, path: Path, conns: list) -> Iterable[tuple[object, int, bytes]]:
+    """The bag's messages on ``conns``; a storage failure mid-way becomes a BagError naming the bag."""
+    from rosbags.rosbag2 import ReaderError
+
+    try:
+        yield from reader.messages(connections=conns)
+    except (ReaderError, OSError, ValueError, KeyError, EOFError) as exc:
+        raise BagError(f"{path}: the bag is truncated or corrupt (failed while reading messages: {exc})") from exc
+
+
+def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str] = JOINT_NAMES,
+                 clock: str = "bag", instruction: str | None = None, need_trajectory: bool = True) -> RawEpisode:
+    """First pass over one bag: joint states (in ``joint_names`` order), trajectories, image timestamps.
+
+    ``clock`` "bag" uses the recorder's receive time for every stream (one clock, robust to publishers on
+    other clocks); "header" uses each message's header stamp (zero stamps fall back to the receive time). A
+    trajectory takes effect at that time, as a controller starts a trajectory on receipt or at its stamp.
+    """
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import Image, JointState
+    from trajectory_msgs.msg import JointTrajectory
+
+    from so101_common.images import stamp_to_ns
+
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
+    path = Path(path)
+    if not is_bag_dir(path):
+        raise BagError(f"{path}: not a rosbag2 directory (no {BAG_METADATA_FILE})")
+    text = episode_instruction(path, instruction)
+    joint_names = list(joint_names)
+    reader = _open(path)
+    try:
+        cam_conns = {cam: _connection(reader, path, topic, _IMAGE_TYPE, f"camera {cam!r}")
+                     for cam, topic in topics.cameras}
+        js_conns = _connection(reader, path, topics.joint_states, _JOINT_STATE_TYPE, "joint states")
+        traj_conns = ([] if not need_trajectory
+                      else _connection(reader, path, topics.trajectory, _TRAJECTORY_TYPE, "commanded trajectories"))
+        conn_ids = {c.id: ("camera", cam) for cam, cs in cam_conns.items() for c in cs}
+        conn_ids.update({c.id: ("state", "") for c in js_conns})
+        conn_ids.update({c.id: ("trajectory", "") for c in traj_conns})
+        image_times: dict[str, list[int]] = {cam: [] for cam in cam_conns}
+        state_times: list[int] = []
+        states: list[np.ndarray] = []
+        trajectories: list[TrajectoryCommand] = []
+        bad: dict[str, int] = {}
+        warnings: list[str] = []
+        seen_names: list[str] = []
+
+        def reject(topic: str, reason: str) -> None:
+            bad[topic] = bad.get(topic, 0) + 1
+            if bad[topic] <= 3:
+                warnings.append(f"{path.name}: skipped a message on {topic}: {reason}")
+
+        all_conns = [c for cs in cam_conns.values() for c in cs] + js_conns + traj_conns
+        for conn, t_ns, raw in _messages(reader, path, all_conns):
+            kind, cam = conn_ids[conn.id]
+            if kind == "camera":
+                stamp = t_ns
+                if clock == "header":
+                    try:
+                        stamp = stamp_to_ns(deserialize_message(raw, Image).header.stamp) or t_ns
+                    except Exception as exc:  # noqa: BLE001 - any decode failure is one bad message
+                        reject(conn.topic, f"cannot decode ({exc})")
+                        stamp = -1
+                image_times[cam].append(stamp)
+                continue
+            try:
+                msg = deserialize_message(raw, JointState if kind == "state" else JointTrajectory)
+            except Exception as exc:  # noqa: BLE001 - any decode failure is one bad message
+                reject(conn.topic, f"cannot decode ({exc})")
+                continue
+            stamp = (stamp_to_ns(msg.header.stamp) or t_ns) if clock == "header" else t_ns
+            if kind == "state":
+                index = {n: i for i, n in enumerate(msg.name)}
+                missing = [n for n in joint_names if n not in index]
+                if missing:
+                    seen_names = list(msg.name)
+                    reject(conn.topic, f"joints {missing} missing (message has {list(msg.name)})")
+                    continue
+                if len(msg.position) != len(msg.name):
+                    reject(conn.topic, f"{len(msg.name)} names but {len(msg.position)} positions")
+                    continue
+                pos = np.array([msg.position[index[n]] for n in joint_names], dtype=np.float64)
+                if not np.all(np.isfinite(pos)):
+                    reject(conn.topic, "positions contain NaN or inf")
+                    continue
+                state_times.append(stamp)
+                states.append(pos)
+            else:
+                if not msg.points:
+                    reject(conn.topic, "trajectory has no points")
+                    continue
+                try:
+                    times = np.array([p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points])
+                    positions = np.array([list(p.positions) for p in msg.points], dtype=np.float64)
+                except ValueError as exc:
+                    reject(conn.topic, f"ragged points ({exc})")
+                    continue
+                trajectories.append(TrajectoryCommand(stamp, list(msg.joint_names), times,
+                                                      positions.reshape(len(times), -1)))
+    finally:
+        reader.close()
+    if not states:
+        detail = f"; messages carry joints {seen_names}" if seen_names else ""
+        raise BagError(f"{path}: no usable joint states on {topics.joint_states}: the configured joint names "
+                       f"{joint_names} do not match{detail}")
+    order = np.argsort(np.asarray(state_times), kind="stable")
+    return RawEpisode(
+        path=path, name=path.name, instruction=text,
+        image_times={cam: np.asarray(v, dtype=np.int64) for cam, v in image_times.items()},
+        state_times=np.asarray(state_times, dtype=np.int64)[order], states=np.stack(states)[order],
+        trajectories=sorted(trajectories, key=lambda c: c.time_ns), bad_messages=bad, warnings=warnings)
+
+
+def read_frames(path: str | Path, topic: str, wanted: np.ndarray,
+                transform: Callable[[np.ndarray], np.ndarray]) -> dict[int, np.ndarray]:
+    """Second pass: decode the frames at message indices ``wanted`` of ``topic`` and apply ``transform``."""
+    from rclpy.serialization import deserialize_message
+    from sensor_msgs.msg import Image
+
+    from so101_common.images import ImageError, image_to_rgb
+
+    path = Path(path)
+    wanted_set = {int(i) for i in wanted}
+    out: dict[int, np.ndarray] = {}
+    reader = _open(path)
+    try:
+        conns = [c for c in reader.connections if c.topic == topic]
+        for i, (_conn, _t, raw) in enumerate(_messages(reader, path, conns)):
+            if i in wanted_set:
+                try:
+                    msg = deserialize_message(raw, Image)
+                except Exception as exc:  # noqa: BLE001 - rclpy raises several types for bad CDR
+                    raise BagError(f"{path}: image {i} on {topic} cannot be decoded: {exc}") from exc
+                try:
+                    out[i] = transform(image_to_rgb(msg))
+                except (ImageError, ValueError) as exc:
+                    raise BagError(f"{path}: image {i} on {topic} cannot be used: {exc}") from exc
+                if len(out) == len(wanted_set):
+                    break
+    finally:
+        reader.close()
+    missing = sorted(wanted_set - set(out))
+    if missing:
+        raise BagError(f"{path}: {topic} has fewer images than its first read found (missing index {missing[0]})")
+    return out

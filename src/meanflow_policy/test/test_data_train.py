@@ -1,0 +1,162 @@
+"""meanflow-train and meanflow-eval-bag end to end on real bags with the tiny preset (CPU)."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from meanflow_policy import eval_bag_cli, train_cli
+from meanflow_policy.bag_reader import BagError
+from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.dataset import SampleSet, SyncConfig, load_episodes
+from meanflow_policy.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.modeling import MeanFlowPolicy
+
+
+@pytest.fixture(scope="module", autouse=True)
+def restore_torch_threads():
+    """The CLIs run in-process with --cpu-threads 1 (fast on a shared CPU); other tests get the default back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demos")
+    for i in range(3):
+        write_bag(root / f"episode_{i}", synthetic_episode(seed=i, duration_s=1.5, height=48, width=64),
+                  instruction="reach the yellow square")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    code = train_cli.main(["--bags", str(bags), "--out", str(out), "--preset", "tiny", "--steps", "30",
+                           "--batch-size", "8", "--lr", "1e-3", "--val-every", "15", "--val-batches", "1",
+                           "--val-fraction", "0.34", "--log-every", "1", "--cache-dir", str(out / "cache"),
+                           "--device", "cpu", "--cpu-threads", "1", "--no-progress"])
+    assert code == 0
+    return out
+
+
+def _fixed_draw_loss(policy: MeanFlowPolicy, batches: list[dict]) -> float:
+    generator = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        return float(np.mean([float(policy.compute_loss(b, generator=generator)[0]) for b in batches]))
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(trained: Path, bags: Path) -> None:
+    for name in ("best", "last"):
+        assert (trained / name / "model.safetensors").is_file()
+    for name in ("log.json", "log.csv", "loss.png", "dataset.json", "progress.json"):
+        assert (trained / name).is_file(), name
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = json.loads((trained / "log.json").read_text())
+    train_rows = [r for r in log if "loss" in r]
+    val_rows = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    assert [r["step"] for r in val_rows] == [0, 15, 30]
+    assert all(np.isfinite(r["val_action_mae_rad"]) and r["val_action_mae_rad"] > 0 for r in val_rows)
+    with open(trained / "log.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == len(log)
+
+    dataset = json.loads((trained / "dataset.json").read_text())
+    assert len(dataset["train_episodes"]) == 2 and len(dataset["val_episodes"]) == 1
+    policy = MeanFlowPolicy.load(trained / "last")
+    np.testing.assert_allclose(policy.get_stats()["action"]["mean"], dataset["stats"]["action"]["mean"], rtol=1e-6)
+
+    # the loss on fixed training batches with fixed noise and times fell from the initial weights
+    sync = SyncConfig.from_policy_config(policy.config)
+    train_names = {e["name"] for e in dataset["train_episodes"]}
+    episodes, _ = load_episodes([bags / n for n in sorted(train_names)], sync, trained / "cache")
+    samples = SampleSet(episodes, sync)
+    batches = [samples.batch(np.arange(i, len(samples), 20)[:8]) for i in range(3)]
+    torch.manual_seed(0)
+    initial = MeanFlowPolicy(MeanFlowConfig.tiny(objective="meanflow", backbone_seed=0))
+    initial.set_stats(dataset["stats"])
+    before, after = _fixed_draw_loss(initial, batches), _fixed_draw_loss(policy, batches)
+    assert after < before - 0.02, f"loss on training batches {before:.4f} -> {after:.4f}"
+
+    chunk = policy.sample(samples.observation(0), nfe=1)
+    assert chunk.shape == (20, 6) and np.all(np.isfinite(chunk))
+
+
+def test_resume_continues_from_last(trained: Path, bags: Path, tmp_path: Path) -> None:
+    out = tmp_path / "resumed"
+    shutil.copytree(trained, out)
+    code = train_cli.main(["--bags", str(bags), "--out", str(out), "--steps", "34", "--batch-size", "4",
+                           "--val-every", "100", "--val-batches", "1", "--val-fraction", "0.34", "--log-every", "2",
+                           "--cache-dir", str(trained / "cache"), "--device", "cpu", "--cpu-threads", "1",
+                           "--no-progress", "--resume"])
+    assert code == 0
+    log = json.loads((out / "log.json").read_text())
+    steps = [r["step"] for r in log if "loss" in r]
+    assert steps[:30] == list(range(1, 31)) and steps[30:] == [32, 34]
+    assert json.loads((out / "progress.json").read_text())["step"] == 34
+    assert train_cli.main(["--bags", str(bags), "--out", str(out), "--steps", "34", "--resume",
+                           "--cache-dir", str(trained / "cache")]) == 0  # already done: nothing to do
+
+
+def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    code = eval_bag_cli.main(["--checkpoint", str(trained / "last"), "--bags", str(bags / "episode_0"),
+                              "--out", str(out), "--nfe", "1", "3", "--stride", "2", "--timing-samples", "2",
+                              "--cache-dir", str(trained / "cache"), "--device", "cpu", "--cpu-threads", "1"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert (out / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(result["nfe"]) == {"1", "3"} and result["episodes"] == ["episode_0"]
+    policy = MeanFlowPolicy.load(trained / "last")
+    sync = SyncConfig.from_policy_config(policy.config)
+    episodes, _ = load_episodes([bags / "episode_0"], sync, trained / "cache")
+    samples = SampleSet(episodes, sync)
+    rows = np.arange(0, len(samples), 2)
+    assert result["steps"] == len(rows)
+    for nfe, run in result["nfe"].items():
+        per_step = np.array(run["per_step_mae_rad"])
+        assert per_step.shape == (len(rows),) and np.all(per_step > 0)
+        assert run["mae_rad"] == pytest.approx(per_step.mean(), rel=0.1)
+        assert run["timing"]["median_total_ms"] > 0
+        assert list(run["per_joint_mae_rad"]) == list(sync.joint_names)
+    # recompute NFE 1 independently: same seed, same batches -> the same error
+    generator = torch.Generator().manual_seed(0)
+    batch = samples.batch(rows[:32])
+    pred = policy.sample_batch(batch, nfe=1, generator=generator).numpy()
+    err = np.abs(pred - batch["actions"].numpy()).mean(axis=2)
+    valid = ~batch["action_is_pad"].numpy()
+    expected = (err * valid).sum(axis=1) / valid.sum(axis=1)
+    np.testing.assert_allclose(result["nfe"]["1"]["per_step_mae_rad"][:len(expected)], expected, atol=1e-5)
+
+
+def test_cli_bad_input(tmp_path: Path, bags: Path, capsys: pytest.CaptureFixture) -> None:
+    code = train_cli.main(["--bags", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--steps", "1",
+                           "--cache-dir", str(tmp_path / "c")])
+    assert code == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert train_cli.main(["--bags", str(empty), "--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path)]) == 2
+    assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "o"), "--preset", "tiny", "--backbone",
+                           "/some/dir", "--cache-dir", str(tmp_path)]) == 2
+    assert eval_bag_cli.main(["--checkpoint", str(tmp_path / "nockpt"), "--bags", str(bags), "--out",
+                              str(tmp_path / "e")]) == 2
+    with pytest.raises(SystemExit):
+        train_cli.main(["--out", str(tmp_path)])  # --bags is required
+
+
+def test_prefetcher_keeps_order_and_reraises_loader_errors() -> None:
+    assert list(train_cli.Prefetcher(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise BagError("episode_7: image 3 on /camera/top/image_raw cannot be decoded")
+
+    fetched = train_cli.Prefetcher(broken())
+    with pytest.raises(BagError, match="episode_7"):
+        list(fetched)
