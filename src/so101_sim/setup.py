@@ -16,5 +16,10 @@ setup(
     maintainer_email="dev@so101-meanflow.invalid",
     description="MuJoCo SO-101 pick-place simulation, scripted expert, sim node and closed-loop evaluation.",
     license="Apache-2.0",
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": [
+        "so101-sim-demos = so101_sim.demos:main",
+        "so101-eval = so101_sim.evaluate:main",
+        "sim_node = so101_sim.sim_node:main",
+        "so101-sim-bench = so101_sim.bench:main",
+    ]},
 )

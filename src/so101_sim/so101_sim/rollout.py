@@ -1,0 +1,107 @@
+"""Closed-loop episodes with any policy: a callable observation -> action chunk (chunk_size, 6) in radians.
+
+Each chunk is executed the way the policy node publishes it to joint_trajectory_controller: point i is the
+target at (i + 1) control periods after the observation, followed by the shared TrajectoryFollower. The next
+observation is taken after ``action_steps`` control steps; the new chunk replaces the rest of the old one.
+Simulated time stands still while the policy computes (in-process), so the measured latency is reported,
+not simulated.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+from so101_sim.env import SimEnv
+
+Policy = Callable[[dict], np.ndarray]
+FrameSink = Callable[[dict[str, np.ndarray]], None]
+
+
+class PolicyOutputError(ValueError):
+    """The policy returned something that is not a finite (chunk, 6) array."""
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    steps: int
+    sim_seconds: float
+    chunks: int
+    chunk_latency_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_chunk(chunk: object) -> np.ndarray:
+    arr = np.asarray(chunk, dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != len(JOINT_NAMES) or arr.shape[0] < 1:
+        raise PolicyOutputError(f"policy returned shape {arr.shape}; expected (chunk_size, {len(JOINT_NAMES)})")
+    if not np.all(np.isfinite(arr)):
+        raise PolicyOutputError("policy returned NaN or inf in its action chunk")
+    return arr
+
+
+def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_steps: int,
+                instruction: str | None = None, on_frame: FrameSink | None = None,
+                latency_of: Callable[[], float | None] | None = None) -> EpisodeResult:
+    """Reset to ``seed`` and run until success or ``max_steps`` control steps.
+
+    ``on_frame`` receives the rendered camera images after every control step (for videos).
+    ``latency_of`` returns the policy's own latency figure for the last call (e.g. from
+    ``policy.last_timing``); without it the wall time of the call is used.
+    """
+    if max_steps < 1 or action_steps < 1:
+        raise ValueError(f"max_steps and action_steps must be >= 1, got {max_steps}, {action_steps}")
+    env.reset(seed)
+    dt = env.cfg.control_dt
+    latencies: list[float] = []
+    success = False
+    steps = 0
+    obs = env.observation(instruction)
+    if on_frame is not None:
+        on_frame(obs["images"])
+    while steps < max_steps and not success:
+        started = time.perf_counter()
+        chunk = check_chunk(policy(obs))
+        wall_ms = (time.perf_counter() - started) * 1e3
+        reported = latency_of() if latency_of is not None else None
+        latencies.append(float(reported) if reported is not None else wall_ms)
+        env.set_trajectory(JOINT_NAMES, dt * np.arange(1, len(chunk) + 1), chunk)
+        for _ in range(min(action_steps, len(chunk), max_steps - steps)):
+            env.step()
+            steps += 1
+            success = env.success()
+            if on_frame is not None:
+                on_frame(env.render(CAMERA_NAMES))
+            if success:
+                break
+        if not success and steps < max_steps:
+            obs = env.observation(instruction)
+    return EpisodeResult(seed=seed, success=success, steps=steps, sim_seconds=steps * dt, chunks=len(latencies),
+                         chunk_latency_ms=latencies)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate (sane at 0 % and 100 %, unlike the normal one)."""
+    if n <= 0:
+        raise ValueError("no episodes")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, float]:
+    if not latencies_ms:
+        return {"count": 0}
+    arr = np.asarray(latencies_ms)
+    return {"count": int(arr.size), "mean_ms": float(arr.mean()), "median_ms": float(np.median(arr)),
+            "p90_ms": float(np.percentile(arr, 90)), "max_ms": float(arr.max())}

