@@ -1,0 +1,309 @@
+"""End-to-end benchmark of the policy node: image stamp -> trajectory, against the bare model on the same input.
+
+The policy node runs as its own process (as on the robot); this process plays the robot: it publishes camera
+images and joint states over DDS and times the chunks coming back. Image sets go out one at a time, the next
+after the previous one's chunk, so every chunk is caused by one known set; the node, with a high ``rate_hz``,
+starts a chunk as soon as a new set is in.
+
+    python -m meanflow_policy.bench_node            # tiny preset, 640x480 images, nfe 1 and 10
+
+The last line printed is one JSON object: ``e2e_ms_nfe1``, ``e2e_ms_nfe10`` (median image stamp -> trajectory
+header stamp, which the node sets at publish) and ``overhead_ms``: the median over chunks, at the first nfe, of e2e
+minus that same chunk's model time (prefix_ms + expert_ms, measured inside the node and sent on its timing topic),
+i.e. everything the node adds to the bare model, DDS delivery of both images included. ``node_only_ms_*`` leaves
+out the image delivery (node total_ms minus model time). ``bare_ms_*`` is ``policy.sample`` timed in this
+process; it is only a reference, as the load of a shared machine differs between the two measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from rclpy.task import Future
+from sensor_msgs.msg import Image, JointState
+from std_srvs.srv import SetBool
+from trajectory_msgs.msg import JointTrajectory
+
+from so101_common import graph
+from so101_common.dds import require_loopback
+from so101_common.images import rgb_to_image, stamp_to_ns
+from so101_common.joints import home_vector
+from so101_interfaces.msg import ChunkTiming
+from so101_interfaces.srv import SetInstruction
+
+CAMERA_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
+
+
+class FakeSensors:
+    """Publishes camera images and joint states the way the robot does, from an existing rclpy node.
+
+    The images are built once (a gradient per camera); only their stamps change, so publishing costs no more
+    than the DDS write. Shared by this benchmark and the node tests.
+    """
+
+    def __init__(self, node: Node, height: int = 480, width: int = 640,
+                 cameras: Sequence[str] = graph.CAMERA_NAMES, joint_topic: str = graph.JOINT_STATES_TOPIC) -> None:
+        self.node = node
+        self._images: dict[str, Image] = {}
+        self._image_pubs = {}
+        for i, camera in enumerate(cameras):
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
+            rgb[..., 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
+            rgb[..., 2] = 60 * i
+            self._images[camera] = rgb_to_image(rgb, frame_id=f"{camera}_camera")
+            self._image_pubs[camera] = node.create_publisher(Image, graph.camera_image_topic(camera), CAMERA_QOS)
+        self._joint_pub = node.create_publisher(JointState, joint_topic, 10)
+        self.positions = home_vector()
+
+    def publish_images(self, stamp_ns: int | None = None) -> int:
+        """Publish one frame per camera, all with the same stamp (default: now); returns that stamp."""
+        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        for camera, msg in self._images.items():
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+            self._image_pubs[camera].publish(msg)
+        return stamp_ns
+
+    def publish_image_message(self, camera: str, msg: Image) -> None:
+        """Publish a caller-made image (e.g. a malformed one) on a camera's topic."""
+        self._image_pubs[camera].publish(msg)
+
+    def publish_joints(self, stamp_ns: int | None = None) -> None:
+        msg = JointState()
+        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
+        msg.name = list(graph.JOINT_NAMES)
+        msg.position = [float(v) for v in self.positions]
+        self._joint_pub.publish(msg)
+
+
+class PolicyProbe:
+    """The robot side of the policy node over DDS: fake sensors, the node's outputs collected, its services.
+
+    Streams run on timers of ``node``; whoever spins that node (the benchmark, a test's ``spin_until``) drives
+    them. ``image_stamp_offset_s`` shifts image stamps into the past to simulate a delayed camera.
+    """
+
+    def __init__(self, node: Node, height: int = 480, width: int = 640) -> None:
+        self.node = node
+        self.sensors = FakeSensors(node, height, width)
+        self.image_stamp_offset_s = 0.0
+        self.images_on = True
+        self.trajectories: list[tuple[JointTrajectory, int]] = []  # (message, receipt time ns)
+        self.timings: list[ChunkTiming] = []
+        self.diagnostics: list[DiagnosticStatus] = []
+        node.create_subscription(JointTrajectory, graph.TRAJECTORY_TOPIC,
+                                 lambda m: self.trajectories.append((m, time.time_ns())), 10)
+        node.create_subscription(ChunkTiming, graph.POLICY_TIMING_TOPIC, self.timings.append, 10)
+        node.create_subscription(DiagnosticArray, graph.DIAGNOSTICS_TOPIC, self._on_diagnostics, 10)
+        self.instruction_client = node.create_client(SetInstruction, graph.SET_INSTRUCTION_SERVICE)
+        self.enable_client = node.create_client(SetBool, graph.POLICY_ENABLE_SERVICE)
+
+    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
+        self.diagnostics += [s for s in msg.status if s.name.startswith(graph.POLICY_NODE)]
+
+    def start_streams(self, image_hz: float, joint_hz: float | None = 30.0) -> None:
+        """Publish images at ``image_hz`` and joint states at ``joint_hz`` (None: the robot publishes them)."""
+        if joint_hz:
+            self.node.create_timer(1.0 / joint_hz, self.sensors.publish_joints)
+        self.node.create_timer(1.0 / image_hz, self._publish_images)
+
+    def _publish_images(self) -> None:
+        if self.images_on:
+            stamp = time.time_ns() - int(self.image_stamp_offset_s * 1e9)
+            self.sensors.publish_images(stamp)
+
+    def set_instruction(self, text: str) -> Future:
+        return self.instruction_client.call_async(SetInstruction.Request(instruction=text))
+
+    def enable(self, on: bool) -> Future:
+        return self.enable_client.call_async(SetBool.Request(data=on))
+
+
+def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int) -> list[float]:
+    """Wall time of ``policy.sample`` in this process on the same input the node gets (after one warm-up)."""
+    import torch
+
+    from meanflow_policy.modeling import MeanFlowPolicy
+
+    if threads:
+        torch.set_num_threads(threads)
+    policy = MeanFlowPolicy.load(checkpoint, device="cpu")
+    rng = np.random.default_rng(0)
+    obs = {"images": {k: rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+                      for k in policy.config.camera_keys},
+           "state": home_vector().astype(np.float32), "instruction": "pick up the cube"}
+    policy.sample(obs, nfe=nfe)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        policy.sample(obs, nfe=nfe)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+class RobotSide:
+    """This process's rclpy node playing the robot (a PolicyProbe streaming images) for a node under test."""
+
+    def __init__(self, height: int, width: int, image_hz: float, joint_hz: float | None = 30.0) -> None:
+        self.context = rclpy.Context()
+        rclpy.init(context=self.context)
+        self.node = rclpy.create_node("meanflow_bench_robot", context=self.context)
+        self.executor = SingleThreadedExecutor(context=self.context)
+        self.executor.add_node(self.node)
+        self.probe = PolicyProbe(self.node, height, width)
+        self.probe.start_streams(image_hz, joint_hz)
+
+    def spin_until(self, done: Callable[[], bool], proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+        """Spin until ``done()``; raises with the other process's log if it exits or time runs out first."""
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{proc.args[3]} (exit code {proc.poll()}) did not deliver in {timeout_s:g} s; "
+                                   "log:\n" + log_path.read_text(errors="replace")[-3000:])
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def close(self) -> None:
+        self.executor.shutdown()
+        self.node.destroy_node()
+        rclpy.shutdown(context=self.context)
+
+
+def _start(module_args: list[str], log_path: Path) -> subprocess.Popen:
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-u", "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ.copy(), start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int, image_hz: float,
+                threads: int, image_reliability: str, log_dir: Path) -> dict[str, list[float]]:
+    """Start the policy node and time ``chunks`` chunks, each from the stamp of the image set that caused it.
+
+    Lock-step: one image set, wait for its chunk, a pause of 1 / image_hz, the next set. The node starts a chunk
+    only on a new frame from every camera, so each chunk belongs to exactly one set, however long it takes.
+    """
+    log_path = log_dir / f"policy_node_nfe{nfe}.log"
+    proc = _start(["meanflow_policy.policy_node", "--ros-args", "-p", f"checkpoint:={checkpoint}",
+                   "-p", f"nfe:={nfe}", "-p", "rate_hz:=1000.0", "-p", "max_obs_age_s:=2.0",
+                   "-p", "instruction:=pick up the cube", "-p", "log_period_s:=0.0",
+                   "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}"], log_path)
+    robot = RobotSide(height, width, image_hz)
+    probe = robot.probe
+    received, timings = probe.trajectories, probe.timings
+    sets: list[int] = []
+    try:
+        robot.spin_until(lambda: bool(received), proc, log_path, 120.0)  # model load, warm-up, discovery
+        probe.images_on = False
+        # chunks still computed from the streamed sets arrive before the timed ones start
+        robot.spin_until(lambda: time.time_ns() - received[-1][1] > 500_000_000, proc, log_path, 30.0)
+        received.clear()
+        timings.clear()
+        for _ in range(chunks):
+            sets.append(probe.sensors.publish_images())
+            robot.spin_until(lambda: len(received) == len(sets), proc, log_path, 60.0)
+            pause = time.monotonic() + 1.0 / image_hz
+            robot.spin_until(lambda: time.monotonic() > pause, proc, log_path, 60.0)
+    finally:
+        robot.close()
+        _stop(proc)
+    by_stamp = {stamp_to_ns(t.header.stamp): t for t in timings}
+    publish, receipt, overhead, node_only = [], [], [], []
+    for stamp, (msg, recv_ns) in zip(sets, received):
+        header_ns = stamp_to_ns(msg.header.stamp)
+        publish.append((header_ns - stamp) / 1e6)
+        receipt.append((recv_ns - stamp) / 1e6)
+        timing = by_stamp.get(header_ns)
+        if timing is not None:  # the same chunk's model and node times, measured inside the node
+            overhead.append(publish[-1] - timing.prefix_ms - timing.expert_ms)
+            node_only.append(timing.total_ms - timing.prefix_ms - timing.expert_ms)
+    return {"publish_ms": publish, "receipt_ms": receipt, "overhead_ms": overhead, "node_only_ms": node_only,
+            "node_total_ms": [t.total_ms for t in timings], "node_expert_ms": [t.expert_ms for t in timings],
+            "node_nfe": [float(t.nfe) for t in timings]}
+
+
+def _stats(values: Sequence[float]) -> str:
+    if not values:
+        return "n 0"
+    arr = np.asarray(values)
+    return f"median {np.median(arr):7.2f}  p90 {np.percentile(arr, 90):7.2f}  min {arr.min():7.2f}  n {arr.size}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: a fresh tiny-preset one)")
+    parser.add_argument("--height", type=int, default=480, help="camera image height (default 480)")
+    parser.add_argument("--width", type=int, default=640, help="camera image width (default 640)")
+    parser.add_argument("--chunks", type=int, default=30, help="chunks timed per nfe (default 30)")
+    parser.add_argument("--image-hz", type=float, default=4.0,
+                        help="1 / pause between a chunk and the next image set (default 4)")
+    parser.add_argument("--nfe", type=int, nargs="+", default=[1, 10], help="nfe values (default 1 10)")
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch threads, bare model and node alike (default 1; 0: torch's default)")
+    parser.add_argument("--image-reliability", choices=("reliable", "best_effort"), default="best_effort",
+                        help="the node's image_reliability parameter (default best_effort)")
+    args = parser.parse_args(argv)
+    if args.height < 1 or args.width < 1 or args.chunks < 1 or args.image_hz <= 0 or min(args.nfe) < 1:
+        parser.error("sizes, --chunks, --image-hz and --nfe must be positive")
+    if args.torch_threads < 0:
+        parser.error("--torch-threads must be >= 0")
+    require_loopback()
+
+    with tempfile.TemporaryDirectory(prefix="meanflow_bench_node_") as tmp:
+        checkpoint = args.checkpoint
+        if checkpoint is None:
+            from meanflow_policy.testing import make_tiny_checkpoint
+
+            checkpoint = make_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
+        print(f"checkpoint {checkpoint}; images 2 x {args.width}x{args.height} rgb8, one set at a time, "
+              f"{1 / args.image_hz:g} s apart; {args.chunks} chunks per nfe", flush=True)
+        result: dict[str, float] = {}
+        for nfe in args.nfe:
+            bare = bare_model_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.torch_threads)
+            e2e = node_e2e_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.image_hz,
+                              args.torch_threads, args.image_reliability, Path(tmp))
+            print(f"nfe {nfe:3d}  bare policy.sample ms     {_stats(bare)}")
+            print(f"nfe {nfe:3d}  e2e stamp->publish ms     {_stats(e2e['publish_ms'])}")
+            print(f"nfe {nfe:3d}  e2e stamp->receipt ms     {_stats(e2e['receipt_ms'])}")
+            print(f"nfe {nfe:3d}  node total_ms (timing)    {_stats(e2e['node_total_ms'])}")
+            print(f"nfe {nfe:3d}  overhead: e2e - model ms  {_stats(e2e['overhead_ms'])}")
+            print(f"nfe {nfe:3d}  node total - model ms     {_stats(e2e['node_only_ms'])}")
+            print(f"nfe {nfe:3d}  node expert_ms (timing)   {_stats(e2e['node_expert_ms'])}  "
+                  f"reported nfe {sorted(set(int(v) for v in e2e['node_nfe']))}", flush=True)
+            result[f"e2e_ms_nfe{nfe}"] = round(float(np.median(e2e["publish_ms"])), 2)
+            result[f"e2e_receipt_ms_nfe{nfe}"] = round(float(np.median(e2e["receipt_ms"])), 2)
+            result[f"bare_ms_nfe{nfe}"] = round(float(np.median(bare)), 2)
+            result[f"overhead_ms_nfe{nfe}"] = round(float(np.median(e2e["overhead_ms"])), 2)
+            result[f"node_only_ms_nfe{nfe}"] = round(float(np.median(e2e["node_only_ms"])), 2)
+        result["overhead_ms"] = result[f"overhead_ms_nfe{args.nfe[0]}"]
+        result["image_size"] = f"{args.width}x{args.height}"
+        result["torch_threads"] = args.torch_threads
+        result["image_reliability"] = args.image_reliability
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,440 @@
+"""ROS 2 node ``meanflow_policy``: camera images + joint states + an instruction in, JointTrajectory chunks out.
+
+Thin wiring around the Mean-Flow policy and the plain-Python core in ``policy_runtime``. Callbacks only convert
+and store messages; inference runs on its own thread so images, joint states and service calls keep flowing
+while the network runs. A chunk is computed when every camera has delivered a new frame, at most ``rate_hz``
+times a second, and only while the node is enabled and has an instruction.
+
+    python -m meanflow_policy.policy_node --ros-args -p checkpoint:=/path/to/ckpt -p nfe:=1
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+import torch
+from builtin_interfaces.msg import Duration
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
+from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+from sensor_msgs.msg import Image, JointState
+from std_srvs.srv import SetBool
+from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
+
+from meanflow_policy.policy_runtime import (
+    NS_PER_S,
+    ChunkError,
+    ChunkStats,
+    ObservationNotReady,
+    ObservationStale,
+    ObservationStore,
+    TrajectoryPlan,
+    age_s,
+    chunk_to_plan,
+    hold_plan,
+)
+from so101_common import graph
+from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
+from so101_common.instruction import validate_instruction
+from so101_common.joints import JointLimits
+from so101_interfaces.msg import ChunkTiming
+from so101_interfaces.srv import SetInstruction
+
+DEVICES = ("cpu", "cuda")
+# Images: latest only. Best effort by default: it matches reliable and best-effort camera drivers alike and, with
+# the workspace's shared-memory DDS profile, loses nothing (and is ~1 ms faster for VGA pairs here). On transports
+# that drop fragments of large best-effort samples, ``image_reliability:=reliable`` (publisher must be reliable).
+IMAGE_RELIABILITY = {"reliable": ReliabilityPolicy.RELIABLE, "best_effort": ReliabilityPolicy.BEST_EFFORT}
+# Joint states are small: best effort matches reliable and best-effort writers (joint_state_broadcaster, sim).
+JOINT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.BEST_EFFORT)
+# Commands and reports: reliable, as joint_trajectory_controller subscribes (SystemDefaultsQoS).
+OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
+REPORT_MIN_PERIOD_S = 1.0
+MAX_IMAGE_WAIT_S = 1.0
+
+
+class PolicyNodeError(RuntimeError):
+    """A configuration problem that stops the node at start (bad parameter, unloadable checkpoint)."""
+
+
+def _duration(seconds: float) -> Duration:
+    ns = int(round(seconds * NS_PER_S))
+    return Duration(sec=ns // NS_PER_S, nanosec=ns % NS_PER_S)
+
+
+class PolicyNode(Node):
+    """The policy as a ROS node; raises PolicyNodeError at construction when it cannot run as configured."""
+
+    def __init__(self) -> None:
+        super().__init__(graph.POLICY_NODE)
+        self._declare_parameters()
+        self._policy = self._load_policy()
+        config = self._policy.config
+        self._joint_names = tuple(config.joint_names)
+        try:
+            self._limits = JointLimits.so101(self._joint_names)
+        except ValueError as exc:
+            raise PolicyNodeError(f"checkpoint joint_names do not fit the SO-101: {exc}") from exc
+        self._dt = float(config.dt)
+        self._chunk_size = int(config.chunk_size)
+        self._camera_keys = tuple(config.camera_keys)
+        self._store = ObservationStore(self._camera_keys, self._joint_names)
+        self._stats = ChunkStats()
+
+        self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories
+        self._enabled = bool(self._param("start_enabled"))
+        self._epoch = 0  # bumped on enable/disable: a chunk computed before must not be published after
+        self._moving = False  # a chunk went out since the last enable: disabling must publish a hold
+        self._instruction: str | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._last_report: dict[str, float] = {}  # problem kind -> monotonic time of its last report
+
+        initial = str(self._param("instruction"))
+        if initial:
+            accepted, cleaned, message = validate_instruction(initial)
+            if not accepted:
+                raise PolicyNodeError(f"parameter instruction: {message}")
+            self._instruction = cleaned
+
+        self._traj_pub = self.create_publisher(JointTrajectory, self._param("output_topic"), OUTPUT_QOS)
+        self._timing_pub = self.create_publisher(ChunkTiming, graph.POLICY_TIMING_TOPIC, OUTPUT_QOS)
+        self._diag_pub = self.create_publisher(DiagnosticArray, graph.DIAGNOSTICS_TOPIC, OUTPUT_QOS)
+        topics = list(self._param("camera_topics"))
+        if len(topics) != len(self._camera_keys):
+            raise PolicyNodeError(f"parameter camera_topics has {len(topics)} topics but the checkpoint uses "
+                                  f"{len(self._camera_keys)} cameras {list(self._camera_keys)} (same order)")
+        self._camera_topics = dict(zip(self._camera_keys, topics))
+        reliability = str(self._param("image_reliability"))
+        if reliability not in IMAGE_RELIABILITY:
+            raise PolicyNodeError(f"parameter image_reliability is {reliability!r}; expected one of "
+                                  f"{sorted(IMAGE_RELIABILITY)}")
+        image_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=IMAGE_RELIABILITY[reliability])
+        for camera, topic in self._camera_topics.items():
+            self.create_subscription(
+                Image, topic, lambda msg, c=camera: self._on_image(c, msg), image_qos,
+                event_callbacks=SubscriptionEventCallbacks(
+                    incompatible_qos=lambda info, t=topic: self._on_incompatible_qos(t, info)))
+        self._joint_topic = str(self._param("joint_states_topic"))
+        self.create_subscription(JointState, self._joint_topic, self._on_joint_state, JOINT_QOS)
+        self.create_service(SetInstruction, graph.SET_INSTRUCTION_SERVICE, self._on_set_instruction)
+        self.create_service(SetBool, graph.POLICY_ENABLE_SERVICE, self._on_enable)
+        self.add_post_set_parameters_callback(self._on_parameters_set)
+        log_period = float(self._param("log_period_s"))
+        if log_period > 0:
+            self.create_timer(log_period, self._log_summary)
+
+        self._warm_up()
+        self._worker = threading.Thread(target=self._run, name="meanflow_inference", daemon=True)
+        self._worker.start()
+        self.get_logger().info(
+            f"ready: cameras {self._camera_topics}, joint states {self._joint_topic}, output "
+            f"{self._param('output_topic')}, chunk {self._chunk_size} x {len(self._joint_names)} at dt "
+            f"{self._dt * 1e3:.1f} ms, nfe {self._param('nfe')}, rate <= {self._param('rate_hz')} Hz, "
+            f"{'enabled' if self._enabled else 'disabled'}, instruction "
+            f"{repr(self._instruction) if self._instruction else 'none yet'}")
+
+    # ----- setup -------------------------------------------------------------------------------------------
+    def _declare_parameters(self) -> None:
+        def declare(name: str, default: object, description: str, read_only: bool = True, **ranges) -> None:
+            try:
+                self.declare_parameter(name, default, ParameterDescriptor(description=description,
+                                                                          read_only=read_only, **ranges))
+            except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
+                raise PolicyNodeError(f"parameter {name} (default {default!r}): {exc}") from exc
+
+        declare("checkpoint", "", "Checkpoint directory (config.json, model.safetensors, stats.json). Required.")
+        declare("device", "cpu", f"Torch device for inference, one of {DEVICES}.")
+        declare("nfe", 1, "Network (action expert) evaluations per chunk; 1 = one-step Mean-Flow sampling.",
+                read_only=False, integer_range=[IntegerRange(from_value=1, to_value=1000, step=1)])
+        declare("rate_hz", 5.0, "Most chunks computed per second; a chunk also waits for a new frame from "
+                "every camera.", read_only=False,
+                floating_point_range=[FloatingPointRange(from_value=0.1, to_value=1000.0, step=0.0)])
+        declare("image_reliability", "best_effort", f"QoS reliability of the image subscriptions, one of "
+                f"{sorted(IMAGE_RELIABILITY)} (best_effort matches every camera driver; reliable needs a reliable "
+                "publisher and avoids losing large images on lossy transports).")
+        declare("joint_states_topic", graph.JOINT_STATES_TOPIC, "sensor_msgs/JointState input, mapped by name.")
+        declare("output_topic", graph.TRAJECTORY_TOPIC, "trajectory_msgs/JointTrajectory output (the chunks).")
+        declare("max_obs_age_s", 0.5, "Inputs older than this (header stamp vs now) are stale: no chunk is "
+                "published from them.", read_only=False,
+                floating_point_range=[FloatingPointRange(from_value=0.001, to_value=3600.0, step=0.0)])
+        declare("latency_compensation", False, "Drop the chunk points already due at publish time and shift the "
+                "rest by the observation-to-publish latency.", read_only=False)
+        declare("instruction", "", "Initial instruction (empty: wait for the set_instruction service).")
+        declare("start_enabled", True, "Act as soon as an instruction is there; false: wait for ~/enable.")
+        declare("torch_threads", 0, "Torch intra-op threads for inference (0: torch's default, one per core). "
+                "On a busy CPU, 1 avoids threads waiting on each other.",
+                integer_range=[IntegerRange(from_value=0, to_value=256, step=1)])
+        declare("log_period_s", 10.0, "Period of the timing summary in the log and on /diagnostics (0: off).")
+
+    def _param(self, name: str):
+        return self.get_parameter(name).value
+
+    def _load_policy(self):
+        checkpoint = str(self._param("checkpoint"))
+        device = str(self._param("device"))
+        if not checkpoint:
+            raise PolicyNodeError("parameter checkpoint is required (a directory written by MeanFlowPolicy.save)")
+        if device not in DEVICES:
+            raise PolicyNodeError(f"parameter device is {device!r}; expected one of {DEVICES}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise PolicyNodeError("parameter device is 'cuda' but torch finds no CUDA device; use device:=cpu")
+        from meanflow_policy.modeling import MeanFlowPolicy  # heavy: only once parameters are known good
+
+        threads = int(self._param("torch_threads"))
+        if threads:
+            torch.set_num_threads(threads)
+
+        t0 = time.perf_counter()
+        try:
+            policy = MeanFlowPolicy.load(checkpoint, device=device)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise PolicyNodeError(f"cannot load checkpoint {checkpoint!r}: {exc}") from exc
+        self.get_logger().info(f"loaded {checkpoint} on {device} in {time.perf_counter() - t0:.1f} s "
+                               f"(backbone {policy.config.backbone}, objective {policy.config.objective})")
+        # Declared once the checkpoint is known: its default follows the checkpoint's cameras.
+        self.declare_parameter(
+            "camera_topics", [graph.camera_image_topic(k) for k in policy.config.camera_keys],
+            ParameterDescriptor(description="Image topics, one per camera of the checkpoint, in its camera_keys "
+                                f"order {list(policy.config.camera_keys)}.", read_only=True))
+        return policy
+
+    def _warm_up(self) -> None:
+        """One sample on a blank observation, so the first real chunk does not pay for lazy initialisation."""
+        size = int(self._policy.config.image_size)
+        blank = {"images": {k: np.zeros((size, size, 3), np.uint8) for k in self._camera_keys},
+                 "state": self._limits.middle.astype(np.float32), "instruction": "warm up"}
+        t0 = time.perf_counter()
+        self._policy.sample(blank, nfe=int(self._param("nfe")))
+        self.get_logger().info(f"warm-up sample took {(time.perf_counter() - t0) * 1e3:.1f} ms")
+
+    def _on_parameters_set(self, params: list[Parameter]) -> None:
+        # Ranges and read-only flags are enforced by the descriptors; the next chunk reads the new values.
+        for p in params:
+            self.get_logger().info(f"parameter {p.name} set to {p.value!r}")
+        self._wake.set()
+
+    # ----- inputs ------------------------------------------------------------------------------------------
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _on_image(self, camera: str, msg: Image) -> None:
+        try:
+            rgb = image_to_rgb(msg)
+        except ImageError as exc:
+            self._stats.count("image_errors")
+            text = f"image from {self._camera_topics[camera]} ignored: {exc}"
+            self._report(DiagnosticStatus.ERROR, f"image:{camera}", text)
+            return
+        self._store.put_image(camera, rgb, stamp_to_ns(msg.header.stamp) or self._now_ns())
+
+    def _on_incompatible_qos(self, topic: str, info: QoSRequestedIncompatibleQoSInfo) -> None:
+        policy = qos_policy_name_from_kind(info.last_policy_kind)
+        self._report(DiagnosticStatus.ERROR, f"qos:{topic}",
+                     f"a publisher on {topic} has an incompatible {policy} QoS: no images from it (a best-effort "
+                     f"camera needs image_reliability:=best_effort; now {self._param('image_reliability')})")
+
+    def _on_joint_state(self, msg: JointState) -> None:
+        try:
+            self._store.put_joint_state(msg.name, msg.position, stamp_to_ns(msg.header.stamp) or self._now_ns())
+        except ValueError as exc:
+            self._stats.count("joint_state_errors")
+            text = f"joint state on {self._joint_topic} ignored: {exc}"
+            self._report(DiagnosticStatus.ERROR, "joint_state", text)
+
+    def _on_set_instruction(self, request: SetInstruction.Request,
+                            response: SetInstruction.Response) -> SetInstruction.Response:
+        accepted, cleaned, message = validate_instruction(request.instruction)
+        response.accepted = accepted
+        if accepted:
+            with self._lock:
+                self._instruction = cleaned
+            response.message = f"{message}; applies from the next chunk"
+            self.get_logger().info(f"instruction set: {cleaned!r}")
+            self._wake.set()
+        else:
+            response.message = message
+            self.get_logger().warning(f"instruction rejected: {message}")
+        return response
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        response.success = True
+        with self._lock:
+            if bool(request.data) == self._enabled:
+                response.message = f"already {'enabled' if self._enabled else 'disabled'}"
+                return response
+            self._enabled = bool(request.data)
+            self._epoch += 1
+            if self._enabled:
+                self._moving = False
+                response.message = "enabled" + ("" if self._instruction else "; waiting for an instruction")
+            elif self._moving:
+                current = self._store.current_positions()
+                if current is None:
+                    response.message = "disabled; no joint state known, so no hold was published"
+                else:
+                    self._publish_plan(hold_plan(current, self._limits, self._dt))
+                    response.message = "disabled; holding at the current position"
+                self._moving = False
+            else:
+                response.message = "disabled"
+        self.get_logger().info(f"policy {response.message}")
+        self._wake.set()
+        return response
+
+    # ----- inference thread --------------------------------------------------------------------------------
+    def _run(self) -> None:
+        next_start = 0.0
+        told_no_instruction = False
+        while not self._stop.is_set() and self.context.ok():
+            self._wake.clear()
+            with self._lock:
+                enabled, instruction = self._enabled, self._instruction
+            if enabled and instruction is None and not told_no_instruction:
+                told_no_instruction = True
+                self.get_logger().info(f"no instruction yet: nothing is published until one is set with "
+                                       f"{graph.SET_INSTRUCTION_SERVICE}")
+            if not enabled or instruction is None:
+                self._wake.wait(0.5)
+                continue
+            delay = next_start - time.monotonic()
+            if delay > 0:
+                self._stop.wait(delay)
+                continue
+            max_age = float(self._param("max_obs_age_s"))
+            # Bounded wait, so a slow camera still gets its stale warning and new parameters apply soon.
+            self._store.wait_for_new_images(min(max_age, MAX_IMAGE_WAIT_S), cancel=self._stop)
+            with self._lock:  # what holds when this chunk starts: an instruction set meanwhile applies to it
+                enabled, instruction, epoch = self._enabled, self._instruction, self._epoch
+            if self._stop.is_set() or not enabled or instruction is None:
+                continue
+            next_start = time.monotonic() + 1.0 / float(self._param("rate_hz"))
+            try:
+                self._step(instruction, epoch, max_age)
+            except Exception as exc:  # noqa: BLE001 - one failed chunk must not end the node
+                self._stats.count("inference_errors")
+                text = f"chunk failed: {type(exc).__name__}: {exc}"
+                self._report(DiagnosticStatus.ERROR, "inference", text)
+
+    def _step(self, instruction: str, epoch: int, max_age: float) -> None:
+        t0 = time.perf_counter()
+        now_ns = self._now_ns()
+        try:
+            obs = self._store.take(now_ns, max_age, instruction)
+        except ObservationNotReady as exc:
+            self.get_logger().warning(f"no chunk yet, {exc} (cameras {self._camera_topics}, joints on "
+                                      f"{self._joint_topic})", throttle_duration_sec=5.0)
+            return
+        except ObservationStale as exc:
+            self._stats.count("stale_observations")
+            text = f"no chunk: stale observation: {exc}"
+            self._report(DiagnosticStatus.WARN, "stale", text)
+            return
+        nfe = int(self._param("nfe"))
+        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe)
+        timing = dict(self._policy.last_timing)
+        publish_ns = self._now_ns()
+        try:
+            if np.shape(chunk)[0] != self._chunk_size:
+                raise ChunkError(f"model returned {np.shape(chunk)[0]} steps, the checkpoint says {self._chunk_size}")
+            plan = chunk_to_plan(chunk, self._limits, self._dt, age_s(publish_ns, obs.newest_image_stamp_ns),
+                                 bool(self._param("latency_compensation")))
+        except ChunkError as exc:
+            self._stats.count("bad_chunks")
+            text = f"no chunk: model output rejected: {exc}"
+            self._report(DiagnosticStatus.ERROR, "output", text)
+            return
+        with self._lock:
+            if self._epoch != epoch or not self._enabled:
+                self._stats.count("chunks_discarded_after_disable")
+                return
+            self._publish_plan(plan, publish_ns)
+            self._moving = True
+        total_ms = (time.perf_counter() - t0) * 1e3
+        obs_age_ms = age_s(now_ns, obs.oldest_stamp_ns) * 1e3
+        self._stats.add_chunk(total_ms, float(timing.get("expert_ms", 0.0)), obs_age_ms)
+        if plan.clamped:
+            self._stats.count("clamped_values", plan.clamped)
+        if plan.dropped:
+            self._stats.count("points_dropped_for_latency", plan.dropped)
+        report = ChunkTiming(obs_age_ms=obs_age_ms, prefix_ms=float(timing.get("prefix_ms", 0.0)),
+                             expert_ms=float(timing.get("expert_ms", 0.0)), total_ms=total_ms,
+                             nfe=int(timing.get("nfe", nfe)))
+        report.header.stamp.sec, report.header.stamp.nanosec = divmod(publish_ns, NS_PER_S)
+        self._timing_pub.publish(report)
+
+    # ----- outputs -----------------------------------------------------------------------------------------
+    def _publish_plan(self, plan: TrajectoryPlan, stamp_ns: int | None = None) -> None:
+        msg = JointTrajectory()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns or self._now_ns(), NS_PER_S)
+        msg.joint_names = list(self._joint_names)
+        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row], time_from_start=_duration(t))
+                      for t, row in zip(plan.times_s, plan.positions)]
+        self._traj_pub.publish(msg)
+
+    def _report(self, level: int, kind: str, message: str) -> None:
+        """Log a problem and publish it as a diagnostic, at most once a second per kind (a bad stream comes at
+        frame rate; each camera and input is its own kind, so one cannot hide another)."""
+        now = time.monotonic()
+        if now - self._last_report.get(kind, -1e9) < REPORT_MIN_PERIOD_S:
+            return
+        self._last_report[kind] = now
+        if level == DiagnosticStatus.ERROR:
+            self.get_logger().error(message)
+        else:
+            self.get_logger().warning(message)
+        self._diagnose(level, message)
+
+    def _diagnose(self, level: int, message: str) -> None:
+        status = DiagnosticStatus(level=level, name=f"{self.get_name()}: policy", message=message,
+                                  hardware_id=str(self._param("checkpoint")),
+                                  values=[KeyValue(key=k, value=str(v))
+                                          for k, v in sorted(self._stats.totals_snapshot().items())])
+        array = DiagnosticArray(status=[status])
+        array.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(array)
+
+    def _log_summary(self) -> None:
+        summary = self._stats.summary()
+        self.get_logger().info(f"timing: {summary}")
+        self._diagnose(DiagnosticStatus.OK, summary)
+
+    def close(self) -> None:
+        """Stop the inference thread (waits for a chunk in progress)."""
+        self._stop.set()
+        self._wake.set()
+        self._store.notify()
+        self._worker.join(timeout=30.0)
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    node: PolicyNode | None = None
+    code = 0
+    try:
+        node = PolicyNode()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except PolicyNodeError as exc:
+        rclpy.logging.get_logger(graph.POLICY_NODE).fatal(str(exc))
+        code = 1
+    finally:
+        if node is not None:
+            node.close()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    if code:
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Plain-Python core of the policy node (no rclpy): observation assembly, staleness, chunk post-processing, stats.
+
+The node only converts messages and moves data between threads; every decision that matters at runtime (is the
+observation complete and fresh, which trajectory points go out, where they are clamped) is made here, so it can
+be tested without DDS and reused by tools that replay bags.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from so101_common.joints import JointLimits
+
+NS_PER_S = 1_000_000_000
+
+
+class ObservationNotReady(RuntimeError):
+    """Some input has never arrived (a camera, some joints): the node waits and says what it waits for."""
+
+
+class ObservationStale(RuntimeError):
+    """An input is older than the allowed age: inference on it would act on the past."""
+
+
+class ChunkError(ValueError):
+    """A model output that must not be sent to the arm (wrong shape, NaN/inf, nothing left after compensation)."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One consistent observation, taken under the store's lock, with the stamps it was built from."""
+
+    images: dict[str, np.ndarray]
+    state: np.ndarray
+    oldest_stamp_ns: int
+    newest_image_stamp_ns: int
+    instruction: str
+
+    def as_policy_input(self) -> dict:
+        """The dict ``MeanFlowPolicy.sample`` takes."""
+        return {"images": self.images, "state": self.state.astype(np.float32), "instruction": self.instruction}
+
+
+def age_s(now_ns: int, stamp_ns: int) -> float:
+    """Age of a stamp; a stamp slightly in the future (clock jitter between processes) counts as age 0."""
+    return max(0.0, (now_ns - stamp_ns) / NS_PER_S)
+
+
+class ObservationStore:
+    """Latest image per camera and latest position per joint, shared between callbacks and the inference thread.
+
+    Joint states are merged by name, so a driver that publishes joints in several messages, or in another
+    order, still yields the full vector in ``joint_names`` order. Non-finite values are refused, never stored.
+    """
+
+    def __init__(self, camera_keys: Sequence[str], joint_names: Sequence[str]) -> None:
+        if not camera_keys:
+            raise ValueError("at least one camera key is needed")
+        self.camera_keys = tuple(camera_keys)
+        self.joint_names = tuple(joint_names)
+        self._joint_index = {n: i for i, n in enumerate(self.joint_names)}
+        self._cond = threading.Condition()
+        self._images: dict[str, tuple[np.ndarray, int, int]] = {}  # camera -> (rgb, stamp_ns, sequence)
+        self._used_seq: dict[str, int] = {k: 0 for k in self.camera_keys}
+        self._seq = 0
+        self._positions = np.full(len(self.joint_names), np.nan)
+        self._joint_stamps = np.zeros(len(self.joint_names), dtype=np.int64)
+
+    def put_image(self, camera: str, rgb: np.ndarray, stamp_ns: int) -> None:
+        if camera not in self.camera_keys:
+            raise ValueError(f"unknown camera {camera!r}; this policy uses {list(self.camera_keys)}")
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise ValueError(f"camera {camera!r}: expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+        with self._cond:
+            self._seq += 1
+            self._images[camera] = (rgb, int(stamp_ns), self._seq)
+            self._cond.notify_all()
+
+    def put_joint_state(self, names: Sequence[str], positions: Sequence[float], stamp_ns: int) -> list[str]:
+        """Store the known joints of one JointState; returns the names it ignored (not joints of this arm)."""
+        names = list(names)
+        values = np.asarray(positions, dtype=np.float64)
+        if values.ndim != 1 or len(names) != values.shape[0]:
+            raise ValueError(f"joint state has {len(names)} names but {values.size} positions")
+        bad = [n for n, v in zip(names, values) if not np.isfinite(v)]
+        if bad:
+            raise ValueError(f"joint state has non-finite positions for {bad}")
+        ignored = [n for n in names if n not in self._joint_index]
+        with self._cond:
+            for name, value in zip(names, values):
+                i = self._joint_index.get(name)
+                if i is not None:
+                    self._positions[i] = value
+                    self._joint_stamps[i] = int(stamp_ns)
+        return ignored
+
+    def current_positions(self) -> np.ndarray | None:
+        """Latest measured position of every joint, or None while some joint was never received."""
+        with self._cond:
+            if np.any(np.isnan(self._positions)):
+                return None
+            return self._positions.copy()
+
+    def missing(self) -> list[str]:
+        """What has never arrived: ``camera:<key>`` entries and joint names."""
+        with self._cond:
+            cams = [f"camera:{k}" for k in self.camera_keys if k not in self._images]
+            joints = [n for n, v in zip(self.joint_names, self._positions) if np.isnan(v)]
+        return cams + joints
+
+    def wait_for_new_images(self, timeout_s: float, cancel: threading.Event | None = None) -> bool:
+        """Block until every camera delivered a frame not used by the last observation.
+
+        Returns False on timeout or when ``cancel`` is set (wake the waiter with ``notify`` after setting it).
+        """
+        def fresh() -> bool:
+            return all(k in self._images and self._images[k][2] > self._used_seq[k] for k in self.camera_keys)
+
+        with self._cond:
+            self._cond.wait_for(lambda: fresh() or (cancel is not None and cancel.is_set()),
+                                timeout=max(0.0, timeout_s))
+            return fresh() and not (cancel is not None and cancel.is_set())
+
+    def notify(self) -> None:
+        """Wake a thread blocked in ``wait_for_new_images`` so it re-checks its cancel event."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def take(self, now_ns: int, max_age_s: float, instruction: str) -> Observation:
+        """A complete, fresh observation; raises ObservationNotReady / ObservationStale naming the input."""
+        missing = self.missing()
+        if missing:
+            raise ObservationNotReady(f"waiting for {', '.join(missing)}")
+        with self._cond:
+            images = {k: self._images[k] for k in self.camera_keys}
+            positions = self._positions.copy()
+            joint_stamps = self._joint_stamps.copy()
+            stale = [f"camera {k} image is {age_s(now_ns, s):.3f} s old" for k, (_, s, _) in images.items()
+                     if age_s(now_ns, s) > max_age_s]
+            stale += [f"joint {n} is {age_s(now_ns, int(s)):.3f} s old" for n, s in zip(self.joint_names, joint_stamps)
+                      if age_s(now_ns, int(s)) > max_age_s]
+            if stale:
+                raise ObservationStale("; ".join(stale) + f" (max_obs_age_s {max_age_s:g})")
+            for k, (_, _, seq) in images.items():
+                self._used_seq[k] = seq
+        stamps = [s for _, s, _ in images.values()] + [int(s) for s in joint_stamps]
+        return Observation(
+            images={k: rgb for k, (rgb, _, _) in images.items()},
+            state=positions,
+            oldest_stamp_ns=min(stamps),
+            newest_image_stamp_ns=max(s for _, s, _ in images.values()),
+            instruction=instruction,
+        )
+
+
+@dataclass(frozen=True)
+class TrajectoryPlan:
+    """What goes into one JointTrajectory: times relative to the header stamp (= publish time) and positions."""
+
+    times_s: np.ndarray
+    positions: np.ndarray
+    dropped: int
+    clamped: int
+
+
+def chunk_to_plan(chunk: np.ndarray, limits: JointLimits, dt_s: float, elapsed_s: float = 0.0,
+                  compensate_latency: bool = False) -> TrajectoryPlan:
+    """Turn a model chunk (T, J) into trajectory points: action k is due (k+1)*dt after the observation.
+
+    Without compensation the chunk starts at publish time: time_from_start = (k+1)*dt. With compensation the
+    ``elapsed_s`` between observation and publish is taken into account: points already due are dropped and the
+    rest keep their place on the observation's time line (time_from_start = (k+1)*dt - elapsed).
+    """
+    chunk = np.asarray(chunk)
+    if chunk.ndim != 2 or chunk.shape[1] != len(limits.names) or chunk.shape[0] == 0:
+        raise ChunkError(f"chunk must be (steps, {len(limits.names)}), got shape {chunk.shape}")
+    if not np.all(np.isfinite(chunk)):
+        bad = sorted({limits.names[j] for j in np.nonzero(~np.isfinite(chunk))[1]})
+        raise ChunkError(f"chunk contains NaN or inf for joints {bad}")
+    if not dt_s > 0:
+        raise ValueError(f"dt must be positive, got {dt_s}")
+    positions = limits.clamp(chunk)
+    clamped = int(np.count_nonzero(positions != chunk.astype(np.float64)))
+    times = (np.arange(chunk.shape[0]) + 1) * dt_s
+    dropped = 0
+    if compensate_latency and elapsed_s > 0:
+        keep = times > elapsed_s + 1e-6
+        dropped = int(np.count_nonzero(~keep))
+        if not np.any(keep):
+            raise ChunkError(f"latency {elapsed_s * 1e3:.1f} ms exceeds the chunk horizon "
+                             f"{times[-1] * 1e3:.1f} ms: every point is already in the past")
+        times, positions = times[keep] - elapsed_s, positions[keep]
+    return TrajectoryPlan(times_s=times, positions=positions, dropped=dropped, clamped=clamped)
+
+
+def hold_plan(current: np.ndarray, limits: JointLimits, dt_s: float) -> TrajectoryPlan:
+    """A one-point trajectory that stops the arm where it is (reached one control step from now)."""
+    return TrajectoryPlan(times_s=np.array([dt_s]), positions=limits.clamp(np.asarray(current)[None, :]),
+                          dropped=0, clamped=0)
+
+
+@dataclass
+class ChunkStats:
+    """Timings and counters of one log period (reset by ``summary``) plus counters since start (``totals``)."""
+
+    total_ms: list[float] = field(default_factory=list)
+    expert_ms: list[float] = field(default_factory=list)
+    obs_age_ms: list[float] = field(default_factory=list)
+    counters: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, int] = field(default_factory=dict)
+    since: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # callbacks and worker both count
+
+    def add_chunk(self, total_ms: float, expert_ms: float, obs_age_ms: float) -> None:
+        with self._lock:
+            self.total_ms.append(total_ms)
+            self.expert_ms.append(expert_ms)
+            self.obs_age_ms.append(obs_age_ms)
+        self.count("chunks")
+
+    def count(self, what: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[what] = self.counters.get(what, 0) + n
+            self.totals[what] = self.totals.get(what, 0) + n
+
+    def totals_snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.totals)
+
+    def summary(self, reset: bool = True) -> str:
+        with self._lock:
+            return self._summary(reset)
+
+    def _summary(self, reset: bool) -> str:
+        period = time.monotonic() - self.since
+
+        def med(values: list[float]) -> str:
+            return f"{np.median(values):.1f}" if values else "-"
+
+        parts = [f"{self.counters.get('chunks', 0)} chunks in {period:.1f} s",
+                 f"total ms median {med(self.total_ms)} max {max(self.total_ms, default=0.0):.1f}",
+                 f"expert ms median {med(self.expert_ms)}", f"obs age ms median {med(self.obs_age_ms)}"]
+        others = {k: v for k, v in sorted(self.counters.items()) if k != "chunks"}
+        if others:
+            parts.append(", ".join(f"{k} {v}" for k, v in others.items()))
+        if reset:
+            self.total_ms.clear()
+            self.expert_ms.clear()
+            self.obs_age_ms.clear()
+            self.counters.clear()
+            self.since = time.monotonic()
+        return "; ".join(parts)
