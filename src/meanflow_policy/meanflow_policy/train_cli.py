@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local SmolVLM2 directory (or cached hub id) to load instead of the preset's backbone")
     p.add_argument("--objective", choices=OBJECTIVES, default="meanflow")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (pixels)")
+    p.add_argument("--train-backbone", action="store_true",
+                   help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
+                        "SmolVLM2)")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -144,7 +147,8 @@ def _camera_topics(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 
 def policy_config(args: argparse.Namespace) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
-    common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=args.seed)
+    common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=args.seed,
+                  train_backbone=args.train_backbone)
     if args.preset == "tiny":
         if args.backbone:
             raise ValueError("--backbone needs --preset smolvlm2 (the tiny preset has its own in-code backbone)")

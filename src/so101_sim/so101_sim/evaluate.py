@@ -208,7 +208,19 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "sweep.json").write_text(json.dumps(
             {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in reports.items()}, indent=2))
         (args.out / "sweep.md").write_text(table + "\n")
+    print(json.dumps(_last_line(nfes, reports)), flush=True)
     return 0
+
+
+def _last_line(nfes: list[int], reports: dict[int, dict]) -> dict:
+    """The machine-readable summary printed last: one NFE as scalars, a sweep as maps keyed by NFE."""
+    rate = {str(n): reports[n]["success_rate"] for n in nfes}
+    chunk = {str(n): reports[n]["chunk_latency"].get("median_ms") for n in nfes}
+    episodes = reports[nfes[0]]["episodes"]
+    if len(nfes) == 1:
+        n = str(nfes[0])
+        return {"success_rate": rate[n], "episodes": episodes, "nfe": nfes[0], "chunk_ms_median": chunk[n]}
+    return {"success_rate": rate, "episodes": episodes, "nfe": nfes, "chunk_ms_median": chunk}
 
 
 if __name__ == "__main__":

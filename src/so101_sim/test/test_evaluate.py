@@ -70,6 +70,9 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "| NFE |" in text
+    last = json.loads(text.strip().splitlines()[-1])
+    assert last["nfe"] == [1, 2] and last["episodes"] == 2
+    assert set(last["success_rate"]) == {"1", "2"} and all(v > 0 for v in last["chunk_ms_median"].values())
     assert re.search(r"^\| 1 \| [0-2]/2 \|", text, re.M) and re.search(r"^\| 2 \| [0-2]/2 \|", text, re.M)
     for nfe in (1, 2):
         report = json.loads((out / f"eval_nfe{nfe}.json").read_text())
@@ -99,4 +102,7 @@ def test_eval_cli_expert_reference_succeeds(tmp_path, capsys):
     report = json.loads((out / "eval_nfe1.json").read_text())
     assert report["checkpoint"] == "expert" and report["successes"] == 2
     assert all(r["steps"] < report["max_steps"] for r in report["results"])
-    assert "success 2/2 = 100.0 %" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "success 2/2 = 100.0 %" in text
+    last = json.loads(text.strip().splitlines()[-1])
+    assert (last["success_rate"], last["episodes"], last["nfe"]) == (1.0, 2, 1) and "chunk_ms_median" in last
