@@ -1,0 +1,279 @@
+"""The frozen vision-language backbone: SmolVLM (SigLIP vision + connector + the first N SmolLM2 layers).
+
+It turns the camera images and the instruction into the prefix features the action expert attends to. The LM runs
+over ``[instruction tokens, camera-1 image tokens, camera-2 image tokens, ...]``: text first, so the instruction's
+key/value cache can be computed once and reused for every chunk while the instruction does not change.
+
+Presets built in code, offline:
+- ``tiny``: a small random SmolVLM, a byte-level BPE tokenizer trained in-process and the SmolVLM image processor's
+  normalisation; deterministic from a seed. It is the DEV/TEST backbone (random features, not pretrained).
+- ``smolvlm2-500m``: the real SmolVLM2-500M-Video-Instruct architecture with random weights (for benchmarks).
+Anything else is a SmolVLM2 directory (or hub id in the local cache) loaded with ``from_pretrained`` offline.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast, SmolVLMConfig,
+                          SmolVLMModel)
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+from meanflow_policy.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
+
+TOKENIZER_FILE = "tokenizer.json"
+_TINY_VOCAB = 512
+_TINY_SPECIAL_TOKENS = ("<|pad|>", "<|im_start|>", "<image>")
+# Words the tiny tokenizer learns merges from (instructions of a tabletop arm); bytes cover everything else.
+_TINY_CORPUS_WORDS = (
+    "pick place put the a an red green blue yellow white black orange purple cube block ball cup bowl box bin "
+    "tray plate marker pen into onto on in to left right front back top bottom middle center side near far "
+    "grasp grab lift move push pull slide stack unstack open close gripper arm up down rotate turn over under "
+    "next of and then from with table drawer lid object item small large big tiny first second third stop "
+    "wait go home reset slowly quickly carefully please it them this that these those one two three"
+)
+
+
+def _strip_versions(d: object) -> object:
+    """Config dict without transformers_version entries, so a hash survives a library upgrade."""
+    if isinstance(d, dict):
+        return {k: _strip_versions(v) for k, v in sorted(d.items()) if k != "transformers_version"}
+    return d
+
+
+def backbone_config_hash(vlm_config: SmolVLMConfig) -> str:
+    """Short stable hash of a SmolVLM config: a checkpoint records it to detect a different backbone."""
+    text = json.dumps(_strip_versions(vlm_config.to_dict()), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained in-process on a fixed corpus (deterministic, no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=_TINY_VOCAB, special_tokens=list(_TINY_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    words = _TINY_CORPUS_WORDS.split()
+    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", bos_token="<|im_start|>")
+
+
+def tiny_vlm_config(config: MeanFlowConfig, vocab_size: int) -> SmolVLMConfig:
+    """A few-hundred-K-parameter SmolVLM with the real model's structure (SigLIP + pixel shuffle + Llama)."""
+    return SmolVLMConfig(
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           patch_size=8, image_size=config.image_size),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=config.num_vlm_layers, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=vocab_size, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
+                         eos_token_id=1, tie_word_embeddings=False),
+        scale_factor=2, image_token_id=2, vocab_size=vocab_size, pad_token_id=0, tie_word_embeddings=False,
+    )
+
+
+def smolvlm2_500m_config(num_layers: int) -> SmolVLMConfig:
+    """SmolVLM2-500M-Video-Instruct's architecture (SigLIP-B/16 at 512 px, scale factor 4, SmolLM2-360M text),
+    truncated to the first ``num_layers`` LM layers."""
+    return SmolVLMConfig(
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           patch_size=16, image_size=512, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6),
+        text_config=dict(model_type="llama", hidden_size=960, intermediate_size=2560, num_hidden_layers=num_layers,
+                         num_attention_heads=15, num_key_value_heads=5, head_dim=64, vocab_size=49280,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                         tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2),
+        scale_factor=4, image_token_id=49190, vocab_size=49280, tie_word_embeddings=False,
+    )
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize an (H, W, 3) uint8 RGB image to (size, size, 3): the one resize used by training data and inference."""
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    shrink = image.shape[0] > size or image.shape[1] > size
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+@dataclass
+class _TextCache:
+    """LM key/values and features of one instruction (batch 1), reused while the instruction is unchanged."""
+
+    instruction: str
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per LM layer (keys, values), never mutated
+    features: torch.Tensor
+    n_tokens: int
+
+
+class VLMBackbone(nn.Module):
+    """SmolVLM prefix encoder. Frozen unless ``config.train_backbone``."""
+
+    def __init__(self, config: MeanFlowConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        self.config = config
+        if config.backbone_is_preset:
+            self.tokenizer = tokenizer or build_tiny_tokenizer()
+            vlm_config = (tiny_vlm_config(config, len(self.tokenizer)) if config.backbone == TINY_BACKBONE
+                          else smolvlm2_500m_config(config.num_vlm_layers))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.backbone_seed)
+                self.vlm = SmolVLMModel(vlm_config)
+            processor = SmolVLMImageProcessorPil(do_image_splitting=False)
+        else:
+            self.vlm, self.tokenizer, processor = _load_pretrained(config)
+        self.vlm.config.text_config._attn_implementation = "sdpa"
+        self.vlm.config.vision_config._attn_implementation = "sdpa"
+        vcfg = self.vlm.config.vision_config
+        self.patch_size = vcfg.patch_size
+        self.scale_factor = self.vlm.config.scale_factor
+        grid = config.image_size // self.patch_size
+        if config.image_size % self.patch_size or grid % self.scale_factor:
+            raise ValueError(f"image_size {config.image_size} must be a multiple of patch size {self.patch_size} "
+                             f"times pixel-shuffle factor {self.scale_factor} for this backbone")
+        self.tokens_per_image = (grid // self.scale_factor) ** 2
+        self.feature_dim = self.vlm.config.text_config.hidden_size
+        mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.register_buffer("pixel_scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("pixel_offset", -mean / std, persistent=False)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        # Every instruction starts with this token, so even an empty one has a text position.
+        self.lead_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id
+        self._text_cache: _TextCache | None = None
+        self.vlm.requires_grad_(config.train_backbone)
+
+    @property
+    def trainable(self) -> bool:
+        return self.config.train_backbone
+
+    def clear_cache(self) -> None:
+        """Forget the cached instruction features (weights or mode changed)."""
+        self._text_cache = None
+
+    def train(self, mode: bool = True) -> "VLMBackbone":
+        self.clear_cache()
+        return super().train(mode and self.trainable)
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, N, H, W, 3) uint8 -> (B*N, 3, H, W) normalised float, as SmolVLM's image processor does."""
+        if images.dtype != torch.uint8 or images.ndim != 5 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (B, n_cameras, H, W, 3), got {images.dtype} {tuple(images.shape)}")
+        size = self.config.image_size
+        if images.shape[2] != size or images.shape[3] != size:
+            raise ValueError(f"images must be {size}x{size} (config.image_size), "
+                             f"got {images.shape[2]}x{images.shape[3]}")
+        x = images.flatten(0, 1).permute(0, 3, 1, 2).float()
+        dtype = self.vlm.dtype
+        return (x * self.pixel_scale + self.pixel_offset).to(dtype)
+
+    def tokenize(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instruction strings -> right-padded ids (B, L) and mask (B, L); a BOS (lead) token always comes first."""
+        rows = []
+        for text in instructions:
+            if not isinstance(text, str):
+                raise ValueError(f"instruction must be a str, got {type(text).__name__}")
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.config.max_text_tokens - 1]
+            rows.append([self.lead_id] + ids)
+        length = max(len(r) for r in rows)
+        ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), length), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = True
+        device = self.pixel_scale.device
+        return ids.to(device), mask.to(device)
+
+    # ---- features ---------------------------------------------------------------------------------------------
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """All cameras of all samples in ONE vision batch -> (B, N * tokens_per_image, D) LM input embeddings."""
+        b, n = images.shape[:2]
+        hidden = self.vlm.vision_model(pixel_values=self.pixel_values(images)).last_hidden_state
+        tokens = self.vlm.connector(hidden)
+        return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+    def forward(self, images: torch.Tensor, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch path (training): prefix features (B, L, D) and validity mask (B, L)."""
+        if len(instructions) != images.shape[0]:
+            raise ValueError(f"{len(instructions)} instructions for a batch of {images.shape[0]} image sets")
+        with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
+            ids, text_mask = self.tokenize(list(instructions))
+            text_emb = self.vlm.get_input_embeddings()(ids)
+            img_emb = self.image_embeddings(images)
+            emb = torch.cat([text_emb, img_emb.to(text_emb.dtype)], dim=1)
+            img_mask = torch.ones(img_emb.shape[:2], dtype=torch.bool, device=emb.device)
+            mask = torch.cat([text_mask, img_mask], dim=1)
+            positions = (mask.long().cumsum(1) - 1).clamp(min=0)
+            out = self.vlm.text_model(inputs_embeds=emb, attention_mask=mask.long(), position_ids=positions,
+                                      use_cache=False).last_hidden_state
+        return out, mask
+
+    def encode_one(self, images: torch.Tensor, instruction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference path for one observation: the instruction's LM pass is cached; images run with its KV."""
+        if images.shape[0] != 1:
+            raise ValueError("encode_one takes a single observation (batch 1)")
+        cache = self.text_cache(instruction)
+        feats = torch.cat([cache.features, self.image_features(self.image_embeddings(images), cache)], dim=1)
+        return feats, torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+
+    def text_cache(self, instruction: str) -> _TextCache:
+        """LM pass over the instruction alone (batch 1), recomputed only when the instruction changes."""
+        cache = self._text_cache
+        if (cache is None or cache.instruction != instruction or cache.features.device != self.pixel_scale.device
+                or cache.features.dtype != self.vlm.dtype):
+            ids, _ = self.tokenize([instruction])
+            emb = self.vlm.get_input_embeddings()(ids)
+            out = self.vlm.text_model(inputs_embeds=emb, use_cache=True)
+            kv = [(layer.keys, layer.values) for layer in out.cache.layers]
+            cache = _TextCache(instruction, kv, out.last_hidden_state, ids.shape[1])
+            self._text_cache = cache
+        return cache
+
+    def image_features(self, img_emb: torch.Tensor, cache: _TextCache) -> torch.Tensor:
+        """LM pass over the image tokens, attending to the cached instruction keys/values (left untouched: a
+        fresh cache starts from them and grows by concatenation, 4x cheaper than deep-copying the cache)."""
+        img_emb = img_emb.to(cache.features.dtype)
+        positions = torch.arange(cache.n_tokens, cache.n_tokens + img_emb.shape[1], device=img_emb.device)
+        kv = DynamicCache()
+        for i, (keys, values) in enumerate(cache.kv):
+            kv.update(keys, values, i)
+        return self.vlm.text_model(inputs_embeds=img_emb, position_ids=positions.unsqueeze(0), cache=kv,
+                                   use_cache=True).last_hidden_state
+
+
+def _load_pretrained(config: MeanFlowConfig) -> tuple[SmolVLMModel, PreTrainedTokenizerBase, SmolVLMImageProcessorPil]:
+    """Load a SmolVLM2 from a local directory (or the local hub cache), offline, keeping the first N LM layers."""
+    source = config.backbone
+    try:
+        vlm_config = SmolVLMConfig.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        raise ValueError(f"backbone {source!r} is neither a preset ({TINY_BACKBONE!r}, {SMOLVLM2_500M_PRESET!r}) "
+                         f"nor a SmolVLM directory available offline: {exc}") from exc
+    digest = backbone_config_hash(vlm_config)
+    if config.backbone_config_hash and config.backbone_config_hash != digest:
+        raise ValueError(f"backbone {source!r} has config hash {digest}, but the checkpoint was trained with "
+                         f"{config.backbone_config_hash}: a different backbone")
+    config.backbone_config_hash = digest
+    total = vlm_config.text_config.num_hidden_layers
+    if config.num_vlm_layers > total:
+        raise ValueError(f"num_vlm_layers {config.num_vlm_layers} > the {total} LM layers of {source!r}")
+    vlm_config.text_config.num_hidden_layers = config.num_vlm_layers
+    vlm = SmolVLMModel.from_pretrained(source, config=vlm_config, local_files_only=True, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    processor = SmolVLMImageProcessorPil.from_pretrained(source, local_files_only=True, do_image_splitting=False)
+    return vlm, tokenizer, processor
+
+
+def load_tokenizer_file(path: Path) -> PreTrainedTokenizerFast:
+    """The tiny preset's tokenizer as saved beside a checkpoint (JSON, no pickle)."""
+    return PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<|pad|>", bos_token="<|im_start|>")

@@ -1,0 +1,151 @@
+"""Configuration of the Mean-Flow VLA policy: one JSON-serialisable dataclass shared by model, training and nodes.
+
+Everything that changes the network's shapes or meaning lives here, so a checkpoint's config.json fully describes
+how to rebuild it (the backbone by preset name or local directory).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+
+OBJECTIVES: tuple[str, ...] = ("meanflow", "flow_matching", "ddpm")
+TINY_BACKBONE = "tiny"
+SMOLVLM2_500M_PRESET = "smolvlm2-500m"
+# Presets built in code with random weights (no download); anything else is a local directory or hub id.
+BACKBONE_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET)
+DDPM_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+_DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
+# Fields stored as tuples (JSON gives lists back).
+_TUPLE_FIELDS = ("camera_keys", "joint_names")
+
+
+@dataclass
+class MeanFlowConfig:
+    """Hyper-parameters of backbone, action expert, objective and sampler."""
+
+    # Backbone: "tiny" (dev/test preset, random, built offline), "smolvlm2-500m" (real architecture, random
+    # weights, for benchmarks), or a local SmolVLM2 directory / hub id loaded with from_pretrained (offline).
+    backbone: str = TINY_BACKBONE
+    image_size: int = 64
+    num_vlm_layers: int = 16
+    train_backbone: bool = False
+    backbone_seed: int = 0
+    max_text_tokens: int = 32
+    # Filled in when the backbone is a local directory: hash of its config.json, checked on load.
+    backbone_config_hash: str = ""
+
+    camera_keys: tuple[str, ...] = ("wrist", "top")
+    joint_names: tuple[str, ...] = JOINT_NAMES
+    state_dim: int = 6
+    action_dim: int = 6
+    chunk_size: int = 20
+    fps: float = 30.0
+
+    expert_width: int = 256
+    expert_depth: int = 4
+    expert_heads: int = 4
+    expert_mlp_ratio: float = 4.0
+
+    objective: str = "meanflow"
+    flow_ratio: float = 0.2
+    adaptive_gamma: float = 0.5
+    adaptive_c: float = 1e-3
+    time_mean: float = -0.4
+    time_std: float = 1.0
+    default_nfe: int = 0  # 0: the objective's natural value (meanflow 1, flow_matching 10, ddpm 100)
+
+    ddpm_train_steps: int = 100
+    ddpm_sampler: str = "ddpm"
+
+    def __post_init__(self) -> None:
+        self.camera_keys = tuple(self.camera_keys)
+        self.joint_names = tuple(self.joint_names)
+        if self.default_nfe == 0:
+            self.default_nfe = _DEFAULT_NFE.get(self.objective, 1)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
+        if self.ddpm_sampler not in DDPM_SAMPLERS:
+            raise ValueError(f"ddpm_sampler {self.ddpm_sampler!r} is not one of {DDPM_SAMPLERS}")
+        if not self.camera_keys:
+            raise ValueError("camera_keys is empty: the policy needs at least one camera")
+        unknown = [c for c in self.camera_keys if c not in CAMERA_NAMES]
+        if unknown:
+            raise ValueError(f"camera_keys {unknown} are not cameras of the graph contract {CAMERA_NAMES}")
+        if len(set(self.camera_keys)) != len(self.camera_keys):
+            raise ValueError(f"camera_keys {self.camera_keys} has duplicates")
+        unknown = [j for j in self.joint_names if j not in JOINT_NAMES]
+        if unknown:
+            raise ValueError(f"joint_names {unknown} are not SO-101 joints {JOINT_NAMES}")
+        if self.action_dim != len(self.joint_names):
+            raise ValueError(f"action_dim {self.action_dim} != number of joint_names {len(self.joint_names)}")
+        for name in ("image_size", "num_vlm_layers", "state_dim", "action_dim", "chunk_size", "expert_width",
+                     "expert_depth", "expert_heads", "default_nfe", "ddpm_train_steps", "max_text_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.expert_width % self.expert_heads:
+            raise ValueError(f"expert_width {self.expert_width} is not divisible by expert_heads {self.expert_heads}")
+        if (self.expert_width // self.expert_heads) % 2:
+            raise ValueError("expert head dimension (expert_width / expert_heads) must be even")
+        if not 0.0 <= self.flow_ratio <= 1.0:
+            raise ValueError(f"flow_ratio must be in [0, 1], got {self.flow_ratio}")
+        if not 0.0 <= self.adaptive_gamma <= 1.0:
+            raise ValueError(f"adaptive_gamma must be in [0, 1], got {self.adaptive_gamma}")
+        if self.adaptive_c <= 0.0:
+            raise ValueError(f"adaptive_c must be > 0, got {self.adaptive_c}")
+        if self.time_std <= 0.0:
+            raise ValueError(f"time_std must be > 0, got {self.time_std}")
+        if self.fps <= 0.0:
+            raise ValueError(f"fps must be > 0, got {self.fps}")
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> "MeanFlowConfig":
+        """The dev/test preset: tiny random backbone, 64 px, 4 LM layers, ~1.4 M-parameter expert (fast on CPU)."""
+        values: dict[str, Any] = dict(backbone=TINY_BACKBONE, image_size=64, num_vlm_layers=4, expert_width=128,
+                                      expert_depth=4, expert_heads=4)
+        values.update(overrides)
+        return cls(**values)
+
+    @property
+    def dt(self) -> float:
+        """Time between consecutive chunk steps (trajectory point spacing), seconds."""
+        return 1.0 / self.fps
+
+    @property
+    def backbone_is_preset(self) -> bool:
+        return self.backbone in BACKBONE_PRESETS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in _TUPLE_FIELDS:
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MeanFlowConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MeanFlowConfig fields {unknown}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "MeanFlowConfig":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MeanFlowConfig":
+        return cls.from_json(Path(path).read_text())

@@ -1,0 +1,280 @@
+"""MeanFlowPolicy: frozen SmolVLM prefix + action expert; training loss and chunk sampling in joint units.
+
+Observation -> (chunk_size, action_dim) joint position targets (radians, config.joint_names order). The prefix
+(image tokens of every camera, instruction tokens, a state token) is built once per chunk; the expert then runs
+nfe times on it. Normalisation stats live inside the policy and its checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from meanflow_policy import objectives
+from meanflow_policy.backbone import VLMBackbone, resize_image
+from meanflow_policy.checkpoint import load_policy, save_policy
+from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.expert import ActionExpert, ExpertContext
+
+# Floor applied to stored standard deviations, so a joint that never moved in the demos does not blow up.
+MIN_STD = 1e-3
+_STAT_KEYS = ("state", "action")
+
+
+class MeanFlowPolicy(nn.Module):
+    """The VLA policy (see module docstring); ``MeanFlowPolicy(config)`` or ``MeanFlowPolicy.load(dir)``."""
+
+    def __init__(self, config: MeanFlowConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.backbone = VLMBackbone(config, tokenizer)
+        width = config.expert_width
+        feature_dim = self.backbone.feature_dim
+        self.n_image_tokens = len(config.camera_keys) * self.backbone.tokens_per_image
+        # Image-token features are standardised per (token slot, channel) with running dataset statistics: frozen
+        # features carry a large per-slot constant that otherwise drowns the part that varies with the scene
+        # (measured on a synthetic "where is the red square" task, 600 meanflow steps: one-step error 0.70 without,
+        # 0.30 with it; predicting the mean gives 0.50).
+        self.image_norm = nn.BatchNorm1d(self.n_image_tokens * feature_dim, affine=False, momentum=0.05)
+        self.prefix_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, width))
+        self.state_proj = nn.Linear(config.state_dim, width)
+        self.expert = ActionExpert(config.action_dim, config.chunk_size, width, config.expert_depth,
+                                   config.expert_heads, config.expert_mlp_ratio)
+        self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
+        self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
+        self.register_buffer("action_mean", torch.zeros(config.action_dim), persistent=False)
+        self.register_buffer("action_std", torch.ones(config.action_dim), persistent=False)
+        self.schedule = objectives.DDPMSchedule(config.ddpm_train_steps)
+        self.last_timing: dict[str, float] = {}
+        self.eval()
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.state_mean.device
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def set_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
+        """Install normalisation stats ``{"state": {"mean", "std"}, "action": {"mean", "std"}}`` in joint units.
+
+        Everything is checked before anything is changed, so a bad dict leaves the policy as it was."""
+        dims = {"state": self.config.state_dim, "action": self.config.action_dim}
+        checked: dict[str, np.ndarray] = {}
+        for key in _STAT_KEYS:
+            if key not in stats:
+                raise ValueError(f"stats lack {key!r} (need {list(_STAT_KEYS)})")
+            for field in ("mean", "std"):
+                if field not in stats[key]:
+                    raise ValueError(f"stats[{key!r}] lacks {field!r}")
+                values = np.asarray(stats[key][field], dtype=np.float64)
+                if values.shape != (dims[key],):
+                    raise ValueError(f"stats[{key!r}][{field!r}] has shape {values.shape}, expected ({dims[key]},)")
+                if not np.all(np.isfinite(values)):
+                    raise ValueError(f"stats[{key!r}][{field!r}] contains NaN or inf")
+                if field == "std" and np.any(values < 0):
+                    raise ValueError(f"stats[{key!r}]['std'] has negative entries")
+                checked[f"{key}_{field}"] = values
+        for name, values in checked.items():
+            getattr(self, name).copy_(torch.as_tensor(values, dtype=torch.float32))
+
+    def get_stats(self) -> dict[str, dict[str, list[float]]]:
+        return {key: {field: getattr(self, f"{key}_{field}").tolist() for field in ("mean", "std")}
+                for key in _STAT_KEYS}
+
+    def normalize_state(self, state: torch.Tensor) -> torch.Tensor:
+        return (state - self.state_mean) / self.state_std.clamp(min=MIN_STD)
+
+    def normalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return (actions - self.action_mean) / self.action_std.clamp(min=MIN_STD)
+
+    def unnormalize_actions(self, actions: torch.Tensor) -> torch.Tensor:
+        return actions * self.action_std.clamp(min=MIN_STD) + self.action_mean
+
+    # ---- network ----------------------------------------------------------------------------------------------
+    def _context(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> ExpertContext:
+        """Prefix = projected VLM features + one state token; returns the expert's per-chunk context."""
+        features = features.to(self.state_proj.weight.dtype)
+        n_img, b = self.n_image_tokens, features.shape[0]
+        image = self.image_norm(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
+        prefix = self.prefix_proj(torch.cat([features[:, :-n_img], image], dim=1))
+        state_tok = self.state_proj(self.normalize_state(state))[:, None]
+        prefix = torch.cat([prefix, state_tok], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return self.expert.prepare(prefix, mask)
+
+    def _u_fn(self, ctx: ExpertContext) -> objectives.UFn:
+        return lambda z, r, t: self.expert(z, r, t, ctx)
+
+    def _validate_batch(self, batch: Mapping[str, Any]) -> None:
+        cfg = self.config
+        for key in ("images", "state", "actions", "action_is_pad", "instruction"):
+            if key not in batch:
+                raise ValueError(f"training batch lacks {key!r}")
+        images, state, actions = batch["images"], batch["state"], batch["actions"]
+        b = state.shape[0]
+        expected = (b, len(cfg.camera_keys), cfg.image_size, cfg.image_size, 3)
+        if tuple(images.shape) != expected or images.dtype != torch.uint8:
+            raise ValueError(f"batch['images'] must be uint8 {expected} (cameras {cfg.camera_keys}), "
+                             f"got {images.dtype} {tuple(images.shape)}")
+        if tuple(state.shape) != (b, cfg.state_dim):
+            raise ValueError(f"batch['state'] must be ({b}, {cfg.state_dim}), got {tuple(state.shape)}")
+        if tuple(actions.shape) != (b, cfg.chunk_size, cfg.action_dim):
+            raise ValueError(f"batch['actions'] must be ({b}, {cfg.chunk_size}, {cfg.action_dim}), "
+                             f"got {tuple(actions.shape)}")
+        if tuple(batch["action_is_pad"].shape) != (b, cfg.chunk_size):
+            raise ValueError(f"batch['action_is_pad'] must be ({b}, {cfg.chunk_size}), "
+                             f"got {tuple(batch['action_is_pad'].shape)}")
+        if len(batch["instruction"]) != b:
+            raise ValueError(f"batch['instruction'] has {len(batch['instruction'])} entries for batch size {b}")
+
+    def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
+                     noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
+                     r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of the configured objective on a dataset batch; ``noise``/``t``/``r`` override the random draws
+        (r is ignored by flow_matching; for ddpm, t holds integer steps k)."""
+        self._validate_batch(batch)
+        cfg, dev = self.config, self.device
+        images = batch["images"].to(dev)
+        state = batch["state"].to(dev, torch.float32)
+        actions = self.normalize_actions(batch["actions"].to(dev, torch.float32))
+        valid = ~batch["action_is_pad"].to(dev, torch.bool)
+        b = actions.shape[0]
+        features, mask = self.backbone(images, list(batch["instruction"]))
+        if not self.backbone.trainable:
+            features = features.detach()
+        ctx = self._context(features, mask, state)
+        if noise is None:
+            noise = objectives.draw_normal(tuple(actions.shape), generator, dev)
+        noise = noise.to(dev)
+        info: dict[str, float] = {}
+        if cfg.objective == "ddpm":
+            if t is None:
+                gen_device = generator.device if generator is not None else dev
+                t = torch.randint(0, cfg.ddpm_train_steps, (b,), generator=generator, device=gen_device)
+            loss, per = objectives.ddpm_loss(self._u_fn(ctx), actions, noise, t.to(dev), valid, self.schedule)
+        elif cfg.objective == "flow_matching":
+            if t is None:
+                t = objectives.logit_normal(b, cfg.time_mean, cfg.time_std, generator, dev)
+            loss, per = objectives.flow_matching_loss(self._u_fn(ctx), actions, noise, t.to(dev), valid,
+                                                      cfg.adaptive_gamma, cfg.adaptive_c)
+        else:
+            if t is None or r is None:
+                t, r = objectives.sample_meanflow_times(b, cfg.flow_ratio, cfg.time_mean, cfg.time_std, generator, dev)
+            t, r = t.to(dev), r.to(dev)
+            if bool((r > t).any()):
+                raise ValueError("meanflow needs r <= t for every sample")
+            loss, per = objectives.meanflow_loss(self._u_fn(ctx), actions, noise, t, r, valid,
+                                                 cfg.adaptive_gamma, cfg.adaptive_c)
+            info["frac_r_eq_t"] = float((r == t).float().mean())
+        info["loss"] = float(loss.detach())
+        info["mse"] = float(per.detach().mean())
+        return loss, info
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    def _observation_tensors(self, observation: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, str]:
+        cfg = self.config
+        for key in ("images", "state", "instruction"):
+            if key not in observation:
+                raise ValueError(f"observation lacks {key!r}")
+        images = observation["images"]
+        missing = [c for c in cfg.camera_keys if c not in images]
+        if missing:
+            raise ValueError(f"observation['images'] lacks cameras {missing} (policy uses {cfg.camera_keys})")
+        frames = []
+        for cam in cfg.camera_keys:
+            try:
+                frames.append(resize_image(np.asarray(images[cam]), cfg.image_size))
+            except ValueError as exc:
+                raise ValueError(f"camera {cam!r}: {exc}") from exc
+        state = np.asarray(observation["state"], dtype=np.float32)
+        if state.shape != (cfg.state_dim,):
+            raise ValueError(f"observation['state'] must have shape ({cfg.state_dim},), got {state.shape}")
+        if not np.all(np.isfinite(state)):
+            raise ValueError("observation['state'] contains NaN or inf")
+        instruction = observation["instruction"]
+        if not isinstance(instruction, str):
+            raise ValueError(f"observation['instruction'] must be a str, got {type(instruction).__name__}")
+        img = torch.from_numpy(np.stack(frames)[None]).to(self.device)
+        return img, torch.from_numpy(state)[None].to(self.device), instruction
+
+    def _sample_normalized(self, ctx: ExpertContext, batch: int, nfe: int,
+                           generator: torch.Generator | None) -> torch.Tensor:
+        """The expert's part of a chunk: noise, then nfe evaluations with the configured sampler -> (B, T, D)."""
+        cfg = self.config
+        if nfe < 1:
+            raise ValueError(f"nfe must be >= 1, got {nfe}")
+        noise = objectives.draw_normal((batch, cfg.chunk_size, cfg.action_dim), generator, self.device,
+                                  self.state_proj.weight.dtype)
+        u_fn = self._u_fn(ctx)
+        if cfg.objective == "meanflow":
+            return objectives.meanflow_sample(u_fn, noise, nfe)
+        if cfg.objective == "flow_matching":
+            return objectives.euler_sample(u_fn, noise, nfe)
+        eta = 1.0 if cfg.ddpm_sampler == "ddpm" else 0.0
+        return objectives.ddpm_sample(u_fn, noise, nfe, self.schedule, eta, generator)
+
+    def _check_eval_mode(self) -> None:
+        if self.training:
+            raise RuntimeError("sampling needs policy.eval(): in training mode the image-feature normalisation "
+                               "would use (and update) batch statistics")
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def sample(self, observation: Mapping[str, Any], nfe: int | None = None,
+               generator: torch.Generator | None = None) -> np.ndarray:
+        """One action chunk (chunk_size, action_dim) float32 in joint units.
+
+        ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe
+        expert evaluations), post_ms (un-normalise, copy to host), total_ms, nfe.
+        """
+        self._check_eval_mode()
+        nfe = self.config.default_nfe if nfe is None else int(nfe)
+        start = time.perf_counter()
+        images, state, instruction = self._observation_tensors(observation)
+        features, mask = self.backbone.encode_one(images, instruction)
+        ctx = self._context(features, mask, state)
+        self._sync()
+        prefix_end = time.perf_counter()
+        z = self._sample_normalized(ctx, 1, nfe, generator)
+        self._sync()
+        expert_end = time.perf_counter()
+        chunk = self.unnormalize_actions(z[0].float()).cpu().numpy()
+        end = time.perf_counter()
+        self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
+                            "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe}
+        return chunk
+
+    @torch.inference_mode()
+    def sample_batch(self, batch: Mapping[str, Any], nfe: int | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """Chunks (B, chunk_size, action_dim) in joint units for a dataset-format batch (offline evaluation)."""
+        self._check_eval_mode()
+        nfe = self.config.default_nfe if nfe is None else int(nfe)
+        images = batch["images"].to(self.device)
+        state = batch["state"].to(self.device, torch.float32)
+        features, mask = self.backbone(images, list(batch["instruction"]))
+        ctx = self._context(features, mask, state)
+        return self.unnormalize_actions(self._sample_normalized(ctx, state.shape[0], nfe, generator).float())
+
+    # ---- checkpoints ------------------------------------------------------------------------------------------
+    def save(self, checkpoint_dir: str | Path) -> Path:
+        return save_policy(self, Path(checkpoint_dir))
+
+    @classmethod
+    def load(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
+             expect: Mapping[str, Any] | None = None) -> "MeanFlowPolicy":
+        """Load a checkpoint directory; ``expect`` maps config fields (joint_names, camera_keys, state_dim,
+        action_dim, chunk_size, objective, ...) to the values the caller requires: a mismatch raises ValueError."""
+        return load_policy(cls, Path(checkpoint_dir), torch.device(device), expect)

@@ -1,0 +1,156 @@
+"""Training objectives and samplers: MeanFlow, flow matching (SmolVLA-style baseline) and DDPM (Diffusion-Policy
+-style baseline), all over the same expert, in normalised action space.
+
+Convention (DESIGN.md): t = 1 is noise, t = 0 is data, z_t = (1 - t) a + t e, v = e - a. ``u_fn(z, r, t)`` is the
+expert with its prefix context bound; the prefix is a constant for every function here.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Noise drawn on the generator's device (CPU generators stay usable with a CUDA model)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device, dtype=dtype).to(device)
+
+
+def logit_normal(n: int, mean: float, std: float, generator: torch.Generator | None,
+                 device: torch.device) -> torch.Tensor:
+    return torch.sigmoid(draw_normal((n,), generator, device) * std + mean)
+
+
+def sample_meanflow_times(n: int, flow_ratio: float, mean: float, std: float, generator: torch.Generator | None,
+                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, r) with r <= t from two logit-normal draws; exactly round(flow_ratio * n) samples get r = t."""
+    a = logit_normal(n, mean, std, generator, device)
+    b = logit_normal(n, mean, std, generator, device)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    n_equal = int(round(flow_ratio * n))
+    gen_device = generator.device if generator is not None else device
+    idx = torch.randperm(n, generator=generator, device=gen_device)[:n_equal].to(device)
+    r = r.clone()
+    r[idx] = t[idx]
+    return t, r
+
+
+def masked_sq_error(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error over the valid (not padded) chunk steps: (B, T, D) -> (B,)."""
+    se = (pred - target).pow(2).sum(-1)
+    count = (valid.sum(1) * pred.shape[-1]).clamp(min=1)
+    return (se * valid).sum(1) / count
+
+
+def adaptive_weight(per_sample: torch.Tensor, gamma: float, c: float) -> torch.Tensor:
+    """MeanFlow's adaptive loss weight w = sg(1 / (||err||^2 + c)^(1 - gamma)); gamma = 1 gives plain MSE."""
+    return 1.0 / (per_sample.detach() + c).pow(1.0 - gamma)
+
+
+def meanflow_loss(u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                  valid: torch.Tensor, gamma: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """MeanFlow: regress u(z, r, t) on sg(v - (t - r) du/dt), du/dt = JVP along (v, 0, 1).
+
+    Returns (loss, per-sample error)."""
+    tb = t[:, None, None]
+    z = (1 - tb) * actions + tb * noise
+    v = noise - actions
+    with sdpa_kernel(SDPBackend.MATH):
+        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+    target = (v - (t - r)[:, None, None] * dudt).detach()
+    per = masked_sq_error(u, target, valid)
+    return (adaptive_weight(per, gamma, c) * per).mean(), per
+
+
+def flow_matching_loss(u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, valid: torch.Tensor,
+                       gamma: float, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow matching: u(z, t, t) regresses v, with the same weighting as MeanFlow (so r = t makes them equal)."""
+    tb = t[:, None, None]
+    z = (1 - tb) * actions + tb * noise
+    with sdpa_kernel(SDPBackend.MATH):
+        u = u_fn(z, t, t)
+    per = masked_sq_error(u, noise - actions, valid)
+    return (adaptive_weight(per, gamma, c) * per).mean(), per
+
+
+def _time_grid(nfe: int) -> list[float]:
+    """nfe + 1 evenly spaced times from 1 (noise) to 0 (data), as Python floats (no device scalars per step)."""
+    return [1.0 - i / nfe for i in range(nfe)] + [0.0]
+
+
+def _full(like: torch.Tensor, value: float) -> torch.Tensor:
+    return torch.full((like.shape[0],), value, device=like.device, dtype=like.dtype)
+
+
+def meanflow_sample(u_fn: UFn, noise: torch.Tensor, nfe: int) -> torch.Tensor:
+    """k-step MeanFlow: z_{t_{i+1}} = z_{t_i} - (t_i - t_{i+1}) u(z, t_{i+1}, t_i); nfe=1 is a = e - u(e, 0, 1)."""
+    grid = _time_grid(nfe)
+    z = noise
+    for t, r in zip(grid[:-1], grid[1:]):
+        z = z - (t - r) * u_fn(z, _full(z, r), _full(z, t))
+    return z
+
+
+def euler_sample(u_fn: UFn, noise: torch.Tensor, nfe: int) -> torch.Tensor:
+    """k-step Euler integration of the instantaneous velocity u(z, t, t) from t = 1 to 0 (flow matching)."""
+    grid = _time_grid(nfe)
+    z = noise
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        tt = _full(z, t)
+        z = z - (t - t_next) * u_fn(z, tt, tt)
+    return z
+
+
+class DDPMSchedule:
+    """Squared-cosine noise schedule over K training steps (Diffusion Policy's default)."""
+
+    def __init__(self, steps: int, device: torch.device | str = "cpu") -> None:
+        self.steps = steps
+        s = 0.008
+        x = torch.linspace(0, steps, steps + 1, dtype=torch.float64)
+        f = torch.cos(((x / steps) + s) / (1 + s) * torch.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.alphas_cumprod = torch.cumprod(1 - betas, dim=0).to(device=device, dtype=torch.float32)
+
+    def net_time(self, k: torch.Tensor) -> torch.Tensor:
+        """Integer step k in [0, K) -> the expert's time input in (0, 1]."""
+        return (k.float() + 1.0) / self.steps
+
+
+def ddpm_loss(eps_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, k: torch.Tensor, valid: torch.Tensor,
+              schedule: DDPMSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon prediction: x_k = sqrt(ab_k) a + sqrt(1 - ab_k) e; plain masked MSE on e."""
+    ab = schedule.alphas_cumprod.to(actions.device)[k][:, None, None]
+    x = ab.sqrt() * actions + (1 - ab).sqrt() * noise
+    t = schedule.net_time(k).to(actions.dtype)
+    with sdpa_kernel(SDPBackend.MATH):
+        pred = eps_fn(x, t, t)
+    per = masked_sq_error(pred, noise, valid)
+    return per.mean(), per
+
+
+def ddpm_sample(eps_fn: UFn, noise: torch.Tensor, nfe: int, schedule: DDPMSchedule, eta: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """DDIM-family sampler over nfe evenly strided steps; eta = 1 with nfe = K is exactly ancestral DDPM."""
+    if not 1 <= nfe <= schedule.steps:
+        raise ValueError(f"ddpm nfe must be in [1, {schedule.steps}], got {nfe}")
+    ab_all = schedule.alphas_cumprod.tolist()
+    steps = torch.linspace(schedule.steps - 1, 0, nfe).round().long().tolist()
+    x = noise
+    for i, k in enumerate(steps):
+        ab = ab_all[k]
+        ab_prev = ab_all[steps[i + 1]] if i + 1 < len(steps) else 1.0
+        tt = _full(x, (k + 1) / schedule.steps)
+        eps = eps_fn(x, tt, tt)
+        x0 = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        sigma = eta * math.sqrt(max(0.0, (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)))
+        x = math.sqrt(ab_prev) * x0 + math.sqrt(max(0.0, 1 - ab_prev - sigma**2)) * eps
+        if sigma > 0 and i + 1 < len(steps):
+            x = x + sigma * draw_normal(tuple(x.shape), generator, x.device, x.dtype)
+    return x

@@ -1,0 +1,235 @@
+"""MeanFlowPolicy end to end: sample() contract, stats, timing, checkpoints (round trip, mismatches, no pickle)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from so101_common.graph import JOINT_NAMES
+
+from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.testing import make_tiny_checkpoint, plausible_stats, random_observation, torch_threads
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def policy(ckpt):
+    return MeanFlowPolicy.load(ckpt)
+
+
+def test_checkpoint_layout_has_no_pickle(ckpt):
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["config.json", "model.safetensors", "stats.json", "tokenizer.json"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["joint_names"] == list(JOINT_NAMES) and config["objective"] == "meanflow"
+    stats = json.loads((ckpt / "stats.json").read_text())
+    assert len(stats["action"]["mean"]) == 6
+    weights = load_file(str(ckpt / "model.safetensors"))
+    assert any(k.startswith("backbone.") for k in weights)  # the tiny backbone is random: weights included
+    assert any(k.startswith("expert.") for k in weights)
+
+
+@pytest.mark.parametrize("nfe", [1, 3])
+def test_sample_contract(policy, nfe):
+    obs = random_observation(policy.config, seed=1, size=(48, 80))
+    chunk = policy.sample(obs, nfe=nfe, generator=torch.Generator().manual_seed(0))
+    assert chunk.shape == (20, 6) and chunk.dtype == np.float32 and np.all(np.isfinite(chunk))
+    timing = policy.last_timing
+    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe"} and timing["nfe"] == nfe
+    assert 0 < timing["prefix_ms"] < timing["total_ms"] and timing["expert_ms"] > 0 and timing["post_ms"] > 0
+    parts = timing["prefix_ms"] + timing["expert_ms"] + timing["post_ms"]
+    assert timing["total_ms"] == pytest.approx(parts, rel=1e-6)
+
+
+def test_sample_depends_on_observation_and_noise(policy):
+    obs = random_observation(policy.config, seed=1)
+    a = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    same = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    other_noise = policy.sample(obs, generator=torch.Generator().manual_seed(1))
+    other_state = policy.sample({**obs, "state": obs["state"] + 0.5}, generator=torch.Generator().manual_seed(0))
+    other_text = policy.sample({**obs, "instruction": "open the drawer"}, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(a, same)
+    for b in (other_noise, other_state, other_text):
+        assert not np.allclose(a, b)
+
+
+def test_stats_are_applied_in_joint_units(ckpt):
+    policy = MeanFlowPolicy.load(ckpt)
+    obs = random_observation(policy.config, seed=2)
+    stats = plausible_stats(JOINT_NAMES)
+    mean, std = np.array(stats["action"]["mean"]), np.array(stats["action"]["std"])
+    base = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    normalised = (base - mean) / std
+    scaled = json.loads(json.dumps(stats))
+    scaled["action"] = {"mean": (mean + 1.0).tolist(), "std": (std * 2.0).tolist()}
+    policy.set_stats(scaled)
+    out = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(out, normalised * std * 2.0 + mean + 1.0, atol=1e-5)
+    assert policy.get_stats()["action"]["std"] == pytest.approx(scaled["action"]["std"])
+    scaled["state"] = {"mean": (np.array(stats["state"]["mean"]) + 0.5).tolist(), "std": stats["state"]["std"]}
+    policy.set_stats(scaled)
+    assert not np.allclose(policy.sample(obs, generator=torch.Generator().manual_seed(0)), out)
+
+
+def test_sample_batch_matches_single_observation_path(policy):
+    """The batched (offline evaluation) path and the cached single-observation path agree."""
+    from meanflow_policy.backbone import resize_image
+
+    obs = random_observation(policy.config, seed=4)
+    chunk = policy.sample(obs, nfe=2, generator=torch.Generator().manual_seed(3))
+    images = np.stack([resize_image(obs["images"][c], 64) for c in policy.config.camera_keys])
+    batch = {"images": torch.from_numpy(images)[None], "state": torch.from_numpy(obs["state"])[None],
+             "instruction": [obs["instruction"]]}
+    batched = policy.sample_batch(batch, nfe=2, generator=torch.Generator().manual_seed(3))
+    assert batched.shape == (1, 20, 6)
+    np.testing.assert_allclose(batched[0].numpy(), chunk, atol=1e-4)
+
+
+@pytest.mark.parametrize("stats,match", [
+    ({"state": {"mean": [0] * 6, "std": [1] * 6}}, "'action'"),
+    ({"state": {"mean": [0] * 5, "std": [1] * 6}, "action": {"mean": [0] * 6, "std": [1] * 6}}, r"\(6,\)"),
+    ({"state": {"mean": [0] * 6, "std": [1] * 6}, "action": {"mean": [0] * 6, "std": [-1] * 6}}, "negative"),
+    ({"state": {"mean": [float("nan")] * 6, "std": [1] * 6}, "action": {"mean": [0] * 6, "std": [1] * 6}}, "NaN"),
+])
+def test_bad_stats_are_named(policy, stats, match):
+    with pytest.raises(ValueError, match=match):
+        policy.set_stats(stats)
+
+
+def test_bad_observations_are_named(policy):
+    obs = random_observation(policy.config)
+    with pytest.raises(ValueError, match="top"):
+        policy.sample({**obs, "images": {"wrist": obs["images"]["wrist"]}})
+    with pytest.raises(ValueError, match="wrist.*uint8"):
+        policy.sample({**obs, "images": {**obs["images"], "wrist": obs["images"]["wrist"].astype(np.float32)}})
+    with pytest.raises(ValueError, match="state"):
+        policy.sample({**obs, "state": np.zeros(5, np.float32)})
+    with pytest.raises(ValueError, match="NaN"):
+        policy.sample({**obs, "state": np.full(6, np.nan, np.float32)})
+    with pytest.raises(ValueError, match="instruction"):
+        policy.sample({k: v for k, v in obs.items() if k != "instruction"})
+    with pytest.raises(ValueError, match="nfe"):
+        policy.sample(obs, nfe=0)
+    policy.train()
+    try:
+        with pytest.raises(RuntimeError, match="eval"):
+            policy.sample(obs)
+    finally:
+        policy.eval()
+
+
+def test_round_trip_reproduces_samples_bit_for_bit(policy, tmp_path):
+    obs = random_observation(policy.config, seed=3)
+    before = policy.sample(obs, nfe=2, generator=torch.Generator().manual_seed(7))
+    policy.save(tmp_path / "again")
+    reloaded = MeanFlowPolicy.load(tmp_path / "again")
+    after = reloaded.sample(obs, nfe=2, generator=torch.Generator().manual_seed(7))
+    assert np.array_equal(before, after)
+    assert reloaded.config == policy.config
+
+
+@pytest.mark.parametrize("objective", ["flow_matching", "ddpm"])
+def test_baseline_checkpoints_sample(tmp_path, objective):
+    path = make_tiny_checkpoint(tmp_path / objective, seed=1, objective=objective)
+    policy = MeanFlowPolicy.load(path, expect={"objective": objective})
+    assert policy.config.default_nfe == (10 if objective == "flow_matching" else 100)
+    obs = random_observation(policy.config)
+    chunk = policy.sample(obs, nfe=5, generator=torch.Generator().manual_seed(0))
+    again = MeanFlowPolicy.load(path).sample(obs, nfe=5, generator=torch.Generator().manual_seed(0))
+    assert chunk.shape == (20, 6) and np.array_equal(chunk, again)
+
+
+@pytest.mark.parametrize("expect,match", [
+    ({"objective": "ddpm"}, "objective='meanflow'"),
+    ({"camera_keys": ["wrist"]}, "camera_keys"),
+    ({"joint_names": JOINT_NAMES[:5] + ("wrist_flex",)}, "joint_names"),
+    ({"chunk_size": 50}, "chunk_size=20"),
+    ({"colour": 1}, "unknown config field 'colour'"),
+])
+def test_load_expectation_mismatch_is_a_clear_error(ckpt, expect, match):
+    with pytest.raises(ValueError, match=match):
+        MeanFlowPolicy.load(ckpt, expect=expect)
+
+
+def _copy(ckpt, dst):
+    dst.mkdir()
+    for p in ckpt.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_corrupt_checkpoints_are_clear_errors(ckpt, tmp_path):
+    wrong_dims = _copy(ckpt, tmp_path / "dims")
+    config = json.loads((wrong_dims / "config.json").read_text())
+    config["expert_width"] = 64
+    (wrong_dims / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="expert.*shape"):
+        MeanFlowPolicy.load(wrong_dims)
+
+    missing = _copy(ckpt, tmp_path / "missing")
+    weights = load_file(str(missing / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if not k.startswith("state_proj")}, str(missing / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing.*state_proj"):
+        MeanFlowPolicy.load(missing)
+
+    bad_stats = _copy(ckpt, tmp_path / "stats")
+    (bad_stats / "stats.json").write_text(json.dumps({"state": {"mean": [0.0], "std": [1.0]}}))
+    with pytest.raises(ValueError, match="stats.json"):
+        MeanFlowPolicy.load(bad_stats)
+
+    bad_config = _copy(ckpt, tmp_path / "config")
+    config = json.loads((bad_config / "config.json").read_text())
+    config["objective"] = "consistency"
+    (bad_config / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json.*consistency"):
+        MeanFlowPolicy.load(bad_config)
+
+    no_weights = _copy(ckpt, tmp_path / "noweights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        MeanFlowPolicy.load(no_weights)
+
+
+def test_pretrained_backbone_is_stored_by_reference(tmp_path):
+    """A local SmolVLM directory: weights by reference, config hash checked on load."""
+    from transformers import SmolVLMModel
+
+    from meanflow_policy.backbone import build_tiny_tokenizer, tiny_vlm_config
+
+    cfg = MeanFlowConfig.tiny()
+    tokenizer = build_tiny_tokenizer()
+    vlm_dir = tmp_path / "smolvlm"
+    SmolVLMModel(tiny_vlm_config(cfg, len(tokenizer))).save_pretrained(vlm_dir)
+    tokenizer.save_pretrained(vlm_dir)
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    SmolVLMImageProcessorPil(do_image_splitting=False).save_pretrained(vlm_dir)
+
+    policy = MeanFlowPolicy(MeanFlowConfig.tiny(backbone=str(vlm_dir), num_vlm_layers=2))
+    assert len(policy.backbone.vlm.text_model.layers) == 2 and policy.config.backbone_config_hash
+    policy.set_stats(plausible_stats(JOINT_NAMES))
+    out = policy.save(tmp_path / "ckpt")
+    assert not any(k.startswith("backbone.") for k in load_file(str(out / "model.safetensors")))
+    obs = random_observation(policy.config)
+    a = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    b = MeanFlowPolicy.load(out).sample(obs, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(a, b)
+
+    config = json.loads((out / "config.json").read_text())
+    config["backbone_config_hash"] = "0123456789abcdef"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="different backbone"):
+        MeanFlowPolicy.load(out)
+    with pytest.raises(ValueError, match="num_vlm_layers 16 > the 4"):
+        MeanFlowPolicy(MeanFlowConfig.tiny(backbone=str(vlm_dir), num_vlm_layers=16))

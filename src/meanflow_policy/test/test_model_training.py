@@ -1,0 +1,84 @@
+"""The training loop: it learns, schedules the LR, clips, keeps an EMA, validates and checkpoints."""
+import json
+
+import pytest
+import torch
+
+from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.testing import random_batch, torch_threads
+from meanflow_policy.training import TrainConfig, lr_factor, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, progress=False)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 110))
+
+
+def test_train_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+
+
+def test_train_learns_a_fixed_batch_and_writes_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    config = MeanFlowConfig.tiny(num_vlm_layers=2, expert_width=64, expert_depth=2)
+    policy = MeanFlowPolicy(config)
+    batch = random_batch(config, 8, seed=0)
+    frozen_before = {k: v.clone() for k, v in policy.backbone.state_dict().items()}
+    val_calls = []
+
+    def val_fn(p, step):
+        val_calls.append((step, p.training))
+        loss, _ = p.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+        return {"loss": float(loss)}
+
+    with torch.no_grad():
+        initial = val_fn(policy, 0)["loss"]
+    val_calls.clear()
+
+    cfg = TrainConfig(steps=40, lr=3e-3, warmup_steps=5, log_every=5, val_every=20, checkpoint_every=20,
+                      ema_decay=0.9, progress=False)
+    history = train(policy, [batch], cfg, tmp_path, val_fn=val_fn)
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 8
+    assert history[-1]["val_loss"] < 0.5 * initial
+    assert all(h["grad_norm"] >= 0 and h["lr"] > 0 for h in history if "loss" in h)
+    assert [c[0] for c in val_calls] == [20, 40] and not any(c[1] for c in val_calls)
+    assert [h["step"] for h in history if "val_loss" in h] == [20, 40]
+    for k, v in policy.backbone.state_dict().items():
+        assert torch.equal(v, frozen_before[k]), f"frozen backbone changed: {k}"
+    assert (tmp_path / "checkpoints" / "step_0000020" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "history.json").read_text()) == history
+    final = MeanFlowPolicy.load(tmp_path / "final")
+    # the final checkpoint holds the EMA weights, which differ from the raw weights left in the policy
+    assert not torch.equal(final.expert.out.weight, policy.expert.out.weight)
+    assert not policy.training
+    # the image-feature normalisation learned running statistics, and the checkpoint carries them
+    assert policy.image_norm.num_batches_tracked.item() == 40 and policy.image_norm.running_mean.abs().sum() > 0
+    assert torch.equal(final.image_norm.running_mean, policy.image_norm.running_mean)
+
+
+def test_train_with_trainable_backbone_updates_it(tmp_path):
+    config = MeanFlowConfig.tiny(num_vlm_layers=1, expert_width=32, expert_depth=1, train_backbone=True)
+    policy = MeanFlowPolicy(config)
+    before = policy.backbone.vlm.connector.modality_projection.proj.weight.clone()
+    history = train(policy, iter([random_batch(config, 2)] * 3), TrainConfig(steps=10, log_every=1, progress=False),
+                    tmp_path)
+    assert [h["step"] for h in history] == [1, 2, 3]  # a one-shot iterator ends the run when spent
+    assert not torch.equal(before, policy.backbone.vlm.connector.modality_projection.proj.weight)
+    with pytest.raises(ValueError, match="empty"):
+        train(policy, [], TrainConfig(steps=2, progress=False), tmp_path / "empty")
