@@ -1,10 +1,18 @@
 # so101-meanflow: `make demo` runs the simulated arm + policy closed loop; `make test` runs every test.
-# Both set the workspace up first (scripts/setup.sh is idempotent: seconds when nothing changed).
+# Every target sets the workspace up first (scripts/setup.sh is idempotent: well under a second when nothing changed).
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 ENV := source build/env.sh &&
 
-.PHONY: setup test demo clean
+CHECKPOINT ?= src/meanflow_policy/checkpoints/sim_pick_place
+EPISODES ?= 20
+NFE ?= 1
+PRESET ?= tiny
+DEMOS ?= data/sim_pick_place
+RUNS ?= runs
+
+.PHONY: setup test demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-sim bench-hw \
+        bench-teleop clean
 
 setup:
 	@bash scripts/setup.sh
@@ -12,8 +20,42 @@ setup:
 test: setup
 	@$(ENV) bash scripts/run_tests.sh
 
+# Sim node + policy node (nfe=1, shipped checkpoint) over loopback DDS: success, chunk latency, GIF in runs/demo.
 demo: setup
-	@$(ENV) bash scripts/demo.sh
+	@$(ENV) python -m so101_sim.closed_loop_demo --checkpoint $(CHECKPOINT) --episodes 3 --nfe 1 --out $(RUNS)/demo
+
+# Closed-loop evaluation in-process; the last line is one JSON object (success_rate, episodes, nfe, chunk_ms_median).
+eval-sim: setup
+	@$(ENV) python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --episodes $(EPISODES) --nfe $(NFE) \
+	  --seed 1000 --image-size 64 --out $(RUNS)/eval_sim
+
+# The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
+sim-demos: setup
+	@$(ENV) test -d $(DEMOS) || python -m so101_sim.demos --episodes 100 --seed 0 --image-size 64 --out $(DEMOS)
+
+train-sim: sim-demos
+	@$(ENV) for obj in meanflow flow_matching; do \
+	  python -m meanflow_policy.train_cli --bags $(DEMOS) --out $(RUNS)/sim_$$obj --objective $$obj \
+	    --train-backbone --steps 4000 --batch-size 32 --val-every 500 --ema-decay 0.999 --cpu-threads 1 \
+	    --seed 0 --no-progress; done
+
+bench-policy: setup
+	@$(ENV) python -m meanflow_policy.bench --preset $(PRESET) --device cpu --threads 1
+
+bench-node: setup
+	@$(ENV) python -m meanflow_policy.bench_node
+
+bench-data: setup
+	@$(ENV) python -m meanflow_policy.bench_data --cpu-threads 1
+
+bench-sim: setup
+	@$(ENV) python -m so101_sim.bench
+
+bench-hw: setup
+	@$(ENV) python -m so101_hardware.bench --cycles 3000
+
+bench-teleop: setup
+	@$(ENV) python -m so101_teleop.bench && python -m so101_camera.bench
 
 clean:
 	rm -rf build install log

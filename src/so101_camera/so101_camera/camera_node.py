@@ -13,16 +13,21 @@ import time
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
-
-from so101_camera.capture import (Backoff, CaptureConfig, FrameSource, RateMeter, SourceKind,
-                                  load_calibration)
-from so101_common.dds import require_loopback
 from so101_common.graph import DIAGNOSTICS_TOPIC
 from so101_common.images import rgb_to_image
+from so101_common.spin import spin_node
+
+from so101_camera.capture import (
+    Backoff,
+    CaptureConfig,
+    FrameSource,
+    RateMeter,
+    SourceKind,
+    load_calibration,
+)
 
 
 class CameraNode(Node):
@@ -146,23 +151,7 @@ class CameraNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    require_loopback()
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = CameraNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # bad parameters: say which, exit non-zero
-        print(f"camera_node: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from exc
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    sys.exit(spin_node(CameraNode, "camera_node", args, cleanup=lambda node: node.shutdown()))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool
 from std_srvs.srv import SetBool, Trigger
 
+from so101_common.dds import require_loopback
 from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, POLICY_ENABLE_SERVICE, POLICY_TIMING_TOPIC,
                                 SET_INSTRUCTION_SERVICE, SIM_RESET_SERVICE, SIM_TASK_SUCCESS_TOPIC,
                                 camera_image_topic)
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint directory (no config.json)")
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
+    require_loopback()
     args.out.mkdir(parents=True, exist_ok=True)
     instruction = TASKS[args.task].instruction
 

@@ -13,23 +13,38 @@ from __future__ import annotations
 import math
 import sys
 
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image, JointState
+from so101_common.graph import (
+    CAMERA_NAMES,
+    HW_COMMANDS_TOPIC,
+    HW_STATES_TOPIC,
+    JOINT_NAMES,
+    JOINT_STATES_TOPIC,
+    SIM_NODE,
+    SIM_RESET_SERVICE,
+    SIM_TASK_SUCCESS_TOPIC,
+    TRAJECTORY_TOPIC,
+    camera_image_topic,
+    camera_info_topic,
+)
+from so101_common.images import stamp_to_ns
+from so101_common.spin import spin_node
+from so101_common.trajectory import TrajectoryError
 from std_msgs.msg import Bool
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from so101_common.graph import (CAMERA_NAMES, HW_COMMANDS_TOPIC, HW_STATES_TOPIC, JOINT_NAMES, JOINT_STATES_TOPIC,
-                                SIM_NODE, SIM_RESET_SERVICE, SIM_TASK_SUCCESS_TOPIC, TRAJECTORY_TOPIC,
-                                camera_image_topic, camera_info_topic)
-from so101_common.images import stamp_to_ns
-from so101_common.trajectory import TrajectoryError
 from so101_sim.env import SimEnv
-from so101_sim.messages import NS_PER_S, camera_frame, image_msg, joint_state_msg, trajectory_arrays
+from so101_sim.messages import (
+    NS_PER_S,
+    camera_frame,
+    image_msg,
+    joint_state_msg,
+    trajectory_arrays,
+)
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
 
@@ -183,21 +198,7 @@ class SimNode(Node):
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args if args is not None else sys.argv)
-    node = None
-    try:
-        node = SimNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:
-        print(f"sim_node: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(SimNode, "sim_node", args)
 
 
 if __name__ == "__main__":

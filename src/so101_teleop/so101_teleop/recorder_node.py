@@ -10,16 +10,19 @@ from __future__ import annotations
 import importlib
 import sys
 
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from so101_common.graph import (
+    DISCARD_EPISODE_SERVICE,
+    RECORDED_TOPICS,
+    RECORDER_NODE,
+    START_EPISODE_SERVICE,
+    STOP_EPISODE_SERVICE,
+)
+from so101_common.spin import spin_node
 from std_srvs.srv import Trigger
 
-from so101_common.dds import require_loopback
-from so101_common.graph import (DISCARD_EPISODE_SERVICE, RECORDED_TOPICS, RECORDER_NODE, START_EPISODE_SERVICE,
-                                STOP_EPISODE_SERVICE)
 from so101_interfaces.srv import StartEpisode
 from so101_teleop.recorder import KNOWN_TOPIC_TYPES, EpisodeRecorder
 
@@ -120,27 +123,15 @@ class RecorderNode(Node):
         return response
 
 
+def _finalise(node: "RecorderNode") -> None:
+    result = node.recorder.shutdown("interrupted: the recorder was shut down during the episode")
+    if result is not None:
+        # rclpy's logger may already be shut down here; print so the message is never lost.
+        print(f"[{RECORDER_NODE}] {result.message}: {result.path}", flush=True)
+
+
 def main(args: list[str] | None = None) -> None:
-    require_loopback()
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = RecorderNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # bad parameters: say which, exit non-zero
-        print(f"episode_recorder: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from exc
-    finally:
-        if node is not None:
-            result = node.recorder.shutdown("interrupted: the recorder was shut down during the episode")
-            if result is not None:
-                # rclpy's logger may already be shut down here; print so the message is never lost.
-                print(f"[{RECORDER_NODE}] {result.message}: {result.path}", flush=True)
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    sys.exit(spin_node(RecorderNode, "episode_recorder", args, cleanup=_finalise))
 
 
 if __name__ == "__main__":

@@ -9,18 +9,23 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 
-import rclpy
 from builtin_interfaces.msg import Duration
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
+from so101_common.graph import (
+    DISCARD_EPISODE_SERVICE,
+    JOINT_NAMES,
+    JOINT_STATES_TOPIC,
+    JOY_TOPIC,
+    START_EPISODE_SERVICE,
+    STOP_EPISODE_SERVICE,
+    TRAJECTORY_TOPIC,
+)
+from so101_common.spin import spin_node
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from so101_common.dds import require_loopback
-from so101_common.graph import (DISCARD_EPISODE_SERVICE, JOINT_NAMES, JOINT_STATES_TOPIC, JOY_TOPIC,
-                                START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC)
 from so101_interfaces.srv import StartEpisode
 from so101_teleop.kinematics import EE_FRAME, ArmKinematics, default_urdf_path
 from so101_teleop.teleop import Event, JoyError, JoyMapping, TeleopCore, TeleopSettings
@@ -151,22 +156,7 @@ class TeleopNode(Node):
 
 
 def main(args: list[str] | None = None) -> None:
-    require_loopback()
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = TeleopNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # bad parameters: say which, exit non-zero
-        print(f"teleop_node: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from exc
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
+    sys.exit(spin_node(TeleopNode, "teleop_node", args))
 
 
 if __name__ == "__main__":
