@@ -33,11 +33,15 @@ eval-sim: setup
 sim-demos: setup
 	@$(ENV) test -d $(DEMOS) || python -m so101_sim.demos --episodes 100 --seed 0 --image-size 64 --out $(DEMOS)
 
+# Two stages (4000 steps, then resumed to 8000 with fresh optimizer moments): exactly how the shipped checkpoint
+# was made. Both objectives get the same data, seeds and steps.
+TRAIN_ARGS := --bags $(DEMOS) --train-backbone --batch-size 32 --ema-decay 0.999 --cpu-threads 1 --seed 0 --no-progress
 train-sim: sim-demos
 	@$(ENV) for obj in meanflow flow_matching; do \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) --out $(RUNS)/sim_$$obj --objective $$obj \
-	    --train-backbone --steps 4000 --batch-size 32 --val-every 500 --ema-decay 0.999 --cpu-threads 1 \
-	    --seed 0 --no-progress; done
+	  python -m meanflow_policy.train_cli $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj --steps 4000 \
+	    --val-every 500 && \
+	  python -m meanflow_policy.train_cli $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj --steps 8000 \
+	    --val-every 1000 --resume; done
 
 bench-policy: setup
 	@$(ENV) python -m meanflow_policy.bench --preset $(PRESET) --device cpu --threads 1
