@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +37,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from so101_common import graph
 from so101_common.dds import require_loopback
+from so101_common.process import NodeProcess
 from so101_common.images import rgb_to_image, stamp_to_ns
 from so101_common.joints import home_vector
 from so101_interfaces.msg import ChunkTiming
@@ -183,22 +181,6 @@ class RobotSide:
         rclpy.shutdown(context=self.context)
 
 
-def _start(module_args: list[str], log_path: Path) -> subprocess.Popen:
-    with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-u", "-m", *module_args], stdout=log, stderr=subprocess.STDOUT,
-                                env=os.environ.copy(), start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int, image_hz: float,
                 threads: int, image_reliability: str, log_dir: Path) -> dict[str, list[float]]:
     """Start the policy node and time ``chunks`` chunks, each from the stamp of the image set that caused it.
@@ -207,10 +189,11 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
     only on a new frame from every camera, so each chunk belongs to exactly one set, however long it takes.
     """
     log_path = log_dir / f"policy_node_nfe{nfe}.log"
-    proc = _start(["meanflow_policy.policy_node", "--ros-args", "-p", f"checkpoint:={checkpoint}",
+    node = NodeProcess("meanflow_policy.policy_node", ["--ros-args", "-p", f"checkpoint:={checkpoint}",
                    "-p", f"nfe:={nfe}", "-p", "rate_hz:=1000.0", "-p", "max_obs_age_s:=2.0",
                    "-p", "instruction:=pick up the cube", "-p", "log_period_s:=0.0",
                    "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}"], log_path)
+    proc = node.proc
     robot = RobotSide(height, width, image_hz)
     probe = robot.probe
     received, timings = probe.trajectories, probe.timings
@@ -229,7 +212,7 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
             robot.spin_until(lambda: time.monotonic() > pause, proc, log_path, 60.0)
     finally:
         robot.close()
-        _stop(proc)
+        node.stop(timeout=15.0)
     by_stamp = {stamp_to_ns(t.header.stamp): t for t in timings}
     publish, receipt, overhead, node_only = [], [], [], []
     for stamp, (msg, recv_ns) in zip(sets, received):

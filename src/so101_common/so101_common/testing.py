@@ -5,9 +5,6 @@ process talks to them through its own rclpy context. Every process inherits the 
 """
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from so101_common.dds import loopback_problems
+from so101_common.process import NodeProcess
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,36 +32,6 @@ def _param_args(params: dict[str, object] | None) -> list[str]:
             value = "[" + ",".join(repr(v) if isinstance(v, str) else str(v) for v in value) + "]"
         args += ["-p", f"{key}:={value}"]
     return args
-
-
-class NodeProcess:
-    """A node started as its own process; output goes to a log file shown when a test fails."""
-
-    def __init__(self, module: str, args: list[str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        target = [module] if module.endswith(".py") else ["-m", module]
-        self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
-
-    def output(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture

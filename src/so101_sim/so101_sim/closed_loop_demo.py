@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,6 +23,7 @@ from std_msgs.msg import Bool
 from std_srvs.srv import SetBool, Trigger
 
 from so101_common.dds import require_loopback
+from so101_common.process import NodeProcess
 from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, POLICY_ENABLE_SERVICE, POLICY_TIMING_TOPIC,
                                 SET_INSTRUCTION_SERVICE, SIM_RESET_SERVICE, SIM_TASK_SUCCESS_TOPIC,
                                 camera_image_topic)
@@ -87,22 +85,6 @@ class Operator(Node):
         return future.result()
 
 
-def start_process(args: list[str], log_path: Path) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    return subprocess.Popen([sys.executable, "-u", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env=os.environ.copy(), start_new_session=True)
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def run_episode(op: Operator, seed: int, instruction: str, max_seconds: float, settle_s: float) -> dict:
     """One episode: reset, instruct, enable, wait for success or the limit, disable; returns its record."""
     op.call(op.enable, SetBool.Request(data=False), "disable policy")
@@ -156,12 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     instruction = TASKS[args.task].instruction
 
-    sim = start_process(["-m", "so101_sim.sim_node", "--ros-args", "-p", f"task:={args.task}",
-                         "-p", f"seed:={args.seed}", "-p", f"image_size:={args.image_size}"], args.out / "sim_node.log")
-    policy = start_process(["-m", "meanflow_policy.policy_node", "--ros-args",
-                            "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"nfe:={args.nfe}",
-                            "-p", "start_enabled:=false", "-p", "latency_compensation:=true",
-                            "-p", f"torch_threads:={args.torch_threads}"], args.out / "policy_node.log")
+    sim = NodeProcess("so101_sim.sim_node", ["--ros-args", "-p", f"task:={args.task}", "-p", f"seed:={args.seed}",
+                                             "-p", f"image_size:={args.image_size}"], args.out / "sim_node.log")
+    policy = NodeProcess("meanflow_policy.policy_node", [
+        "--ros-args", "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"nfe:={args.nfe}",
+        "-p", "start_enabled:=false", "-p", "latency_compensation:=true",
+        "-p", f"torch_threads:={args.torch_threads}"], args.out / "policy_node.log")
     rclpy.init()
     op = Operator()
     episodes: list[dict] = []
@@ -170,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
               f"logs in {args.out}", flush=True)
         for i in range(args.episodes):
             for name, proc in (("sim node", sim), ("policy node", policy)):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.returncode}; see its log in {args.out}")
+                if not proc.alive():
+                    raise RuntimeError(f"{name} exited with code {proc.proc.returncode}; see its log in {args.out}")
             record = run_episode(op, args.seed + i, instruction, args.max_seconds, args.settle_seconds)
             episodes.append(record)
             med = np.median(record["chunk_total_ms"]) if record["chunk_total_ms"] else float("nan")
@@ -181,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         op.destroy_node()
         rclpy.try_shutdown()
-        stop_process(policy)
-        stop_process(sim)
+        policy.stop()
+        sim.stop()
 
     successes = sum(e["success"] for e in episodes)
     low, high = wilson_interval(successes, len(episodes))

@@ -1,0 +1,38 @@
+"""Nodes started as their own processes (what a launch file does in a distro), for tests, benchmarks and demos."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+class NodeProcess:
+    """A node started as its own process; its output goes to a log file."""
+
+    def __init__(self, module: str, args: list[str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        target = [module] if module.endswith(".py") else ["-m", module]
+        self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
