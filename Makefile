@@ -26,7 +26,7 @@ demo: setup
 
 # Closed-loop evaluation in-process; the last line is one JSON object (success_rate, episodes, nfe, chunk_ms_median).
 eval-sim: setup
-	@$(ENV) python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --episodes $(EPISODES) --nfe $(NFE) \
+	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --episodes $(EPISODES) --nfe $(NFE) \
 	  --seed 1000 --image-size 64 --out $(RUNS)/eval_sim
 
 # The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
