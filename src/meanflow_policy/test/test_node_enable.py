@@ -2,27 +2,11 @@
 import numpy as np
 import pytest
 
-from meanflow_policy.bench_node import PolicyProbe
 from meanflow_policy.configuration import MeanFlowConfig
 from so101_common import graph
 from so101_common.testing import spin_until
 
-NODE = "meanflow_policy.policy_node"
 START_TIMEOUT = 90.0
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from meanflow_policy.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-
-
-def _start(checkpoint, node_process, ros_node, **params):
-    proc = node_process(NODE, params={"checkpoint": str(checkpoint), "rate_hz": 10.0,
-                                      "instruction": "put the cube in the box", **params})
-    probe = PolicyProbe(ros_node, height=48, width=64)
-    return proc, probe
 
 
 def _call(node, future, timeout=30.0):
@@ -34,9 +18,9 @@ def _times(msg) -> np.ndarray:
     return np.array([p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points])
 
 
-def test_enable_and_disable_with_hold(checkpoint, node_process, ros_node):
+def test_enable_and_disable_with_hold(checkpoint, start_policy, ros_node):
     fps = MeanFlowConfig.load(checkpoint / "config.json").fps
-    proc, probe = _start(checkpoint, node_process, ros_node, start_enabled=False)
+    proc, probe = start_policy(start_enabled=False)
     probe.start_streams(image_hz=15.0)
     assert probe.enable_client.wait_for_service(timeout_sec=START_TIMEOUT)
     assert spin_until(ros_node, lambda: "ready:" in proc.output(), START_TIMEOUT), proc.output()
@@ -66,9 +50,9 @@ def test_enable_and_disable_with_hold(checkpoint, node_process, ros_node):
     assert len(probe.trajectories[-1][0].points) == 20
 
 
-def test_latency_compensation_drops_points_already_due(checkpoint, node_process, ros_node):
+def test_latency_compensation_drops_points_already_due(checkpoint, start_policy, ros_node):
     fps = MeanFlowConfig.load(checkpoint / "config.json").fps
-    proc, probe = _start(checkpoint, node_process, ros_node, latency_compensation=True, max_obs_age_s=1.0)
+    proc, probe = start_policy(latency_compensation=True, max_obs_age_s=1.0)
     probe.image_stamp_offset_s = 0.2  # the camera's frames are 0.2 s old on arrival
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()

@@ -20,13 +20,6 @@ NODE = "meanflow_policy.policy_node"
 START_TIMEOUT = 90.0  # torch import + model load + warm-up on a loaded 2-core machine
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from meanflow_policy.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-
-
 def _call(node, future, timeout=30.0):
     assert spin_until(node, future.done, timeout), "service call got no answer"
     return future.result()

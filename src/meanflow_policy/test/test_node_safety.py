@@ -1,34 +1,17 @@
 """The policy node over real DDS when inputs go wrong: stale images, malformed images and joint states."""
-import pytest
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.event_handler import PublisherEventCallbacks
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import Image, JointState
 
-from meanflow_policy.bench_node import PolicyProbe
 from so101_common import graph
 from so101_common.testing import spin_until
 
-NODE = "meanflow_policy.policy_node"
 START_TIMEOUT = 90.0
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from meanflow_policy.testing import make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("policy") / "tiny", seed=0)
-
-
-def _start(checkpoint, node_process, ros_node, **params):
-    proc = node_process(NODE, params={"checkpoint": str(checkpoint), "rate_hz": 10.0,
-                                      "instruction": "put the cube in the box", **params})
-    probe = PolicyProbe(ros_node, height=48, width=64)
-    return proc, probe
-
-
-def test_stale_images_give_no_chunks_and_a_diagnostic(checkpoint, node_process, ros_node):
-    proc, probe = _start(checkpoint, node_process, ros_node, max_obs_age_s=0.5)
+def test_stale_images_give_no_chunks_and_a_diagnostic(start_policy, ros_node):
+    proc, probe = start_policy(max_obs_age_s=0.5)
     probe.image_stamp_offset_s = 2.0
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: any(d.level == DiagnosticStatus.WARN for d in probe.diagnostics),
@@ -43,8 +26,8 @@ def test_stale_images_give_no_chunks_and_a_diagnostic(checkpoint, node_process, 
     assert proc.alive()
 
 
-def test_malformed_inputs_are_logged_and_the_node_carries_on(checkpoint, node_process, ros_node):
-    proc, probe = _start(checkpoint, node_process, ros_node, image_reliability="reliable")
+def test_malformed_inputs_are_logged_and_the_node_carries_on(start_policy, ros_node):
+    proc, probe = start_policy(image_reliability="reliable")
     probe.images_on = False
     probe.start_streams(image_hz=15.0)
     assert probe.instruction_client.wait_for_service(timeout_sec=START_TIMEOUT)
