@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meanflow_policy.bag_reader import BagError
-from meanflow_policy.dataset import DatasetError, SampleSet, load_episodes
+from meanflow_policy.dataset import SampleSet, load_episodes
 from meanflow_policy.modeling import MeanFlowPolicy
 from meanflow_policy.train_cli import (
     add_cpu_threads_argument,
     add_sync_arguments,
+    run_cli,
     apply_cpu_threads,
     resolve_device,
     sync_config,
@@ -169,13 +169,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        result = run(args)
-    except (DatasetError, BagError, ValueError, FileNotFoundError) as exc:
-        LOG.error("%s", exc)
-        return 2
+    code, args, result = run_cli(build_parser(), run, argv)
+    if code:
+        return code
     summary = {n: {k: v for k, v in r.items() if k in ("mae_rad", "first_action_mae_rad", "timing")}
                for n, r in result["nfe"].items()}
     print(json.dumps({"steps": result["steps"], "nfe": summary, "out": str(args.out)}, indent=2))

@@ -17,8 +17,9 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from meanflow_policy.dataset import (
 from meanflow_policy.modeling import MeanFlowPolicy
 from meanflow_policy.training import FINAL_DIR, TrainConfig, train
 
+T = TypeVar("T")
 LOG = logging.getLogger("meanflow_train")
 PRESETS = ("tiny", "smolvlm2")
 BEST_DIR, LAST_DIR = "best", "last"
@@ -377,19 +379,27 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_cli(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], T],
+            argv: Sequence[str] | None) -> tuple[int, argparse.Namespace, T | None]:
+    """Parse, log to stderr, run; bad input (bags, datasets, values, files) is one error line and exit code 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
-        summary = run(args)
+        return 0, args, work(args)
     except (DatasetError, BagError, ValueError, FileNotFoundError) as exc:
         LOG.error("%s", exc)
-        return 2
+        return 2, args, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code, _, summary = run_cli(build_parser(), run, argv)
     except KeyboardInterrupt:
         LOG.warning("interrupted; resume with --resume (from the last validation checkpoint)")
         return 130
-    print(json.dumps(summary, indent=2))
-    return 0
+    if code == 0:
+        print(json.dumps(summary, indent=2))
+    return code
 
 
 if __name__ == "__main__":
