@@ -72,7 +72,7 @@ def tiny_vlm_config(config: MeanFlowConfig, vocab_size: int) -> SmolVLMConfig:
     """A few-hundred-K-parameter SmolVLM with the real model's structure (SigLIP + pixel shuffle + Llama)."""
     return SmolVLMConfig(
         vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                           patch_size=8, image_size=config.image_size),
+                           patch_size=config.tiny_patch_size, image_size=config.image_size),
         text_config=dict(model_type="llama", hidden_size=64, intermediate_size=128,
                          num_hidden_layers=config.num_vlm_layers, num_attention_heads=4, num_key_value_heads=2,
                          vocab_size=vocab_size, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1,
@@ -103,6 +103,23 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
         return image
     shrink = image.shape[0] > size or image.shape[1] > size
     return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Shift every (B, N, H, W, C) image by its own random offset in [-max_shift, max_shift] pixels per axis,
+    filling the uncovered border with the edge pixels (the random-crop augmentation of Diffusion Policy, kept
+    at full size so the token grid is unchanged)."""
+    if max_shift <= 0:
+        return images
+    b, n, h, w, _ = images.shape
+    gen_device = generator.device if generator is not None else images.device
+    offsets = torch.randint(-max_shift, max_shift + 1, (2, b, n), generator=generator, device=gen_device)
+    offsets = offsets.to(images.device)
+    rows = (torch.arange(h, device=images.device).view(1, 1, h) + offsets[0].unsqueeze(-1)).clamp(0, h - 1)
+    cols = (torch.arange(w, device=images.device).view(1, 1, w) + offsets[1].unsqueeze(-1)).clamp(0, w - 1)
+    bi = torch.arange(b, device=images.device).view(b, 1, 1, 1)
+    ni = torch.arange(n, device=images.device).view(1, n, 1, 1)
+    return images[bi, ni, rows.unsqueeze(-1), cols.unsqueeze(-2)]
 
 
 @dataclass

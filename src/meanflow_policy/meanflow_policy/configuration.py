@@ -37,6 +37,12 @@ class MeanFlowConfig:
     max_text_tokens: int = 32
     # Filled in when the backbone is a local directory: hash of its config.json, checked on load.
     backbone_config_hash: str = ""
+    # Vision patch size of the tiny preset only (real SmolVLM2 fixes its own): 8 gives 16 image tokens per
+    # camera at 64 px, 4 gives 64, the real model's count, which a few-millimetre grasp needs.
+    tiny_patch_size: int = 8
+    # Training-time augmentation: each camera image is shifted by up to this many pixels (edge-replicated),
+    # independently per sample and camera. 0 disables it; inference never shifts.
+    image_shift_px: int = 0
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -87,7 +93,8 @@ class MeanFlowConfig:
         if self.action_dim != len(self.joint_names):
             raise ValueError(f"action_dim {self.action_dim} != number of joint_names {len(self.joint_names)}")
         for name in ("image_size", "num_vlm_layers", "state_dim", "action_dim", "chunk_size", "expert_width",
-                     "expert_depth", "expert_heads", "default_nfe", "ddpm_train_steps", "max_text_tokens"):
+                     "expert_depth", "expert_heads", "default_nfe", "ddpm_train_steps", "max_text_tokens",
+                     "tiny_patch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.expert_width % self.expert_heads:
@@ -102,6 +109,8 @@ class MeanFlowConfig:
             raise ValueError(f"adaptive_c must be > 0, got {self.adaptive_c}")
         if self.time_std <= 0.0:
             raise ValueError(f"time_std must be > 0, got {self.time_std}")
+        if not 0 <= self.image_shift_px < self.image_size // 2:
+            raise ValueError(f"image_shift_px must be in [0, image_size / 2), got {self.image_shift_px}")
         if self.fps <= 0.0:
             raise ValueError(f"fps must be > 0, got {self.fps}")
 

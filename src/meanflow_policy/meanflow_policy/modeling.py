@@ -17,7 +17,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from meanflow_policy import objectives
-from meanflow_policy.backbone import VLMBackbone, resize_image
+from meanflow_policy.backbone import VLMBackbone, random_shift, resize_image
 from meanflow_policy.checkpoint import load_policy, save_policy
 from meanflow_policy.configuration import MeanFlowConfig
 from meanflow_policy.expert import ActionExpert, ExpertContext
@@ -144,6 +144,8 @@ class MeanFlowPolicy(nn.Module):
         self._validate_batch(batch)
         cfg, dev = self.config, self.device
         images = batch["images"].to(dev)
+        if self.training:
+            images = random_shift(images, cfg.image_shift_px, generator)
         state = batch["state"].to(dev, torch.float32)
         actions = self.normalize_actions(batch["actions"].to(dev, torch.float32))
         valid = ~batch["action_is_pad"].to(dev, torch.bool)

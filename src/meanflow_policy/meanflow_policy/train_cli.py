@@ -78,7 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
                         "SmolVLM2)")
+    p.add_argument("--tiny-patch-size", type=int, default=8,
+                   help="vision patch size of the tiny preset (8: 16 tokens per 64 px image, 4: 64 tokens)")
+    p.add_argument("--image-shift", type=int, default=0, metavar="PX",
+                   help="random-shift augmentation: each training image moves by up to PX pixels (0: off)")
     p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
+    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
+                   help="stop early, saving as at the end, once this much training time has passed (0: none)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps, at most 200")
@@ -150,11 +156,11 @@ def _camera_topics(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
 def policy_config(args: argparse.Namespace) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
     common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=args.seed,
-                  train_backbone=args.train_backbone)
+                  train_backbone=args.train_backbone, image_shift_px=args.image_shift)
     if args.preset == "tiny":
         if args.backbone:
             raise ValueError("--backbone needs --preset smolvlm2 (the tiny preset has its own in-code backbone)")
-        config = MeanFlowConfig.tiny(**common)
+        config = MeanFlowConfig.tiny(tiny_patch_size=args.tiny_patch_size, **common)
     else:
         config = MeanFlowConfig(backbone=args.backbone or SMOLVLM2_500M_PRESET, image_size=512, **common)
     if args.image_size:
@@ -355,7 +361,7 @@ def run(args: argparse.Namespace) -> dict:
     warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.steps // 20))
     cfg = TrainConfig(steps=remaining, lr=args.lr, warmup_steps=0 if step_offset else warmup,
                       ema_decay=args.ema_decay, log_every=args.log_every, val_every=args.val_every,
-                      seed=args.seed + step_offset, progress=not args.no_progress)
+                      seed=args.seed + step_offset, progress=not args.no_progress, time_limit_s=args.time_limit)
     validator = Validator(val_set, args.batch_size, args.val_batches, out, step_offset, args.seed, best)
     batches = Prefetcher(train_set.batches(args.batch_size, seed=args.seed + step_offset))
     if not step_offset:
@@ -371,7 +377,10 @@ def run(args: argparse.Namespace) -> dict:
     history = previous + [{**row, "step": row["step"] + step_offset} for row in history]
     write_logs(out, history)
     train_rows = [r for r in history if "loss" in r]
-    summary = {"steps": args.steps, "seconds": round(elapsed, 2), "steps_per_s": round(remaining / elapsed, 3),
+    done = max(r["step"] for r in history)
+    if done < args.steps:
+        LOG.warning("stopped by --time-limit %.0f s at step %d of %d", args.time_limit, done, args.steps)
+    summary = {"steps": done, "seconds": round(elapsed, 2), "steps_per_s": round((done - step_offset) / elapsed, 3),
                "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
                "best_val_action_mae_rad": None if validator.best == float("inf") else validator.best,
                "best": str(out / BEST_DIR) if (out / BEST_DIR).is_dir() else None, "last": str(out / LAST_DIR),

@@ -39,6 +39,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only the final checkpoint
     seed: int = 0
     progress: bool = True
+    time_limit_s: float = 0.0  # > 0: stop after this much wall time, finishing as after the last step
+
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -50,6 +52,8 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.time_limit_s < 0:
+            raise ValueError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
         if self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("warmup_steps must be >= 0 and grad_clip > 0")
 
@@ -148,6 +152,7 @@ def train(policy: MeanFlowPolicy, batches: Iterable[Mapping[str, Any]], cfg: Tra
     policy.train()
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="train", dynamic_ncols=True)
     step = 0
+    started = time.perf_counter()
     for batch in _batches_forever(batches):
         start = time.perf_counter()
         loss, info = policy.compute_loss(_to_device(batch, device), generator=generator)
@@ -172,6 +177,9 @@ def train(policy: MeanFlowPolicy, batches: Iterable[Mapping[str, Any]], cfg: Tra
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             save(out / CHECKPOINTS_DIR / f"step_{step:07d}")
         if step >= cfg.steps:
+            break
+        if cfg.time_limit_s and time.perf_counter() - started >= cfg.time_limit_s:
+            history.append({"step": step, "stopped_by_time_limit_s": cfg.time_limit_s})
             break
     bar.close()
     if step == 0:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.backbone import VLMBackbone, build_tiny_tokenizer, resize_image
+from meanflow_policy.backbone import VLMBackbone, build_tiny_tokenizer, random_shift, resize_image
 from meanflow_policy.configuration import MeanFlowConfig
 from meanflow_policy.testing import torch_threads
 
@@ -130,3 +130,30 @@ def test_empty_instruction_still_has_a_text_token(backbone):
     with torch.inference_mode():
         feats, _ = backbone.encode_one(torch.zeros((1, 2, 64, 64, 3), dtype=torch.uint8), "")
     assert feats.shape[1] == 1 + 2 * backbone.tokens_per_image
+
+
+def test_tiny_patch_size_sets_the_image_token_count():
+    fine = VLMBackbone(MeanFlowConfig.tiny(tiny_patch_size=4)).eval()
+    assert fine.tokens_per_image == (64 // 4 // 2) ** 2 == 64
+    images = torch.zeros((2, 2, 64, 64, 3), dtype=torch.uint8)
+    features, mask = fine(images, ["a", "b"])
+    assert features.shape[1] == mask.shape[1] and mask[:, -2 * 64:].all()
+    with pytest.raises(ValueError, match="multiple of patch size 12"):
+        VLMBackbone(MeanFlowConfig.tiny(tiny_patch_size=12))
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_with_edge_fill():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (3, 2, 16, 16, 3), dtype=np.uint8))
+    assert random_shift(images, 0) is images
+    shifted = random_shift(images, 3, torch.Generator().manual_seed(5))
+    assert shifted.shape == images.shape and shifted.dtype == torch.uint8
+    offsets = torch.randint(-3, 4, (2, 3, 2), generator=torch.Generator().manual_seed(5))
+    for b in range(3):
+        for n in range(2):
+            dy, dx = int(offsets[0, b, n]), int(offsets[1, b, n])
+            rows = np.clip(np.arange(16) + dy, 0, 15)
+            cols = np.clip(np.arange(16) + dx, 0, 15)
+            expected = images[b, n].numpy()[rows][:, cols]
+            np.testing.assert_array_equal(shifted[b, n].numpy(), expected)
+    assert len({tuple(offsets[:, b, n].tolist()) for b in range(3) for n in range(2)}) > 1

@@ -42,6 +42,9 @@ def test_json_round_trip(tmp_path):
     (dict(adaptive_gamma=-0.1), "adaptive_gamma"),
     (dict(chunk_size=0), "chunk_size"),
     (dict(ddpm_sampler="euler"), "ddpm_sampler"),
+    (dict(tiny_patch_size=0), "tiny_patch_size"),
+    (dict(image_shift_px=32, image_size=64), "image_shift_px"),
+    (dict(image_shift_px=-1), "image_shift_px"),
 ])
 def test_invalid_fields_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -31,6 +31,37 @@ def test_train_config_rejects_bad_values():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="time_limit_s"):
+        TrainConfig(time_limit_s=-1)
+
+
+def test_time_limit_stops_early_and_still_saves(tmp_path):
+    config = MeanFlowConfig.tiny(num_vlm_layers=1, expert_width=32, expert_depth=1, expert_heads=2)
+    policy = MeanFlowPolicy(config)
+    batch = random_batch(config, 2, seed=0)
+    history = train(policy, [batch], TrainConfig(steps=10_000, time_limit_s=1e-9, progress=False), tmp_path)
+    assert history[-1] == {"step": 1, "stopped_by_time_limit_s": 1e-9}
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_shift_augmentation_applies_in_training_only():
+    config = MeanFlowConfig.tiny(num_vlm_layers=1, expert_width=32, expert_depth=1, expert_heads=2,
+                                 image_shift_px=4)
+    policy = MeanFlowPolicy(config).eval()
+    batch = random_batch(config, 4, seed=1)
+    seen: list[torch.Tensor] = []
+    policy.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0].clone()))
+
+    def backbone_input(seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            policy.compute_loss(batch, generator=torch.Generator().manual_seed(seed))
+        return seen[-1]
+
+    assert torch.equal(backbone_input(0), batch["images"])  # eval: images untouched
+    policy.train()
+    a, b = backbone_input(0), backbone_input(1)
+    assert not torch.equal(a, batch["images"]) and not torch.equal(a, b)
+    assert torch.equal(a, backbone_input(0))  # same generator seed, same shifts
 
 
 def test_train_learns_a_fixed_batch_and_writes_checkpoints(tmp_path):
