@@ -270,7 +270,13 @@ def _load_cached(folder: Path, cfg: SyncConfig) -> Episode:
                    frames={cam: load(f"frames_{cam}") for cam in cfg.camera_keys}, report=report)
 
 
-def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path) -> Episode:
+def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace: bool = False) -> Episode:
+    """Read and synchronise one bag into the cache entry ``folder``.
+
+    Entries are content-keyed, so when another process (a second training run on the same cache) finishes the
+    same entry first, its copy is kept and ours dropped: an entry that a reader may have memory-mapped is never
+    deleted, except a broken one being rebuilt (``replace``).
+    """
     raw = read_episode(path, cfg.topics, cfg.joint_names, cfg.clock, cfg.instruction,
                        need_trajectory=cfg.action_source == "trajectory")
     for warning in raw.warnings:
@@ -300,8 +306,14 @@ def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path) -> Episo
         meta = dict(name=raw.name, instruction=raw.instruction, source=str(path), key=key,
                     sync=cfg.cache_key(), report=asdict(report))
         (tmp / _EPISODE_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        if replace:
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / _EPISODE_META).is_file():
+                raise
+            LOG.info("cache entry %s was written by another process meanwhile; using it", folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     episode = _load_cached(folder, cfg)
@@ -319,7 +331,8 @@ def load_episode(path: str | Path, cfg: SyncConfig, cache_root: str | Path) -> E
             return _load_cached(folder, cfg)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             LOG.warning("cache entry %s unreadable (%s); rebuilding it from %s", folder, exc, path)
-    return _build_episode(path, cfg, key, folder)
+            return _build_episode(path, cfg, key, folder, replace=True)
+    return _build_episode(path, cfg, key, folder, replace=folder.exists())
 
 
 @dataclass

@@ -51,6 +51,20 @@ def test_second_run_reads_no_bag(bags: Path, tmp_path: Path, monkeypatch: pytest
         load_episodes([bags], SyncConfig(fps=30.0, image_size=8), tmp_path / "cache")
 
 
+def test_an_entry_another_process_finished_first_is_kept(bags: Path, tmp_path: Path) -> None:
+    """Two training runs filling one cache: the loser of the race keeps the winner's entry (which a reader may
+    have memory-mapped) instead of deleting it, and leaves no temporary folder."""
+    cache = tmp_path / "cache"
+    (first,), _ = load_episodes([bags / "episode_1"], CFG, cache)
+    folder = cache / f"ep-{first.key}"
+    marker = folder / "written_by_the_other_process"
+    marker.write_text("x")
+    again = dataset._build_episode(bags / "episode_1", CFG, first.key, folder)
+    assert marker.is_file()
+    np.testing.assert_array_equal(again.frames["top"], first.frames["top"])
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name]
+
+
 def test_cache_key_follows_content(bags: Path, tmp_path: Path) -> None:
     """Same size and mtime do not matter: changing the bytes of episode.json changes the key and the data."""
     episodes, _ = load_episodes([bags / "episode_0"], CFG, tmp_path / "cache")
