@@ -33,8 +33,8 @@ eval-sim: setup
 sim-demos: setup
 	@$(ENV) test -d $(DEMOS) || python -m so101_sim.demos --episodes 100 --seed 0 --image-size 64 --out $(DEMOS)
 
-# Three stages (4000 steps, resumed to 8000, then to 20000; each resume restarts the optimizer moments and the
-# cosine schedule): exactly how the shipped checkpoint was made (about 2 h per objective on one CPU core).
+# Four stages (4000 steps, resumed to 8000, 20000 and 26000; each resume restarts the optimizer moments and the
+# cosine schedule): exactly how the shipped checkpoint was made (about 2.5 h per objective on one CPU core).
 # Both objectives get the same data, seeds and steps.
 TRAIN_ARGS := --bags $(DEMOS) --train-backbone --batch-size 32 --ema-decay 0.999 --cpu-threads 1 --seed 0 --no-progress
 train-sim: sim-demos
@@ -44,6 +44,8 @@ train-sim: sim-demos
 	  python -m meanflow_policy.train_cli $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj --steps 8000 \
 	    --val-every 1000 --resume && \
 	  python -m meanflow_policy.train_cli $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj --steps 20000 \
+	    --val-every 2000 --resume && \
+	  python -m meanflow_policy.train_cli $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj --steps 26000 \
 	    --val-every 2000 --resume; done
 
 bench-policy: setup
