@@ -18,6 +18,7 @@ setup(
     license="Apache-2.0",
     entry_points={"console_scripts": [
         "so101-sim-demos = so101_sim.demos:main",
+        "so101-sim-recovery = so101_sim.recovery:main",
         "so101-eval = so101_sim.evaluate:main",
         "sim_node = so101_sim.sim_node:main",
         "so101-sim-bench = so101_sim.bench:main",

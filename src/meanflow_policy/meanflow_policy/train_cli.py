@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (at most)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--resume", action="store_true", help="continue from OUT/last (weights and step count)")
+    p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="fine-tune: start from this checkpoint's weights, config and normalisation stats (model "
+                        "options on this command line are ignored); steps count from 0 in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_cpu_threads_argument(p)
     p.add_argument("--seed", type=int, default=0)
@@ -313,6 +316,9 @@ def run(args: argparse.Namespace) -> dict:
     apply_cpu_threads(args.cpu_threads)
     previous: list[dict] = []
     step_offset, best = 0, float("inf")
+    if args.resume and args.init_from is not None:
+        raise ValueError("--resume and --init-from exclude each other: resume continues OUT/last, "
+                         "--init-from starts a new run from another checkpoint")
     if args.resume:
         progress_file = out / PROGRESS_FILE
         if not (out / LAST_DIR).is_dir() or not progress_file.is_file():
@@ -324,6 +330,10 @@ def run(args: argparse.Namespace) -> dict:
         if (out / LOG_JSON).is_file():
             previous = [r for r in json.loads((out / LOG_JSON).read_text()) if r["step"] <= step_offset]
         LOG.info("resuming from %s at step %d (optimizer moments restart)", out / LAST_DIR, step_offset)
+    elif args.init_from is not None:
+        policy = MeanFlowPolicy.load(args.init_from, device=device)
+        config = policy.config
+        LOG.info("fine-tuning %s (%s objective) from step 0 into %s", args.init_from, config.objective, out)
     else:
         config = policy_config(args)
         policy = None

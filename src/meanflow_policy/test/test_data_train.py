@@ -104,6 +104,30 @@ def test_resume_continues_from_last(trained: Path, bags: Path, tmp_path: Path) -
                            "--cache-dir", str(trained / "cache")]) == 0  # already done: nothing to do
 
 
+
+def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Path, tmp_path: Path) -> None:
+    out = tmp_path / "finetuned"
+    # --objective and --chunk-size differ from the checkpoint's: the checkpoint's config wins.
+    code = train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
+                           "--objective", "flow_matching", "--chunk-size", "8", "--steps", "4", "--batch-size", "4",
+                           "--val-every", "4", "--val-batches", "1", "--val-fraction", "0.34", "--log-every", "1",
+                           "--cache-dir", str(trained / "cache"), "--device", "cpu", "--cpu-threads", "1",
+                           "--no-progress"])
+    assert code == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    source, tuned = MeanFlowPolicy.load(trained / "last"), MeanFlowPolicy.load(out / "last")
+    assert tuned.config.to_dict() == source.config.to_dict()
+    assert tuned.get_stats() == source.get_stats()
+    # Step 0 validates the loaded weights: the same one-step error the source run measured at its end.
+    start = next(r for r in log if r["step"] == 0)
+    assert np.isfinite(start["val_action_mae_rad"])
+    changed = [k for k, v in tuned.state_dict().items()
+               if v.is_floating_point() and not torch.equal(v, source.state_dict()[k])]
+    assert changed, "four optimizer steps left every weight unchanged"
+    assert train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
+                           "--resume", "--steps", "8", "--cache-dir", str(trained / "cache")]) == 2
+
 def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     code = eval_bag_cli.main(["--checkpoint", str(trained / "last"), "--bags", str(bags / "episode_0"),

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rclpy.serialization import serialize_message
 
 from so101_common.episode_bag import EpisodeMetadata, EpisodeWriter, update_index
@@ -56,8 +57,17 @@ def record_demo(env: SimEnv, seed: int, path: Path) -> DemoResult:
     """Run the expert for ``seed`` and write the episode to ``path`` (a new directory)."""
     started = time.perf_counter()
     env.reset(seed)
-    plan = ScriptedExpert(env).plan()
+    return record_plan(env, ScriptedExpert(env).plan(), seed, path, started)
+
+
+def record_plan(env: SimEnv, plan: np.ndarray, seed: int, path: Path, started: float) -> DemoResult:
+    """Execute ``plan`` (T, 6) from the env's current state, writing every step to the episode at ``path``.
+
+    The bag's clock starts at the current sim time, so a plan that takes over mid-episode (recovery demos)
+    is an episode of its own. ``started`` is the perf_counter time the caller's work began (for the report).
+    """
     dt = env.cfg.control_dt
+    t0 = env.time
     # Sim runs faster than real time: date the episode back by its simulated length so every message time
     # lies between the metadata's start and stop times, as in a live recording.
     start_ns = time.time_ns() - int(round((len(plan) + 1) * dt * NS_PER_S))
@@ -69,12 +79,12 @@ def record_demo(env: SimEnv, seed: int, path: Path) -> DemoResult:
             writer.add_topic(topic, msgtype)
         base_ns = meta.start_time_ns
         for target in plan:
-            stamp_ns = base_ns + int(round(env.time * NS_PER_S))
+            stamp_ns = base_ns + int(round((env.time - t0) * NS_PER_S))
             _write_observation(writer, env, stamp_ns)
             env.command(target)
             writer.write(TRAJECTORY_TOPIC, stamp_ns, serialize_message(trajectory_msg(stamp_ns, [dt], target[None])))
             env.step()
-        _write_observation(writer, env, base_ns + int(round(env.time * NS_PER_S)))
+        _write_observation(writer, env, base_ns + int(round((env.time - t0) * NS_PER_S)))
         success = env.success()
     except BaseException:
         writer.discard()
@@ -87,10 +97,18 @@ def _log(message: str) -> None:
     print(message, flush=True)
 
 
+class SeedSkipped(Exception):
+    """This seed yields no episode (e.g. the policy already succeeded before a recovery could start)."""
+
+
+Recorder = Callable[[SimEnv, int, Path], DemoResult]
+
+
 def generate(out: Path, episodes: int, seed: int = 0, task: str = "pick_place", image_size: int = 128,
-             keep_failures: bool = False, log: Callable[[str], None] = _log) -> list[DemoResult]:
-    """Write ``episodes`` demonstrations under ``out`` (seeds from ``seed`` on); failures are dropped and
-    replaced by further seeds unless ``keep_failures`` (at most 2x as many seeds are tried)."""
+             keep_failures: bool = False, log: Callable[[str], None] = _log, record: Recorder = record_demo,
+             max_tries: int | None = None) -> list[DemoResult]:
+    """Write ``episodes`` episodes under ``out`` (seeds from ``seed`` on) with ``record``; failures are dropped
+    and replaced by further seeds unless ``keep_failures`` (at most ``max_tries`` seeds, default 2x as many)."""
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     out.mkdir(parents=True, exist_ok=True)
@@ -100,14 +118,18 @@ def generate(out: Path, episodes: int, seed: int = 0, task: str = "pick_place", 
     env = SimEnv(SceneConfig(image_height=image_size, image_width=image_size), task=task)
     results: list[DemoResult] = []
     tried = 0
+    budget = max_tries if max_tries is not None else 2 * episodes
     try:
-        while len(results) < episodes and tried < 2 * episodes:
+        while len(results) < episodes and tried < budget:
             s = seed + tried
             tried += 1
             try:
-                result = record_demo(env, s, out / f"episode_{len(results):04d}")
+                result = record(env, s, out / f"episode_{len(results):04d}")
             except IKError as exc:
                 log(f"seed {s}: expert could not plan ({exc}), seed skipped")
+                continue
+            except SeedSkipped as exc:
+                log(f"seed {s}: {exc}, seed skipped")
                 continue
             if not result.success and not keep_failures:
                 log(f"seed {s}: expert failed, episode dropped")

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
+from so101_common.joints import home_vector
 from so101_sim.env import SimEnv
-from so101_sim.ik import TopDownIK
+from so101_sim.ik import IKError, TopDownIK
 from so101_sim.tasks import PickPlaceTask
 
 GRIPPER_OPEN = 1.0
@@ -62,6 +63,14 @@ class ScriptedExpert:
     def _steps(self, seconds: float) -> int:
         return max(1, int(round(seconds * self.env.cfg.fps)))
 
+    def _solve_from(self, point: np.ndarray, axis: tuple[int, int, int], arm0: np.ndarray) -> np.ndarray:
+        """IK from the arm's current joints; from home when that fails (a plan taking over from a contorted
+        mid-episode pose, see so101_sim.recovery), which is where every start-state demo solves it from."""
+        try:
+            return self.ik.solve(point, axis, arm0, max_error=self.cfg.ik_max_error)
+        except IKError:
+            return self.ik.solve(point, axis, home_vector()[:self.gripper_index], max_error=self.cfg.ik_max_error)
+
     def plan(self) -> np.ndarray:
         """Joint targets (T, 6), one per control step, in JOINT_NAMES order (radians)."""
         env, cfg = self.env, self.cfg
@@ -79,8 +88,7 @@ class ScriptedExpert:
         release = np.array([box[0], box[1], env.cfg.box_wall_thickness + half + cfg.release_clearance])
 
         # Jaws close along +y or -y: take the one that needs the smaller wrist roll.
-        candidates = [self.ik.solve(above_cube, axis, arm0, max_error=cfg.ik_max_error)
-                      for axis in ((0, 1, 0), (0, -1, 0))]
+        candidates = [self._solve_from(above_cube, axis, arm0) for axis in ((0, 1, 0), (0, -1, 0))]
         pick = min(range(2), key=lambda i: abs(candidates[i][-1]))
         jaw_axis = np.array([(0, 1, 0), (0, -1, 0)][pick], dtype=np.float64)
         arm_above = candidates[pick]

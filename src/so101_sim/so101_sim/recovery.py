@@ -1,0 +1,134 @@
+"""so101-sim-recovery: recovery demonstrations from the states a trained policy actually visits (DAgger-style).
+
+Per seed: reset, run the policy closed loop (exactly as ``so101-eval``) for a handover step drawn from the
+seed, then let the scripted expert plan from that state and record only the expert's part as an episode bag,
+in the demos' format. Behaviour cloning from start-state demos never shows the policy how to get out of a
+state it drifted into (hovering beside the cube, closing too high); these episodes do. A seed is skipped when
+the policy already succeeded, or has lifted or placed the cube (the expert only plans a pick from the table);
+episodes the expert fails are dropped, like demos.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
+from so101_sim.env import SimEnv
+from so101_sim.expert import ScriptedExpert
+from so101_sim.rollout import Policy, run_episode
+
+RECOVERY_FILE = "recovery.json"
+# The cube counts as on the table while its centre is at most this far above its resting height (m).
+TABLE_TOLERANCE = 0.004
+
+
+@dataclass(frozen=True)
+class HandoverRange:
+    """Control steps of policy execution before the expert takes over, drawn uniformly per seed."""
+
+    first: int = 24
+    last: int = 300
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.first <= self.last:
+            raise ValueError(f"handover steps need 1 <= first <= last, got {self.first}..{self.last}")
+
+    def draw(self, seed: int) -> int:
+        return int(np.random.default_rng(seed).integers(self.first, self.last + 1))
+
+
+def why_not_recoverable(env: SimEnv) -> str | None:
+    """Why the expert cannot take over in the env's current state, or None when it can."""
+    task = env.task
+    cube = task.cube_position(env.data)
+    if task.cube_in_box(env.data):
+        return "the cube is already in the box"
+    if cube[2] > env.cfg.cube_half_size + TABLE_TOLERANCE:
+        return f"the cube is off the table (centre {1000 * cube[2]:.0f} mm high)"
+    return None
+
+
+class RecoveryRecorder:
+    """Records one recovery episode per seed with ``policy``; keeps the handover step of each written episode."""
+
+    def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = 10,
+                 reseed: Callable[[int], None] | None = None) -> None:
+        self.policy = policy
+        self.handover = handover
+        self.action_steps = action_steps
+        self.reseed = reseed
+        self.handovers: dict[str, int] = {}
+
+    def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
+        started = time.perf_counter()
+        step = self.handover.draw(seed)
+        if self.reseed is not None:
+            self.reseed(seed)
+        result = run_episode(env, self.policy, seed, max_steps=step, action_steps=self.action_steps)
+        if result.success:
+            raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
+        reason = why_not_recoverable(env)
+        if reason is not None:
+            raise SeedSkipped(f"no recovery at step {step}: {reason}")
+        demo = record_plan(env, ScriptedExpert(env).plan(), seed, path, started)
+        self.handovers[path.name] = step
+        return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="so101-sim-recovery", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="meanflow_policy checkpoint to roll out")
+    parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
+    parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
+    parser.add_argument("--seed", type=int, default=3000,
+                        help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
+    parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
+    parser.add_argument("--action-steps", type=int, default=10, help="control steps executed from each chunk")
+    parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
+                        help="earliest control step at which the expert takes over")
+    parser.add_argument("--handover-last", type=int, default=HandoverRange.last,
+                        help="latest control step at which the expert takes over")
+    parser.add_argument("--image-size", type=int, default=128, help="camera images are SIZE x SIZE pixels")
+    parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1:
+        parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    if not args.checkpoint.is_dir():
+        parser.error(f"--checkpoint {args.checkpoint} is not a directory")
+    from so101_sim.evaluate import CheckpointPolicy
+
+    started = time.perf_counter()
+    try:
+        handover = HandoverRange(args.handover_first, args.handover_last)
+        policy = CheckpointPolicy(args.checkpoint, args.device)
+        policy.nfe = args.nfe
+        recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed)
+        results = generate(args.out, args.episodes, args.seed, image_size=args.image_size, record=recorder,
+                           max_tries=args.max_tries or 4 * args.episodes)
+    except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+        print(f"so101-sim-recovery: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("so101-sim-recovery: interrupted; finished episodes are kept and indexed", file=sys.stderr)
+        return 130
+    (args.out / RECOVERY_FILE).write_text(json.dumps({
+        "checkpoint": str(args.checkpoint), "nfe": args.nfe, "action_steps": args.action_steps,
+        "handover_range": [handover.first, handover.last], "first_seed": args.seed,
+        "handover_step": recorder.handovers}, indent=2) + "\n")
+    wall = time.perf_counter() - started
+    print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "
+          f"({wall / max(1, len(results)):.2f} s/episode)")
+    return 0 if len(results) == args.episodes else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
