@@ -74,3 +74,24 @@ def test_expert_through_the_closed_loop_runner_succeeds(env):
     result = run_episode(env, policy, seed=9, max_steps=300, action_steps=10)
     assert result.success and result.steps < 300
     assert result.chunks == int(np.ceil(result.steps / 10))
+
+
+def test_expert_takes_over_from_a_contorted_pose(env):
+    """From this pose the IK started at the current joints does not converge; the plan falls back to home's."""
+    env.reset(7)
+    q = np.array([-0.37, -1.05, -1.38, 0.27, -1.08, 1.12])
+    expert = ScriptedExpert(env)
+    cube = env.task.cube_position(env.data)
+    with pytest.raises(IKError):
+        expert.ik.solve(np.array([cube[0], cube[1], expert.cfg.carry_height]), (0, 1, 0), q[:5],
+                        max_error=expert.cfg.ik_max_error)
+    env.data.qpos[env.scene.joint_qpos] = q
+    env.hold(q)
+    env.step()
+    plan = expert.plan()
+    # The joint-space segment starts from the current pose and the plan still picks and places the cube.
+    np.testing.assert_allclose(plan[0, :5], env.joint_positions()[:5], atol=0.05)
+    for target in plan:
+        env.command(target)
+        env.step()
+    assert env.success()
