@@ -33,32 +33,11 @@ eval-sim: setup
 sim-demos: setup
 	@$(ENV) test -d $(DEMOS) || python -m so101_sim.demos --episodes 100 --seed 0 --image-size 64 --out $(DEMOS)
 
-# Four behaviour-cloning stages (4000 steps, resumed to 8000, 20000 and 26000; each resume restarts the optimizer
-# moments and the cosine schedule), then one recovery stage (DAgger-style): both 26000-step policies are rolled out
-# and the scripted expert takes over from the states they reach (150 episodes each, seeds apart from evaluation's),
-# and each objective is fine-tuned on the demos plus both recovery sets. Exactly how the shipped checkpoint was
-# made; both objectives get the same data, seeds and steps.
-TRAIN_ARGS := --train-backbone --batch-size 32 --ema-decay 0.999 --cpu-threads 1 --seed 0 --no-progress
-RECOVERY := data/sim_recovery_meanflow data/sim_recovery_flow_matching
-FINETUNE_STEPS ?= 10000
+# The reference recipe (scripts/train_sim.sh, exactly how the shipped checkpoint was made): behaviour cloning on the
+# demos in four stages to 26000 steps, then recovery rounds (expert takeovers from the policies' own states, DAgger-
+# style) with fine-tuning. Both objectives get the same data, seeds and steps; finished stages are skipped.
 train-sim: sim-demos
-	@$(ENV) for obj in meanflow flow_matching; do \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj \
-	    --steps 4000 --val-every 500 && \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj \
-	    --steps 8000 --val-every 1000 --resume && \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj \
-	    --steps 20000 --val-every 2000 --resume && \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) $(TRAIN_ARGS) --out $(RUNS)/sim_$$obj --objective $$obj \
-	    --steps 26000 --val-every 2000 --resume; done
-	@$(ENV) test -d data/sim_recovery_meanflow || OMP_NUM_THREADS=1 python -m so101_sim.recovery --episodes 150 \
-	  --checkpoint $(RUNS)/sim_meanflow/last --nfe 1 --seed 3000 --image-size 64 --out data/sim_recovery_meanflow
-	@$(ENV) test -d data/sim_recovery_flow_matching || OMP_NUM_THREADS=1 python -m so101_sim.recovery --episodes 150 \
-	  --checkpoint $(RUNS)/sim_flow_matching/last --nfe 10 --seed 5000 --image-size 64 \
-	  --out data/sim_recovery_flow_matching
-	@$(ENV) for obj in meanflow flow_matching; do \
-	  python -m meanflow_policy.train_cli --bags $(DEMOS) $(RECOVERY) $(TRAIN_ARGS) --init-from $(RUNS)/sim_$$obj/last \
-	    --out $(RUNS)/sim_$${obj}_recovery --steps $(FINETUNE_STEPS) --val-every 2000; done
+	@$(ENV) DEMOS=$(DEMOS) RUNS=$(RUNS) bash scripts/train_sim.sh
 
 bench-policy: setup
 	@$(ENV) python -m meanflow_policy.bench --preset $(PRESET) --device cpu --threads 1
