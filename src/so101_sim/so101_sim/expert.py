@@ -41,6 +41,14 @@ class ExpertConfig:
     t_open: float = 0.4
     t_retreat: float = 0.6
     t_hold: float = 0.5
+    # Taking over mid-episode (recovery demos): a grasp point within this horizontal distance (m) of the cube and
+    # below carry height + margin aligns over the cube at its current height and goes on down, instead of going
+    # back up to carry height (which would contradict the demos' own descent); within grasp_band of the grasp
+    # height it keeps the gripper's current opening and goes on closing.
+    takeover_radius: float = 0.02
+    takeover_margin: float = 0.01
+    grasp_band: float = 0.008
+    t_align: float = 0.5
 
 
 def min_jerk(n: int) -> np.ndarray:
@@ -87,20 +95,31 @@ class ScriptedExpert:
         above_box = np.array([box[0], box[1], cfg.carry_height])
         release = np.array([box[0], box[1], env.cfg.box_wall_thickness + half + cfg.release_clearance])
 
-        # Jaws close along +y or -y: take the one that needs the smaller wrist roll.
-        candidates = [self._solve_from(above_cube, axis, arm0) for axis in ((0, 1, 0), (0, -1, 0))]
-        pick = min(range(2), key=lambda i: abs(candidates[i][-1]))
+        # Mid-episode takeover near the cube: start from the current height on the descent line.
+        point_now = self.ik.forward(arm0)[0]
+        near = (np.linalg.norm(point_now[:2] - cube[:2]) <= cfg.takeover_radius
+                and point_now[2] <= cfg.carry_height + cfg.takeover_margin)
+        height = float(np.clip(point_now[2], grasp[2], cfg.carry_height)) if near else cfg.carry_height
+        start_point = np.array([cube[0], cube[1], height])
+        at_grasp = near and height <= grasp[2] + cfg.grasp_band
+        grip_goal = min(q_start[self.gripper_index], GRIPPER_OPEN) if at_grasp else GRIPPER_OPEN
+
+        # Jaws close along +y or -y: take the one that needs the smaller wrist roll (near the cube: the smaller
+        # turn from the current roll, so the jaws do not sweep through the cube).
+        candidates = [self._solve_from(start_point, axis, arm0) for axis in ((0, 1, 0), (0, -1, 0))]
+        roll_now = arm0[-1] if near else 0.0
+        pick = min(range(2), key=lambda i: abs(candidates[i][-1] - roll_now))
         jaw_axis = np.array([(0, 1, 0), (0, -1, 0)][pick], dtype=np.float64)
-        arm_above = candidates[pick]
+        arm_start = candidates[pick]
 
         targets: list[np.ndarray] = []
-        s = min_jerk(self._steps(cfg.t_reach))
+        s = min_jerk(self._steps(cfg.t_align if near else cfg.t_reach))
         for a in s:
-            arm = (1 - a) * arm0 + a * arm_above
-            grip = (1 - a) * q_start[self.gripper_index] + a * GRIPPER_OPEN
+            arm = (1 - a) * arm0 + a * arm_start
+            grip = (1 - a) * q_start[self.gripper_index] + a * grip_goal
             targets.append(np.append(arm, grip))
 
-        state = {"arm": arm_above, "point": above_cube, "grip": GRIPPER_OPEN}
+        state = {"arm": arm_start, "point": start_point, "grip": grip_goal}
 
         def cartesian(goal: np.ndarray, seconds: float) -> None:
             start = state["point"]
@@ -116,8 +135,10 @@ class ScriptedExpert:
                 targets.append(np.append(state["arm"], (1 - a) * start + a * goal))
             state["grip"] = goal
 
-        cartesian(grasp, cfg.t_descend)
-        gripper(GRIPPER_CLOSED, cfg.t_close)
+        descent = (height - grasp[2]) / (cfg.carry_height - grasp[2])
+        if descent > 0.05:
+            cartesian(grasp, cfg.t_descend * descent)
+        gripper(GRIPPER_CLOSED, cfg.t_close * (state["grip"] - GRIPPER_CLOSED) / (GRIPPER_OPEN - GRIPPER_CLOSED))
         cartesian(above_cube, cfg.t_lift)
         cartesian(above_box, cfg.t_carry)
         cartesian(release, cfg.t_lower)

@@ -95,3 +95,47 @@ def test_expert_takes_over_from_a_contorted_pose(env):
         env.command(target)
         env.step()
     assert env.success()
+
+
+def _pose_over_cube(env, height: float) -> np.ndarray:
+    """Arm joints (5) that put the grasp point 5 mm beside the cube at ``height``, jaws along y."""
+    expert = ScriptedExpert(env)
+    cube = env.task.cube_position(env.data)
+    return expert.ik.solve(np.array([cube[0] + 0.005, cube[1], height]), (0, 1, 0), env.joint_positions()[:5])
+
+
+def _place_arm(env, arm: np.ndarray, gripper: float) -> None:
+    q = np.append(arm, gripper)
+    env.data.qpos[env.scene.joint_qpos] = q
+    env.hold(q)
+    env.step()
+
+
+@pytest.mark.parametrize("height", [0.04, 0.05])
+def test_takeover_above_the_cube_goes_on_down_instead_of_back_up(env, height):
+    env.reset(7)
+    _place_arm(env, _pose_over_cube(env, height), 1.0)
+    expert = ScriptedExpert(env)
+    plan = expert.plan()
+    heights = np.array([expert.ik.forward(q[:5])[0][2] for q in plan])
+    closing = int(np.argmax(plan[:, 5] < 0.9))
+    # Never above where it started (+2 mm) before the gripper closes; shorter than a plan from home (228 steps).
+    assert heights[:closing].max() <= height + 0.002 and len(plan) < 228
+    for target in plan:
+        env.command(target)
+        env.step()
+    assert env.success()
+
+
+def test_takeover_at_grasp_height_keeps_closing(env):
+    env.reset(7)
+    half = env.cfg.cube_half_size
+    _place_arm(env, _pose_over_cube(env, half + 0.003), 0.4)
+    plan = ScriptedExpert(env).plan()
+    # The gripper never reopens: it goes from its current opening straight to closed.
+    grip = plan[:int(np.argmin(plan[:, 5])) + 1, 5]
+    assert grip.max() <= 0.4 + 1e-6 and np.all(np.diff(grip) <= 1e-9)
+    for target in plan:
+        env.command(target)
+        env.step()
+    assert env.success()
