@@ -13,7 +13,7 @@ set -euo pipefail
 DEMOS=${DEMOS:-data/sim_pick_place}
 DATA=${DATA:-data}
 RUNS=${RUNS:-runs}
-ROUNDS=${RECOVERY_ROUNDS:-3}
+ROUNDS=${RECOVERY_ROUNDS:-2}
 ROUND_STEPS=${ROUND_STEPS:-4000}
 RECOVERY_EPISODES=${RECOVERY_EPISODES:-150}
 OBJECTIVES=(meanflow flow_matching)
