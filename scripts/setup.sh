@@ -7,6 +7,8 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 PY=${PYTHON:-python3}
 STAMP_DIR=$VENV/.so101
+# The build stamp belongs to this checkout (install/), not to the venv: checkouts that share a venv stay independent.
+BUILD_STAMP=$ROOT/build/.so101-build-stamp
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating venv in $VENV"
@@ -35,7 +37,7 @@ fi
 
 src_hash=$( (find src launch config urdf colcon.meta -type f -not -name '*.pyc' -not -path '*/__pycache__/*' \
                -printf '%P %s %T@\n' 2>/dev/null | sort; echo "$req_hash") | sha256sum | cut -d' ' -f1)
-if [ "$(cat "$STAMP_DIR/build" 2>/dev/null)" != "$src_hash" ] || [ ! -f install/setup.bash ]; then
+if [ "$(cat "$BUILD_STAMP" 2>/dev/null)" != "$src_hash" ] || [ ! -f install/setup.bash ]; then
   echo "[setup] colcon build"
   (
     export AMENT_PREFIX_PATH=$VENV CMAKE_PREFIX_PATH=$VENV PATH=$VENV/bin:$PATH
@@ -44,7 +46,7 @@ if [ "$(cat "$STAMP_DIR/build" 2>/dev/null)" != "$src_hash" ] || [ ! -f install/
       --event-handlers console_cohesion- summary+ 2>&1 | tail -n 20
     exit "${PIPESTATUS[0]}"
   )
-  echo "$src_hash" > "$STAMP_DIR/build"
+  mkdir -p build && echo "$src_hash" > "$BUILD_STAMP"
 fi
 
 mkdir -p build/ros_log

@@ -36,7 +36,7 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory
 
 from so101_common import graph
-from so101_common.dds import require_loopback
+from so101_common.dds import claim_private_domain, require_loopback
 from so101_common.process import NodeProcess
 from so101_common.images import rgb_to_image, stamp_to_ns
 from so101_common.joints import home_vector
@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.torch_threads < 0:
         parser.error("--torch-threads must be >= 0")
     require_loopback()
+    claim_private_domain()
 
     with tempfile.TemporaryDirectory(prefix="meanflow_bench_node_") as tmp:
         checkpoint = args.checkpoint

@@ -1,10 +1,18 @@
 """Loopback-only DDS: the environment every test, demo and CI run must have."""
 from __future__ import annotations
 
+import fcntl
 import os
+import tempfile
 from pathlib import Path
+from typing import IO
 
 REQUIRED_RANGE = "LOCALHOST"
+# Domains handed out to test runs, demos and benchmarks. With Fast DDS's port mapping (7400 + 250 * domain) ids up to
+# 101 stay below Linux's ephemeral port range; 42 (build/env.sh's default) and 0 (ROS's default) are left to users.
+PRIVATE_DOMAINS = range(60, 102)
+DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / "so101-ros-domains"
+_held_domain_lock: IO[bytes] | None = None
 
 
 def loopback_problems(env: dict[str, str] | None = None) -> list[str]:
@@ -36,3 +44,34 @@ def require_loopback() -> None:
     if problems:
         raise RuntimeError("DDS is not confined to loopback: " + "; ".join(problems)
                            + ". Source build/env.sh (make setup writes it).")
+
+
+def claim_private_domain() -> int:
+    """Give this process, and every node it starts, a ROS domain that no other run on this machine uses.
+
+    ``SO101_ROS_DOMAIN_ID`` wins when set (the user chose). Otherwise the first domain in ``PRIVATE_DOMAINS`` whose
+    lock file nobody holds is taken; the lock is held until this process exits, so two test runs, a test run beside
+    a running demo, or two workspaces on one machine never see each other's nodes.
+    """
+    global _held_domain_lock
+    chosen = os.environ.get("SO101_ROS_DOMAIN_ID", "")
+    if chosen:
+        if not chosen.isdigit():
+            raise RuntimeError(f"SO101_ROS_DOMAIN_ID must be a number, got {chosen!r}")
+        os.environ["ROS_DOMAIN_ID"] = chosen
+        return int(chosen)
+    if _held_domain_lock is not None:
+        return int(os.environ["ROS_DOMAIN_ID"])
+    DOMAIN_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    for domain in PRIVATE_DOMAINS:
+        handle = open(DOMAIN_LOCK_DIR / f"{domain}.lock", "ab")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        _held_domain_lock = handle
+        os.environ["ROS_DOMAIN_ID"] = str(domain)
+        return domain
+    raise RuntimeError(f"every ROS domain in {PRIVATE_DOMAINS.start}-{PRIVATE_DOMAINS.stop - 1} is held by another "
+                       f"run on this machine (locks in {DOMAIN_LOCK_DIR}); set SO101_ROS_DOMAIN_ID to choose one")

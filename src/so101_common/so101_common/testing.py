@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from so101_common.dds import loopback_problems
+from so101_common.dds import claim_private_domain, loopback_problems
 from so101_common.process import NodeProcess
+
+DOMAIN_KEY = pytest.StashKey[int]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -21,6 +23,13 @@ def pytest_configure(config: pytest.Config) -> None:
     if problems:
         raise pytest.UsageError("refusing to run: DDS is not loopback-only: " + "; ".join(problems)
                                 + ". Run the tests through `make test` (it sources build/env.sh).")
+    # Before any rclpy context exists: this run (and each xdist worker) gets a domain of its own.
+    domain = claim_private_domain()
+    config.stash[DOMAIN_KEY] = domain
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"ROS domain of this run: {config.stash.get(DOMAIN_KEY, '?')} (loopback only)"
 
 
 def _param_args(params: dict[str, object] | None) -> list[str]:

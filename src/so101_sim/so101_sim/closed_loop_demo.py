@@ -22,7 +22,7 @@ from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool
 from std_srvs.srv import SetBool, Trigger
 
-from so101_common.dds import require_loopback
+from so101_common.dds import claim_private_domain, require_loopback
 from so101_common.process import NodeProcess
 from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, POLICY_ENABLE_SERVICE, POLICY_TIMING_TOPIC,
                                 SET_INSTRUCTION_SERVICE, SIM_RESET_SERVICE, SIM_TASK_SUCCESS_TOPIC,
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.episodes < 1:
         parser.error("--episodes must be >= 1")
     require_loopback()
+    claim_private_domain()
     args.out.mkdir(parents=True, exist_ok=True)
     instruction = TASKS[args.task].instruction
 
