@@ -19,7 +19,8 @@ from meanflow_policy.bench_node import PolicyProbe  # noqa: E402
 from so101_common import graph  # noqa: E402
 from so101_common.testing import spin_until  # noqa: E402
 
-pytestmark = pytest.mark.launch
+# A launch that fails to start must fail this test in minutes, not at the suite's timeout.
+pytestmark = [pytest.mark.launch, pytest.mark.timeout(240)]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,15 @@ def test_run_launch_publishes_a_chunk():
     try:
         probe = PolicyProbe(node, height=48, width=64)
         probe.start_streams(image_hz=15.0, joint_hz=None)
-        assert spin_until(node, lambda: any(len(m.points) == 20 for m, _ in probe.trajectories), 120.0)
+        # The timing message follows its trajectory: wait for both, not for the first trajectory alone.
+        def chunk_and_timing() -> bool:
+            return any(len(m.points) == 20 for m, _ in probe.trajectories) and bool(probe.timings)
+
+        assert spin_until(node, chunk_and_timing, 120.0), (
+            f"{len(probe.trajectories)} trajectories, {len(probe.timings)} timing messages in 120 s")
         msg = next(m for m, _ in probe.trajectories if len(m.points) == 20)
         assert tuple(msg.joint_names) == graph.JOINT_NAMES
-        assert probe.timings and probe.timings[-1].nfe == 1
+        assert probe.timings[-1].nfe == 1
     finally:
         executor.shutdown()
         node.destroy_node()

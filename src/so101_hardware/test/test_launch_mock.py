@@ -4,8 +4,6 @@ Needs launch_pytest, ros2_control and ros2_controllers (a distro or docker/); sk
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -21,13 +19,17 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint  # noqa: E
 from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC  # noqa: E402
 from so101_common.testing import spin_until  # noqa: E402
 
-LAUNCH = Path(__file__).resolve().parents[3] / "launch" / "robot.launch.py"
+# A launch that fails to start must fail this test in minutes, not at the suite's timeout.
+pytestmark = pytest.mark.timeout(240)
 
 
 @launch_pytest.fixture
 def robot_mock() -> LaunchDescription:
+    from ament_index_python.packages import get_package_share_directory
+
+    launch_file = f"{get_package_share_directory('so101_bringup')}/launch/robot.launch.py"
     return LaunchDescription([
-        IncludeLaunchDescription(PythonLaunchDescriptionSource(str(LAUNCH)),
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file),
                                  launch_arguments={"hardware": "mock"}.items()),
         launch_pytest.actions.ReadyToTest(),
     ])

@@ -5,8 +5,6 @@ recorder's services. Needs launch_pytest, joy, ros2_control (a distro or docker/
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 launch_pytest = pytest.importorskip("launch_pytest", reason="launch_pytest needs a ROS 2 distro")
@@ -25,16 +23,19 @@ from so101_common.testing import spin_until  # noqa: E402
 from so101_interfaces.srv import StartEpisode  # noqa: E402
 from so101_teleop.teleop import JoyMapping  # noqa: E402
 
-LAUNCH = Path(__file__).resolve().parents[3] / "launch" / "teleop_record.launch.py"
-OUTPUT = Path("/tmp") / "so101_launch_test_demos"
+# A launch that fails to start must fail this test in minutes, not at the suite's timeout.
+pytestmark = pytest.mark.timeout(240)
 
 
 @launch_pytest.fixture
-def teleop_record_mock() -> LaunchDescription:
+def teleop_record_mock(tmp_path) -> LaunchDescription:
+    from ament_index_python.packages import get_package_share_directory
+
+    launch_file = f"{get_package_share_directory('so101_bringup')}/launch/teleop_record.launch.py"
     return LaunchDescription([
-        IncludeLaunchDescription(PythonLaunchDescriptionSource(str(LAUNCH)), launch_arguments={
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments={
             "hardware": "mock", "wrist_camera": "test_pattern", "top_camera": "test_pattern",
-            "output_dir": str(OUTPUT), "instruction": "launch test"}.items()),
+            "output_dir": str(tmp_path / "demos"), "instruction": "launch test"}.items()),
         launch_pytest.actions.ReadyToTest(),
     ])
 
@@ -61,6 +62,8 @@ def test_teleop_record_with_mock_hardware(ros_node) -> None:
     assert started.success, started.message
     mapping = JoyMapping()
     joy_pub = ros_node.create_publisher(Joy, JOY_TOPIC, 10)
+    # Joy published before the teleop node's subscription is matched would be lost.
+    assert spin_until(ros_node, lambda: joy_pub.get_subscription_count() > 0, 30.0), "teleop node not subscribed"
     first = dict(zip(states[-1].name, states[-1].position))["shoulder_pan"]
     for _ in range(60):  # 2 s of "deadman + stick left" at 30 Hz
         joy_pub.publish(Joy(axes=[1.0, 0.0], buttons=[int(i == mapping.button_deadman) for i in range(11)]))
