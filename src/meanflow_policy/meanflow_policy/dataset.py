@@ -437,8 +437,8 @@ def load_episodes(bags: Sequence[str | Path], cfg: SyncConfig, cache_root: str |
         report.bad_messages += sum(r.bad_messages.values())
     if not episodes:
         reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in list(report.skipped.items())[:3])
-        raise DatasetError(f"empty dataset: none of the {len(paths) + len(unreadable)} bags under {[str(b) for b in bags]} gave a "
-                           f"training sample" + (f" ({reasons})" if reasons else ""))
+        raise DatasetError(f"empty dataset: none of the {len(paths) + len(unreadable)} bags under "
+                           f"{[str(b) for b in bags]} gave a training sample" + (f" ({reasons})" if reasons else ""))
     return episodes, report
 
 

@@ -159,3 +159,25 @@ def test_real_write_error_fails_episode_and_recorder_goes_on(tmp_path: Path) -> 
     assert report["second"] and report["third"], "the recorder keeps working after a failed episode"
     meta = read_episode_metadata(report["first"])
     assert meta.status == "failed" and "write error" in meta.failure
+
+
+def test_episode_is_on_disk_from_its_start_and_check_disk_flushes_it(tmp_path: Path) -> None:
+    """What a kill -9 would leave: episode.json says 'recording', the index lists it, the messages are in the file."""
+    from mcap.exceptions import EndOfFile
+    from mcap.records import Message
+    from mcap.stream_reader import StreamReader
+
+    rec = make_recorder(tmp_path)
+    path = Path(rec.start("sort the cubes").path)
+    assert read_episode_metadata(path).status == "recording"
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["episodes"][0]["status"] == "recording"
+    for i in range(3):
+        rec.write(JOINT_STATES_TOPIC, 10 + i, joint_state(i))
+    assert rec.check_disk() == ""
+    messages = 0
+    with open(path / f"{path.name}.mcap", "rb") as fh:
+        with pytest.raises(EndOfFile):  # an unfinished file: no summary, no footer
+            for record in StreamReader(fh).records:
+                messages += isinstance(record, Message)
+    assert messages == 3
+    assert rec.stop().ok and read_episode_metadata(path).status == "complete"
