@@ -37,7 +37,6 @@ _SPACE_MARGIN = 16 * 2**20
 class Recovery:
     ok: bool
     message: str
-    messages: int = 0
 
 
 def _source_mcap(path: Path) -> Path:
@@ -131,6 +130,8 @@ def recover_episode(path: str | Path) -> Recovery:
     staging = path.parent / f".{path.name}.recovering"
     shutil.rmtree(staging, ignore_errors=True)
     new = staging / path.name  # rosbags names the mcap after its folder: the same file name as the original
+    if meta is not None:
+        meta.message_counts = {}  # counted again: only what the file really holds
     try:
         writer = EpisodeWriter(new, EpisodeMetadata(instruction="") if meta is None else meta)
         counts, last_ns, stop = _copy_readable(src, writer)
@@ -153,7 +154,7 @@ def recover_episode(path: str | Path) -> Recovery:
             os.replace(new / EPISODE_FILE, path / EPISODE_FILE)
         os.replace(new / BAG_METADATA_FILE, path / BAG_METADATA_FILE)  # last: from here on it is a bag
     except OSError as exc:
-        return Recovery(False, f"{path}: recovery failed ({exc}); the original mcap is untouched")
+        return Recovery(False, f"{path}: recovery failed ({exc}); the original mcap is kept as it was")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if (path.parent / INDEX_FILE).is_file():  # a dataset folder: its index lists the episode as recovered now
@@ -165,7 +166,7 @@ def recover_episode(path: str | Path) -> Recovery:
     plain = (" (no episode.json: train with --instruction)" if meta is None else "")
     return Recovery(True, f"{path}: recovered {total} messages [{topics}]; {stop}; original kept as "
                           f"{src.name if src.suffix == UNFINALISED_SUFFIX else src.name + UNFINALISED_SUFFIX}"
-                          f"{plain}{note}", total)
+                          f"{plain}{note}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
