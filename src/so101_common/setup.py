@@ -17,5 +17,8 @@ setup(
     description="SO-101 graph contract, trajectory-following core and episode bag format.",
     license="Apache-2.0",
     # Node-test fixtures (node_process, ros_node) and the loopback guard, for every package's tests.
-    entry_points={"pytest11": ["so101_common = so101_common.testing"]},
+    entry_points={
+        "pytest11": ["so101_common = so101_common.testing"],
+        "console_scripts": ["so101-recover-episode = so101_common.recover_episode:main"],
+    },
 )

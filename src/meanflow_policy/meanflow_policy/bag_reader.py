@@ -82,9 +82,49 @@ def is_bag_dir(path: Path) -> bool:
     return (path / BAG_METADATA_FILE).is_file()
 
 
-def find_bags(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand each path: a rosbag2 directory itself, or a folder whose sub-directories are bags (a dataset)."""
+def _recorded_status(path: Path) -> str:
+    """The status an episode.json records ('' if none can be read): tells an unfinished episode apart."""
+    try:
+        data = json.loads((path / EPISODE_FILE).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return ""
+    status = data.get("status", "") if isinstance(data, dict) else ""
+    return status if isinstance(status, str) else ""
+
+
+def unreadable_episode_problem(path: Path) -> str:
+    """Why a folder that looks like an episode (a .mcap, .db3 or episode.json in it) is not a readable bag.
+
+    '' when it does not look like one. A recorder killed with SIGKILL, or stopped by a full disk, leaves exactly
+    such a folder: episode.json says "recording" and the .mcap has no summary and no metadata.yaml beside it.
+    """
+    if is_bag_dir(path):
+        return ""
+    mcaps, db3s = list(path.glob("*.mcap")), list(path.glob("*.db3"))
+    if not (mcaps or db3s or (path / EPISODE_FILE).is_file()):
+        return ""
+    if _recorded_status(path) == "recording":
+        what = ("unfinished episode: its episode.json still says 'recording' (the recorder was killed or the disk "
+                f"filled up) and there is no {BAG_METADATA_FILE}")
+    else:
+        what = f"bag folder without {BAG_METADATA_FILE}"
+    if mcaps:
+        todo = f"rebuild it with `so101-recover-episode {path}`"
+    elif db3s:
+        todo = f"a sqlite3 bag needs its {BAG_METADATA_FILE}: run `ros2 bag reindex {path}` in a ROS 2 distro"
+    else:
+        todo = "it holds no bag file, so nothing can be recovered: delete the folder"
+    return f"{path}: {what}; {todo}"
+
+
+def find_bags(paths: Iterable[str | Path]) -> tuple[list[Path], dict[str, str]]:
+    """Expand each path: a rosbag2 directory itself, or a folder whose sub-directories are bags (a dataset).
+
+    Returns the bags and, by folder, the episode folders that are not readable bags with what to do about them
+    (unfinished episodes, bag folders without metadata.yaml), so none of them is dropped silently.
+    """
     found: list[Path] = []
+    problems: dict[str, str] = {}
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -94,29 +134,43 @@ def find_bags(paths: Iterable[str | Path]) -> list[Path]:
             continue
         if not path.is_dir():
             raise BagError(f"{path}: not a rosbag2 directory (a bag is a folder with {BAG_METADATA_FILE})")
-        children = sorted(p for p in path.iterdir() if p.is_dir() and is_bag_dir(p))
-        if not children:
+        problem = unreadable_episode_problem(path)
+        if problem:
+            problems[str(path.resolve())] = problem
+            continue
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        children = [p for p in subdirs if is_bag_dir(p)]
+        for child in subdirs:
+            problem = unreadable_episode_problem(child)
+            if problem:
+                problems[str(child.resolve())] = problem
+        if not children and not problems:
             raise BagError(f"{path}: neither a rosbag2 directory nor a folder of them "
                            f"(no {BAG_METADATA_FILE} in it or in its sub-directories)")
         found.extend(children)
     unique = list(dict.fromkeys(p.resolve() for p in found))
-    return unique
+    return unique, problems
+
+
+ACCEPTED_STATUSES = ("complete", "recovered")
 
 
 def episode_instruction(path: Path, override: str | None) -> str:
     """The instruction of a bag: ``override`` if given, else the one its episode.json recorded.
 
     Episodes our recorder marked failed, unfinished or unsuccessful are refused: they are not demonstrations.
+    Episodes rebuilt by so101-recover-episode ("recovered") are kept: what the operator did until the cut.
     """
-    from so101_common.episode_bag import read_episode_metadata
+    from so101_common.episode_bag import EpisodeMetadataError, read_episode_metadata
 
     meta = None
     if (path / EPISODE_FILE).is_file():
         try:
             meta = read_episode_metadata(path)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise BagError(f"{path}: {EPISODE_FILE} is not valid episode metadata ({exc})") from exc
-        if meta.status != "complete":
+        except EpisodeMetadataError as exc:
+            raise BagError(f"{path}: {EPISODE_FILE} is not valid episode metadata ({exc}); fix or delete it "
+                           "(then pass --instruction)") from exc
+        if meta.status not in ACCEPTED_STATUSES:
             raise BagError(f"{path}: episode status is {meta.status!r}, not 'complete'"
                            + (f" ({meta.failure})" if meta.failure else ""))
         if meta.success is False:
@@ -187,7 +241,7 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     path = Path(path)
     if not is_bag_dir(path):
-        raise BagError(f"{path}: not a rosbag2 directory (no {BAG_METADATA_FILE})")
+        raise BagError(unreadable_episode_problem(path) or f"{path}: not a rosbag2 directory (no {BAG_METADATA_FILE})")
     text = episode_instruction(path, instruction)
     joint_names = list(joint_names)
     reader = _open(path)
@@ -207,6 +261,7 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
         bad: dict[str, int] = {}
         warnings: list[str] = []
         seen_names: list[str] = []
+        state_rejects: dict[str, int] = {}  # why joint states were unusable, by kind (for the error below)
 
         def reject(topic: str, reason: str) -> None:
             bad[topic] = bad.get(topic, 0) + 1
@@ -230,6 +285,8 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
                 msg = deserialize_message(raw, JointState if kind == "state" else JointTrajectory)
             except Exception as exc:  # noqa: BLE001 - any decode failure is one bad message
                 reject(conn.topic, f"cannot decode ({exc})")
+                if kind == "state":
+                    state_rejects["decode"] = state_rejects.get("decode", 0) + 1
                 continue
             stamp = (stamp_to_ns(msg.header.stamp) or t_ns) if clock == "header" else t_ns
             if kind == "state":
@@ -237,14 +294,18 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
                 missing = [n for n in joint_names if n not in index]
                 if missing:
                     seen_names = list(msg.name)
+                    state_rejects["names"] = state_rejects.get("names", 0) + 1
                     reject(conn.topic, f"joints {missing} missing (message has {list(msg.name)})")
                     continue
                 if len(msg.position) != len(msg.name):
+                    state_rejects["length"] = state_rejects.get("length", 0) + 1
                     reject(conn.topic, f"{len(msg.name)} names but {len(msg.position)} positions")
                     continue
                 pos = np.array([msg.position[index[n]] for n in joint_names], dtype=np.float64)
                 if not np.all(np.isfinite(pos)):
-                    reject(conn.topic, "positions contain NaN or inf")
+                    state_rejects["nonfinite"] = state_rejects.get("nonfinite", 0) + 1
+                    bad_joints = [n for n, v in zip(joint_names, pos) if not np.isfinite(v)]
+                    reject(conn.topic, f"field 'position' has non-finite values (NaN or inf) for {bad_joints}")
                     continue
                 state_times.append(stamp)
                 states.append(pos)
@@ -263,15 +324,26 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
     finally:
         reader.close()
     if not states:
-        detail = f"; messages carry joints {seen_names}" if seen_names else ""
-        raise BagError(f"{path}: no usable joint states on {topics.joint_states}: the configured joint names "
-                       f"{joint_names} do not match{detail}")
+        raise BagError(f"{path}: no usable joint states on {topics.joint_states}: "
+                       + _no_states_reason(state_rejects, joint_names, seen_names))
     order = np.argsort(np.asarray(state_times), kind="stable")
     return RawEpisode(
         path=path, name=path.name, instruction=text,
         image_times={cam: np.asarray(v, dtype=np.int64) for cam, v in image_times.items()},
         state_times=np.asarray(state_times, dtype=np.int64)[order], states=np.stack(states)[order],
         trajectories=sorted(trajectories, key=lambda c: c.time_ns), bad_messages=bad, warnings=warnings)
+
+
+def _no_states_reason(rejects: dict[str, int], joint_names: list[str], seen_names: list[str]) -> str:
+    """Why every joint state was unusable, by kind, the most frequent kind first."""
+    texts = {
+        "names": f"the configured joint names {joint_names} do not match; messages carry joints {seen_names}",
+        "nonfinite": "field 'position' holds non-finite values (NaN or inf)",
+        "length": "field 'position' has another length than field 'name'",
+        "decode": "the messages cannot be decoded as sensor_msgs/msg/JointState",
+    }
+    parts = [f"{n} messages: {texts[k]}" for k, n in sorted(rejects.items(), key=lambda kv: -kv[1])]
+    return "; ".join(parts) or "no message was read"
 
 
 def read_frames(path: str | Path, topic: str, wanted: np.ndarray,

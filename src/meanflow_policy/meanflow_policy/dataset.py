@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ CACHE_VERSION = 1
 ACTION_SOURCES = ("trajectory", "next_state")
 MIN_STD = 1e-3  # rad: a joint that never moved must not blow up normalisation
 _EPISODE_META = "episode.json"
+CACHE_SPACE_MARGIN = 64 * 2**20  # bytes left free on the cache's disk after an entry
 
 
 class DatasetError(ValueError):
@@ -270,12 +272,42 @@ def _load_cached(folder: Path, cfg: SyncConfig) -> Episode:
                    frames={cam: load(f"frames_{cam}") for cam in cfg.camera_keys}, report=report)
 
 
+def free_bytes(path: Path) -> int:
+    """Free space of the file system holding ``path`` (a function of its own so tests can shrink it)."""
+    return shutil.disk_usage(path).free
+
+
+def ensure_writable_dirs(dirs: dict[str, Path]) -> None:
+    """Create and write-test each folder (by the option that names it) before any work, so an unwritable
+    ``--out`` or ``--cache-dir`` is one line at the start instead of a traceback after loading or evaluating."""
+    for what, path in dirs.items():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise DatasetError(f"{what} {path}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def _write_frames(file: Path, frames: Iterator[np.ndarray], shape: tuple[int, ...]) -> None:
+    """A uint8 ``.npy`` written with plain writes: a full disk is an OSError (ENOSPC) here, whereas writing
+    through a memory map of a sparse file kills the whole process with SIGBUS."""
+    with open(file, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                                                  "fortran_order": False, "shape": shape})
+        for frame in frames:
+            fh.write(np.ascontiguousarray(frame, dtype=np.uint8).reshape(shape[1:]).data)
+
+
 def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace: bool = False) -> Episode:
     """Read and synchronise one bag into the cache entry ``folder``.
 
     Entries are content-keyed, so when another process (a second training run on the same cache) finishes the
     same entry first, its copy is kept and ours dropped: an entry that a reader may have memory-mapped is never
-    deleted, except a broken one being rebuilt (``replace``).
+    deleted, except a broken one being rebuilt (``replace``). The entry's size is checked against the free space
+    first; a write that fails anyway (full disk, quota) removes the half-written entry and ends the run with one
+    line (DatasetError), as every later episode would fail the same way.
     """
     raw = read_episode(path, cfg.topics, cfg.joint_names, cfg.clock, cfg.instruction,
                        need_trajectory=cfg.action_source == "trajectory")
@@ -283,21 +315,26 @@ def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace:
         LOG.warning("%s", warning)
     arrays, report = synchronise(raw, cfg)
     frame_index = np.full(arrays["frame_msg_index"].shape, -1, dtype=np.int32)
+    used_frames = [np.unique(idx[idx >= 0]) for idx in arrays["frame_msg_index"].T]
+    need = (sum(len(u) for u in used_frames) * cfg.image_size ** 2 * 3
+            + sum(a.nbytes for a in arrays.values()) + frame_index.nbytes)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        free = free_bytes(folder.parent)
+        if free < need + CACHE_SPACE_MARGIN:
+            raise DatasetError(f"--cache-dir {folder.parent}: episode {raw.name} needs {need / 2**20:.1f} MiB of "
+                               f"cache (+{CACHE_SPACE_MARGIN // 2**20} MiB margin), only {free / 2**20:.1f} MiB are "
+                               f"free: free some space or pass --cache-dir on a larger disk")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         for j, (cam, topic) in enumerate(cfg.topics.cameras):
             msg_idx = arrays["frame_msg_index"][:, j]
-            used = np.unique(msg_idx[msg_idx >= 0])
+            used = used_frames[j]
             frame_index[:, j] = np.where(msg_idx >= 0, np.searchsorted(used, msg_idx), -1)
             decoded = read_frames(path, topic, used, lambda rgb: resize_image(rgb, cfg.image_size))
-            out = np.lib.format.open_memmap(tmp / f"frames_{cam}.npy", mode="w+", dtype=np.uint8,
-                                            shape=(len(used), cfg.image_size, cfg.image_size, 3))
-            for slot, msg in enumerate(used):
-                out[slot] = decoded.pop(int(msg))
-            out.flush()
-            del out
+            _write_frames(tmp / f"frames_{cam}.npy", (decoded.pop(int(msg)) for msg in used),
+                          (len(used), cfg.image_size, cfg.image_size, 3))
         np.save(tmp / "times_ns.npy", arrays["times_ns"])
         np.save(tmp / "state.npy", arrays["state"])
         np.save(tmp / "action.npy", arrays["action"])
@@ -314,6 +351,10 @@ def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace:
             if not (folder / _EPISODE_META).is_file():
                 raise
             LOG.info("cache entry %s was written by another process meanwhile; using it", folder)
+    except OSError as exc:
+        raise DatasetError(f"--cache-dir {folder.parent}: writing the cache of episode {raw.name} failed "
+                           f"({exc.strerror or exc}); the partial entry was removed: free some space or pass "
+                           f"--cache-dir on a larger disk") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     episode = _load_cached(folder, cfg)
@@ -362,11 +403,16 @@ def load_episodes(bags: Sequence[str | Path], cfg: SyncConfig, cache_root: str |
                   strict: bool = False) -> tuple[list[Episode], LoadReport]:
     """Every bag under ``bags`` (episode dirs or dataset folders); bad ones skipped with a warning, or fatal."""
     try:
-        paths = find_bags(bags)
+        paths, unreadable = find_bags(bags)
     except BagError as exc:
         raise DatasetError(str(exc)) from exc
     report = LoadReport()
     episodes: list[Episode] = []
+    for folder, problem in unreadable.items():
+        if strict:
+            raise DatasetError(f"bad episode (strict mode): {problem}")
+        LOG.warning("skipping episode: %s", problem)
+        report.skipped[folder] = problem
     for path in paths:
         try:
             ep = load_episode(path, cfg, cache_root)
@@ -391,8 +437,8 @@ def load_episodes(bags: Sequence[str | Path], cfg: SyncConfig, cache_root: str |
         report.bad_messages += sum(r.bad_messages.values())
     if not episodes:
         reasons = "; ".join(f"{Path(p).name}: {why}" for p, why in list(report.skipped.items())[:3])
-        raise DatasetError(f"empty dataset: none of the {len(paths)} bags under {[str(b) for b in bags]} gave a "
-                           f"training sample" + (f" ({reasons})" if reasons else ""))
+        raise DatasetError(f"empty dataset: none of the {len(paths) + len(unreadable)} bags under "
+                           f"{[str(b) for b in bags]} gave a training sample" + (f" ({reasons})" if reasons else ""))
     return episodes, report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meanflow_policy.dataset import SampleSet, load_episodes
+from meanflow_policy.dataset import SampleSet, ensure_writable_dirs, load_episodes
 from meanflow_policy.modeling import MeanFlowPolicy
 from meanflow_policy.train_cli import (
     add_cpu_threads_argument,
@@ -132,6 +132,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
     device = resolve_device(args.device)
     apply_cpu_threads(args.cpu_threads)
+    ensure_writable_dirs({"--out": args.out, "--cache-dir": args.cache_dir})
     policy = MeanFlowPolicy.load(args.checkpoint, device=device)
     sync = sync_config(policy.config, args)
     episodes, report = load_episodes(args.bags, sync, args.cache_dir, strict=args.strict)

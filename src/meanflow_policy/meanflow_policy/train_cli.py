@@ -34,6 +34,7 @@ from meanflow_policy.dataset import (
     SampleSet,
     SyncConfig,
     compute_stats,
+    ensure_writable_dirs,
     load_episodes,
     split_episodes,
 )
@@ -314,6 +315,7 @@ def run(args: argparse.Namespace) -> dict:
     out: Path = args.out
     device = resolve_device(args.device)
     apply_cpu_threads(args.cpu_threads)
+    ensure_writable_dirs({"--out": out, "--cache-dir": args.cache_dir})
     previous: list[dict] = []
     step_offset, best = 0, float("inf")
     if args.resume and args.init_from is not None:

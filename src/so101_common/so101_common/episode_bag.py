@@ -23,6 +23,10 @@ SOFTWARE_VERSION = "0.1.0"
 _TYPESTORE = get_typestore(Stores.ROS2_KILTED)
 
 
+class EpisodeMetadataError(ValueError):
+    """An episode.json that cannot be used (not JSON, not UTF-8, not an object, a field of the wrong type)."""
+
+
 @dataclass
 class EpisodeMetadata:
     instruction: str
@@ -31,8 +35,9 @@ class EpisodeMetadata:
     start_time_ns: int = 0
     stop_time_ns: int = 0
     success: bool | None = None
-    status: str = "recording"  # recording | complete | failed
+    status: str = "recording"  # recording | complete | failed | recovered
     failure: str = ""
+    recovery: str = ""  # how so101-recover-episode rebuilt the bag, when it did
     message_counts: dict[str, int] = field(default_factory=dict)
     seed: int | None = None
     software_version: str = SOFTWARE_VERSION
@@ -43,8 +48,25 @@ class EpisodeMetadata:
 
     @classmethod
     def from_dict(cls, data: dict) -> "EpisodeMetadata":
+        """Fields of ``data`` this version knows; wrong types raise EpisodeMetadataError naming the field."""
+        if not isinstance(data, dict):
+            raise EpisodeMetadataError(f"expected a JSON object, got a JSON {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        fields = {k: v for k, v in data.items() if k in known}
+        if not isinstance(fields.get("instruction"), str):
+            raise EpisodeMetadataError("field 'instruction' is missing or not a string")
+        for name in ("robot", "task", "status", "failure", "recovery"):
+            if name in fields and not isinstance(fields[name], str):
+                raise EpisodeMetadataError(f"field {name!r} is not a string")
+        if fields.get("success") not in (None, True, False):
+            raise EpisodeMetadataError("field 'success' is not true, false or null")
+        counts = fields.get("message_counts", {})
+        if not isinstance(counts, dict):
+            raise EpisodeMetadataError("field 'message_counts' is not an object")
+        for name in ("start_time_ns", "stop_time_ns"):
+            if name in fields and not isinstance(fields[name], (int, float)):
+                raise EpisodeMetadataError(f"field {name!r} is not a number")
+        return cls(**fields)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -54,7 +76,12 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class EpisodeWriter:
-    """Writes one episode bag. Messages are CDR bytes; topics are declared with their ROS type name."""
+    """Writes one episode bag. Messages are CDR bytes; topics are declared with their ROS type name.
+
+    episode.json (status "recording") is written as soon as the bag is opened, so a recorder killed mid-episode
+    (kill -9, power loss) leaves a folder that says what it is; ``close`` rewrites it atomically with the final
+    status. ``flush`` puts everything written so far on disk (so101-recover-episode can rebuild it from there).
+    """
 
     def __init__(self, path: str | Path, metadata: EpisodeMetadata) -> None:
         self.path = Path(path)
@@ -68,6 +95,11 @@ class EpisodeWriter:
         self._writer.open()
         self._connections: dict[str, object] = {}
         self.closed = False
+        try:
+            _atomic_write(self.path / EPISODE_FILE, self.metadata.to_json())
+        except OSError:
+            self.discard()
+            raise
 
     def add_topic(self, topic: str, msgtype: str) -> None:
         """Declare a topic, e.g. ``("/joint_states", "sensor_msgs/msg/JointState")``."""
@@ -85,14 +117,33 @@ class EpisodeWriter:
         self._writer.write(conn, int(timestamp_ns), bytes(cdr))
         self.metadata.message_counts[topic] += 1
 
-    def close(self, success: bool | None = None, failure: str = "") -> EpisodeMetadata:
-        """Finalise the bag (readable afterwards) and write episode.json; safe to call twice."""
+    def flush(self) -> None:
+        """Write the messages buffered so far to the file (a new mcap chunk), so a kill -9 cannot lose them.
+
+        rosbags keeps up to 1 MiB of messages in memory before it writes a chunk and has no public flush; its
+        mcap storage's ``close_chunk`` is used when present (a storage without it is left alone).
+        """
+        if self.closed:
+            return
+        storage = getattr(self._writer, "storage", None)
+        close_chunk, chunk = getattr(storage, "close_chunk", None), getattr(storage, "chunk", None)
+        if close_chunk is None or chunk is None or not chunk.bio.tell():
+            return
+        close_chunk()
+        storage.bio.flush()
+
+    def close(self, success: bool | None = None, failure: str = "", status: str | None = None,
+              stop_time_ns: int | None = None) -> EpisodeMetadata:
+        """Finalise the bag (readable afterwards) and write episode.json; safe to call twice.
+
+        ``status`` defaults to "failed" with a ``failure`` and "complete" without; the recovery tool passes its own.
+        """
         if self.closed:
             return self.metadata
         self.closed = True
-        self.metadata.stop_time_ns = time.time_ns()
+        self.metadata.stop_time_ns = time.time_ns() if stop_time_ns is None else int(stop_time_ns)
         self.metadata.success = success
-        self.metadata.status = "failed" if failure else "complete"
+        self.metadata.status = status or ("failed" if failure else "complete")
         self.metadata.failure = failure
         try:
             self._writer.set_custom_data("so101.episode", json.dumps(asdict(self.metadata), sort_keys=True))
@@ -116,11 +167,20 @@ class EpisodeWriter:
 
 
 def read_episode_metadata(path: str | Path) -> EpisodeMetadata:
-    """Metadata of an episode directory written by EpisodeWriter."""
+    """Metadata of an episode directory written by EpisodeWriter; a broken file raises EpisodeMetadataError."""
     file = Path(path) / EPISODE_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found: {path} is not an episode written by so101 tools")
-    return EpisodeMetadata.from_dict(json.loads(file.read_text()))
+    try:
+        data = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise EpisodeMetadataError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise EpisodeMetadataError(f"{file}: not valid JSON ({exc})") from exc
+    try:
+        return EpisodeMetadata.from_dict(data)
+    except EpisodeMetadataError as exc:
+        raise EpisodeMetadataError(f"{file}: {exc}") from exc
 
 
 def update_index(dataset_dir: str | Path) -> dict:
@@ -130,7 +190,7 @@ def update_index(dataset_dir: str | Path) -> dict:
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         try:
             meta = read_episode_metadata(child)
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        except (FileNotFoundError, EpisodeMetadataError):
             continue
         episodes.append({
             "name": child.name,

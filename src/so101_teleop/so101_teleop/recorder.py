@@ -2,7 +2,10 @@
 
 The node hands in serialized CDR bytes as they arrive; this class decides whether they belong to an episode,
 keeps the dataset's ``index.json`` current, and turns a write error or a nearly full disk into a *failed*
-episode (its metadata says why) while staying ready for the next one.
+episode (its metadata says why) while staying ready for the next one. An episode is marked on disk from its start
+(episode.json, status "recording"), and ``check_disk`` (the node's periodic timer) also flushes the buffered
+messages to the file, so a recorder killed with SIGKILL loses at most one period of messages and leaves a folder
+that ``so101-recover-episode`` turns back into a readable bag.
 """
 from __future__ import annotations
 
@@ -108,6 +111,7 @@ class EpisodeRecorder:
             except OSError as exc:
                 return Result(False, f"cannot start an episode in {self.dataset_dir}: {exc}")
             self._writer = writer
+            self._refresh_index()
             return Result(True, f"recording {path.name}: {cleaned!r}", str(path))
 
     def write(self, topic: str, timestamp_ns: int, cdr: bytes) -> bool:
@@ -125,7 +129,7 @@ class EpisodeRecorder:
             return True
 
     def check_disk(self) -> str:
-        """Fail the running episode when the disk is nearly full; returns the problem ('' if none)."""
+        """Fail the running episode when the disk is nearly full, else flush it to the file; the problem or ''."""
         with self._lock:
             if self._writer is None:
                 return ""
@@ -135,6 +139,12 @@ class EpisodeRecorder:
                 problem = f"cannot check free space: {exc}"
             if problem:
                 self._fail(f"disk nearly full: {problem}")
+                return problem
+            try:
+                self._writer.flush()
+            except Exception as exc:  # noqa: BLE001 - any storage error fails the episode, never the node
+                problem = f"write error while flushing: {type(exc).__name__}: {exc}"
+                self._fail(problem)
             return problem
 
     def _fail(self, reason: str) -> None:

@@ -47,7 +47,8 @@ class RecorderNode(Node):
         robot = declare("robot", "so101", "robot name stored in the episode metadata")
         min_free_mb = declare("min_free_mb", 500.0, "below this much free disk an episode fails / cannot start")
         depth = declare("queue_depth", 100, "subscription queue depth (reliable QoS) per topic")
-        disk_period = declare("disk_check_period_s", 1.0, "how often free disk space is checked while recording")
+        disk_period = declare("disk_check_period_s", 1.0, "how often free disk space is checked and the episode "
+                              "flushed to its file while recording (the most a kill -9 loses)")
         self.recorder = EpisodeRecorder(dataset_dir, robot=str(robot), min_free_bytes=int(min_free_mb * 2**20))
         self._qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(depth),
                                reliability=ReliabilityPolicy.RELIABLE)

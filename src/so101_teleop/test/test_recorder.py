@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -159,3 +160,61 @@ def test_real_write_error_fails_episode_and_recorder_goes_on(tmp_path: Path) -> 
     assert report["second"] and report["third"], "the recorder keeps working after a failed episode"
     meta = read_episode_metadata(report["first"])
     assert meta.status == "failed" and "write error" in meta.failure
+
+
+def test_episode_is_on_disk_from_its_start_and_check_disk_flushes_it(tmp_path: Path) -> None:
+    """What a kill -9 would leave: episode.json says 'recording', the index lists it, the messages are in the file."""
+    from mcap.exceptions import EndOfFile
+    from mcap.records import Message
+    from mcap.stream_reader import StreamReader
+
+    rec = make_recorder(tmp_path)
+    path = Path(rec.start("sort the cubes").path)
+    assert read_episode_metadata(path).status == "recording"
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["episodes"][0]["status"] == "recording"
+    for i in range(3):
+        rec.write(JOINT_STATES_TOPIC, 10 + i, joint_state(i))
+    assert rec.check_disk() == ""
+    messages = 0
+    with open(path / f"{path.name}.mcap", "rb") as fh:
+        with pytest.raises(EndOfFile):  # an unfinished file: no summary, no footer
+            for record in StreamReader(fh).records:
+                messages += isinstance(record, Message)
+    assert messages == 3
+    assert rec.stop().ok and read_episode_metadata(path).status == "complete"
+
+
+def test_episode_cut_by_a_write_error_can_be_recovered(tmp_path: Path) -> None:
+    """A full disk (here: the kernel refusing writes past RLIMIT_FSIZE) mid-episode: the bag cannot be finalised,
+    episode.json says why, and so101-recover-episode makes what reached the file readable (still marked failed)."""
+    script = textwrap.dedent(f"""
+        import resource
+        import numpy as np
+        from rclpy.serialization import serialize_message
+        from so101_common.graph import RECORDED_TOPICS, camera_image_topic
+        from so101_common.images import rgb_to_image
+        from so101_teleop.recorder import KNOWN_TOPIC_TYPES, EpisodeRecorder
+        rec = EpisodeRecorder({str(tmp_path)!r})
+        for t in RECORDED_TOPICS:
+            rec.add_topic(t, KNOWN_TOPIC_TYPES[t])
+        print(rec.start("pour water").path)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, resource.RLIM_INFINITY))
+        frame = serialize_message(rgb_to_image(np.random.default_rng(0).integers(0, 255, (480, 640, 3), np.uint8)))
+        written = 0
+        while rec.write(camera_image_topic("wrist"), written, frame):
+            written += 1
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    path = Path(out.stdout.strip().splitlines()[-1])
+    assert not (path / "metadata.yaml").exists(), "the bag could not be finalised"
+    assert "write error" in read_episode_metadata(path).failure
+    recovered = subprocess.run([shutil.which("so101-recover-episode"), str(path)], capture_output=True, text=True,
+                               timeout=60)
+    assert recovered.returncode == 0, recovered.stderr
+    frames = read_bag(path)[WRIST]
+    assert 2 <= len(frames) <= 4, "the images in complete chunks (4 MiB of 0.9 MiB frames)"
+    assert [t for t, _ in frames] == list(range(len(frames)))
+    meta = read_episode_metadata(path)
+    assert meta.status == "failed" and "write error" in meta.failure and "so101-recover-episode" in meta.recovery
+    assert meta.message_counts[WRIST] == len(frames), "counts of what the file holds, not of what was sent"
