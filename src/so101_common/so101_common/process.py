@@ -26,13 +26,25 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def send(self, *signals: int) -> None:
+        """Send signals back to back, as ``ros2 launch`` does on Ctrl-C (the terminal's SIGINT, then its own)."""
+        for sig in signals:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        """Signal the node and wait for it to exit; return its exit code."""
+        self.send(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the node to exit (SIGKILL to its process group after ``timeout``); return its exit code."""
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode
