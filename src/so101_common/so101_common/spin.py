@@ -35,6 +35,13 @@ class ShutdownRequest:
     def _record(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
 
+    @staticmethod
+    def ignore_from_now_on() -> None:
+        """For the last steps before exit: Python's finalisation puts a handler of ours back to the default
+        (a late signal would then kill the process: exit -2), but it leaves an ignored signal ignored."""
+        for signum in SHUTDOWN_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
     @property
     def requested(self) -> bool:
         return bool(self.signals)
@@ -75,11 +82,13 @@ def spin_until_shutdown(executor: Any, request: ShutdownRequest) -> None:
 def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | None = None,
               cleanup: Callable[[Any], str | None] | None = None,
               config_errors: tuple[type[BaseException], ...] = (ValueError,),
-              start: Callable[[Any], bool] | None = None) -> int:
+              start: Callable[[Any], bool] | None = None,
+              fatal_errors: tuple[type[BaseException], ...] = ()) -> int:
     """Run a node until SIGINT/SIGTERM or an external shutdown; return the process exit code.
 
     A configuration error raised while building the node prints one line naming it and returns 2, so a launch
-    file or a shell sees why the node did not start. ``start`` (optional) runs once before spinning; False
+    file or a shell sees why the node did not start; one of ``fatal_errors`` is logged FATAL and returns 1.
+    ``start`` (optional) runs once before spinning; False
     means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is destroyed, with
     the context still valid, whatever ended the spin; what it returns is appended to the node's single
     shutdown log line.
@@ -93,6 +102,9 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
     try:
         try:
             node = make_node()
+        except fatal_errors as exc:
+            rclpy.logging.get_logger(name).fatal(str(exc))
+            return 1
         except config_errors as exc:
             print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
             return 2
@@ -111,3 +123,4 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
                 node.get_logger().info(f"shutting down ({request.describe()})" + (f": {summary}" if summary else ""))
             node.destroy_node()
         rclpy.try_shutdown()
+        request.ignore_from_now_on()
