@@ -87,7 +87,8 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
     """Run a node until SIGINT/SIGTERM or an external shutdown; return the process exit code.
 
     A configuration error raised while building the node prints one line naming it and returns 2, so a launch
-    file or a shell sees why the node did not start; one of ``fatal_errors`` is logged FATAL and returns 1.
+    file or a shell sees why the node did not start; one of ``fatal_errors`` (a node's own configuration error
+    class) is logged FATAL through the node's logger and also returns 2.
     ``start`` (optional) runs once before spinning; False
     means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is destroyed, with
     the context still valid, whatever ended the spin; what it returns is appended to the node's single
@@ -104,7 +105,7 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
             node = make_node()
         except fatal_errors as exc:
             rclpy.logging.get_logger(name).fatal(str(exc))
-            return 1
+            return 2
         except config_errors as exc:
             print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
             return 2
