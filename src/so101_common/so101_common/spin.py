@@ -88,11 +88,10 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
 
     A configuration error raised while building the node prints one line naming it and returns 2, so a launch
     file or a shell sees why the node did not start; one of ``fatal_errors`` (a node's own configuration error
-    class) is logged FATAL through the node's logger and also returns 2.
-    ``start`` (optional) runs once before spinning; False
-    means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is destroyed, with
-    the context still valid, whatever ended the spin; what it returns is appended to the node's single
-    shutdown log line.
+    class) is logged FATAL through the node's logger and also returns 2. ``start`` (optional) runs once before
+    spinning; False means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is
+    destroyed, with the context still valid, whatever ended the spin (a callback's exception too); what it
+    returns is appended to the node's single shutdown log line.
     """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -117,11 +116,14 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
             spin_until_shutdown(executor, request)
         executor.remove_node(node)
         return code
+    except BaseException:
+        code = 1  # its traceback follows the cleanup below
+        raise
     finally:
         if node is not None:
             summary = cleanup(node) if cleanup is not None else None
-            if code == 0:
-                node.get_logger().info(f"shutting down ({request.describe()})" + (f": {summary}" if summary else ""))
+            reason = request.describe() if code == 0 else "after an error"
+            node.get_logger().info(f"shutting down ({reason})" + (f": {summary}" if summary else ""))
             node.destroy_node()
         rclpy.try_shutdown()
         request.ignore_from_now_on()
