@@ -237,3 +237,25 @@ def test_signals_like_ros2_launch_turn_the_torque_off(emulator: BusEmulator, nod
     assert "Traceback" not in out, out
     shutdown_lines = [line for line in out.splitlines() if "shutting down" in line]
     assert len(shutdown_lines) == 1 and "torque off on all 6 servos (read back)" in shutdown_lines[0], out
+
+
+def test_signal_storm_while_a_servo_is_silent_still_turns_every_other_torque_off(
+        emulator: BusEmulator, node_process, ros_node) -> None:
+    """A silent servo makes the torque-off slow (retries): a storm of SIGINTs lands in the middle of it."""
+    _rest_inside_range(emulator)
+    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+                                        "mode": "standalone", "autostart": True})
+    states: list[JointState] = []
+    ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
+    assert spin_until(ros_node, lambda: len(states) > 5, 15.0)
+    assert all(emulator.register(i, P.TORQUE_ENABLE.address, 1) == 1 for i in range(1, 7))
+    emulator.inject(1, "no_reply", count=None)  # shoulder_pan: its writes land, its replies never come
+    assert proc.send_until_exit(signal.SIGINT, 0.005) > 3
+    assert proc.wait(20.0) == 0, proc.output()
+    assert [emulator.register(i, P.TORQUE_ENABLE.address, 1) for i in range(2, 7)] == [0] * 5
+    out = proc.output()
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line and "torque off NOT confirmed" in line]
+    assert len(errors) == 1 and "shoulder_pan (ID 1)" in errors[0] and "gripper" not in errors[0], out
+    shutdown_lines = [line for line in out.splitlines() if "shutting down" in line]
+    assert len(shutdown_lines) == 1 and "TORQUE OFF NOT CONFIRMED" in shutdown_lines[0], out
