@@ -14,14 +14,12 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 import torch
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
@@ -45,6 +43,7 @@ from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
 from so101_common.instruction import validate_instruction
 from so101_common.joints import JointLimits
+from so101_common.spin import spin_node
 from so101_interfaces.msg import ChunkTiming
 from so101_interfaces.srv import SetInstruction
 
@@ -415,25 +414,14 @@ class PolicyNode(Node):
         self._worker.join(timeout=30.0)
 
 
+def _stop_inference(node: PolicyNode) -> str:
+    node.close()
+    return "inference thread stopped"
+
+
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    node: PolicyNode | None = None
-    code = 0
-    try:
-        node = PolicyNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except PolicyNodeError as exc:
-        rclpy.logging.get_logger(graph.POLICY_NODE).fatal(str(exc))
-        code = 1
-    finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    if code:
-        sys.exit(code)
+    sys.exit(spin_node(PolicyNode, graph.POLICY_NODE, args, cleanup=_stop_inference,
+                       fatal_errors=(PolicyNodeError,)))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -26,13 +27,38 @@ class NodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
+    def send(self, *signals: int, gap_s: float = 0.0) -> None:
+        """Send signals one after another, ``gap_s`` apart, as ``ros2 launch`` does on Ctrl-C (the terminal's
+        SIGINT to the process group, then launch's own SIGINT, later SIGTERM)."""
+        for k, sig in enumerate(signals):
+            if k and gap_s:
+                time.sleep(gap_s)
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+
+    def send_until_exit(self, sig: int, period_s: float, limit: int = 500) -> int:
+        """Keep signalling every ``period_s`` until the node exits (at most ``limit`` signals): some signals
+        then surely land inside its cleanup. Returns how many were sent."""
+        sent = 0
+        while sent < limit and self.proc.poll() is None:
             self.proc.send_signal(sig)
+            sent += 1
+            time.sleep(period_s)
+        return sent
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 10.0) -> int:
+        """Signal the node and wait for it to exit; return its exit code."""
+        self.send(sig)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float = 10.0) -> int:
+        """Wait for the node to exit (SIGKILL to its process group after ``timeout``); return its exit code."""
+        if self.proc.poll() is None:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
-        self._log.close()
+        if not self._log.closed:
+            self._log.close()
         return self.proc.returncode

@@ -1,40 +1,129 @@
-"""The one ``main()`` body our nodes share: init, build, spin, clean shutdown, configuration errors as exit 2.
+"""The one ``main()`` body our nodes share: init, build, spin, an uninterruptible shutdown, config errors as exit 2.
 
-rclpy is imported inside the function so that importing so101_common stays free of rclpy.
+Why the signal handling is ours and not rclpy's: under ``ros2 launch`` a Ctrl-C reaches every node twice (the
+terminal's SIGINT to the process group, then launch's own SIGINT; SIGTERM after a timeout). rclpy's handlers shut
+the context down asynchronously and the default Python handler raises KeyboardInterrupt wherever the main thread
+is, so the second signal used to land inside the cleanup (torque left on, bags without metadata, publishers used
+after their context was gone). Here SIGINT and SIGTERM only *record* the request; the spin loop notices it, and
+the cleanup then runs to its end with the context still valid, whatever further signals arrive.
+
+rclpy is imported inside the functions so that importing so101_common stays free of rclpy.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# How often the spin loop looks at the recorded signals: rcl's wait does not return on a signal by itself.
+POLL_PERIOD_S = 0.1
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | None = None,
-              cleanup: Callable[[Any], None] | None = None,
-              config_errors: tuple[type[BaseException], ...] = (ValueError,)) -> int:
-    """Run a node until Ctrl-C or an external shutdown; return the process exit code.
 
-    A configuration error raised while building the node prints one line naming it and returns 2, so a
-    launch file or a shell sees why the node did not start. ``cleanup`` runs before the node is destroyed,
-    whatever ended the spin.
-    """
+class ShutdownRequest:
+    """SIGINT/SIGTERM handlers that only record the signal: nothing is ever raised into the running code."""
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def install(self) -> "ShutdownRequest":
+        for signum in SHUTDOWN_SIGNALS:
+            signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, _frame: object) -> None:
+        self.signals.append(signum)
+
+    @staticmethod
+    def ignore_from_now_on() -> None:
+        """For the last steps before exit: Python's finalisation puts a handler of ours back to the default
+        (a late signal would then kill the process: exit -2), but it leaves an ignored signal ignored."""
+        for signum in SHUTDOWN_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    def describe(self) -> str:
+        """'SIGINT', 'SIGINT x2, SIGTERM', ... or 'external shutdown' when no signal came."""
+        if not self.signals:
+            return "external shutdown"
+        counts: dict[str, int] = {}
+        for signum in self.signals:
+            name = signal.Signals(signum).name
+            counts[name] = counts.get(name, 0) + 1
+        return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+
+
+def init_ros(args: Sequence[str] | None) -> ShutdownRequest:
+    """Install the recording handlers, then ``rclpy.init`` without rclpy's own signal handlers."""
     import rclpy
+    from rclpy.signals import SignalHandlerOptions
+
+    request = ShutdownRequest().install()
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    return request
+
+
+def spin_until_shutdown(executor: Any, request: ShutdownRequest) -> None:
+    """Spin until a signal was recorded or the context was shut down from elsewhere."""
     from rclpy.executors import ExternalShutdownException
 
-    rclpy.init(args=args)
-    node = None
+    context = executor.context
     try:
-        node = make_node()
-        rclpy.spin(node)
-        return 0
-    except (KeyboardInterrupt, ExternalShutdownException):
-        return 0
-    except config_errors as exc:
-        print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
-        return 2
+        while not request.requested and context.ok():
+            executor.spin_once(timeout_sec=POLL_PERIOD_S)
+    except ExternalShutdownException:
+        pass
+
+
+def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | None = None,
+              cleanup: Callable[[Any], str | None] | None = None,
+              config_errors: tuple[type[BaseException], ...] = (ValueError,),
+              start: Callable[[Any], bool] | None = None,
+              fatal_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a node until SIGINT/SIGTERM or an external shutdown; return the process exit code.
+
+    A configuration error raised while building the node prints one line naming it and returns 2, so a launch
+    file or a shell sees why the node did not start; one of ``fatal_errors`` (a node's own configuration error
+    class) is logged FATAL through the node's logger and also returns 2. ``start`` (optional) runs once before
+    spinning; False means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is
+    destroyed, with the context still valid, whatever ended the spin (a callback's exception too); what it
+    returns is appended to the node's single shutdown log line.
+    """
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    request = init_ros(args)
+    node = None
+    code = 0
+    try:
+        try:
+            node = make_node()
+        except fatal_errors as exc:
+            rclpy.logging.get_logger(name).fatal(str(exc))
+            return 2
+        except config_errors as exc:
+            print(f"{name}: invalid configuration: {exc}", file=sys.stderr, flush=True)
+            return 2
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        if start is not None and not request.requested and not start(node):
+            code = 1
+        else:
+            spin_until_shutdown(executor, request)
+        executor.remove_node(node)
+        return code
+    except BaseException:
+        code = 1  # its traceback follows the cleanup below
+        raise
     finally:
         if node is not None:
-            if cleanup is not None:
-                cleanup(node)
+            summary = cleanup(node) if cleanup is not None else None
+            reason = request.describe() if code == 0 else "after an error"
+            node.get_logger().info(f"shutting down ({reason})" + (f": {summary}" if summary else ""))
             node.destroy_node()
         rclpy.try_shutdown()
+        request.ignore_from_now_on()

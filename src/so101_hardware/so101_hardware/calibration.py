@@ -116,13 +116,18 @@ class ArmCalibration:
     def velocity_to_radians(self, ticks_per_s: np.ndarray) -> np.ndarray:
         return self._scale * np.asarray(ticks_per_s, dtype=np.float64)
 
-    def to_ticks(self, radians: np.ndarray) -> np.ndarray:
-        """Joint radians -> integer Goal_Position ticks, clipped into each joint's calibrated tick range."""
+    def to_ticks(self, radians: np.ndarray, clip: bool = True) -> np.ndarray:
+        """Joint radians -> integer Goal_Position ticks, clipped into each joint's calibrated tick range.
+
+        ``clip=False`` only for a joint that must be walked into its range from outside (ArmDriver.command).
+        """
         radians = np.asarray(radians, dtype=np.float64)
         if radians.shape != (len(JOINT_NAMES),) or not np.all(np.isfinite(radians)):
             raise ValueError(f"expected {len(JOINT_NAMES)} finite joint positions, got {radians!r}")
         ticks = np.rint((radians - self._bias) / self._scale)
-        return np.clip(ticks, self._tick_min, self._tick_max).astype(np.int64)
+        if clip:
+            ticks = np.clip(ticks, self._tick_min, self._tick_max)
+        return ticks.astype(np.int64)
 
     # -- files
     def to_dict(self) -> dict:

@@ -3,7 +3,11 @@
 The node calls ``read()`` and ``command()`` once per control cycle; this class does the bus work (one SYNC_READ,
 one SYNC_WRITE), unit conversion through the calibration, clamping to the joint limits and to a maximum step
 per cycle, and keeps per-servo health for diagnostics. Bus errors are retried by the bus, then counted here;
-a servo that missed a cycle keeps its last known value and is marked stale.
+a servo that missed a cycle keeps its last known value and is marked stale (the node does not publish it).
+
+A joint resting outside its calibrated range at torque on: the servo clamps Goal_Position into its EEPROM
+position limits, so holding it where it is needs those limits opened (done with torque still off); the goal then
+walks inside at ``max_step`` per cycle, and the limits are written back after torque off.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ class ServoHealth:
     current_ma: float = float("nan")
     error_bits: int = 0
     missed_cycles: int = 0
+    consecutive_misses: int = 0  # cycles since the last reply; > 0: the joint's value is stale
     status_error_counts: dict[str, int] = field(default_factory=dict)
     last_comm_error: str = ""
 
@@ -59,6 +64,8 @@ class ArmDriver:
         self.cycles = 0
         self.failed_reads = 0
         self.torque_on = False
+        self._ramping: set[int] = set()  # joint indices whose goal is still walking into the calibrated range
+        self._opened_limits: set[int] = set()  # joint indices whose EEPROM limits are opened until torque off
         self._positions: np.ndarray | None = None
         self._present_ticks = np.zeros(len(JOINT_NAMES), dtype=np.int64)
         self._velocities = np.zeros(len(JOINT_NAMES))
@@ -135,7 +142,11 @@ class ArmDriver:
         if not reading.fresh.all():
             stale = [n for n, f in zip(JOINT_NAMES, reading.fresh) if not f]
             raise P.BusError(f"cannot enable torque: no position from {stale}")
-        ticks = self._present_ticks
+        ticks = self._present_ticks.copy()
+        self._ramping = set(self.outside_range(ticks))
+        for k in self._ramping:  # torque is still off: opening the limits cannot move anything
+            self._write_limits(self.ids[k], 0, P.MAX_TICK)
+            self._opened_limits.add(k)
         self.bus.sync_write(P.GOAL_POSITION, {i: int(t) for i, t in zip(self.ids, ticks)})
         for servo_id in self.ids:
             self.bus.write(servo_id, P.TORQUE_ENABLE, 1, strict=False)
@@ -143,16 +154,51 @@ class ArmDriver:
         self.goal = self.calibration.to_radians(ticks)
         return self.goal.copy()
 
-    def disable(self) -> list[str]:
-        """Torque off on every servo, trying all of them even when some fail; returns the failures."""
+    def outside_range(self, ticks: np.ndarray) -> list[int]:
+        """Indices of joints whose ticks lie outside their calibrated range."""
+        motors = list(self.calibration.motors.values())
+        return [k for k, (m, t) in enumerate(zip(motors, ticks)) if not m.range_min <= t <= m.range_max]
+
+    def _write_limits(self, servo_id: int, low: int, high: int) -> None:
+        self.bus.write(servo_id, P.LOCK, 0)
+        self.bus.write(servo_id, P.MIN_POSITION_LIMIT, low)
+        self.bus.write(servo_id, P.MAX_POSITION_LIMIT, high)
+        self.bus.write(servo_id, P.LOCK, 1)
+
+    def disable(self, attempts: int = 3) -> list[str]:
+        """Torque off on every servo, each confirmed by reading Torque_Enable back; returns the failures.
+
+        Every servo is tried even when others fail, each up to ``attempts`` times; a failure names the joint.
+        Limits opened at ``enable`` are written back once that servo's torque is confirmed off.
+        """
         failures = []
-        for joint, servo_id in zip(JOINT_NAMES, self.ids):
-            try:
-                self.bus.write(servo_id, P.TORQUE_ENABLE, 0, strict=False)
-            except P.BusError as exc:
-                failures.append(f"{joint}: {exc}")
-        self.torque_on = False
+        for k, (joint, servo_id) in enumerate(zip(JOINT_NAMES, self.ids)):
+            problem = "not tried"
+            for _ in range(attempts):
+                try:
+                    self.bus.write(servo_id, P.TORQUE_ENABLE, 0, strict=False)
+                    value = self.bus.read(servo_id, P.TORQUE_ENABLE, strict=False)
+                except P.BusError as exc:
+                    problem = str(exc)
+                    continue
+                if value == 0:
+                    problem = ""
+                    break
+                problem = f"Torque_Enable reads {value} after writing 0"
+            if problem:
+                failures.append(f"{joint} (ID {servo_id}): {problem}")
+                continue
+            if k in self._opened_limits:
+                motor = self.calibration.motors[joint]
+                try:
+                    self._write_limits(servo_id, motor.range_min, motor.range_max)
+                    self._opened_limits.discard(k)
+                except P.BusError as exc:
+                    failures.append(f"{joint} (ID {servo_id}): position limits not restored ({exc}); "
+                                    "the next configure writes them")
+        self.torque_on = bool(failures) and self.torque_on
         self.goal = None
+        self._ramping.clear()
         return failures
 
     # -- the cycle
@@ -168,10 +214,12 @@ class ArmDriver:
             result = results[servo_id]
             if isinstance(result, P.CommError):
                 health.missed_cycles += 1
+                health.consecutive_misses += 1
                 health.last_comm_error = str(result)
                 continue
             fb = P.Feedback.decode(result)
             ticks[k], velocity_ticks[k], fresh[k] = fb.position, fb.velocity, True
+            health.consecutive_misses = 0
             health.voltage_v = fb.voltage / 10.0
             health.temperature_c = float(fb.temperature)
             health.load_percent = fb.load / 10.0
@@ -192,14 +240,20 @@ class ArmDriver:
     def command(self, target: np.ndarray) -> np.ndarray:
         """Clamp a target (rad) to the joint limits and to ``max_step`` from the last goal; one SYNC_WRITE.
 
-        Returns the goal actually sent (rad).
+        A joint that started outside its calibrated range is not clipped into it (that would jump); its goal
+        walks in by ``max_step`` and is clipped like the others from the cycle it got inside. Returns the goal
+        actually sent (rad).
         """
         if not self.torque_on or self.goal is None:
             raise P.BusError("command while torque is off (activate the driver first)")
         target = self.limits.clamp(np.asarray(target, dtype=np.float64))
         step = np.clip(target - self.goal, -self.max_step, self.max_step)
         goal = self.goal + step
-        ticks = self.calibration.to_ticks(goal)
+        ticks = self.calibration.to_ticks(goal, clip=False)
+        self._ramping -= {k for k in self._ramping if k not in self.outside_range(ticks)}
+        clipped = self.calibration.to_ticks(goal)
+        ticks = np.array([t if k in self._ramping else c for k, (t, c) in enumerate(zip(ticks, clipped))])
+        ticks = np.clip(ticks, 0, P.MAX_TICK)
         self.bus.sync_write(P.GOAL_POSITION, {i: int(t) for i, t in zip(self.ids, ticks)})
         self.goal = goal
         return goal.copy()

@@ -2,7 +2,14 @@
 
 configure: open the port, ping every servo (a missing one fails the transition naming it), load the calibration
 (and write it into the servos when they differ). activate: torque on, goal = present position. deactivate /
-shutdown / Ctrl-C: torque off. While active, a timer at ``rate_hz`` does one SYNC_READ and one SYNC_WRITE.
+shutdown / SIGINT / SIGTERM: torque off, confirmed by reading it back from every servo (so101_common.spin makes
+that cleanup immune to the second signal ``ros2 launch`` sends). While active, a timer at ``rate_hz`` does one
+SYNC_READ and one SYNC_WRITE.
+
+Joint states are published only for a cycle in which EVERY servo answered: a consumer never gets a stale value
+with a fresh stamp (the trajectory followers need all six joints, so a partial message is no use to them either).
+While a servo is silent the state topic pauses, the log and /diagnostics name the joint, and the loop keeps
+sending goals to the others.
 
 mode ros2_control: joint states -> HW_STATES_TOPIC, joint commands <- HW_COMMANDS_TOPIC (JointState both ways),
                    served for joint_state_topic_hardware_interface; no command for command_timeout_ms: hold.
@@ -12,12 +19,12 @@ mode standalone:   no ros2_control (the pip environment): follows TRAJECTORY_TOP
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.exceptions import InvalidParameterTypeException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import JointState
@@ -25,6 +32,7 @@ from trajectory_msgs.msg import JointTrajectory
 
 from so101_common.graph import (DIAGNOSTICS_TOPIC, HW_COMMANDS_TOPIC, HW_STATES_TOPIC, JOINT_NAMES,
                                 JOINT_STATES_TOPIC, TRAJECTORY_TOPIC)
+from so101_common.spin import spin_node
 from so101_common.trajectory import TrajectoryError, TrajectoryFollower
 from so101_hardware import protocol as P
 from so101_hardware.calibration import ArmCalibration, CalibrationError
@@ -33,6 +41,22 @@ from so101_hardware.driver import ArmDriver
 MODES = ("ros2_control", "standalone")
 _SUCCESS = TransitionCallbackReturn.SUCCESS
 _FAILURE = TransitionCallbackReturn.FAILURE
+_TYPE_WORDS = {bool: "a boolean (true/false)", int: "an integer", float: "a floating-point number", str: "a string"}
+# name -> (lowest, highest) accepted value; None: unbounded on that side.
+_RANGES: dict[str, tuple[float | None, float | None]] = {
+    "baudrate": (1, None), "rate_hz": (1e-3, None), "max_step": (1e-9, None), "command_timeout_ms": (1e-3, None),
+    "reply_timeout_ms": (1e-3, None), "retries": (0, None), "diagnostics_period_s": (1e-3, None),
+    "p_gain": (0, 254), "i_gain": (0, 254), "d_gain": (0, 254), "acceleration": (0, 254)}
+
+
+@dataclass
+class _Window:
+    """Totals of one servo at the previous diagnostics report: the report covers what happened since."""
+
+    missed: int = 0
+    timeouts: int = 0
+    corrupt: int = 0
+    status_errors: int = 0
 
 
 class DriverNode(LifecycleNode):
@@ -66,11 +90,19 @@ class DriverNode(LifecycleNode):
         self._holding = False
         self._last_diag = 0.0
         self._last_bus_error = ""
+        self._windows: dict[int, _Window] = {}
         self.counts = {"commands": 0, "bad_commands": 0, "trajectories": 0, "bad_trajectories": 0,
                        "failed_cycles": 0, "failed_writes": 0}
         self._mode = str(self._param("mode"))
         if self._mode not in MODES:
             raise ValueError(f"parameter mode must be one of {MODES}, got {self._mode!r}")
+        for name, (low, high) in _RANGES.items():
+            value = self._param(name)
+            if (low is not None and value < low) or (high is not None and value > high):
+                bounds = f">= {low}" if high is None else f"in {low}..{high}"
+                raise ValueError(f"parameter {name} must be {bounds}, got {value}")
+        if not str(self._param("port")):
+            raise ValueError("parameter port must name the serial device, got an empty string")
         reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
         self._diag_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, 10)
         if self._mode == "ros2_control":
@@ -83,7 +115,13 @@ class DriverNode(LifecycleNode):
         self.get_logger().info(f"driver ready in {self._mode} mode on {self._param('port')}; {next_step}")
 
     def _declare(self, name: str, default: object, description: str) -> None:
-        self.declare_parameter(name, default, ParameterDescriptor(description=description))
+        """Declare with a description; a value of the wrong type is a ValueError naming the parameter."""
+        try:
+            self.declare_parameter(name, default, ParameterDescriptor(description=description))
+        except InvalidParameterTypeException:
+            given = self._parameter_overrides[name].value  # rclpy keeps the --ros-args values there
+            raise ValueError(f"parameter {name} must be {_TYPE_WORDS[type(default)]} (like its default "
+                             f"{name}:={default!r}), got {given!r}") from None
 
     def _param(self, name: str):
         return self.get_parameter(name).value
@@ -95,8 +133,6 @@ class DriverNode(LifecycleNode):
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         path = str(self._param("calibration_file"))
         try:
-            if not float(self._param("rate_hz")) > 0:
-                raise ValueError(f"parameter rate_hz must be > 0, got {self._param('rate_hz')}")
             if path:
                 calibration = ArmCalibration.load_yaml(path)
             else:
@@ -147,8 +183,8 @@ class DriverNode(LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._stop_loop()
-        self._torque_off()
-        self.get_logger().info("inactive: torque off")
+        if self._torque_off():
+            self.get_logger().info("inactive: torque off (read back from every servo)")
         return _SUCCESS
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -163,25 +199,35 @@ class DriverNode(LifecycleNode):
         self.release()
         return _SUCCESS
 
-    def release(self) -> None:
-        """Stop the loop, torque off, close the port (safe to call in any state, more than once)."""
+    def release(self) -> str:
+        """Stop the loop, torque off (read back), close the port; safe in any state and more than once.
+
+        Returns what was done, for the one shutdown line; servos whose torque-off was not confirmed are logged
+        as ERROR by name.
+        """
         self._stop_loop()
+        done = "torque was off"
         if self._driver is not None and self._driver.torque_on:
-            self._torque_off()
-            if self.context.ok():  # after Ctrl-C the context is gone and rosout with it
-                self.get_logger().info("torque off")
+            done = ("torque off on all 6 servos (read back)" if self._torque_off()
+                    else "TORQUE OFF NOT CONFIRMED (see error)")
         self._close_bus()
+        return done + ", port closed"
 
     def _stop_loop(self) -> None:
         if self._timer is not None:
             self.destroy_timer(self._timer)
             self._timer = None
 
-    def _torque_off(self) -> None:
+    def _torque_off(self) -> bool:
+        """Torque off on every servo; False (and an ERROR naming the servos) when some did not confirm."""
         if self._driver is None or self._bus is None or not self._bus.is_open:
-            return
-        for failure in self._driver.disable():
-            print(f"[so101_driver] torque off failed: {failure}", file=sys.stderr)
+            self.get_logger().error("torque off impossible: the servo bus is not open")
+            return False
+        failures = self._driver.disable()
+        if failures:
+            self.get_logger().error("torque off NOT confirmed by " + "; ".join(failures)
+                                    + ": cut the servo power before touching the arm")
+        return not failures
 
     def _close_bus(self) -> None:
         if self._bus is not None:
@@ -254,11 +300,12 @@ class DriverNode(LifecycleNode):
             self._last_bus_error = str(exc)
             self.get_logger().error(f"bus read failed: {exc}", throttle_duration_sec=1.0)
             return
-        if not reading.fresh.all():
-            stale = [n for n, f in zip(JOINT_NAMES, reading.fresh) if not f]
-            self.get_logger().warning(f"no reply this cycle from {stale} (retried)", throttle_duration_sec=1.0)
-        if reading.fresh.any():
+        if reading.fresh.all():
             self._publish_state(reading.positions, reading.velocities)
+        else:
+            stale = [n for n, f in zip(JOINT_NAMES, reading.fresh) if not f]
+            self.get_logger().warning(f"no reply this cycle from {stale} (retried): joint states withheld",
+                                      throttle_duration_sec=1.0)
 
         if self._mode == "standalone":
             target = self._follower.sample(now)
@@ -291,17 +338,28 @@ class DriverNode(LifecycleNode):
         port = driver.bus.port_name
         for health in driver.health:
             counters = driver.bus.counters.get(health.servo_id, P.BusCounters())
+            now = _Window(health.missed_cycles, counters.timeouts, counters.corrupt,
+                          sum(health.status_error_counts.values()))
+            before = self._windows.get(health.servo_id, _Window())
+            self._windows[health.servo_id] = now
             status = DiagnosticStatus(name=f"so101_driver: {health.joint} (ID {health.servo_id})", hardware_id=port)
-            if health.error_bits:
+            if health.consecutive_misses:
+                status.level = DiagnosticStatus.ERROR
+                status.message = (f"{health.joint} not answering for {health.consecutive_misses} cycles: "
+                                  f"joint states withheld")
+            elif health.error_bits:
                 status.level, status.message = DiagnosticStatus.ERROR, "servo reports " + ", ".join(health.errors)
-            elif health.missed_cycles or counters.timeouts or counters.corrupt:
-                status.level, status.message = DiagnosticStatus.WARN, "communication errors"
+            elif (now.missed, now.timeouts, now.corrupt, now.status_errors) != (
+                    before.missed, before.timeouts, before.corrupt, before.status_errors):
+                status.level, status.message = DiagnosticStatus.WARN, "communication errors since the last report"
             else:
                 status.level, status.message = DiagnosticStatus.OK, "ok"
             values = {
                 "voltage_v": f"{health.voltage_v:.1f}", "temperature_c": f"{health.temperature_c:.0f}",
                 "load_percent": f"{health.load_percent:.1f}", "current_ma": f"{health.current_ma:.0f}",
                 "error_bits": f"0x{health.error_bits:02X}", "missed_cycles": str(health.missed_cycles),
+                "missed_cycles_since_last_report": str(now.missed - before.missed),
+                "consecutive_missed_cycles": str(health.consecutive_misses),
                 "timeouts": str(counters.timeouts), "corrupt_frames": str(counters.corrupt),
                 "retries": str(counters.retries), "last_comm_error": health.last_comm_error,
             }
@@ -322,32 +380,20 @@ class DriverNode(LifecycleNode):
         self._diag_pub.publish(msg)
 
 
+def _autostart(node: DriverNode) -> bool:
+    """Configure and activate at startup when asked (no lifecycle manager); False when that failed."""
+    if not node.get_parameter("autostart").value:
+        return True
+    if node.trigger_configure() == _SUCCESS and node.trigger_activate() == _SUCCESS:
+        return True
+    node.get_logger().error("autostart failed (see above); exiting")
+    return False
+
+
 def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args if args is not None else sys.argv)
-    try:
-        node = DriverNode()
-    except ValueError as exc:  # a bad parameter
-        print(f"[so101_driver] {exc}", file=sys.stderr)
-        rclpy.try_shutdown()
-        sys.exit(1)
-    failed = False
-    try:
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        if node.get_parameter("autostart").value:
-            if node.trigger_configure() != _SUCCESS or node.trigger_activate() != _SUCCESS:
-                node.get_logger().error("autostart failed (see above); exiting")
-                failed = True
-        if not failed:
-            executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        node.release()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    if failed:
-        sys.exit(1)
+    sys.exit(spin_node(DriverNode, "so101_driver", args if args is not None else sys.argv,
+                       cleanup=DriverNode.release, start=_autostart))
+
 
 if __name__ == "__main__":
     main()

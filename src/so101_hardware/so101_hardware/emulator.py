@@ -56,6 +56,7 @@ class EmulatedServo:
     table: bytearray = field(default_factory=lambda: bytearray(256))
     shaft: float = 2048.0
     faults: list[Fault] = field(default_factory=list)
+    goal_writes: list[int] = field(default_factory=list)  # Goal_Position after each write, for tests
     _last_update: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -108,6 +109,7 @@ class EmulatedServo:
             lo, hi = self.peek(_ADDR["min_limit"], 2), self.peek(_ADDR["max_limit"], 2)
             if lo < hi:
                 self.poke(_ADDR["goal"], max(lo, min(hi, self.peek(_ADDR["goal"], 2))), 2)
+            self.goal_writes.append(self.peek(_ADDR["goal"], 2))
         return True
 
     def take_fault(self) -> Fault | None:
@@ -187,6 +189,11 @@ class BusEmulator:
             servo = self.servos[servo_id]
             servo.step(time.monotonic())
             return servo.shaft
+
+    def goal_writes(self, servo_id: int) -> list[int]:
+        """Every Goal_Position the servo took (after its own clamping to the position limits), oldest first."""
+        with self._lock:
+            return list(self.servos[servo_id].goal_writes)
 
     def register(self, servo_id: int, address: int, size: int) -> int:
         with self._lock:

@@ -110,3 +110,47 @@ def test_configure_servos_writes_only_what_differs_through_the_lock(emulator: Bu
     assert driver.configure_servos(p_gain=16, i_gain=0, d_gain=32, acceleration=254) == []
     with pytest.raises(ValueError, match="outside 0..254"):
         driver.configure_servos(p_gain=300, i_gain=0, d_gain=32, acceleration=254)
+
+
+def test_arm_outside_its_range_is_walked_in_at_max_step(emulator: BusEmulator, bus: P.ServoBus) -> None:
+    driver = _driver(bus, max_step=0.05)
+    _write_calibration(driver)
+    cal = driver.calibration
+    for motor in cal.motors.values():
+        emulator.set_shaft(motor.id, (motor.range_min + motor.range_max) // 2 + motor.homing_offset)
+    gripper = cal.motors["gripper"]
+    outside = gripper.range_min - 1130  # the jaw pushed past its calibrated end stop
+    emulator.set_shaft(gripper.id, outside + gripper.homing_offset)
+    start = driver.enable()
+    assert emulator.goal_writes(gripper.id) == [outside]  # held where it is, not clamped to range_min
+    inside = cal.limits.middle
+    for _ in range(80):
+        driver.read()
+        driver.command(inside)
+    goals = np.array(emulator.goal_writes(gripper.id))
+    max_ticks = 0.05 / abs(cal.to_radians(np.ones(6))[5] - cal.to_radians(np.zeros(6))[5])
+    assert np.all(np.abs(np.diff(goals)) <= max_ticks + 1), np.diff(goals)[:5]
+    assert gripper.range_min <= goals[-1] <= gripper.range_max
+    assert np.allclose(driver.goal, inside) and not np.allclose(start, inside)
+    assert driver.disable() == []
+    # The position limits opened for the walk are back in the servo's EEPROM.
+    assert emulator.register(gripper.id, P.MIN_POSITION_LIMIT.address, 2) == gripper.range_min
+    assert emulator.register(gripper.id, P.MAX_POSITION_LIMIT.address, 2) == gripper.range_max
+    assert driver.sync_calibration(write=False) == []
+
+
+def test_torque_off_is_read_back_retried_and_failures_named(emulator: BusEmulator, bus: P.ServoBus) -> None:
+    driver = _driver(bus)
+    _write_calibration(driver)
+    for motor in driver.calibration.motors.values():
+        emulator.set_shaft(motor.id, (motor.range_min + motor.range_max) // 2 + motor.homing_offset)
+    driver.enable()
+    emulator.inject(2, "no_reply", count=3)  # the first torque-off write fails after its retries
+    emulator.inject(6, "no_reply", count=None)  # the gripper has stopped answering
+    failures = driver.disable()
+    assert len(failures) == 1 and failures[0].startswith("gripper (ID 6)"), failures
+    assert [emulator.register(i, P.TORQUE_ENABLE.address, 1) for i in range(1, 6)] == [0] * 5
+    assert driver.torque_on  # not confirmed: a later release tries again
+    emulator.clear_faults()
+    assert driver.disable() == [] and not driver.torque_on
+    assert emulator.register(6, P.TORQUE_ENABLE.address, 1) == 0

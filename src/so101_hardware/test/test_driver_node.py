@@ -1,10 +1,12 @@
 """The driver node as its own process over DDS, talking to the emulated bus on a pty."""
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from lifecycle_msgs.msg import Transition
@@ -22,6 +24,7 @@ from so101_hardware.emulator import BusEmulator
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "calibration" / "so101_example.yaml"
 MODULE = "so101_hardware.driver_node"
+MOVING_ADDRESS = 66  # STS3215 Moving flag (1 while the shaft travels)
 
 
 def _rest_inside_range(emulator: BusEmulator) -> ArmCalibration:
@@ -152,5 +155,107 @@ def test_bad_mode_parameter_is_rejected(node_process) -> None:
     deadline = time.monotonic() + 20.0
     while proc.alive() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not proc.alive()
+    assert not proc.alive() and proc.proc.returncode == 2
     assert "mode must be one of" in proc.output()
+
+
+@pytest.mark.parametrize("params, line", [
+    ({"baudrate": "fast"}, "parameter baudrate must be an integer (like its default baudrate:=1000000), got 'fast'"),
+    ({"rate_hz": 50}, "parameter rate_hz must be a floating-point number"),
+    ({"retries": -1}, "parameter retries must be >= 0, got -1"),
+    ({"acceleration": 300}, "parameter acceleration must be in 0..254, got 300"),
+])
+def test_parameter_of_wrong_type_or_range_is_one_line_and_exit_2(node_process, params, line) -> None:
+    proc = node_process(MODULE, params=params)
+    assert proc.wait(20.0) == 2
+    out = proc.output()
+    assert line in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) == 1, out
+
+
+def _diag_status(array: DiagnosticArray, name: str) -> DiagnosticStatus | None:
+    return next((s for s in array.status if s.name == name), None)
+
+
+def test_silent_servo_withholds_joint_states_and_diagnostics_recover(emulator: BusEmulator, node_process,
+                                                                      ros_node) -> None:
+    _rest_inside_range(emulator)
+    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+                                        "mode": "standalone", "autostart": True, "diagnostics_period_s": 0.2})
+    diags: list[DiagnosticArray] = []
+    states: list[JointState] = []
+    ros_node.create_subscription(DiagnosticArray, DIAGNOSTICS_TOPIC, diags.append, 10)
+    ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
+    assert spin_until(ros_node, lambda: len(states) > 5, 15.0)
+    gripper = "so101_driver: gripper (ID 6)"
+
+    def gripper_level(level: int) -> bool:
+        status = _diag_status(diags[-1], gripper) if diags else None
+        return status is not None and status.level == level
+
+    emulator.inject(6, "no_reply", count=None)  # the gripper stops answering
+    assert spin_until(ros_node, lambda: gripper_level(DiagnosticStatus.ERROR), 10.0)
+    assert "gripper not answering" in _diag_status(diags[-1], gripper).message
+    states.clear()
+    reports = len(diags)
+    assert spin_until(ros_node, lambda: len(diags) >= reports + 3, 10.0)
+    assert states == [], f"{len(states)} joint states published while the gripper was silent"
+    assert all(_diag_status(a, gripper).level == DiagnosticStatus.ERROR for a in diags[reports:])
+    assert "no reply this cycle from ['gripper']" in proc.output()
+
+    emulator.clear_faults()  # the gripper answers again: states resume, diagnostics return to OK
+    assert spin_until(ros_node, lambda: len(states) > 5 and gripper_level(DiagnosticStatus.OK), 10.0)
+    assert all(s.level == DiagnosticStatus.OK for s in diags[-1].status), [s.message for s in diags[-1].status]
+
+
+@pytest.mark.parametrize("signals", [(signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGINT, signal.SIGINT, signal.SIGTERM),
+                                     (signal.SIGTERM,), ()], ids=["int-int", "int-int-term", "term", "int-storm"])
+def test_signals_like_ros2_launch_turn_the_torque_off(emulator: BusEmulator, node_process, ros_node,
+                                                      signals: tuple[int, ...]) -> None:
+    """ros2 launch on Ctrl-C: the terminal's SIGINT and launch's own right after (then SIGTERM)."""
+    _rest_inside_range(emulator)
+    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+                                        "mode": "standalone", "autostart": True})
+    states: list[JointState] = []
+    ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
+    pub = ros_node.create_publisher(JointTrajectory, TRAJECTORY_TOPIC, 10)
+    assert spin_until(ros_node, lambda: len(states) > 5 and pub.get_subscription_count() > 0, 15.0)
+    goal = np.array(states[-1].position) + np.array([0.8, 0.5, -0.6, 0.5, 1.0, -0.4])
+    pub.publish(JointTrajectory(joint_names=list(JOINT_NAMES), points=[
+        JointTrajectoryPoint(positions=goal.tolist(), time_from_start=Duration(sec=3))]))
+    assert spin_until(ros_node, lambda: any(emulator.register(i, MOVING_ADDRESS, 1) for i in range(1, 7)), 10.0), \
+        "the arm never moved"
+    assert all(emulator.register(i, P.TORQUE_ENABLE.address, 1) == 1 for i in range(1, 7))
+    if signals:
+        proc.send(*signals, gap_s=0.02)
+    else:  # SIGINT every 5 ms until it exits: some land inside the torque-off
+        assert proc.send_until_exit(signal.SIGINT, 0.005) >= 1
+    assert proc.wait(20.0) == 0, proc.output()
+    assert [emulator.register(i, P.TORQUE_ENABLE.address, 1) for i in range(1, 7)] == [0] * 6
+    out = proc.output()
+    assert "Traceback" not in out, out
+    shutdown_lines = [line for line in out.splitlines() if "shutting down" in line]
+    assert len(shutdown_lines) == 1 and "torque off on all 6 servos (read back)" in shutdown_lines[0], out
+
+
+def test_signal_storm_while_a_servo_is_silent_still_turns_every_other_torque_off(
+        emulator: BusEmulator, node_process, ros_node) -> None:
+    """A silent servo makes the torque-off slow (retries): a storm of SIGINTs lands in the middle of it."""
+    _rest_inside_range(emulator)
+    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+                                        "mode": "standalone", "autostart": True})
+    states: list[JointState] = []
+    ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
+    assert spin_until(ros_node, lambda: len(states) > 5, 15.0)
+    assert all(emulator.register(i, P.TORQUE_ENABLE.address, 1) == 1 for i in range(1, 7))
+    emulator.inject(1, "no_reply", count=None)  # shoulder_pan: its writes land, its replies never come
+    assert proc.send_until_exit(signal.SIGINT, 0.005) > 3
+    assert proc.wait(20.0) == 0, proc.output()
+    assert [emulator.register(i, P.TORQUE_ENABLE.address, 1) for i in range(2, 7)] == [0] * 5
+    out = proc.output()
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if "[ERROR]" in line and "torque off NOT confirmed" in line]
+    assert len(errors) == 1 and "shoulder_pan (ID 1)" in errors[0] and "gripper" not in errors[0], out
+    shutdown_lines = [line for line in out.splitlines() if "shutting down" in line]
+    assert len(shutdown_lines) == 1 and "TORQUE OFF NOT CONFIRMED" in shutdown_lines[0], out

@@ -124,11 +124,10 @@ class RecorderNode(Node):
         return response
 
 
-def _finalise(node: "RecorderNode") -> None:
+def _finalise(node: "RecorderNode") -> str:
+    """Finalise an episode in progress (spin_node keeps further signals from cutting this short)."""
     result = node.recorder.shutdown("interrupted: the recorder was shut down during the episode")
-    if result is not None:
-        # rclpy's logger may already be shut down here; print so the message is never lost.
-        print(f"[{RECORDER_NODE}] {result.message}: {result.path}", flush=True)
+    return "no episode in progress" if result is None else f"{result.message}: {result.path}"
 
 
 def main(args: list[str] | None = None) -> None:

@@ -147,8 +147,12 @@ def test_full_episode_two_cameras_640x480_30hz(node_process, ros_node, tmp_path:
     assert recorder.alive()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_episode_leaves_a_readable_bag(node_process, ros_node, tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize("signals", [(signal.SIGINT,), (signal.SIGTERM,), (signal.SIGINT, signal.SIGINT),
+                                     (signal.SIGINT, signal.SIGINT, signal.SIGTERM), ()],
+                         ids=["SIGINT", "SIGTERM", "SIGINT-SIGINT", "SIGINT-SIGINT-SIGTERM", "SIGINT-storm"])
+def test_signal_mid_episode_leaves_a_readable_bag(node_process, ros_node, tmp_path: Path,
+                                                  signals: tuple[int, ...]) -> None:
+    """Also as ``ros2 launch`` does on Ctrl-C: the terminal's SIGINT, launch's own, then SIGTERM."""
     recorder = start_recorder(node_process, tmp_path)
     pubs = Publishers(ros_node)
     pubs.wait_matched()
@@ -156,14 +160,21 @@ def test_signal_mid_episode_leaves_a_readable_bag(node_process, ros_node, tmp_pa
     assert started.success
     pubs.run(1.0)
     spin_until(ros_node, lambda: False, 0.5)
-    recorder.proc.send_signal(sig)
-    assert recorder.proc.wait(15) == 0, recorder.output()
+    if signals:
+        recorder.send(*signals, gap_s=0.02)
+    else:  # SIGINT every 5 ms until it exits: some land inside the finalisation
+        assert recorder.send_until_exit(signal.SIGINT, 0.005) > 1
+    assert recorder.wait(15) == 0, recorder.output()
     path = Path(started.episode_path)
+    assert (path / "metadata.yaml").is_file()
     bag = read_bag(path)
     assert {t: len(bag.get(t, [])) for t in pubs.counts} == pubs.counts
     meta = read_episode_metadata(path)
     assert meta.status == "failed" and meta.failure.startswith("interrupted")
-    assert "finalised" in recorder.output()
+    out = recorder.output()
+    assert "Traceback" not in out, out
+    lines = [line for line in out.splitlines() if "shutting down" in line]
+    assert len(lines) == 1 and "finalised" in lines[0], out
 
 
 def test_second_start_refused_and_discard(node_process, ros_node, tmp_path: Path) -> None:
