@@ -95,5 +95,5 @@ def test_nfe_parameter_changes_expert_evaluations(checkpoint, node_process, ros_
 def test_bad_configuration_stops_with_a_clear_error(node_process, params, message):
     proc = node_process(NODE, params=params)
     proc.proc.wait(timeout=60)
-    assert proc.proc.returncode == 1, proc.output()
+    assert proc.proc.returncode == 2, proc.output()
     assert message in proc.output()
