@@ -90,8 +90,8 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
     bad = {k: n for k, n in bad.items() if n}
     if bad:
         first = ", ".join(f"{k}: {n} of {stored[k].numel()}" for k, n in sorted(bad.items())[:3])
-        raise CheckpointError(f"{file}: {len(bad)} tensors contain NaN or inf ({first}{', ...' if len(bad) > 3 else ''})"
-                              "; the weights are corrupt")
+        more = ", ..." if len(bad) > 3 else ""
+        raise CheckpointError(f"{file}: {len(bad)} tensors contain NaN or inf ({first}{more}); the weights are corrupt")
     return stored
 
 
