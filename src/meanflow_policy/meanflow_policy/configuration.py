@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 
@@ -21,6 +22,7 @@ DDPM_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 _DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
 # Fields stored as tuples (JSON gives lists back).
 _TUPLE_FIELDS = ("camera_keys", "joint_names")
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 @dataclass
@@ -68,14 +70,36 @@ class MeanFlowConfig:
     ddpm_sampler: str = "ddpm"
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.camera_keys = tuple(self.camera_keys)
         self.joint_names = tuple(self.joint_names)
         if self.default_nfe == 0:
             self.default_nfe = _DEFAULT_NFE.get(self.objective, 1)
         self.validate()
 
+    def _check_types(self) -> None:
+        """Raise ValueError naming the first field whose value has the wrong type (e.g. ``chunk_size: "20"``).
+
+        JSON gives any type back; a string where a number belongs would otherwise fail deep inside torch."""
+        for name, hint in get_type_hints(type(self)).items():
+            value = getattr(self, name)
+            if hint is bool:
+                ok = isinstance(value, bool)
+            elif hint is int:
+                ok = isinstance(value, Integral) and not isinstance(value, bool)
+            elif hint is float:
+                ok = isinstance(value, Real) and not isinstance(value, bool)
+            elif hint is str:
+                ok = isinstance(value, str)
+            else:  # tuple[str, ...]
+                ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+            if not ok:
+                wanted = "a list of strings" if name in _TUPLE_FIELDS else _TYPE_WORDS[hint]
+                raise ValueError(f"field {name} must be {wanted}, got {type(value).__name__} {value!r}")
+
     def validate(self) -> None:
-        """Raise ValueError naming the first inconsistent field."""
+        """Raise ValueError naming the first inconsistent field (or value of the wrong type)."""
+        self._check_types()
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective {self.objective!r} is not one of {OBJECTIVES}")
         if self.ddpm_sampler not in DDPM_SAMPLERS:

@@ -276,7 +276,11 @@ class MeanFlowPolicy(nn.Module):
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
-             expect: Mapping[str, Any] | None = None) -> "MeanFlowPolicy":
-        """Load a checkpoint directory; ``expect`` maps config fields (joint_names, camera_keys, state_dim,
-        action_dim, chunk_size, objective, ...) to the values the caller requires: a mismatch raises ValueError."""
-        return load_policy(cls, Path(checkpoint_dir), torch.device(device), expect)
+             expect: Mapping[str, Any] | None = None, check_outputs: bool = False) -> "MeanFlowPolicy":
+        """Load a checkpoint directory; any problem raises ``checkpoint.CheckpointError`` (a ValueError).
+
+        ``expect`` maps config fields (joint_names, camera_keys, state_dim, action_dim, chunk_size, objective, ...)
+        to the values the caller requires. ``check_outputs`` also samples one chunk on a neutral observation and
+        refuses a model whose targets are not finite or mostly outside the joint limits: callers that drive an
+        arm set it; training and offline evaluation may load an early, still implausible checkpoint."""
+        return load_policy(cls, Path(checkpoint_dir), torch.device(device), expect, check_outputs)

@@ -28,9 +28,12 @@ from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from meanflow_policy.policy_runtime import (
+    DEFAULT_MAX_FUTURE_STAMP_S,
     NS_PER_S,
     ChunkError,
     ChunkStats,
+    ClampMonitor,
+    FutureStamp,
     ObservationNotReady,
     ObservationStale,
     ObservationStore,
@@ -85,8 +88,10 @@ class PolicyNode(Node):
         self._dt = float(config.dt)
         self._chunk_size = int(config.chunk_size)
         self._camera_keys = tuple(config.camera_keys)
-        self._store = ObservationStore(self._camera_keys, self._joint_names)
+        self._store = ObservationStore(self._camera_keys, self._joint_names,
+                                       float(self._param("max_future_stamp_s")))
         self._stats = ChunkStats()
+        self._clamping = ClampMonitor()
 
         self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories
         self._enabled = bool(self._param("start_enabled"))
@@ -162,9 +167,13 @@ class PolicyNode(Node):
                 "publisher and avoids losing large images on lossy transports).")
         declare("joint_states_topic", graph.JOINT_STATES_TOPIC, "sensor_msgs/JointState input, mapped by name.")
         declare("output_topic", graph.TRAJECTORY_TOPIC, "trajectory_msgs/JointTrajectory output (the chunks).")
-        declare("max_obs_age_s", 0.5, "Inputs older than this (header stamp vs now) are stale: no chunk is "
-                "published from them.", read_only=False,
+        declare("max_obs_age_s", 0.5, "Inputs older than this are stale: no chunk is published from them. Both "
+                "the header stamp and the receive time (this node's clock) must be younger.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=0.001, to_value=3600.0, step=0.0)])
+        declare("max_future_stamp_s", DEFAULT_MAX_FUTURE_STAMP_S, "Images and joint states stamped more than "
+                "this ahead of this node's clock are refused and reported (a skewed sender clock would hide "
+                "staleness).", read_only=False,
+                floating_point_range=[FloatingPointRange(from_value=0.0, to_value=3600.0, step=0.0)])
         declare("latency_compensation", False, "Drop the chunk points already due at publish time and shift the "
                 "rest by the observation-to-publish latency.", read_only=False)
         declare("instruction", "", "Initial instruction (empty: wait for the set_instruction service).")
@@ -186,7 +195,8 @@ class PolicyNode(Node):
             raise PolicyNodeError(f"parameter device is {device!r}; expected one of {DEVICES}")
         if device == "cuda" and not torch.cuda.is_available():
             raise PolicyNodeError("parameter device is 'cuda' but torch finds no CUDA device; use device:=cpu")
-        from meanflow_policy.modeling import MeanFlowPolicy  # heavy: only once parameters are known good
+        from meanflow_policy.checkpoint import CheckpointError  # heavy: only once parameters are known good
+        from meanflow_policy.modeling import MeanFlowPolicy
 
         threads = int(self._param("torch_threads"))
         if threads:
@@ -194,8 +204,8 @@ class PolicyNode(Node):
 
         t0 = time.perf_counter()
         try:
-            policy = MeanFlowPolicy.load(checkpoint, device=device)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            policy = MeanFlowPolicy.load(checkpoint, device=device, check_outputs=True)
+        except (CheckpointError, RuntimeError) as exc:  # RuntimeError: the device (e.g. CUDA out of memory)
             raise PolicyNodeError(f"cannot load checkpoint {checkpoint!r}: {exc}") from exc
         self.get_logger().info(f"loaded {checkpoint} on {device} in {time.perf_counter() - t0:.1f} s "
                                f"(backbone {policy.config.backbone}, objective {policy.config.objective})")
@@ -219,6 +229,8 @@ class PolicyNode(Node):
         # Ranges and read-only flags are enforced by the descriptors; the next chunk reads the new values.
         for p in params:
             self.get_logger().info(f"parameter {p.name} set to {p.value!r}")
+            if p.name == "max_future_stamp_s":
+                self._store.max_future_stamp_s = float(p.value)
         self._wake.set()
 
     # ----- inputs ------------------------------------------------------------------------------------------
@@ -233,7 +245,13 @@ class PolicyNode(Node):
             text = f"image from {self._camera_topics[camera]} ignored: {exc}"
             self._report(DiagnosticStatus.ERROR, f"image:{camera}", text)
             return
-        self._store.put_image(camera, rgb, stamp_to_ns(msg.header.stamp) or self._now_ns())
+        received_ns = self._now_ns()
+        try:
+            self._store.put_image(camera, rgb, stamp_to_ns(msg.header.stamp) or received_ns, received_ns)
+        except FutureStamp as exc:
+            self._stats.count("future_stamps")
+            self._report(DiagnosticStatus.ERROR, f"future_stamp:{camera}",
+                         f"image from {self._camera_topics[camera]} ignored: {exc}")
 
     def _on_incompatible_qos(self, topic: str, info: QoSRequestedIncompatibleQoSInfo) -> None:
         policy = qos_policy_name_from_kind(info.last_policy_kind)
@@ -242,8 +260,14 @@ class PolicyNode(Node):
                      f"camera needs image_reliability:=best_effort; now {self._param('image_reliability')})")
 
     def _on_joint_state(self, msg: JointState) -> None:
+        received_ns = self._now_ns()
         try:
-            self._store.put_joint_state(msg.name, msg.position, stamp_to_ns(msg.header.stamp) or self._now_ns())
+            self._store.put_joint_state(msg.name, msg.position, stamp_to_ns(msg.header.stamp) or received_ns,
+                                        received_ns)
+        except FutureStamp as exc:
+            self._stats.count("future_stamps")
+            self._report(DiagnosticStatus.ERROR, "future_stamp:joint_state",
+                         f"joint state on {self._joint_topic} ignored: {exc}")
         except ValueError as exc:
             self._stats.count("joint_state_errors")
             text = f"joint state on {self._joint_topic} ignored: {exc}"
@@ -309,7 +333,8 @@ class PolicyNode(Node):
                 self._stop.wait(delay)
                 continue
             max_age = float(self._param("max_obs_age_s"))
-            # Bounded wait, so a slow camera still gets its stale warning and new parameters apply soon.
+            # Bounded wait, so a slow camera still gets its stale warning and new parameters apply soon; without
+            # a new frame from every camera, take() refuses (frames already used never make a second chunk).
             self._store.wait_for_new_images(min(max_age, MAX_IMAGE_WAIT_S), cancel=self._stop)
             with self._lock:  # what holds when this chunk starts: an instruction set meanwhile applies to it
                 enabled, instruction, epoch = self._enabled, self._instruction, self._epoch
@@ -362,6 +387,10 @@ class PolicyNode(Node):
         self._stats.add_chunk(total_ms, float(timing.get("expert_ms", 0.0)), obs_age_ms)
         if plan.clamped:
             self._stats.count("clamped_values", plan.clamped)
+        clamping = self._clamping.observe(plan, int(np.size(chunk)))
+        if clamping is not None:
+            self._report(DiagnosticStatus.ERROR if clamping.error else DiagnosticStatus.WARN, "clamping",
+                         clamping.message)
         if plan.dropped:
             self._stats.count("points_dropped_for_latency", plan.dropped)
         report = ChunkTiming(obs_age_ms=obs_age_ms, prefix_ms=float(timing.get("prefix_ms", 0.0)),

@@ -16,6 +16,14 @@ import numpy as np
 from so101_common.joints import JointLimits
 
 NS_PER_S = 1_000_000_000
+# How far a header stamp may lie ahead of this node's clock (clock jitter between processes or well-synchronised
+# machines) before the message is refused as coming from a skewed clock.
+DEFAULT_MAX_FUTURE_STAMP_S = 0.1
+# Clamping that goes on this many chunks in a row is reported: one clamped point is an overshoot, a run of them
+# is a model (or checkpoint) that wants the arm outside its limits.
+CLAMP_SUSTAINED_CHUNKS = 3
+# Share of clamped values in such a run above which the report is an error rather than a warning.
+CLAMP_ERROR_FRACTION = 0.25
 
 
 class ObservationNotReady(RuntimeError):
@@ -24,6 +32,10 @@ class ObservationNotReady(RuntimeError):
 
 class ObservationStale(RuntimeError):
     """An input is older than the allowed age: inference on it would act on the past."""
+
+
+class FutureStamp(ValueError):
+    """A header stamp too far ahead of this node's clock: with it, staleness could not be judged from the stamp."""
 
 
 class ChunkError(ValueError):
@@ -46,41 +58,62 @@ class Observation:
 
 
 def age_s(now_ns: int, stamp_ns: int) -> float:
-    """Age of a stamp; a stamp slightly in the future (clock jitter between processes) counts as age 0."""
+    """Age of a stamp; a stamp slightly in the future (clock jitter between processes) counts as age 0.
+
+    Stamps further ahead are refused on arrival (``ObservationStore``), and staleness is also judged by receive
+    time, so this clipping cannot hide a stopped source."""
     return max(0.0, (now_ns - stamp_ns) / NS_PER_S)
+
+
+def check_stamp(what: str, stamp_ns: int, received_ns: int, max_future_s: float) -> None:
+    """Raise FutureStamp when ``stamp_ns`` lies more than ``max_future_s`` after its receive time."""
+    ahead = (stamp_ns - received_ns) / NS_PER_S
+    if ahead > max_future_s:
+        raise FutureStamp(f"{what} is stamped {ahead:.3f} s ahead of this node's clock (max_future_stamp_s "
+                          f"{max_future_s:g}): refused; is the sender's clock skewed?")
 
 
 class ObservationStore:
     """Latest image per camera and latest position per joint, shared between callbacks and the inference thread.
 
     Joint states are merged by name, so a driver that publishes joints in several messages, or in another
-    order, still yields the full vector in ``joint_names`` order. Non-finite values are refused, never stored.
+    order, still yields the full vector in ``joint_names`` order. Non-finite values are refused, never stored, and
+    so are messages stamped more than ``max_future_stamp_s`` ahead of their receive time. Each input keeps its
+    header stamp and its receive time (this node's clock): it is stale when either is too old, so a sender's
+    clock running ahead cannot make a stopped stream look fresh.
     """
 
-    def __init__(self, camera_keys: Sequence[str], joint_names: Sequence[str]) -> None:
+    def __init__(self, camera_keys: Sequence[str], joint_names: Sequence[str],
+                 max_future_stamp_s: float = DEFAULT_MAX_FUTURE_STAMP_S) -> None:
         if not camera_keys:
             raise ValueError("at least one camera key is needed")
         self.camera_keys = tuple(camera_keys)
         self.joint_names = tuple(joint_names)
         self._joint_index = {n: i for i, n in enumerate(self.joint_names)}
         self._cond = threading.Condition()
-        self._images: dict[str, tuple[np.ndarray, int, int]] = {}  # camera -> (rgb, stamp_ns, sequence)
+        self.max_future_stamp_s = float(max_future_stamp_s)  # set by the node when its parameter changes
+        # camera -> (rgb, stamp_ns, received_ns, sequence)
+        self._images: dict[str, tuple[np.ndarray, int, int, int]] = {}
         self._used_seq: dict[str, int] = {k: 0 for k in self.camera_keys}
         self._seq = 0
         self._positions = np.full(len(self.joint_names), np.nan)
         self._joint_stamps = np.zeros(len(self.joint_names), dtype=np.int64)
+        self._joint_received = np.zeros(len(self.joint_names), dtype=np.int64)
 
-    def put_image(self, camera: str, rgb: np.ndarray, stamp_ns: int) -> None:
+    def put_image(self, camera: str, rgb: np.ndarray, stamp_ns: int, received_ns: int) -> None:
+        """Store a camera's latest frame; raises ValueError (FutureStamp for a skewed clock) and keeps the old one."""
         if camera not in self.camera_keys:
             raise ValueError(f"unknown camera {camera!r}; this policy uses {list(self.camera_keys)}")
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ValueError(f"camera {camera!r}: expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+        check_stamp(f"camera {camera} image", int(stamp_ns), int(received_ns), self.max_future_stamp_s)
         with self._cond:
             self._seq += 1
-            self._images[camera] = (rgb, int(stamp_ns), self._seq)
+            self._images[camera] = (rgb, int(stamp_ns), int(received_ns), self._seq)
             self._cond.notify_all()
 
-    def put_joint_state(self, names: Sequence[str], positions: Sequence[float], stamp_ns: int) -> list[str]:
+    def put_joint_state(self, names: Sequence[str], positions: Sequence[float], stamp_ns: int,
+                        received_ns: int) -> list[str]:
         """Store the known joints of one JointState; returns the names it ignored (not joints of this arm)."""
         names = list(names)
         values = np.asarray(positions, dtype=np.float64)
@@ -89,6 +122,7 @@ class ObservationStore:
         bad = [n for n, v in zip(names, values) if not np.isfinite(v)]
         if bad:
             raise ValueError(f"joint state has non-finite positions for {bad}")
+        check_stamp("joint state", int(stamp_ns), int(received_ns), self.max_future_stamp_s)
         ignored = [n for n in names if n not in self._joint_index]
         with self._cond:
             for name, value in zip(names, values):
@@ -96,6 +130,7 @@ class ObservationStore:
                 if i is not None:
                     self._positions[i] = value
                     self._joint_stamps[i] = int(stamp_ns)
+                    self._joint_received[i] = int(received_ns)
         return ignored
 
     def current_positions(self) -> np.ndarray | None:
@@ -118,7 +153,7 @@ class ObservationStore:
         Returns False on timeout or when ``cancel`` is set (wake the waiter with ``notify`` after setting it).
         """
         def fresh() -> bool:
-            return all(k in self._images and self._images[k][2] > self._used_seq[k] for k in self.camera_keys)
+            return all(k in self._images and self._images[k][3] > self._used_seq[k] for k in self.camera_keys)
 
         with self._cond:
             self._cond.wait_for(lambda: fresh() or (cancel is not None and cancel.is_set()),
@@ -131,7 +166,11 @@ class ObservationStore:
             self._cond.notify_all()
 
     def take(self, now_ns: int, max_age_s: float, instruction: str) -> Observation:
-        """A complete, fresh observation; raises ObservationNotReady / ObservationStale naming the input."""
+        """A complete, fresh observation built only from frames no earlier observation used.
+
+        Raises ObservationNotReady (naming what never arrived, or the cameras without a new frame since the last
+        observation) or ObservationStale (naming each input whose stamp or receive time is older than allowed).
+        """
         missing = self.missing()
         if missing:
             raise ObservationNotReady(f"waiting for {', '.join(missing)}")
@@ -139,22 +178,36 @@ class ObservationStore:
             images = {k: self._images[k] for k in self.camera_keys}
             positions = self._positions.copy()
             joint_stamps = self._joint_stamps.copy()
-            stale = [f"camera {k} image is {age_s(now_ns, s):.3f} s old" for k, (_, s, _) in images.items()
-                     if age_s(now_ns, s) > max_age_s]
-            stale += [f"joint {n} is {age_s(now_ns, int(s)):.3f} s old" for n, s in zip(self.joint_names, joint_stamps)
-                      if age_s(now_ns, int(s)) > max_age_s]
+            joint_received = self._joint_received.copy()
+            stale = [_staleness(f"camera {k} image", now_ns, s, r, max_age_s) for k, (_, s, r, _) in images.items()]
+            stale += [_staleness(f"joint {n}", now_ns, int(s), int(r), max_age_s)
+                      for n, s, r in zip(self.joint_names, joint_stamps, joint_received)]
+            stale = [text for text in stale if text]
             if stale:
                 raise ObservationStale("; ".join(stale) + f" (max_obs_age_s {max_age_s:g})")
-            for k, (_, _, seq) in images.items():
+            used = [k for k, (_, _, _, seq) in images.items() if seq <= self._used_seq[k]]
+            if used:
+                raise ObservationNotReady(f"no new frame from camera {', '.join(used)} since the last chunk")
+            for k, (_, _, _, seq) in images.items():
                 self._used_seq[k] = seq
-        stamps = [s for _, s, _ in images.values()] + [int(s) for s in joint_stamps]
+        stamps = [s for _, s, _, _ in images.values()] + [int(s) for s in joint_stamps]
         return Observation(
-            images={k: rgb for k, (rgb, _, _) in images.items()},
+            images={k: rgb for k, (rgb, _, _, _) in images.items()},
             state=positions,
             oldest_stamp_ns=min(stamps),
-            newest_image_stamp_ns=max(s for _, s, _ in images.values()),
+            newest_image_stamp_ns=max(s for _, s, _, _ in images.values()),
             instruction=instruction,
         )
+
+
+def _staleness(what: str, now_ns: int, stamp_ns: int, received_ns: int, max_age_s: float) -> str:
+    """Why an input is stale ('' when it is not): its stamp, or its receive time, is older than ``max_age_s``."""
+    stamp_age, received_age = age_s(now_ns, stamp_ns), age_s(now_ns, received_ns)
+    if stamp_age > max_age_s:
+        return f"{what} is {stamp_age:.3f} s old"
+    if received_age > max_age_s:
+        return f"{what} was received {received_age:.3f} s ago (its stamp says {stamp_age:.3f} s old)"
+    return ""
 
 
 @dataclass(frozen=True)
@@ -165,6 +218,7 @@ class TrajectoryPlan:
     positions: np.ndarray
     dropped: int
     clamped: int
+    clamped_by_joint: dict[str, int] = field(default_factory=dict)  # joints with clamped values only
 
 
 def chunk_to_plan(chunk: np.ndarray, limits: JointLimits, dt_s: float, elapsed_s: float = 0.0,
@@ -184,7 +238,9 @@ def chunk_to_plan(chunk: np.ndarray, limits: JointLimits, dt_s: float, elapsed_s
     if not dt_s > 0:
         raise ValueError(f"dt must be positive, got {dt_s}")
     positions = limits.clamp(chunk)
-    clamped = int(np.count_nonzero(positions != chunk.astype(np.float64)))
+    changed = positions != chunk.astype(np.float64)
+    clamped = int(np.count_nonzero(changed))
+    by_joint = {name: int(n) for name, n in zip(limits.names, changed.sum(axis=0)) if n}
     times = (np.arange(chunk.shape[0]) + 1) * dt_s
     dropped = 0
     if compensate_latency and elapsed_s > 0:
@@ -194,13 +250,57 @@ def chunk_to_plan(chunk: np.ndarray, limits: JointLimits, dt_s: float, elapsed_s
             raise ChunkError(f"latency {elapsed_s * 1e3:.1f} ms exceeds the chunk horizon "
                              f"{times[-1] * 1e3:.1f} ms: every point is already in the past")
         times, positions = times[keep] - elapsed_s, positions[keep]
-    return TrajectoryPlan(times_s=times, positions=positions, dropped=dropped, clamped=clamped)
+    return TrajectoryPlan(times_s=times, positions=positions, dropped=dropped, clamped=clamped,
+                          clamped_by_joint=by_joint)
 
 
 def hold_plan(current: np.ndarray, limits: JointLimits, dt_s: float) -> TrajectoryPlan:
     """A one-point trajectory that stops the arm where it is (reached one control step from now)."""
     return TrajectoryPlan(times_s=np.array([dt_s]), positions=limits.clamp(np.asarray(current)[None, :]),
                           dropped=0, clamped=0)
+
+
+@dataclass(frozen=True)
+class ClampReport:
+    """Sustained clamping worth telling the operator: ``error`` when a large share of the values was clamped."""
+
+    error: bool
+    message: str
+
+
+class ClampMonitor:
+    """Follows clamping over consecutive chunks; a run of ``sustained_chunks`` clamped chunks gives a report.
+
+    A single clamped point is an overshoot the limits are there for; chunk after chunk of them means the model
+    (or a corrupt checkpoint) drives joints into their limits, which the operator must hear about.
+    """
+
+    def __init__(self, sustained_chunks: int = CLAMP_SUSTAINED_CHUNKS,
+                 error_fraction: float = CLAMP_ERROR_FRACTION) -> None:
+        self.sustained_chunks = sustained_chunks
+        self.error_fraction = error_fraction
+        self._chunks = 0
+        self._values = 0
+        self._clamped: dict[str, int] = {}
+
+    def observe(self, plan: TrajectoryPlan, chunk_values: int) -> ClampReport | None:
+        """Account one chunk of ``chunk_values`` model values; a report while clamping is sustained, else None."""
+        if not plan.clamped:
+            self._chunks, self._values, self._clamped = 0, 0, {}
+            return None
+        self._chunks += 1
+        self._values += chunk_values
+        for name, n in plan.clamped_by_joint.items():
+            self._clamped[name] = self._clamped.get(name, 0) + n
+        if self._chunks < self.sustained_chunks:
+            return None
+        total = sum(self._clamped.values())
+        share = total / self._values
+        joints = ", ".join(f"{name} {n}" for name, n in sorted(self._clamped.items(), key=lambda kv: -kv[1]))
+        return ClampReport(error=share > self.error_fraction,
+                           message=f"model output clamped to the joint limits in {self._chunks} chunks in a row: "
+                                   f"{total} of {self._values} values ({100 * share:.0f} %; {joints}); the "
+                                   "checkpoint may be corrupt, untrained or made for another arm")
 
 
 @dataclass

@@ -75,3 +75,61 @@ def random_batch(config: MeanFlowConfig, batch_size: int = 4, seed: int = 0) -> 
         "action_is_pad": is_pad,
         "instruction": [words[i % len(words)] for i in range(batch_size)],
     }
+
+
+# Ways a checkpoint goes bad, each made deterministically (file, what is done to it).
+CORRUPTIONS: tuple[str, ...] = ("truncated_weights", "empty_weights", "flipped_bytes", "nan_weights",
+                                "saturated_weights", "bad_tokenizer", "chunk_size_string", "zero_std",
+                                "gripper_beyond_limit")
+
+
+def corrupt_checkpoint(source: str | Path, target: str | Path, kind: str) -> Path:
+    """Copy a checkpoint directory and damage it as ``kind`` (one of CORRUPTIONS) says; returns the copy.
+
+    ``saturated_weights`` sends every joint far past its limits on any input; ``gripper_beyond_limit`` only the
+    gripper (a sixth of the values: plausible enough to load, so each chunk gets clamped)."""
+    import json
+    import shutil
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    source, target = Path(source), Path(target)
+    shutil.copytree(source, target)
+    weights, config, stats = target / "model.safetensors", target / "config.json", target / "stats.json"
+    if kind == "truncated_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif kind == "empty_weights":
+        weights.write_bytes(b"")
+    elif kind == "flipped_bytes":
+        raw = bytearray(weights.read_bytes())
+        data_start = 8 + struct.unpack("<Q", raw[:8])[0]  # safetensors: header length, JSON header, tensor data
+        rng = np.random.default_rng(0)
+        for i in rng.choice(np.arange(data_start, len(raw)), 2000, replace=False):
+            raw[i] ^= 0xFF
+        weights.write_bytes(bytes(raw))
+    elif kind in ("nan_weights", "saturated_weights"):
+        tensors = load_file(str(weights))
+        if kind == "nan_weights":
+            tensors = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in tensors.items()}
+        else:
+            tensors["expert.out.bias"] = torch.full_like(tensors["expert.out.bias"], 50.0)
+        save_file(tensors, str(weights))
+    elif kind == "bad_tokenizer":
+        (target / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    elif kind == "chunk_size_string":
+        values = json.loads(config.read_text())
+        values["chunk_size"] = str(values["chunk_size"])
+        config.write_text(json.dumps(values))
+    elif kind == "zero_std":
+        values = json.loads(stats.read_text())
+        values["action"]["std"][0] = 0.0
+        stats.write_text(json.dumps(values))
+    elif kind == "gripper_beyond_limit":
+        values = json.loads(stats.read_text())
+        names = json.loads(config.read_text())["joint_names"]
+        values["action"]["mean"][names.index("gripper")] += 4.0
+        stats.write_text(json.dumps(values))
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; one of {CORRUPTIONS}")
+    return target

@@ -56,3 +56,20 @@ def test_unknown_json_field_is_rejected():
     d["chunk"] = 3
     with pytest.raises(ValueError, match="chunk"):
         MeanFlowConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("chunk_size", "20", "field chunk_size must be an integer, got str '20'"),
+    ("chunk_size", 20.0, "field chunk_size must be an integer, got float 20.0"),
+    ("fps", "30", "field fps must be a number, got str '30'"),
+    ("train_backbone", 1, "field train_backbone must be true or false, got int 1"),
+    ("objective", None, "field objective must be a string, got NoneType None"),
+    ("camera_keys", "wrist", "field camera_keys must be a list of strings, got str 'wrist'"),
+    ("joint_names", [1, 2], "field joint_names must be a list of strings"),
+])
+def test_wrong_json_types_are_named(field, value, match):
+    """JSON gives any type back: a string where a number belongs must be named, not fail deep inside torch."""
+    d = MeanFlowConfig().to_dict()
+    d[field] = value
+    with pytest.raises(ValueError, match=match):
+        MeanFlowConfig.from_dict(d)

@@ -8,9 +8,16 @@ from safetensors.torch import load_file, save_file
 
 from so101_common.graph import JOINT_NAMES
 
+from meanflow_policy.checkpoint import CheckpointError
 from meanflow_policy.configuration import MeanFlowConfig
 from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.testing import make_tiny_checkpoint, plausible_stats, random_observation, torch_threads
+from meanflow_policy.testing import (
+    corrupt_checkpoint,
+    make_tiny_checkpoint,
+    plausible_stats,
+    random_observation,
+    torch_threads,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -198,8 +205,45 @@ def test_corrupt_checkpoints_are_clear_errors(ckpt, tmp_path):
 
     no_weights = _copy(ckpt, tmp_path / "noweights")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="lacks model.safetensors"):
         MeanFlowPolicy.load(no_weights)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated_weights", "model.safetensors: not a readable safetensors file"),
+    ("empty_weights", "model.safetensors: not a readable safetensors file"),
+    ("nan_weights", r"model.safetensors: \d+ tensors contain NaN or inf \(backbone"),
+    ("bad_tokenizer", "tokenizer.json: not a valid tokenizer file"),
+    ("chunk_size_string", "config.json: field chunk_size must be an integer, got str '20'"),
+    ("zero_std", r"stats.json: field action.std is below 0.001 for \['shoulder_pan 0'\]"),
+])
+def test_unusable_files_are_one_checkpoint_error(ckpt, tmp_path, kind, message):
+    """Every file problem is one CheckpointError naming the file (and field), whatever the caller asks for."""
+    bad = corrupt_checkpoint(ckpt, tmp_path / kind, kind)
+    with pytest.raises(CheckpointError, match=message):
+        MeanFlowPolicy.load(bad)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("flipped_bytes", "model.safetensors: the model gives NaN or inf on a neutral observation"),
+    ("saturated_weights", r"model.safetensors: on a neutral observation 100 % of the model's joint targets are "
+                          r"outside the joint limits \(joints \['shoulder_pan', .*'gripper'\]"),
+])
+def test_implausible_outputs_are_refused_when_outputs_are_checked(ckpt, tmp_path, kind, message):
+    """Finite but corrupt weights: caught by the warm-up chunk of a load for an arm (training may still load)."""
+    bad = corrupt_checkpoint(ckpt, tmp_path / kind, kind)
+    with pytest.raises(CheckpointError, match=message):
+        MeanFlowPolicy.load(bad, check_outputs=True)
+    assert MeanFlowPolicy.load(bad).config.chunk_size == 20
+
+
+def test_plausible_checkpoints_pass_the_output_check(ckpt, tmp_path):
+    """A sixth of the targets past a limit (the gripper) is left to the node's clamp report, not refused."""
+    assert MeanFlowPolicy.load(ckpt, check_outputs=True).config.chunk_size == 20
+    bad = corrupt_checkpoint(ckpt, tmp_path / "gripper", "gripper_beyond_limit")
+    policy = MeanFlowPolicy.load(bad, check_outputs=True)
+    chunk = policy.sample(random_observation(policy.config), generator=torch.Generator().manual_seed(0))
+    assert np.all(chunk[:, 5] > 1.75)
 
 
 def test_pretrained_backbone_is_stored_by_reference(tmp_path):
