@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from meanflow_policy import train_cli
 from meanflow_policy.configuration import TrainConfig
 from meanflow_policy.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.modeling import MeanFlowPolicy
 from meanflow_policy.testing import torch_threads
 from meanflow_policy.training import STATE_FILE, STATE_TENSORS_FILE, TRAIN_CONFIG_FILE
 
@@ -126,3 +127,22 @@ def test_broken_resume_files_are_one_clear_error(bags: Path, one_go: Path, tmp_p
         assert _train(bags, out, "--resume", "--steps", "14") == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and match in errors[0] and str(path) in errors[0], errors
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
+
+
+def test_shipped_checkpoint_loads_fine_tunes_and_is_no_resumable_run(bags: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints written before training states existed still load and fine-tune; --resume on one names the
+    missing state file instead of silently restarting the optimizer."""
+    MeanFlowPolicy.load(SHIPPED)
+    out = tmp_path / "old_run"
+    shutil.copytree(SHIPPED, out / "last")
+    (out / "progress.json").write_text('{"step": 100, "best_action_mae_rad": 0.1}\n')
+    with caplog.at_level(logging.ERROR, logger="meanflow_train"):
+        assert _train(bags, out, "--resume", "--steps", "102") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(out / "last" / STATE_FILE) in errors[0] and "--init-from" in errors[0]
+    assert _train(bags, tmp_path / "tuned", "--init-from", str(SHIPPED), "--steps", "2") == 0
+    assert json.loads((tmp_path / "tuned" / "last" / STATE_FILE).read_text())["step"] == 2
