@@ -11,8 +11,8 @@ PRESET ?= tiny
 DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 
-.PHONY: setup test demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-sim bench-hw \
-        bench-teleop clean
+.PHONY: setup test demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+        bench-hw bench-teleop clean
 
 setup:
 	@bash scripts/setup.sh
@@ -47,6 +47,11 @@ bench-node: setup
 
 bench-data: setup
 	@$(ENV) python -m meanflow_policy.bench_data --cpu-threads 1
+
+# Training steps/s with the backbone in every step vs on cached frozen-backbone prefix features (tiny preset, batch
+# 32, CPU, one thread); the last line is one JSON object (steps_per_s, ratio_cached_over_joint, ...).
+bench-train: setup
+	@$(ENV) python -m meanflow_policy.bench_train --device cpu --cpu-threads 1 --batch-size 32
 
 bench-sim: setup
 	@$(ENV) python -m so101_sim.bench

@@ -182,3 +182,72 @@ class MeanFlowConfig:
     @classmethod
     def load(cls, path: str | Path) -> "MeanFlowConfig":
         return cls.from_json(Path(path).read_text())
+
+
+@dataclass
+class TrainConfig:
+    """Every training default in one place: ``meanflow-train`` takes its option defaults from here, ``train()``
+    uses it as is, and the resolved config is saved with every checkpoint (``train_config.json``), so a resumed run
+    continues with exactly the settings it started with."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int | None = None  # None: 5 % of steps, at most 200 (resolved on construction)
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.0  # 0 disables EMA; checkpoints and validation use the EMA weights when enabled
+    log_every: int = 10
+    val_every: int = 200  # 0: validate only at the end (when a validation function is given)
+    val_fraction: float = 0.1
+    val_batches: int = 8
+    checkpoint_every: int = 0  # train(): also keep checkpoints/step_N every N steps (0: only the final one)
+    seed: int = 0
+    time_limit_s: float = 0.0  # > 0: stop after this much training time, saving as at the end (resumable)
+    stop_after: int = 0  # > 0: stop after this many steps of this invocation, saving as at the end (resumable)
+    freeze_backbone: bool = False  # train the expert on cached prefix features (no backbone in the step)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        if self.warmup_steps is None:
+            self.warmup_steps = min(200, max(1, self.steps // 20))
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.time_limit_s < 0:
+            raise ValueError(f"time_limit_s must be >= 0, got {self.time_limit_s}")
+        if self.stop_after < 0:
+            raise ValueError(f"stop_after must be >= 0, got {self.stop_after}")
+        if self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("warmup_steps must be >= 0 and grad_clip > 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("log_every", "val_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("val_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        return cls(**d)

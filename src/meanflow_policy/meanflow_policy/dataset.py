@@ -505,25 +505,28 @@ class SampleSet:
         g = self._offset[ep][:, None] + np.minimum(k, self._length[ep][:, None] - 1)
         return self._action[g], beyond | ~self._valid[g]
 
-    def batch(self, rows: Sequence[int] | np.ndarray) -> dict:
-        """A batch in the policy's training format (see MeanFlowPolicy.compute_loss)."""
+    def batch(self, rows: Sequence[int] | np.ndarray, images: bool = True) -> dict:
+        """A batch in the policy's training format (see MeanFlowPolicy.compute_loss); ``images=False`` leaves the
+        frames out (training on cached prefix features)."""
         rows = np.asarray(rows, dtype=np.int64)
         ep, step = self.sample_episode[rows], self.sample_step[rows]
         g = self._offset[ep] + step
         actions, pad = self.chunk(rows)
-        size = self.cfg.image_size
-        images = np.empty((len(rows), len(self.cfg.camera_keys), size, size, 3), dtype=np.uint8)
-        for j, cam in enumerate(self.cfg.camera_keys):
-            fidx = self._frame_index[g, j]
-            for b in range(len(rows)):
-                images[b, j] = self.episodes[ep[b]].frames[cam][fidx[b]]
-        return {
-            "images": torch.from_numpy(images),
+        out = {
             "state": torch.from_numpy(self._state[g].astype(np.float32)),
             "actions": torch.from_numpy(actions.astype(np.float32)),
             "action_is_pad": torch.from_numpy(pad),
             "instruction": [self.episodes[e].instruction for e in ep],
         }
+        if images:
+            size = self.cfg.image_size
+            frames = np.empty((len(rows), len(self.cfg.camera_keys), size, size, 3), dtype=np.uint8)
+            for j, cam in enumerate(self.cfg.camera_keys):
+                fidx = self._frame_index[g, j]
+                for b in range(len(rows)):
+                    frames[b, j] = self.episodes[ep[b]].frames[cam][fidx[b]]
+            out["images"] = torch.from_numpy(frames)
+        return out
 
     def observation(self, row: int) -> dict:
         """One sample as a policy.sample() observation (images keyed by camera, at the cached size)."""

@@ -25,6 +25,8 @@ from meanflow_policy.expert import ActionExpert, ExpertContext
 # Floor applied to stored standard deviations, so a joint that never moved in the demos does not blow up.
 MIN_STD = 1e-3
 _STAT_KEYS = ("state", "action")
+# Batch keys of precomputed prefix features (frozen backbone output), used instead of images + instructions.
+PREFIX_FEATURES, PREFIX_MASK = "prefix_features", "prefix_mask"
 
 
 class MeanFlowPolicy(nn.Module):
@@ -116,15 +118,28 @@ class MeanFlowPolicy(nn.Module):
 
     def _validate_batch(self, batch: Mapping[str, Any]) -> None:
         cfg = self.config
-        for key in ("images", "state", "actions", "action_is_pad", "instruction"):
+        cached = PREFIX_FEATURES in batch
+        inputs = (PREFIX_FEATURES, PREFIX_MASK) if cached else ("images", "instruction")
+        for key in (*inputs, "state", "actions", "action_is_pad"):
             if key not in batch:
                 raise ValueError(f"training batch lacks {key!r}")
-        images, state, actions = batch["images"], batch["state"], batch["actions"]
+        state, actions = batch["state"], batch["actions"]
         b = state.shape[0]
-        expected = (b, len(cfg.camera_keys), cfg.image_size, cfg.image_size, 3)
-        if tuple(images.shape) != expected or images.dtype != torch.uint8:
-            raise ValueError(f"batch['images'] must be uint8 {expected} (cameras {cfg.camera_keys}), "
-                             f"got {images.dtype} {tuple(images.shape)}")
+        if cached:
+            feats, mask = batch[PREFIX_FEATURES], batch[PREFIX_MASK]
+            if feats.ndim != 3 or feats.shape[0] != b or feats.shape[2] != self.backbone.feature_dim \
+                    or feats.shape[1] <= self.n_image_tokens or tuple(mask.shape) != tuple(feats.shape[:2]):
+                raise ValueError(f"batch[{PREFIX_FEATURES!r}] must be ({b}, > {self.n_image_tokens}, "
+                                 f"{self.backbone.feature_dim}) with a matching mask, got {tuple(feats.shape)} "
+                                 f"and {tuple(mask.shape)}")
+        else:
+            images = batch["images"]
+            expected = (b, len(cfg.camera_keys), cfg.image_size, cfg.image_size, 3)
+            if tuple(images.shape) != expected or images.dtype != torch.uint8:
+                raise ValueError(f"batch['images'] must be uint8 {expected} (cameras {cfg.camera_keys}), "
+                                 f"got {images.dtype} {tuple(images.shape)}")
+            if len(batch["instruction"]) != b:
+                raise ValueError(f"batch['instruction'] has {len(batch['instruction'])} entries for batch size {b}")
         if tuple(state.shape) != (b, cfg.state_dim):
             raise ValueError(f"batch['state'] must be ({b}, {cfg.state_dim}), got {tuple(state.shape)}")
         if tuple(actions.shape) != (b, cfg.chunk_size, cfg.action_dim):
@@ -133,26 +148,29 @@ class MeanFlowPolicy(nn.Module):
         if tuple(batch["action_is_pad"].shape) != (b, cfg.chunk_size):
             raise ValueError(f"batch['action_is_pad'] must be ({b}, {cfg.chunk_size}), "
                              f"got {tuple(batch['action_is_pad'].shape)}")
-        if len(batch["instruction"]) != b:
-            raise ValueError(f"batch['instruction'] has {len(batch['instruction'])} entries for batch size {b}")
 
     def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
                      r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the configured objective on a dataset batch; ``noise``/``t``/``r`` override the random draws
-        (r is ignored by flow_matching; for ddpm, t holds integer steps k)."""
+        (r is ignored by flow_matching; for ddpm, t holds integer steps k). A batch may carry the frozen backbone's
+        output instead of images + instructions (``prefix_features`` (B, L, D) and ``prefix_mask`` (B, L), see
+        feature_cache): then no backbone runs."""
         self._validate_batch(batch)
         cfg, dev = self.config, self.device
-        images = batch["images"].to(dev)
-        if self.training:
-            images = random_shift(images, cfg.image_shift_px, generator)
+        if PREFIX_FEATURES in batch:
+            features, mask = batch[PREFIX_FEATURES].to(dev), batch[PREFIX_MASK].to(dev, torch.bool)
+        else:
+            images = batch["images"].to(dev)
+            if self.training:
+                images = random_shift(images, cfg.image_shift_px, generator)
+            features, mask = self.backbone(images, list(batch["instruction"]))
+            if not self.backbone.trainable:
+                features = features.detach()
         state = batch["state"].to(dev, torch.float32)
         actions = self.normalize_actions(batch["actions"].to(dev, torch.float32))
         valid = ~batch["action_is_pad"].to(dev, torch.bool)
         b = actions.shape[0]
-        features, mask = self.backbone(images, list(batch["instruction"]))
-        if not self.backbone.trainable:
-            features = features.detach()
         ctx = self._context(features, mask, state)
         if noise is None:
             noise = objectives.draw_normal(tuple(actions.shape), generator, dev)

@@ -27,7 +27,7 @@ import torch
 from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 
 from meanflow_policy.bag_reader import CLOCKS, BagError
-from meanflow_policy.configuration import OBJECTIVES, SMOLVLM2_500M_PRESET, MeanFlowConfig
+from meanflow_policy.configuration import OBJECTIVES, SMOLVLM2_500M_PRESET, MeanFlowConfig, TrainConfig
 from meanflow_policy.dataset import (
     ACTION_SOURCES,
     DatasetError,
@@ -39,7 +39,9 @@ from meanflow_policy.dataset import (
     split_episodes,
 )
 from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.training import FINAL_DIR, TrainConfig, train
+from meanflow_policy.feature_cache import load_prefix_features
+from meanflow_policy.training import (STATE_FILE, BatchSource, Trainer, TrainStateError, make_loader, read_state_meta,
+                                      swap_in, write_json_atomic)
 
 T = TypeVar("T")
 LOG = logging.getLogger("meanflow_train")
@@ -74,38 +76,86 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny: in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M architecture, 512 px")
     p.add_argument("--backbone", default=None,
                    help="local SmolVLM2 directory (or cached hub id) to load instead of the preset's backbone")
-    p.add_argument("--objective", choices=OBJECTIVES, default="meanflow")
+    p.add_argument("--objective", choices=OBJECTIVES, default=MeanFlowConfig.objective)
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (pixels)")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
                         "SmolVLM2)")
-    p.add_argument("--tiny-patch-size", type=int, default=8,
+    p.add_argument("--tiny-patch-size", type=int, default=MeanFlowConfig.tiny_patch_size,
                    help="vision patch size of the tiny preset (8: 16 tokens per 64 px image, 4: 64 tokens)")
-    p.add_argument("--image-shift", type=int, default=0, metavar="PX",
+    p.add_argument("--image-shift", type=int, default=MeanFlowConfig.image_shift_px, metavar="PX",
                    help="random-shift augmentation: each training image moves by up to PX pixels (0: off)")
-    p.add_argument("--steps", type=int, default=1000, help="total optimizer steps (including resumed ones)")
-    p.add_argument("--time-limit", type=float, default=0.0, metavar="SECONDS",
-                   help="stop early, saving as at the end, once this much training time has passed (0: none)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --steps, at most 200")
-    p.add_argument("--ema-decay", type=float, default=0.0)
-    p.add_argument("--val-every", type=int, default=200, help="validate and checkpoint every K steps")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of episodes held out for validation")
-    p.add_argument("--val-batches", type=int, default=8, help="validation batches per evaluation (at most)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last (weights and step count)")
+    add_train_arguments(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT exactly where last/ left it: weights, optimizer moments, LR "
+                        "schedule, EMA, random states and data order; its training settings are kept (--steps may "
+                        "lengthen the schedule)")
     p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights, config and normalisation stats (model "
                         "options on this command line are ignored); steps count from 0 in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_cpu_threads_argument(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=30.0, help="synchronisation rate = chunk point rate (Hz)")
-    p.add_argument("--chunk-size", type=int, default=20)
+    p.add_argument("--fps", type=float, default=MeanFlowConfig.fps,
+                   help="synchronisation rate = chunk point rate (Hz)")
+    p.add_argument("--chunk-size", type=int, default=MeanFlowConfig.chunk_size)
     add_sync_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     return p
+
+
+# Training options: (flag, TrainConfig field, type, help). Their defaults are TrainConfig's (shown in --help); an
+# option left out is absent from the parsed namespace, so a resumed run can tell which ones were given.
+_TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
+    ("--steps", "steps", int, "total optimizer steps of the run (including resumed ones)"),
+    ("--batch-size", "batch_size", int, "samples per step"),
+    ("--lr", "lr", float, "peak learning rate (AdamW)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps before the cosine decay (default: 5%% of --steps, "
+                                            "at most 200)"),
+    ("--ema-decay", "ema_decay", float, "EMA of the weights for validation and checkpoints (0: off)"),
+    ("--val-every", "val_every", int, "validate and checkpoint every K steps"),
+    ("--val-fraction", "val_fraction", float, "share of episodes held out for validation"),
+    ("--val-batches", "val_batches", int, "validation batches per evaluation (at most)"),
+    ("--log-every", "log_every", int, "log the training loss every K steps"),
+    ("--seed", "seed", int, "model initialisation, split, data order and noise"),
+    ("--time-limit", "time_limit_s", float, "stop early, saving a resumable checkpoint as at the end, once this "
+                                            "much training time has passed in this invocation (0: none)"),
+    ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
+                                        "checkpoint as at the end (0: run to --steps)"),
+)
+# Settings a resumed run takes from the command line; every other training setting is the run's own.
+_PER_INVOCATION = ("time_limit_s", "stop_after", "progress")
+_RESUME_MAY_CHANGE = ("steps", "val_every", "log_every", *_PER_INVOCATION)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    for flag, field, kind, text in _TRAIN_OPTIONS:
+        default = getattr(TrainConfig, field)
+        shown = "" if default is None else f" (default: {default})"
+        p.add_argument(flag, dest=field, type=kind, default=argparse.SUPPRESS, help=text + shown)
+    p.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true", default=argparse.SUPPRESS,
+                   help="compute every frame's prefix features once with the frozen backbone (cached next to the "
+                        "dataset cache) and train the action expert alone; off when --image-shift changes pixels")
+
+
+def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -> TrainConfig:
+    """The run's TrainConfig: TrainConfig's defaults overridden by the options given; for a resumed run its saved
+    config, of which only the per-invocation settings, --steps, --val-every and --log-every may change."""
+    given = {field: getattr(args, field) for _, field, _, _ in _TRAIN_OPTIONS if hasattr(args, field)}
+    if hasattr(args, "freeze_backbone"):
+        given["freeze_backbone"] = True
+    given["progress"] = not args.no_progress
+    if resumed is None:
+        return TrainConfig(**given)
+    values = resumed.to_dict()
+    for field in _PER_INVOCATION:
+        values[field] = getattr(TrainConfig, field)
+    for field, value in given.items():
+        if field in _RESUME_MAY_CHANGE:
+            values[field] = value
+        elif value != values[field]:
+            LOG.warning("--resume keeps the run's %s=%r (ignoring %r from the command line)", field,
+                        values[field], value)
+    return TrainConfig.from_dict(values)
 
 
 def add_cpu_threads_argument(p: argparse.ArgumentParser) -> None:
@@ -157,9 +207,9 @@ def _camera_topics(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def policy_config(args: argparse.Namespace) -> MeanFlowConfig:
+def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
-    common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=args.seed,
+    common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=seed,
                   train_backbone=args.train_backbone, image_shift_px=args.image_shift)
     if args.preset == "tiny":
         if args.backbone:
@@ -210,12 +260,10 @@ class Prefetcher:
 
 
 class Validator:
-    """Validation on held-out episodes: loss, one-step action error; writes last/ and best/ checkpoints."""
+    """Validation on held-out episodes: loss and one-step action error (the same samples and draws every time)."""
 
-    def __init__(self, val: SampleSet | None, batch_size: int, max_batches: int, out: Path, step_offset: int,
-                 seed: int, best_so_far: float) -> None:
-        self.out = out
-        self.step_offset = step_offset
+    def __init__(self, val: SampleSet | None, batch_size: int, max_batches: int, seed: int,
+                 best_so_far: float) -> None:
         self.seed = seed
         self.best = best_so_far
         self.val = val
@@ -226,47 +274,46 @@ class Validator:
 
     @torch.no_grad()
     def __call__(self, policy: MeanFlowPolicy, step: int) -> dict[str, float]:
-        step += self.step_offset
-        metrics: dict[str, float] = {}
-        if self.val is not None:
-            generator = torch.Generator(device=policy.device).manual_seed(self.seed)
-            loss_sum, err_sum, first_sum, n_valid, n_samples = 0.0, 0.0, 0.0, 0, 0
-            for rows in self.rows:
-                batch = self.val.batch(rows)
-                loss, _ = policy.compute_loss(batch, generator=generator)
-                b = batch["state"].shape[0]
-                loss_sum += float(loss) * b
-                pred = policy.sample_batch(batch, nfe=1, generator=generator).cpu()
-                err = (pred - batch["actions"]).abs()
-                valid = ~batch["action_is_pad"]
-                err_sum += float(err[valid].sum()) / err.shape[-1]
-                n_valid += int(valid.sum())
-                first_sum += float(err[:, 0].mean(dim=-1).sum())
-                n_samples += b
-            metrics = {"loss": loss_sum / n_samples, "action_mae_rad": err_sum / n_valid,
-                       "first_action_mae_rad": first_sum / n_samples}
-            LOG.info("step %d: val loss %.4f, one-step action error %.4f rad (first action %.4f rad)", step,
-                     metrics["loss"], metrics["action_mae_rad"], metrics["first_action_mae_rad"])
-        tmp = self.out / (LAST_DIR + ".saving")
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(tmp)
-        _swap_in(tmp, self.out / LAST_DIR)
-        improved = bool(metrics) and metrics["action_mae_rad"] < self.best
-        if improved:
-            self.best = metrics["action_mae_rad"]
-            _replace_dir(self.out / LAST_DIR, self.out / BEST_DIR)
-        (self.out / PROGRESS_FILE).write_text(json.dumps({"step": step, "best_action_mae_rad": self.best}) + "\n")
+        if self.val is None:
+            return {}
+        generator = torch.Generator(device=policy.device).manual_seed(self.seed)
+        loss_sum, err_sum, first_sum, n_valid, n_samples = 0.0, 0.0, 0.0, 0, 0
+        for rows in self.rows:
+            batch = self.val.batch(rows)
+            loss, _ = policy.compute_loss(batch, generator=generator)
+            b = batch["state"].shape[0]
+            loss_sum += float(loss) * b
+            pred = policy.sample_batch(batch, nfe=1, generator=generator).cpu()
+            err = (pred - batch["actions"]).abs()
+            valid = ~batch["action_is_pad"]
+            err_sum += float(err[valid].sum()) / err.shape[-1]
+            n_valid += int(valid.sum())
+            first_sum += float(err[:, 0].mean(dim=-1).sum())
+            n_samples += b
+        metrics = {"loss": loss_sum / n_samples, "action_mae_rad": err_sum / n_valid,
+                   "first_action_mae_rad": first_sum / n_samples}
+        LOG.info("step %d: val loss %.4f, one-step action error %.4f rad (first action %.4f rad)", step,
+                 metrics["loss"], metrics["action_mae_rad"], metrics["first_action_mae_rad"])
         return metrics
 
+    def improved(self, metrics: dict[str, float]) -> bool:
+        """Whether ``metrics`` (val_* keys) beat the best one-step action error so far (then it is the best)."""
+        error = metrics.get("val_action_mae_rad")
+        if error is None or error >= self.best:
+            return False
+        self.best = error
+        return True
 
-def _swap_in(new: Path, dst: Path) -> None:
-    """Replace directory ``dst`` by ``new``; a crash leaves either the old or the new one under its name."""
-    old = dst.with_name(dst.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(new, dst)
-    shutil.rmtree(old, ignore_errors=True)
+
+def checkpointer(trainer: Trainer, validator: Validator, out: Path) -> Callable[[int, dict[str, float]], None]:
+    """After each validation: last/ (weights + training state), best/ when the action error improved, then
+    progress.json (atomically, last: it names a step whose checkpoint is complete)."""
+    def save(step: int, metrics: dict[str, float]) -> None:
+        trainer.save_checkpoint(out / LAST_DIR)
+        if validator.improved(metrics):
+            _replace_dir(out / LAST_DIR, out / BEST_DIR)
+        write_json_atomic(out / PROGRESS_FILE, {"step": step, "best_action_mae_rad": validator.best})
+    return save
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -274,7 +321,20 @@ def _replace_dir(src: Path, dst: Path) -> None:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
-    _swap_in(tmp, dst)
+    swap_in(tmp, dst)
+
+
+def read_progress(out: Path) -> dict:
+    """progress.json of a run to resume; one clear error naming the file when it is missing, empty or corrupt."""
+    path = out / PROGRESS_FILE
+    if not (out / LAST_DIR).is_dir() or not path.is_file():
+        raise ValueError(f"--resume: {out} has no {LAST_DIR}/ checkpoint and {PROGRESS_FILE} to resume from")
+    try:
+        progress = json.loads(path.read_text())
+        return {"step": int(progress["step"]), "best_action_mae_rad": float(progress["best_action_mae_rad"])}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is empty or corrupt ({type(exc).__name__}: {exc}): cannot resume "
+                         "(delete the run or start it again)") from exc
 
 
 def write_logs(out: Path, history: list[dict]) -> None:
@@ -316,47 +376,53 @@ def run(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     apply_cpu_threads(args.cpu_threads)
     ensure_writable_dirs({"--out": out, "--cache-dir": args.cache_dir})
-    previous: list[dict] = []
-    step_offset, best = 0, float("inf")
+    best = float("inf")
     if args.resume and args.init_from is not None:
         raise ValueError("--resume and --init-from exclude each other: resume continues OUT/last, "
                          "--init-from starts a new run from another checkpoint")
     if args.resume:
-        progress_file = out / PROGRESS_FILE
-        if not (out / LAST_DIR).is_dir() or not progress_file.is_file():
-            raise ValueError(f"--resume: {out} has no {LAST_DIR}/ checkpoint and {PROGRESS_FILE} to resume from")
-        progress = json.loads(progress_file.read_text())
-        step_offset, best = int(progress["step"]), float(progress["best_action_mae_rad"])
+        progress = read_progress(out)
+        best = progress["best_action_mae_rad"]
+        state = read_state_meta(out / LAST_DIR)
+        try:
+            saved = TrainConfig.from_dict(state["train_config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainStateError(f"{out / LAST_DIR / STATE_FILE}: invalid train_config ({exc})") from exc
+        cfg = train_config(args, resumed=saved)
         policy = MeanFlowPolicy.load(out / LAST_DIR, device=device)
         config = policy.config
-        if (out / LOG_JSON).is_file():
-            previous = [r for r in json.loads((out / LOG_JSON).read_text()) if r["step"] <= step_offset]
-        LOG.info("resuming from %s at step %d (optimizer moments restart)", out / LAST_DIR, step_offset)
+        if state["step"] >= cfg.steps:
+            LOG.info("nothing to do: %s already trained %d of %d steps", out, state["step"], cfg.steps)
+            return {"steps": state["step"], "out": str(out)}
+        if cfg.steps != saved.steps:
+            LOG.warning("--steps %d differs from the run's %d: the cosine schedule is stretched to %d steps from "
+                        "step %d on", cfg.steps, saved.steps, cfg.steps, state["step"])
     elif args.init_from is not None:
+        cfg = train_config(args)
         policy = MeanFlowPolicy.load(args.init_from, device=device)
         config = policy.config
         LOG.info("fine-tuning %s (%s objective) from step 0 into %s", args.init_from, config.objective, out)
     else:
-        config = policy_config(args)
+        cfg = train_config(args)
+        config = policy_config(args, cfg.seed)
         policy = None
-    remaining = args.steps - step_offset
-    if remaining <= 0:
-        LOG.info("nothing to do: %s already trained %d of %d steps", out, step_offset, args.steps)
-        return {"steps": step_offset, "out": str(out)}
+    if cfg.freeze_backbone and config.train_backbone:
+        raise ValueError("--freeze-backbone needs a frozen backbone, but the model trains its backbone "
+                         "(--train-backbone, or the checkpoint's train_backbone)")
 
     sync = sync_config(config, args)
     cache = args.cache_dir
     start = time.perf_counter()
     episodes, report = load_episodes(args.bags, sync, cache, strict=args.strict)
     LOG.info("dataset: %s (%.1f s, cache %s)", report.summary(), time.perf_counter() - start, cache)
-    train_eps, val_eps = split_episodes(episodes, args.val_fraction, args.seed)
+    train_eps, val_eps = split_episodes(episodes, cfg.val_fraction, cfg.seed)
     if not val_eps:
         LOG.warning("only %d episode(s): no held-out episode, validation metrics are skipped", len(episodes))
     train_set = SampleSet(train_eps, sync)
     val_set = SampleSet(val_eps, sync) if val_eps else None
     stats = compute_stats(train_eps)
     if policy is None:
-        torch.manual_seed(args.seed)
+        torch.manual_seed(cfg.seed)
         policy = MeanFlowPolicy(config).to(device)
         policy.set_stats(stats)
     out.mkdir(parents=True, exist_ok=True)
@@ -370,29 +436,41 @@ def run(args: argparse.Namespace) -> dict:
     LOG.info("train: %d episodes / %d samples; val: %d episodes / %d samples; device %s", len(train_eps),
              len(train_set), len(val_eps), len(val_set) if val_set else 0, device)
 
-    warmup = args.warmup_steps if args.warmup_steps is not None else min(200, max(1, args.steps // 20))
-    cfg = TrainConfig(steps=remaining, lr=args.lr, warmup_steps=0 if step_offset else warmup,
-                      ema_decay=args.ema_decay, log_every=args.log_every, val_every=args.val_every,
-                      seed=args.seed + step_offset, progress=not args.no_progress, time_limit_s=args.time_limit)
-    validator = Validator(val_set, args.batch_size, args.val_batches, out, step_offset, args.seed, best)
-    batches = Prefetcher(train_set.batches(args.batch_size, seed=args.seed + step_offset))
-    if not step_offset:
-        policy.eval()
-        previous = [{"step": 0, **{f"val_{k}": v for k, v in validator(policy, 0).items()}}]
+    data: BatchSource = train_set
+    if cfg.freeze_backbone and config.image_shift_px:
+        LOG.warning("--freeze-backbone: the prefix-feature cache is OFF because --image-shift %d changes the pixels "
+                    "every step; the frozen backbone runs in every step", config.image_shift_px)
+    elif cfg.freeze_backbone:
+        data, feature_report = load_prefix_features(policy, train_set, cache, batch_size=cfg.batch_size)
+        LOG.info("prefix features (frozen backbone, the expert trains alone): %s", feature_report.summary())
+    run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in args.bags], "cache_dir": str(cache),
+                "device": str(device), "prefix_feature_cache": data is not train_set}
+    trainer = Trainer(policy, cfg, out, run_info)
+    if args.resume:
+        trainer.load_state(out / LAST_DIR)
+        LOG.info("resuming %s at step %d of %d (optimizer, schedule, EMA, random states and data order restored)",
+                 out, trainer.step, cfg.steps)
+    validator = Validator(val_set, cfg.batch_size, cfg.val_batches, cfg.seed, best)
+    save = checkpointer(trainer, validator, out)
+    first = trainer.step
+    if first == 0:
+        trainer.validate(validator, save)
+    batches = Prefetcher(make_loader(data, cfg.batch_size, cfg.seed, trainer.data_position))
     start = time.perf_counter()
     try:
-        history = train(policy, batches, cfg, out, val_fn=validator)
+        trainer.fit(batches, val_fn=validator, checkpoint_fn=save)
     finally:
         batches.close()
     elapsed = time.perf_counter() - start
-    _swap_in(out / FINAL_DIR, out / LAST_DIR)
-    history = previous + [{**row, "step": row["step"] + step_offset} for row in history]
+    history = trainer.history
     write_logs(out, history)
     train_rows = [r for r in history if "loss" in r]
-    done = max(r["step"] for r in history)
-    if done < args.steps:
-        LOG.warning("stopped by --time-limit %.0f s at step %d of %d", args.time_limit, done, args.steps)
-    summary = {"steps": done, "seconds": round(elapsed, 2), "steps_per_s": round((done - step_offset) / elapsed, 3),
+    if trainer.step < cfg.steps:
+        LOG.warning("stopped at step %d of %d (%s); continue exactly with --resume", trainer.step, cfg.steps,
+                    f"--stop-after {cfg.stop_after}" if history[-1].get("stopped_after_steps") else
+                    f"--time-limit {cfg.time_limit_s:.0f} s")
+    summary = {"steps": trainer.step, "seconds": round(elapsed, 2),
+               "steps_per_s": round((trainer.step - first) / elapsed, 3),
                "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
                "best_val_action_mae_rad": None if validator.best == float("inf") else validator.best,
                "best": str(out / BEST_DIR) if (out / BEST_DIR).is_dir() else None, "last": str(out / LAST_DIR),

@@ -7,7 +7,7 @@ import torch
 from meanflow_policy.configuration import MeanFlowConfig
 from meanflow_policy.modeling import MeanFlowPolicy
 from meanflow_policy.testing import random_batch, torch_threads
-from meanflow_policy.training import TrainConfig, lr_factor, train
+from meanflow_policy.training import TrainConfig, make_scheduler, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -17,13 +17,21 @@ def _one_thread():
 
 
 def test_lr_schedule_warmup_then_cosine():
-    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, progress=False)
-    assert lr_factor(0, cfg) == pytest.approx(0.1)
-    assert lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(10, cfg) == pytest.approx(1.0)
-    assert lr_factor(60, cfg) == pytest.approx(0.55)
-    assert lr_factor(110, cfg) == pytest.approx(0.1)
-    assert all(lr_factor(s, cfg) >= lr_factor(s + 1, cfg) for s in range(10, 110))
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, lr=2.0, progress=False)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = make_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(111):
+        lrs.append(opt.param_groups[0]["lr"] / cfg.lr)
+        opt.step()
+        sched.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5)
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(lrs[s] >= lrs[s + 1] for s in range(10, 110))
+    # one place holds the defaults: warm-up is 5 % of the steps, at most 200
+    assert TrainConfig(steps=1000).warmup_steps == 50 and TrainConfig(steps=10_000).warmup_steps == 200
 
 
 def test_train_config_rejects_bad_values():

@@ -1,0 +1,111 @@
+"""Training throughput: the backbone in every step vs the frozen backbone's cached prefix features.
+
+``python -m meanflow_policy.bench_train`` (``make bench-train``) writes synthetic episodes (two instructions) to a
+temporary folder and times training steps (data gather + loss + backward + AdamW) of the same policy three ways:
+``joint`` (the backbone trained with the expert, as the sim recipe does), ``frozen`` (frozen backbone, run in every
+step) and ``frozen_cached`` (``--freeze-backbone``: the expert alone on cached prefix features). The last line is
+one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from meanflow_policy.configuration import BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.dataset import SampleSet, SyncConfig, compute_stats, load_episodes
+from meanflow_policy.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.feature_cache import load_prefix_features
+from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.train_cli import add_cpu_threads_argument, apply_cpu_threads
+from meanflow_policy.training import BatchSource, make_loader
+
+_INSTRUCTIONS = ("reach the yellow square", "put the red cube in the left box")
+
+
+def steps_per_s(policy: MeanFlowPolicy, samples: BatchSource, batch_size: int, steps: int, warmup: int) -> float:
+    """Training steps per second, batch gathering included, after ``warmup`` untimed steps."""
+    params = policy.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    generator = torch.Generator(device=policy.device).manual_seed(0)
+    batches = iter(make_loader(samples, batch_size, seed=0))
+    policy.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            start = time.perf_counter()
+        batch = next(batches)
+        loss, _ = policy.compute_loss(batch, generator=generator)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if policy.device.type == "cuda":
+        torch.cuda.synchronize(policy.device)
+    return steps / (time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--episodes", type=int, default=4)
+    p.add_argument("--duration", type=float, default=3.0, help="seconds per synthetic episode")
+    p.add_argument("--objective", choices=OBJECTIVES, default=MeanFlowConfig.objective)
+    p.add_argument("--preset", choices=BACKBONE_PRESETS, default=TINY_BACKBONE,
+                   help="tiny (64 px) or smolvlm2-500m (the real architecture, random weights, 512 px)")
+    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
+    p.add_argument("--tiny-patch-size", type=int, default=MeanFlowConfig.tiny_patch_size)
+    p.add_argument("--device", default="cpu")
+    add_cpu_threads_argument(p)
+    args = p.parse_args(argv)
+    apply_cpu_threads(args.cpu_threads)
+    device = torch.device(args.device)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="meanflow_bench_train_") as tmp:
+        root = Path(tmp)
+        for i in range(args.episodes):
+            write_bag(root / "bags" / f"episode_{i}", synthetic_episode(i, args.duration, height=96, width=128),
+                      instruction=_INSTRUCTIONS[i % len(_INSTRUCTIONS)])
+        if args.preset == TINY_BACKBONE:
+            base = MeanFlowConfig.tiny(objective=args.objective, tiny_patch_size=args.tiny_patch_size)
+        else:
+            base = MeanFlowConfig(backbone=args.preset, image_size=512, objective=args.objective)
+        if args.image_size:
+            base = MeanFlowConfig.from_dict({**base.to_dict(), "image_size": args.image_size})
+        sync = SyncConfig.from_policy_config(base)
+        episodes, _ = load_episodes([root / "bags"], sync, root / "cache")
+        samples = SampleSet(episodes, sync)
+        stats = compute_stats(episodes)
+        for name, train_backbone in (("joint", True), ("frozen", False), ("frozen_cached", False)):
+            torch.manual_seed(0)
+            config = MeanFlowConfig.from_dict({**base.to_dict(), "train_backbone": train_backbone})
+            policy = MeanFlowPolicy(config).to(device)
+            policy.set_stats(stats)
+            data: BatchSource = samples
+            if name == "frozen_cached":
+                start = time.perf_counter()
+                data, report = load_prefix_features(policy, samples, root / "cache", batch_size=args.batch_size)
+                cache_s = time.perf_counter() - start
+                print(f"prefix-feature cache for {len(samples)} samples: {cache_s:.2f} s ({report.summary()})")
+            rates[name] = steps_per_s(policy, data, args.batch_size, args.steps, args.warmup)
+            print(f"{name:>14}: {rates[name]:.2f} steps/s = {rates[name] * args.batch_size:.0f} samples/s")
+    load = os.getloadavg()[0]
+    result = {"steps_per_s": {k: round(v, 3) for k, v in rates.items()},
+              "ratio_cached_over_joint": round(rates["frozen_cached"] / rates["joint"], 2),
+              "ratio_cached_over_frozen": round(rates["frozen_cached"] / rates["frozen"], 2),
+              "preset": args.preset, "image_size": base.image_size,
+              "tiny_patch_size": args.tiny_patch_size, "objective": args.objective,
+              "batch": args.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads(),
+              "cache_build_s": round(cache_s, 2), "samples": len(samples), "load_avg_1min": round(load, 2)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""meanflow-train --resume continues a run exactly: a run stopped (by --stop-after or --time-limit) and resumed ends
+with the same weights, EMA weights and losses as the same run in one go; a broken progress or state file is one
+clear error."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from meanflow_policy import train_cli
+from meanflow_policy.configuration import TrainConfig
+from meanflow_policy.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.testing import torch_threads
+from meanflow_policy.training import STATE_FILE, STATE_TENSORS_FILE, TRAIN_CONFIG_FILE
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("demos")
+    for i in range(3):
+        write_bag(root / f"episode_{i}", synthetic_episode(seed=i, duration_s=1.0, height=48, width=64),
+                  instruction="reach the yellow square")
+    return root
+
+
+def _train(bags: Path, out: Path, *extra: str) -> int:
+    # EMA on, validation every 4 steps: the stopped run validates at step 6 too, which must not change anything.
+    return train_cli.main(["--bags", str(bags), "--out", str(out), "--preset", "tiny", "--batch-size", "4",
+                           "--lr", "1e-3", "--warmup-steps", "3", "--ema-decay", "0.8", "--val-every", "4",
+                           "--val-batches", "1", "--val-fraction", "0.34", "--log-every", "1",
+                           "--cache-dir", str(bags.parent / "cache"), "--device", "cpu", "--cpu-threads", "1",
+                           "--no-progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def one_go(bags: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one_go")
+    assert _train(bags, out, "--steps", "12") == 0
+    return out
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ema_a, ema_b = load_file(str(a / "last" / "model.safetensors")), load_file(str(b / "last" / "model.safetensors"))
+    raw_a = load_file(str(a / "last" / STATE_TENSORS_FILE))
+    raw_b = load_file(str(b / "last" / STATE_TENSORS_FILE))
+    assert ema_a.keys() == ema_b.keys() and raw_a.keys() == raw_b.keys()
+    for key in ema_a:
+        torch.testing.assert_close(ema_b[key], ema_a[key], rtol=1e-5, atol=1e-6, msg=f"EMA weights {key}")
+    for key in raw_a:
+        if key.startswith(("model.", "optim.", "ema.")):
+            torch.testing.assert_close(raw_b[key], raw_a[key], rtol=1e-5, atol=1e-6, msg=f"state {key}")
+    # the EMA really is a different set of weights than the raw ones (else the comparison above proves less)
+    assert not torch.equal(ema_a["expert.out.weight"], raw_a["model.expert.out.weight"])
+    losses_a = {r["step"]: r["loss"] for r in json.loads((a / "log.json").read_text()) if "loss" in r}
+    losses_b = {r["step"]: r["loss"] for r in json.loads((b / "log.json").read_text()) if "loss" in r}
+    assert list(losses_b) == list(range(1, 13)) and losses_b == pytest.approx(losses_a, rel=1e-5)
+    assert json.loads((b / "progress.json").read_text())["step"] == 12
+
+
+def test_stop_after_then_resume_equals_one_go(bags: Path, one_go: Path, tmp_path: Path) -> None:
+    out = tmp_path / "stopped"
+    assert _train(bags, out, "--steps", "12", "--stop-after", "6") == 0
+    assert json.loads((out / "progress.json").read_text())["step"] == 6
+    state = json.loads((out / "last" / STATE_FILE).read_text())
+    assert state["step"] == 6 and state["data_position"] == 6
+    # the resolved training config travels with the checkpoint
+    saved = json.loads((out / "last" / TRAIN_CONFIG_FILE).read_text())["train"]
+    assert TrainConfig.from_dict(saved).lr == 1e-3 and saved["warmup_steps"] == 3 and saved["ema_decay"] == 0.8
+    # training options are the run's own on --resume: a different --lr is ignored (with a warning)
+    assert _train(bags, out, "--steps", "12", "--resume", "--lr", "5e-2") == 0
+    _assert_same_run(one_go, out)
+
+
+def test_time_limit_then_resume_equals_one_go(bags: Path, one_go: Path, tmp_path: Path) -> None:
+    out = tmp_path / "timed"
+    assert _train(bags, out, "--steps", "12", "--time-limit", "1e-9") == 0  # stops after the first step
+    log = json.loads((out / "log.json").read_text())
+    assert {"step": 1, "stopped_by_time_limit_s": 1e-9} in log
+    assert json.loads((out / "progress.json").read_text())["step"] == 1
+    assert _train(bags, out, "--resume") == 0  # --steps defaults to the run's own 12
+    _assert_same_run(one_go, out)
+
+
+def test_resume_can_lengthen_the_run_and_stops_when_done(bags: Path, one_go: Path, tmp_path: Path) -> None:
+    out = tmp_path / "longer"
+    shutil.copytree(one_go, out)
+    assert _train(bags, out, "--resume") == 0  # already at 12 of 12: nothing to do
+    assert _train(bags, out, "--resume", "--steps", "14") == 0
+    log = json.loads((out / "log.json").read_text())
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 15))
+    state = json.loads((out / "last" / STATE_FILE).read_text())
+    assert state["step"] == 14 and state["train_config"]["steps"] == 14
+
+
+@pytest.mark.parametrize("target, content, match", [
+    ("progress.json", "", "progress.json is empty or corrupt"),
+    ("progress.json", '{"step": 12}', "progress.json is empty or corrupt"),
+    ("last/" + STATE_FILE, "", f"{STATE_FILE} is empty or corrupt"),
+    ("last/" + STATE_FILE, None, f"{STATE_FILE} is missing"),
+    ("last/" + STATE_TENSORS_FILE, b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage", f"{STATE_TENSORS_FILE} is corrupt"),
+])
+def test_broken_resume_files_are_one_clear_error(bags: Path, one_go: Path, tmp_path: Path,
+                                                 caplog: pytest.LogCaptureFixture, target: str,
+                                                 content: str | bytes | None, match: str) -> None:
+    out = tmp_path / "broken"
+    shutil.copytree(one_go, out)
+    path = out / target
+    if content is None:
+        path.unlink()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    with caplog.at_level(logging.ERROR, logger="meanflow_train"):
+        assert _train(bags, out, "--resume", "--steps", "14") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and match in errors[0] and str(path) in errors[0], errors
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
+
+
+def test_shipped_checkpoint_loads_fine_tunes_and_is_no_resumable_run(bags: Path, tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints written before training states existed still load and fine-tune; --resume on one names the
+    missing state file instead of silently restarting the optimizer."""
+    MeanFlowPolicy.load(SHIPPED)
+    out = tmp_path / "old_run"
+    shutil.copytree(SHIPPED, out / "last")
+    (out / "progress.json").write_text('{"step": 100, "best_action_mae_rad": 0.1}\n')
+    with caplog.at_level(logging.ERROR, logger="meanflow_train"):
+        assert _train(bags, out, "--resume", "--steps", "102") == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and str(out / "last" / STATE_FILE) in errors[0] and "--init-from" in errors[0]
+    assert _train(bags, tmp_path / "tuned", "--init-from", str(SHIPPED), "--steps", "2") == 0
+    assert json.loads((tmp_path / "tuned" / "last" / STATE_FILE).read_text())["step"] == 2
