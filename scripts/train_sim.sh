@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The reference recipe behind `make train-sim` and the shipped checkpoint (run inside build/env.sh).
 #
-# 1. Behaviour cloning on the scripted demos: 4000 steps, resumed to 8000, 20000 and 26000 (each resume restarts
-#    the optimizer moments and the cosine schedule).
+# 1. Behaviour cloning on the scripted demos: 4000 steps, resumed to 8000, 20000 and 26000 (a resume keeps the
+#    optimizer, EMA, RNG and data order and stretches the cosine schedule to the new end; the shipped checkpoint was
+#    made before exact resume, when each resume restarted the optimizer moments and the schedule).
 # 2. Recovery rounds (DAgger-style): both objectives' current policies are rolled out, the scripted expert takes
 #    over from the states they reach (so101-sim-recovery), and each objective is fine-tuned on the demos plus every
 #    recovery set so far.
