@@ -149,7 +149,8 @@ class Layout:
 
     ``cubes`` are free 3 cm cubes by colour ("red" is the body ``cube``, "green" ``green_cube``), ``boxes`` the
     open boxes ("target" at ``box_center``, "left"/"right" at the sorting places). ``top_camera_xy`` None puts
-    the top camera where pick-place has it (beside the cube region); otherwise straight above that point.
+    the top camera where pick-place has it (beside the cube region); otherwise above that point, looking down at
+    the table point ``top_camera_look_at`` (tilted in x only; image up stays away from the robot).
     """
 
     cubes: tuple[str, ...] = ("red",)
@@ -157,6 +158,7 @@ class Layout:
     toy: bool = False
     stack: bool = False
     top_camera_xy: tuple[float, float] | None = None
+    top_camera_look_at: tuple[float, float] | None = None
 
 
 PICK_PLACE_LAYOUT = Layout()
@@ -280,8 +282,14 @@ def build_spec(cfg: SceneConfig, layout: Layout = PICK_PLACE_LAYOUT) -> mujoco.M
         world.add_camera(name="top", pos=[cx - 0.02, cy + 0.05, cfg.top_camera_height],
                          xyaxes=[0, -1, 0, 1, 0, 0], fovy=cfg.top_camera_fovy)
     else:
-        world.add_camera(name="top", pos=[*layout.top_camera_xy, cfg.top_camera_height],
-                         xyaxes=[0, -1, 0, 1, 0, 0], fovy=cfg.top_camera_fovy)
+        # Straight above a point beyond the objects, pitched back to look at them: the arm at home, leaning
+        # over the region in front of it, then hides less of it.
+        pos = np.array([*layout.top_camera_xy, cfg.top_camera_height])
+        look_at = np.array([*(layout.top_camera_look_at or layout.top_camera_xy), 0.0])
+        back = (pos - look_at) / np.linalg.norm(pos - look_at)
+        right = np.array([0.0, -1.0, 0.0])
+        world.add_camera(name="top", pos=pos.tolist(), xyaxes=[*right, *np.cross(back, right)],
+                         fovy=cfg.top_camera_fovy)
 
     # Wrist: 5 cm outside the fixed jaw and 5 cm back from its tip, looking along the jaws (the gripperframe
     # site's x axis), so the fingertips show at the top edge and the table ahead fills the image.

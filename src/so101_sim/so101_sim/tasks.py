@@ -53,6 +53,8 @@ class Task(ABC):
     layout: Layout = PICK_PLACE_LAYOUT
     # The cube counts as "resting" below this linear speed (m/s).
     max_rest_speed = 0.02
+    # Default episode length for closed-loop evaluation (control steps at 30 Hz).
+    max_steps = 360
 
     def __init__(self, scene: Scene) -> None:
         self.scene = scene
@@ -260,7 +262,10 @@ class SortingTask(Task):
 
     name = "sorting"
     instruction = "put the red cube in the left box and the green cube in the right box"
-    layout = Layout(cubes=("red", "green"), boxes=("left", "right"), top_camera_xy=(0.20, 0.0))
+    layout = Layout(cubes=("red", "green"), boxes=("left", "right"), top_camera_xy=(0.34, 0.0),
+                    top_camera_look_at=(0.21, 0.0))
+    # Two pick-and-places: the expert needs 423 steps.
+    max_steps = 720
     # Which box each cube belongs in, in the order the instruction names them.
     assignment: tuple[tuple[str, str], ...] = ((CUBE_BODY, "left"), (GREEN_CUBE_BODY, "right"))
 
