@@ -8,6 +8,7 @@ speed: no shadows, no reflections, no multisampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -117,6 +118,13 @@ def decimate(verts: np.ndarray, faces: np.ndarray, cell: float) -> tuple[np.ndar
     return new_verts, new_faces[np.sort(first)]
 
 
+@lru_cache(maxsize=64)
+def _render_mesh(path: Path, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """Decimated vertices and faces of one STL; cached, since each task's scene (and each test) builds the arm
+    again and decimation is most of that time."""
+    return decimate(*read_stl(path), cell)
+
+
 def _arm_spec(render_cell: float) -> mujoco.MjSpec:
     """The arm MJCF from the installed package; visual geoms get decimated copies of their meshes."""
     path = resources.files(ARM_PACKAGE).joinpath(ARM_MJCF)
@@ -127,7 +135,7 @@ def _arm_spec(render_cell: float) -> mujoco.MjSpec:
         spec.meshdir = str(mesh_dir)
         lod: dict[str, str] = {}
         for mesh in list(spec.meshes):
-            verts, faces = decimate(*read_stl(mesh_dir / mesh.file), render_cell)
+            verts, faces = _render_mesh(mesh_dir / mesh.file, render_cell)
             lod_mesh = spec.add_mesh(name=f"{mesh.name}_render")
             lod_mesh.uservert = verts.astype(np.float32).flatten().tolist()
             lod_mesh.userface = faces.astype(np.int32).flatten().tolist()
