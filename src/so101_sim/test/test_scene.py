@@ -130,3 +130,21 @@ def test_both_cameras_see_each_tasks_objects(task):
             assert wrist[first].sum() >= 20, f"{task} seed {seed}: wrist camera does not see {first} above it"
     finally:
         env.close()
+
+
+def test_contact_sheet_writes_wrist_over_top_frames(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from so101_sim import contact_sheet
+
+    out = tmp_path / "sheet.png"
+    assert contact_sheet.main(["--task", "pick_place_red", "--seed", "2", "--image-size", "32", "--columns", "3",
+                               "--out", str(out)]) == 0
+    sheet = iio.imread(out)
+    # Three 32 px frames per row with 2 px gaps; wrist row over top row.
+    assert sheet.shape == (2 * 32 + 2, 3 * 32 + 2 * 2, 3)
+    last_top = sheet[34:, 68:]
+    assert _masks(last_top)["cube"].sum() >= 1, "the red cube is not in the last top frame"
+    assert "sheet.png: 100x66 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        contact_sheet.main(["--columns", "1", "--out", str(out)])
