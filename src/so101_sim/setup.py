@@ -22,5 +22,6 @@ setup(
         "so101-eval = so101_sim.evaluate:main",
         "sim_node = so101_sim.sim_node:main",
         "so101-sim-bench = so101_sim.bench:main",
+        "so101-sim-sheet = so101_sim.contact_sheet:main",
     ]},
 )

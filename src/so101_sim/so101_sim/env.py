@@ -14,7 +14,7 @@ from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 from so101_common.joints import JointLimits, home_vector
 from so101_common.trajectory import TrajectoryFollower
 from so101_sim.scene import Scene, SceneConfig
-from so101_sim.tasks import Task, make_task
+from so101_sim.tasks import Task, make_task, task_class
 
 # Control steps simulated after a reset so the cube and the arm are at rest when the episode starts.
 SETTLE_STEPS = 5
@@ -24,7 +24,7 @@ class SimEnv:
     """Scene + task + trajectory follower + renderer. Time is simulated seconds since the last reset."""
 
     def __init__(self, cfg: SceneConfig | None = None, task: str = "pick_place") -> None:
-        self.scene = Scene(cfg)
+        self.scene = Scene(cfg, task_class(task).layout)
         self.cfg = self.scene.cfg
         self.model = self.scene.model
         self.data = mujoco.MjData(self.model)
@@ -57,6 +57,7 @@ class SimEnv:
         self.data.time = 0.0
         self.follower.hold(0.0, home)
         self.steps = 0
+        self.task.reset_episode(self.data)
 
     def set_trajectory(self, joint_names: Sequence[str], times_from_start: Sequence[float],
                        positions: np.ndarray, start_time: float | None = None) -> None:
@@ -77,6 +78,7 @@ class SimEnv:
             self.data.ctrl[self.scene.actuator] = self.follower.sample(self.data.time + self.model.opt.timestep)
             mujoco.mj_step(self.model, self.data)
         self.steps += 1
+        self.task.observe(self.data)
 
     def joint_positions(self) -> np.ndarray:
         return self.data.qpos[self.scene.joint_qpos].copy()
@@ -90,6 +92,13 @@ class SimEnv:
 
     def success(self) -> bool:
         return self.task.success(self.data)
+
+    def score(self) -> float:
+        """The task's partial credit for the episode so far."""
+        return self.task.score(self.data)
+
+    def instruction_followed(self) -> bool | None:
+        return self.task.instruction_followed(self.data)
 
     def render(self, cameras: Sequence[str] = CAMERA_NAMES) -> dict[str, np.ndarray]:
         """RGB uint8 (H, W, 3) images of the named cameras at the configured size."""

@@ -106,13 +106,18 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         if recorder is not None:
             videos.append(str(recorder.write()))
         results.append(result)
-        log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} after "
-            f"{result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
+        followed = "" if result.instruction_followed is None else \
+            f", instruction {'followed' if result.instruction_followed else 'NOT followed'}"
+        log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} (score {result.score:.2f}"
+            f"{followed}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
     successes = sum(r.success for r in results)
     low, high = wilson_interval(successes, len(results))
     latencies = [ms for r in results for ms in r.chunk_latency_ms]
+    judged = [r.instruction_followed for r in results if r.instruction_followed is not None]
     return {"episodes": len(results), "successes": successes, "success_rate": successes / len(results),
-            "ci95": [low, high], "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
+            "ci95": [low, high], "score": float(np.mean([r.score for r in results])),
+            "instruction_followed_rate": sum(judged) / len(judged) if judged else None,
+            "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
             "action_steps": action_steps, "videos": videos, "results": [r.to_dict() for r in results]}
 
 
@@ -130,12 +135,13 @@ def _summary_line(nfe: int, report: dict) -> str:
     lat = report["chunk_latency"]
     low, high = report["ci95"]
     return (f"| {nfe} | {report['successes']}/{report['episodes']} | {100 * report['success_rate']:.1f} % | "
-            f"[{100 * low:.1f}, {100 * high:.1f}] % | {lat.get('median_ms', float('nan')):.1f} | "
-            f"{lat.get('p90_ms', float('nan')):.1f} |")
+            f"[{100 * low:.1f}, {100 * high:.1f}] % | {report['score']:.3f} | "
+            f"{lat.get('median_ms', float('nan')):.1f} | {lat.get('p90_ms', float('nan')):.1f} |")
 
 
-TABLE_HEADER = ("| NFE | successes | success rate | 95 % interval | chunk latency median (ms) | p90 (ms) |\n"
-                "|---|---|---|---|---|---|")
+TABLE_HEADER = ("| NFE | successes | success rate | 95 % interval | mean score | chunk latency median (ms) "
+                "| p90 (ms) |\n"
+                "|---|---|---|---|---|---|---|")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--episodes", type=int, default=50, help="episodes per NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
     parser.add_argument("--task", default="pick_place", choices=sorted(TASKS))
-    parser.add_argument("--max-steps", type=int, default=360, help="control steps per episode (30 Hz)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="control steps per episode (30 Hz; default: the task's, 360 for pick_place)")
     parser.add_argument("--action-steps", type=int, default=10,
                         help="control steps executed from each chunk before the next observation")
     parser.add_argument("--image-size", type=int, default=128,
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
     nfes = args.sweep_nfe or [args.nfe]
+    if args.max_steps is None:
+        args.max_steps = TASKS[args.task].max_steps
 
     env = SimEnv(SceneConfig(image_height=args.image_size, image_width=args.image_size), task=args.task)
     if args.expert:
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             lat = report["chunk_latency"]
             print(f"NFE {nfe}: success {report['successes']}/{report['episodes']} = "
                   f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
+                  f"mean score {report['score']:.3f}{_followed_text(report)}, "
                   f"chunk latency median {lat['median_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms -> {path}")
     except KeyboardInterrupt:
         print("so101-eval: interrupted", file=sys.stderr)
@@ -212,15 +222,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _followed_text(report: dict) -> str:
+    rate = report["instruction_followed_rate"]
+    return "" if rate is None else f", instruction followed {100 * rate:.1f} %"
+
+
 def _last_line(nfes: list[int], reports: dict[int, dict]) -> dict:
     """The machine-readable summary printed last: one NFE as scalars, a sweep as maps keyed by NFE."""
     rate = {str(n): reports[n]["success_rate"] for n in nfes}
+    score = {str(n): reports[n]["score"] for n in nfes}
+    followed = {str(n): reports[n]["instruction_followed_rate"] for n in nfes}
     chunk = {str(n): reports[n]["chunk_latency"].get("median_ms") for n in nfes}
     episodes = reports[nfes[0]]["episodes"]
     if len(nfes) == 1:
         n = str(nfes[0])
-        return {"success_rate": rate[n], "episodes": episodes, "nfe": nfes[0], "chunk_ms_median": chunk[n]}
-    return {"success_rate": rate, "episodes": episodes, "nfe": nfes, "chunk_ms_median": chunk}
+        return {"success_rate": rate[n], "score": score[n], "instruction_followed_rate": followed[n],
+                "episodes": episodes, "nfe": nfes[0], "chunk_ms_median": chunk[n]}
+    return {"success_rate": rate, "score": score, "instruction_followed_rate": followed, "episodes": episodes,
+            "nfe": nfes, "chunk_ms_median": chunk}
 
 
 if __name__ == "__main__":

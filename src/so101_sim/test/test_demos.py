@@ -112,3 +112,17 @@ def test_cli_refuses_a_non_empty_directory(dataset, capsys):
 def test_cli_rejects_zero_episodes(tmp_path, capsys):
     assert demos.main(["--episodes", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--episodes must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["sorting_swapped", "stacking"])
+def test_demos_of_a_task_carry_its_instruction_and_are_readable(task, tmp_path):
+    out = tmp_path / task
+    assert demos.main(["--episodes", "1", "--out", str(out), "--seed", "2", "--image-size", "32",
+                       "--task", task]) == 0
+    meta = read_episode_metadata(out / "episode_0000")
+    assert meta.task == task and meta.seed == 2 and meta.success is True
+    assert meta.instruction == demos.TASKS[task].instruction
+    _, rows = _messages(out / "episode_0000")
+    steps = sum(topic == TRAJECTORY_TOPIC for topic, _, _ in rows)
+    # Sorting demonstrates two pick-and-places, stacking one.
+    assert steps > 400 if task.startswith("sorting") else 200 < steps < 240

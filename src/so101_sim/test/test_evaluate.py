@@ -10,6 +10,7 @@ import pytest
 
 from so101_sim import evaluate
 from so101_sim.env import SimEnv
+from so101_sim.expert import ScriptedExpert
 from so101_sim.rollout import PolicyOutputError, check_chunk, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 
@@ -106,3 +107,46 @@ def test_eval_cli_expert_reference_succeeds(tmp_path, capsys):
     assert "success 2/2 = 100.0 %" in text
     last = json.loads(text.strip().splitlines()[-1])
     assert (last["success_rate"], last["episodes"], last["nfe"]) == (1.0, 2, 1) and "chunk_ms_median" in last
+
+
+def test_eval_cli_expert_on_sorting_reports_score_and_instruction_followed(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--expert", "--task", "sorting_swapped", "--episodes", "1", "--seed", "3",
+                          "--image-size", "32", "--out", str(out), "--video-episodes", "0"]) == 0
+    report = json.loads((out / "eval_nfe1.json").read_text())
+    # Two pick-and-places do not fit in pick-place's 360 steps: the task sets the episode length.
+    assert report["task"] == "sorting_swapped" and report["max_steps"] == 720
+    assert report["score"] == 1.0 and report["instruction_followed_rate"] == 1.0
+    assert report["results"][0]["score"] == 1.0 and report["results"][0]["instruction_followed"] is True
+    text = capsys.readouterr().out
+    assert "(score 1.00, instruction followed)" in text
+    last = json.loads(text.strip().splitlines()[-1])
+    assert last["score"] == 1.0 and last["success_rate"] == 1.0 and last["instruction_followed_rate"] == 1.0
+
+
+def test_evaluate_scores_partial_credit_of_any_policy(env):
+    """A policy that carries the green block to the box under the red instruction: no credit, not followed;
+    one that only holds still: no credit, not followed; pick_place reports no instruction_followed."""
+    red = SimEnv(SceneConfig(image_height=32, image_width=32), task="pick_place_green")
+    red.reset(2)
+    green_plan = ScriptedExpert(red).plan()
+    red.close()
+    red = SimEnv(SceneConfig(image_height=32, image_width=32), task="pick_place_red")
+
+    def wrong_block(obs):
+        return green_plan[np.arange(red.steps, red.steps + 20).clip(max=len(green_plan) - 1)]
+
+    def hold(obs):
+        return np.repeat(obs["state"][None], 20, axis=0)
+
+    report = evaluate.evaluate(red, wrong_block, [2], max_steps=len(green_plan), action_steps=10,
+                               log=lambda m: None)
+    assert red.task.in_box(red.data, "green_cube", "target"), "the green block did not reach the box"
+    assert report["score"] == 0.0 and report["instruction_followed_rate"] == 0.0
+    report = evaluate.evaluate(red, hold, [2], max_steps=20, action_steps=10, log=lambda m: None)
+    assert report["score"] == 0.0 and report["results"][0]["instruction_followed"] is False
+    red.close()
+    report = evaluate.evaluate(env, evaluate.ExpertEvalPolicy(env), [2], max_steps=360, action_steps=10,
+                               log=lambda m: None)
+    assert report["score"] == 1.0 and report["instruction_followed_rate"] is None
+    assert report["results"][0]["instruction_followed"] is None

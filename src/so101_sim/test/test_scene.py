@@ -99,3 +99,52 @@ def test_render_meshes_are_decimated_but_physics_meshes_are_the_originals():
         assert mesh.endswith("_render") != bool(collides), m.geom(g).name
     render_faces = sum(m.mesh_facenum[i] for i in range(m.nmesh) if m.mesh(i).name.endswith("_render"))
     assert render_faces < 60_000
+
+
+def _masks(img: np.ndarray) -> dict[str, np.ndarray]:
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    return {"cube": (r > 100) & (r > 2 * g) & (r > 2 * b),
+            "green_cube": (g > 100) & (g > 2 * r) & (g > 2 * b),
+            # Orange, not the arm's yellow (green well below red) nor the red cube (green well above blue).
+            "toy": (r > 150) & (g > 0.3 * r) & (g < 0.7 * r) & (b < 0.5 * g)}
+
+
+@pytest.mark.parametrize("task", ["stacking", "sorting", "pick_place_green"])
+def test_both_cameras_see_each_tasks_objects(task):
+    """Top camera: every object at the start; wrist camera: the first object to grasp when above it."""
+    from so101_sim.expert import ExpertConfig, ScriptedExpert
+
+    env = SimEnv(SceneConfig(image_height=64, image_width=64), task=task)
+    try:
+        for seed in (1, 2):
+            env.reset(seed)
+            top = _masks(env.render(["top"])["top"])
+            for name in env.scene.objects:
+                assert top[name].sum() >= 4, f"{task} seed {seed}: top camera does not see {name}"
+            plan = ScriptedExpert(env).plan()
+            for target in plan[:int(ExpertConfig().t_reach * env.cfg.fps)]:
+                env.command(target)
+                env.step()
+            first = env.task.goals(env.data)[0].obj
+            wrist = _masks(env.render(["wrist"])["wrist"])
+            assert wrist[first].sum() >= 20, f"{task} seed {seed}: wrist camera does not see {first} above it"
+    finally:
+        env.close()
+
+
+def test_contact_sheet_writes_wrist_over_top_frames(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from so101_sim import contact_sheet
+
+    out = tmp_path / "sheet.png"
+    assert contact_sheet.main(["--task", "pick_place_red", "--seed", "2", "--image-size", "32", "--columns", "3",
+                               "--out", str(out)]) == 0
+    sheet = iio.imread(out)
+    # Three 32 px frames per row with 2 px gaps; wrist row over top row.
+    assert sheet.shape == (2 * 32 + 2, 3 * 32 + 2 * 2, 3)
+    last_top = sheet[34:, 68:]
+    assert _masks(last_top)["cube"].sum() >= 1, "the red cube is not in the last top frame"
+    assert "sheet.png: 100x66 px" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        contact_sheet.main(["--columns", "1", "--out", str(out)])

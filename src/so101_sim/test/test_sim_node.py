@@ -162,3 +162,32 @@ def test_bad_parameter_stops_the_node_with_a_clear_error(node_process):
     proc.proc.wait(timeout=30)
     assert proc.proc.returncode == 2
     assert "camera_rate=0.0 must be in (0, fps=30.0]" in proc.output()
+
+
+def test_runs_a_paper_task_and_names_its_instruction_on_reset(node_process, ros_node):
+    proc = node_process(MODULE, params={"image_size": 32, "camera_rate": 5.0, "task": "sorting_swapped",
+                                        "seed": 7})
+    success: list[Bool] = []
+    top: list[Image] = []
+    ros_node.create_subscription(Bool, SIM_TASK_SUCCESS_TOPIC, success.append, 10)
+    ros_node.create_subscription(Image, camera_image_topic("top"), top.append, 5)
+    assert spin_until(ros_node, lambda: success and top, timeout=40), proc.output()
+    client = ros_node.create_client(Trigger, SIM_RESET_SERVICE)
+    assert client.wait_for_service(timeout_sec=10)
+    future = client.call_async(Trigger.Request())
+    assert spin_until(ros_node, future.done, timeout=10)
+    reply = future.result()
+    assert reply.success and "seed 8" in reply.message
+    assert "sorting_swapped: put the green cube in the left box and the red cube in the right box" in reply.message
+    assert success[-1].data is False
+    # The sorting scene: both cubes in the top camera's view.
+    rgb = image_to_rgb(top[-1]).astype(int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    assert ((r > 100) & (r > 2 * g) & (r > 2 * b)).sum() >= 2 and ((g > 100) & (g > 2 * r) & (g > 2 * b)).sum() >= 2
+
+
+def test_unknown_task_stops_the_node_with_a_clear_error(node_process):
+    proc = node_process(MODULE, params={"task": "stack"})
+    proc.proc.wait(timeout=30)
+    assert proc.proc.returncode == 2
+    assert "parameter task='stack' is not a registered task" in proc.output()
