@@ -11,7 +11,7 @@ PRESET ?= tiny
 DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 
-.PHONY: setup test demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -19,6 +19,10 @@ setup:
 
 test: setup
 	@$(ENV) bash scripts/run_tests.sh
+
+# Every test, the slow ones too (the scripted experts' success rates: ~10 min).
+test-all: setup
+	@$(ENV) SLOW=1 bash scripts/run_tests.sh
 
 # Sim node + policy node (nfe=1, shipped checkpoint) over loopback DDS: success, chunk latency, GIF in runs/demo.
 demo: setup

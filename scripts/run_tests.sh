@@ -2,7 +2,9 @@
 # The whole suite in the workspace environment; fails on any failure and on "no tests collected" (exit 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python -m pytest src tests "$@"
+# Tests marked slow (minutes each: e.g. the scripted experts' success rates over 40 seeds per task) run with SLOW=1.
+if [ "${SLOW:-0}" = 1 ]; then marker=(); else marker=(-m "not slow"); fi
+python -m pytest src tests "${marker[@]}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests: that is a failure" >&2

@@ -12,6 +12,8 @@ setup(
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
+        # Shipped checkpoints are package data: tools find them with get_package_share_directory.
+        *[(f"share/{PACKAGE}/{d}", glob(f"{d}/*")) for d in sorted(glob("checkpoints/*"))],
     ],
     install_requires=["setuptools"],
     zip_safe=True,
