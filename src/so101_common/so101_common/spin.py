@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 # How often the spin loop looks at the recorded signals: rcl's wait does not return on a signal by itself.
 POLL_PERIOD_S = 0.1
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A drain ends once no message has been waiting for this long.
+DRAIN_QUIET_S = 0.2
 
 
 class ShutdownRequest:
@@ -79,11 +82,23 @@ def spin_until_shutdown(executor: Any, request: ShutdownRequest) -> None:
         pass
 
 
+def drain(executor: Any, quiet_s: float, limit_s: float) -> None:
+    """Run the callbacks of messages that arrived before the shutdown request, until none came for ``quiet_s``
+    (a spin_once that waited its whole timeout found nothing to do) or ``limit_s`` has passed."""
+    deadline = time.monotonic() + limit_s
+    while executor.context.ok() and time.monotonic() < deadline:
+        started = time.monotonic()
+        executor.spin_once(timeout_sec=quiet_s)
+        if time.monotonic() - started >= quiet_s:
+            return
+
+
 def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | None = None,
               cleanup: Callable[[Any], str | None] | None = None,
               config_errors: tuple[type[BaseException], ...] = (ValueError,),
               start: Callable[[Any], bool] | None = None,
-              fatal_errors: tuple[type[BaseException], ...] = ()) -> int:
+              fatal_errors: tuple[type[BaseException], ...] = (),
+              drain_s: float = 0.0) -> int:
     """Run a node until SIGINT/SIGTERM or an external shutdown; return the process exit code.
 
     A configuration error raised while building the node prints one line naming it and returns 2, so a launch
@@ -91,7 +106,8 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
     class) is logged FATAL through the node's logger and also returns 2. ``start`` (optional) runs once before
     spinning; False means the node cannot run (exit 1, after the cleanup). ``cleanup`` runs before the node is
     destroyed, with the context still valid, whatever ended the spin (a callback's exception too); what it
-    returns is appended to the node's single shutdown log line.
+    returns is appended to the node's single shutdown log line. ``drain_s`` > 0 (a recorder): after a shutdown
+    request, messages already received are still handled, for at most that long, before the cleanup.
     """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
@@ -114,6 +130,8 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
             code = 1
         else:
             spin_until_shutdown(executor, request)
+            if drain_s > 0.0:
+                drain(executor, DRAIN_QUIET_S, drain_s)
         executor.remove_node(node)
         return code
     except BaseException:

@@ -24,6 +24,9 @@ from so101_hardware.emulator import BusEmulator
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "calibration" / "so101_example.yaml"
 MODULE = "so101_hardware.driver_node"
+# The emulator answers from a thread of the test process: on a loaded 2-core CI machine its replies can take longer
+# than a real bus's 10 ms deadline, which would fail configure for reasons that have nothing to do with the test.
+EMULATED_BUS = {"reply_timeout_ms": 50.0}
 MOVING_ADDRESS = 66  # STS3215 Moving flag (1 while the shaft travels)
 
 
@@ -46,7 +49,7 @@ def _transition(node, transition_id: int) -> bool:
 
 def test_ros2_control_mode_lifecycle_commands_and_diagnostics(emulator: BusEmulator, node_process, ros_node) -> None:
     _rest_inside_range(emulator)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "calibration_file": str(EXAMPLE),
                                         "mode": "ros2_control", "command_timeout_ms": 300.0,
                                         "diagnostics_period_s": 0.2})
     states: list[JointState] = []
@@ -100,7 +103,7 @@ def test_ros2_control_mode_lifecycle_commands_and_diagnostics(emulator: BusEmula
 
 def test_standalone_mode_follows_a_20_point_trajectory(emulator: BusEmulator, node_process, ros_node) -> None:
     _rest_inside_range(emulator)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "calibration_file": str(EXAMPLE),
                                         "mode": "standalone", "autostart": True, "diagnostics_period_s": 0.2})
     diags: list[DiagnosticArray] = []
     ros_node.create_subscription(DiagnosticArray, DIAGNOSTICS_TOPIC, diags.append, 10)
@@ -142,7 +145,7 @@ def test_standalone_mode_follows_a_20_point_trajectory(emulator: BusEmulator, no
 
 def test_missing_servo_fails_configure_naming_it(emulator: BusEmulator, node_process) -> None:
     emulator.remove(3)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "autostart": True})
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "autostart": True})
     deadline = time.monotonic() + 20.0
     while proc.alive() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -180,7 +183,7 @@ def _diag_status(array: DiagnosticArray, name: str) -> DiagnosticStatus | None:
 def test_silent_servo_withholds_joint_states_and_diagnostics_recover(emulator: BusEmulator, node_process,
                                                                       ros_node) -> None:
     _rest_inside_range(emulator)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "calibration_file": str(EXAMPLE),
                                         "mode": "standalone", "autostart": True, "diagnostics_period_s": 0.2})
     diags: list[DiagnosticArray] = []
     states: list[JointState] = []
@@ -215,7 +218,7 @@ def test_signals_like_ros2_launch_turn_the_torque_off(emulator: BusEmulator, nod
                                                       signals: tuple[int, ...]) -> None:
     """ros2 launch on Ctrl-C: the terminal's SIGINT and launch's own right after (then SIGTERM)."""
     _rest_inside_range(emulator)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "calibration_file": str(EXAMPLE),
                                         "mode": "standalone", "autostart": True})
     states: list[JointState] = []
     ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
@@ -243,7 +246,7 @@ def test_signal_storm_while_a_servo_is_silent_still_turns_every_other_torque_off
         emulator: BusEmulator, node_process, ros_node) -> None:
     """A silent servo makes the torque-off slow (retries): a storm of SIGINTs lands in the middle of it."""
     _rest_inside_range(emulator)
-    proc = node_process(MODULE, params={"port": emulator.port_name, "calibration_file": str(EXAMPLE),
+    proc = node_process(MODULE, params={**EMULATED_BUS, "port": emulator.port_name, "calibration_file": str(EXAMPLE),
                                         "mode": "standalone", "autostart": True})
     states: list[JointState] = []
     ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)

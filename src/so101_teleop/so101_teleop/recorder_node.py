@@ -124,6 +124,9 @@ class RecorderNode(Node):
         return response
 
 
+SHUTDOWN_DRAIN_S = 2.0
+
+
 def _finalise(node: "RecorderNode") -> str:
     """Finalise an episode in progress (spin_node keeps further signals from cutting this short)."""
     result = node.recorder.shutdown("interrupted: the recorder was shut down during the episode")
@@ -131,7 +134,8 @@ def _finalise(node: "RecorderNode") -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    sys.exit(spin_node(RecorderNode, "episode_recorder", args, cleanup=_finalise))
+    # Messages already delivered when Ctrl-C comes belong to the episode: handle them (at most this long) first.
+    sys.exit(spin_node(RecorderNode, "episode_recorder", args, cleanup=_finalise, drain_s=SHUTDOWN_DRAIN_S))
 
 
 if __name__ == "__main__":
