@@ -32,7 +32,7 @@ from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, POLICY_ENABLE_S
 from so101_common.images import image_to_rgb
 from so101_interfaces.msg import ChunkTiming
 from so101_interfaces.srv import SetInstruction
-from so101_sim.policy_plugins import PolicyPluginError, default_checkpoint, node_module
+from so101_sim.policy_plugins import PolicyPluginError, node_module, resolve_checkpoint
 from so101_sim.rollout import latency_summary, wilson_interval
 from so101_sim.tasks import TASKS
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="policy checkpoint directory (default: the one the policy plugin ships)")
+                        help="policy checkpoint directory (default, or 'shipped': the one the policy plugin installs)")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1000, help="sim seed of the first episode")
     parser.add_argument("--nfe", type=int, default=1)
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
     try:
-        if args.checkpoint is None:
-            args.checkpoint = default_checkpoint()
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
         policy_module = node_module()
     except (PolicyPluginError, LookupError) as exc:
         parser.error(str(exc))

@@ -22,7 +22,7 @@ import numpy as np
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
-from so101_sim.policy_plugins import PolicyPluginError, default_checkpoint, load_checkpoint_policy
+from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.nfe < 1:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
-    if args.checkpoint == Path("shipped"):
+    if args.checkpoint is not None:
         try:
-            args.checkpoint = default_checkpoint()
+            args.checkpoint = resolve_checkpoint(args.checkpoint)
         except (PolicyPluginError, LookupError) as exc:
-            parser.error(f"--checkpoint shipped: {exc}")
+            parser.error(f"--checkpoint {args.checkpoint}: {exc}")
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
     nfes = args.sweep_nfe or [args.nfe]

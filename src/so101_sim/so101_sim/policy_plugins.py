@@ -17,6 +17,7 @@ import numpy as np
 
 ENTRY_POINT_GROUP = "so101_sim.policies"
 DEFAULT_PLUGIN = "meanflow"
+SHIPPED = "shipped"  # --checkpoint shipped: the checkpoint the plugin's package installs
 
 
 class CheckpointPolicy(Protocol):
@@ -56,6 +57,13 @@ def load_checkpoint_policy(checkpoint: Path, device: str = "cpu", name: str = DE
 def default_checkpoint(name: str = DEFAULT_PLUGIN) -> Path:
     """The checkpoint the plugin's package ships, from its installed share directory."""
     return Path(plugin(name).default_checkpoint())
+
+
+def resolve_checkpoint(argument: Path | None, name: str = DEFAULT_PLUGIN) -> Path:
+    """A tool's --checkpoint: a directory as given, or (None / ``shipped``) the plugin's installed checkpoint."""
+    if argument is None or str(argument) == SHIPPED:
+        return default_checkpoint(name)
+    return Path(argument)
 
 
 def node_module(name: str = DEFAULT_PLUGIN) -> str:

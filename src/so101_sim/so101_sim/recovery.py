@@ -22,7 +22,7 @@ import numpy as np
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
-from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy
+from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import Policy, run_episode
 
 RECOVERY_FILE = "recovery.json"
@@ -86,7 +86,7 @@ class RecoveryRecorder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-sim-recovery", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="policy checkpoint to roll out (loaded through the policy plugin)")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="policy checkpoint to roll out (loaded through the policy plugin; 'shipped': the installed one)")
     parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
     parser.add_argument("--seed", type=int, default=3000,
@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    except (PolicyPluginError, LookupError) as exc:
+        parser.error(f"--checkpoint {args.checkpoint}: {exc}")
     if not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
 

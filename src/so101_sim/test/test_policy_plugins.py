@@ -10,7 +10,8 @@ import pytest
 from ament_index_python.packages import get_package_share_directory
 
 from so101_sim.env import SimEnv
-from so101_sim.policy_plugins import PolicyPluginError, default_checkpoint, load_checkpoint_policy, node_module
+from so101_sim.policy_plugins import (PolicyPluginError, default_checkpoint, load_checkpoint_policy, node_module,
+                                      resolve_checkpoint)
 from so101_sim.scene import SceneConfig
 
 pytest.importorskip("meanflow_policy", reason="the meanflow plugin is provided by meanflow_policy (test_depend)")
@@ -21,6 +22,8 @@ def test_shipped_checkpoint_is_found_in_the_policy_share_directory():
     share = Path(get_package_share_directory("meanflow_policy"))
     assert checkpoint.parent.parent == share and (checkpoint / "model.safetensors").is_file()
     assert node_module() == "meanflow_policy.policy_node"
+    assert resolve_checkpoint(None) == resolve_checkpoint(Path("shipped")) == checkpoint
+    assert resolve_checkpoint(Path("runs/mine")) == Path("runs/mine")
 
 
 def test_plugin_policy_acts_on_a_sim_observation():
