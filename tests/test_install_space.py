@@ -61,8 +61,9 @@ def test_plain_install_space_alone_finds_checkpoint_urdf_and_policy_node(install
                          env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    source = str(ROOT)
-    assert not [p for p in found["sys_path"] if p.startswith(source)], found["sys_path"]
+    # Neither the source packages nor the workspace's own (symlinked) install space may be importable.
+    forbidden = [str(ROOT / d) for d in ("src", "install", "tests", "build")]
+    assert not [p for p in found["sys_path"] if p == str(ROOT) or p.startswith(tuple(forbidden))], found["sys_path"]
     for key in ("so101_sim", "meanflow_policy", "checkpoint", "urdf", "policy_node"):
         assert found[key].startswith(str(install_space)), (key, found[key])
     assert found["checkpoint"] == str(installed)

@@ -19,7 +19,7 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+from so101_common.graph import CAMERA_NAMES
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
 from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
