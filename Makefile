@@ -4,7 +4,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 ENV := source build/env.sh &&
 
-CHECKPOINT ?= src/meanflow_policy/checkpoints/sim_pick_place
+# shipped: the checkpoint meanflow_policy installs (found in its share directory, not in src/).
+CHECKPOINT ?= shipped
 EPISODES ?= 20
 NFE ?= 1
 PRESET ?= tiny

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import xacro
+from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
@@ -23,14 +24,17 @@ from launch_ros.parameter_descriptions import ParameterValue
 from so101_common.graph import (CAMERA_NAMES, HW_COMMANDS_TOPIC, HW_STATES_TOPIC, TRAJECTORY_TOPIC,
                                 camera_namespace)
 
-SHARE = Path(__file__).resolve().parent.parent  # launch/ sits next to urdf/ and config/ (source or share dir)
+# Installed data only (works with or without --symlink-install, in the distro image, for a package installed alone):
+# configuration from this package, the URDF/xacro from so101_description.
+BRINGUP = Path(get_package_share_directory("so101_bringup"))
+DESCRIPTION = Path(get_package_share_directory("so101_description"))
 TOPIC_PLUGIN = "joint_state_topic_hardware_interface/JointStateTopicSystem"
 HUMBLE_TOPIC_PLUGIN = "topic_based_ros2_control/TopicBasedSystem"
 ARM_CONTROLLER = TRAJECTORY_TOPIC.strip("/").split("/")[0]
 ARGUMENTS = {
     "hardware": ("mock", "mock (no robot), real (servo bus driver) or sim (so101_sim node)"),
     "port": ("/dev/ttyACM0", "serial port of the servo bus (hardware:=real)"),
-    "calibration_file": (str(SHARE / "config" / "calibration" / "so101.yaml"),
+    "calibration_file": (str(BRINGUP / "config" / "calibration" / "so101.yaml"),
                          "calibration YAML from so101-calibrate (hardware:=real)"),
     "topic_plugin": ("", "topic-based hardware plugin; empty: chosen by $ROS_DISTRO (Humble: "
                      "topic_based_ros2_control/TopicBasedSystem, later: joint_state_topic_hardware_interface/"
@@ -43,7 +47,7 @@ ARGUMENTS = {
 
 def robot_description(hardware: str, topic_plugin: str) -> str:
     """The expanded URDF with its ros2_control block for ``hardware``."""
-    doc = xacro.process_file(str(SHARE / "urdf" / "so101.urdf.xacro"), mappings={
+    doc = xacro.process_file(str(DESCRIPTION / "urdf" / "so101.urdf.xacro"), mappings={
         "hardware": hardware, "topic_plugin": topic_plugin,
         "commands_topic": HW_COMMANDS_TOPIC, "states_topic": HW_STATES_TOPIC})
     return doc.toxml()
@@ -58,7 +62,7 @@ def _nodes(context) -> list:
     plugin = arg["topic_plugin"] or (HUMBLE_TOPIC_PLUGIN if humble else TOPIC_PLUGIN)
     description = ParameterValue(robot_description(hardware, plugin), value_type=str)
     # Jazzy and later: the controller manager reads /robot_description; Humble: its own parameter.
-    manager_params: list = [str(SHARE / "config" / "controllers.yaml")]
+    manager_params: list = [str(BRINGUP / "config" / "controllers.yaml")]
     if humble:
         manager_params.append({"robot_description": description})
     nodes = [

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, OpaqueFunction
 from launch.launch_description_sources import PythonLaunchDescriptionSource
@@ -20,7 +21,9 @@ from launch_ros.actions import Node
 
 from so101_common.graph import CAMERA_NAMES, RECORDER_NODE, camera_namespace
 
-SHARE = Path(__file__).resolve().parent.parent  # launch/ sits next to config/ (source tree or share dir)
+# Installed data only: launch files and configuration from this package, the URDF/xacro from so101_description.
+BRINGUP = Path(get_package_share_directory("so101_bringup"))
+DESCRIPTION = Path(get_package_share_directory("so101_description"))
 ARGUMENTS = {
     "hardware": ("mock", "mock (no robot), real (servo bus driver) or sim (so101_sim node)"),
     "port": ("/dev/ttyACM0", "serial port of the servo bus (hardware:=real)"),
@@ -34,7 +37,7 @@ ARGUMENTS = {
     "camera_fps": ("30", "camera rate"),
     "joy_device_id": ("0", "joy_node device_id (SDL joystick index)"),
     "joy_device_name": ("", "joy_node device_name, e.g. 'Nintendo Switch Right Joy-Con' (overrides the id)"),
-    "teleop_config": (str(SHARE / "config" / "teleop_joycon.yaml"), "button/axis map and jog speeds"),
+    "teleop_config": (str(BRINGUP / "config" / "teleop_joycon.yaml"), "button/axis map and jog speeds"),
     "output_dir": ("~/so101_data/demos", "dataset folder; one rosbag2 directory per episode"),
     "instruction": ("pick up the cube and place it in the bowl", "instruction stored with each episode"),
 }
@@ -47,7 +50,7 @@ def _actions(context) -> list:
     if cameras not in ("auto", "true", "false"):
         raise ValueError(f"cameras:={arg['cameras']} is not one of auto, true, false")
     actions: list = [IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(str(SHARE / "launch" / "robot.launch.py")),
+        PythonLaunchDescriptionSource(str(BRINGUP / "launch" / "robot.launch.py")),
         launch_arguments={"hardware": hardware, "port": arg["port"], "cameras": "false"}.items())]
     if cameras == "true" or (cameras == "auto" and hardware != "sim"):
         for camera in CAMERA_NAMES:
@@ -63,7 +66,7 @@ def _actions(context) -> list:
             "deadzone": 0.05, "autorepeat_rate": 20.0}]),
         Node(package="so101_teleop", executable="teleop_node", name="teleop", output="screen",
              parameters=[arg["teleop_config"], {"instruction": arg["instruction"],
-                                                "urdf_path": str(SHARE / "urdf" / "so101.urdf.xacro")}]),
+                                                "urdf_path": str(DESCRIPTION / "urdf" / "so101.urdf.xacro")}]),
         Node(package="so101_teleop", executable="episode_recorder", name=RECORDER_NODE, output="screen",
              parameters=[{"dataset_dir": arg["output_dir"]}]),
     ]

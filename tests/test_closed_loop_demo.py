@@ -5,10 +5,11 @@ import json
 import imageio.v3 as iio
 
 from so101_sim import closed_loop_demo
+from so101_sim.policy_plugins import default_checkpoint
 
 
 def test_shipped_checkpoint_closes_the_loop_over_dds(tmp_path, capsys):
-    checkpoint = closed_loop_demo.DEFAULT_CHECKPOINT
+    checkpoint = default_checkpoint()
     assert (checkpoint / "config.json").is_file() and (checkpoint / "model.safetensors").is_file()
     rc = closed_loop_demo.main(["--episodes", "1", "--max-seconds", "4", "--settle-seconds", "0",
                                 "--out", str(tmp_path)])

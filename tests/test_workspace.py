@@ -16,6 +16,7 @@ PACKAGES = {
     "meanflow_policy": "ament_python",
     "so101_sim": "ament_python",
     "so101_bringup": "ament_cmake",
+    "so101_description": "ament_cmake",
 }
 
 

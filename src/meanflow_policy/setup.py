@@ -11,7 +11,6 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
-        (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         # Shipped checkpoints are package data: tools find them with get_package_share_directory.
         *[(f"share/{PACKAGE}/{d}", glob(f"{d}/*")) for d in sorted(glob("checkpoints/*"))],
     ],
@@ -28,6 +27,8 @@ setup(
             "meanflow-eval-bag = meanflow_policy.eval_bag_cli:main",
             "meanflow-bench = meanflow_policy.bench:main",
             "meanflow-bench-node = meanflow_policy.bench_node:main",
-        ]
+        ],
+        # so101_sim's tools evaluate a MeanFlow checkpoint through this plugin (so101_sim never imports us).
+        "so101_sim.policies": ["meanflow = meanflow_policy.sim_adapter"],
     },
 )

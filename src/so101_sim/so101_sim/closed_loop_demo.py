@@ -4,6 +4,8 @@ Starts the sim node and the policy node as their own processes (what a launch fi
 as the operator: for each episode it resets the sim, sends the instruction through
 /meanflow_policy/set_instruction, enables the policy, waits for /so101_sim/task_success or the time limit, and
 disables the policy. Prints success and per-chunk latency, writes a JSON report and a GIF of the top camera.
+The policy node and its shipped checkpoint come from the policy plugin (so101_sim.policy_plugins), found in the
+install space, so the demo runs from any colcon install (symlinked or not) and so101_sim does not import the policy.
 """
 from __future__ import annotations
 
@@ -30,10 +32,9 @@ from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, POLICY_ENABLE_S
 from so101_common.images import image_to_rgb
 from so101_interfaces.msg import ChunkTiming
 from so101_interfaces.srv import SetInstruction
+from so101_sim.policy_plugins import PolicyPluginError, node_module, resolve_checkpoint
 from so101_sim.rollout import latency_summary, wilson_interval
 from so101_sim.tasks import TASKS
-
-DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[2] / "meanflow_policy" / "checkpoints" / "sim_pick_place"
 
 
 class Operator(Node):
@@ -119,7 +120,8 @@ def run_episode(op: Operator, seed: int, instruction: str, max_seconds: float, s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="policy checkpoint directory")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="policy checkpoint directory (default, or 'shipped': the one the policy plugin installs)")
     parser.add_argument("--episodes", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1000, help="sim seed of the first episode")
     parser.add_argument("--nfe", type=int, default=1)
@@ -130,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     args = parser.parse_args(argv)
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+        policy_module = node_module()
+    except (PolicyPluginError, LookupError) as exc:
+        parser.error(str(exc))
     if not (args.checkpoint / "config.json").is_file():
         parser.error(f"--checkpoint {args.checkpoint} is not a checkpoint directory (no config.json)")
     if args.episodes < 1:
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sim = NodeProcess("so101_sim.sim_node", ["--ros-args", "-p", f"task:={args.task}", "-p", f"seed:={args.seed}",
                                              "-p", f"image_size:={args.image_size}"], args.out / "sim_node.log")
-    policy = NodeProcess("meanflow_policy.policy_node", [
+    policy = NodeProcess(policy_module, [
         "--ros-args", "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"nfe:={args.nfe}",
         "-p", "start_enabled:=false", "-p", "latency_compensation:=true",
         "-p", f"torch_threads:={args.torch_threads}"], args.out / "policy_node.log")

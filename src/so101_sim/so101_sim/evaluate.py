@@ -1,5 +1,8 @@
 """so101-eval: closed-loop evaluation of a Mean-Flow checkpoint in the sim, in-process (no DDS).
 
+The checkpoint is loaded through a policy plugin (so101_sim.policy_plugins; meanflow_policy provides it), so
+this package does not import the policy package.
+
 Prints the success rate with its 95 % Wilson interval and per-chunk latency, writes a JSON report and a GIF
 of the first episodes (wrist | top view); ``--sweep-nfe 1,2,5,10`` evaluates each NFE on the same seeds and
 prints a table.
@@ -16,46 +19,13 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 
-from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+from so101_common.graph import CAMERA_NAMES
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
+from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
-
-
-class CheckpointPolicy:
-    """A meanflow_policy checkpoint as an observation -> chunk callable with a fixed NFE and seeded noise."""
-
-    def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
-        import torch
-
-        from meanflow_policy.modeling import MeanFlowPolicy
-
-        self._torch = torch
-        self.policy = MeanFlowPolicy.load(checkpoint, device=device)
-        cfg = self.policy.config
-        if tuple(cfg.joint_names) != tuple(JOINT_NAMES) or int(cfg.action_dim) != len(JOINT_NAMES):
-            raise ValueError(f"checkpoint {checkpoint} acts on joints {list(cfg.joint_names)} "
-                             f"(action_dim {cfg.action_dim}); the sim arm has {list(JOINT_NAMES)}")
-        unknown = [c for c in cfg.camera_keys if c not in CAMERA_NAMES]
-        if unknown:
-            raise ValueError(f"checkpoint {checkpoint} wants cameras {unknown}; the sim has {list(CAMERA_NAMES)}")
-        self.nfe = 1
-        self.generator = torch.Generator().manual_seed(0)
-
-    @property
-    def chunk_size(self) -> int:
-        return int(self.policy.config.chunk_size)
-
-    def reseed(self, seed: int) -> None:
-        self.generator = self._torch.Generator().manual_seed(seed)
-
-    def __call__(self, observation: dict) -> np.ndarray:
-        return self.policy.sample(observation, nfe=self.nfe, generator=self.generator)
-
-    def last_latency_ms(self) -> float | None:
-        return self.policy.last_timing.get("total_ms")
 
 
 class ExpertEvalPolicy(ExpertChunkPolicy):
@@ -147,7 +117,8 @@ TABLE_HEADER = ("| NFE | successes | success rate | 95 % interval | mean score |
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-eval", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="meanflow_policy checkpoint directory")
+    source.add_argument("--checkpoint", type=Path, help="policy checkpoint directory ('shipped': the checkpoint the "
+                        "policy plugin installs, e.g. meanflow_policy's sim_pick_place)")
     source.add_argument("--expert", action="store_true",
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
@@ -169,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.nfe < 1:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
+    if args.checkpoint is not None:
+        try:
+            args.checkpoint = resolve_checkpoint(args.checkpoint)
+        except (PolicyPluginError, LookupError) as exc:
+            parser.error(f"--checkpoint {args.checkpoint}: {exc}")
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
     nfes = args.sweep_nfe or [args.nfe]
@@ -180,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = ExpertEvalPolicy(env)
     else:
         try:
-            policy = CheckpointPolicy(args.checkpoint, args.device)
-        except (ValueError, FileNotFoundError, OSError) as exc:
+            policy = load_checkpoint_policy(args.checkpoint, args.device)
+        except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
             env.close()
             print(f"so101-eval: cannot load checkpoint: {exc}", file=sys.stderr)
             return 2

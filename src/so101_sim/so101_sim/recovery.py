@@ -22,6 +22,7 @@ import numpy as np
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
+from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import Policy, run_episode
 
 RECOVERY_FILE = "recovery.json"
@@ -85,7 +86,7 @@ class RecoveryRecorder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-sim-recovery", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="meanflow_policy checkpoint to roll out")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="policy checkpoint to roll out (loaded through the policy plugin; 'shipped': the installed one)")
     parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
     parser.add_argument("--seed", type=int, default=3000,
@@ -102,19 +103,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    try:
+        args.checkpoint = resolve_checkpoint(args.checkpoint)
+    except (PolicyPluginError, LookupError) as exc:
+        parser.error(f"--checkpoint {args.checkpoint}: {exc}")
     if not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
-    from so101_sim.evaluate import CheckpointPolicy
 
     started = time.perf_counter()
     try:
         handover = HandoverRange(args.handover_first, args.handover_last)
-        policy = CheckpointPolicy(args.checkpoint, args.device)
+        policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe = args.nfe
         recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed)
         results = generate(args.out, args.episodes, args.seed, image_size=args.image_size, record=recorder,
                            max_tries=args.max_tries or 4 * args.episodes)
-    except (ValueError, FileExistsError, FileNotFoundError, OSError) as exc:
+    except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:
         print(f"so101-sim-recovery: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

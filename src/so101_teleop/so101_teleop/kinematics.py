@@ -7,7 +7,6 @@ instead of stalling or leaving the range.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,19 +27,13 @@ class KinematicsError(ValueError):
 
 
 def default_urdf_path() -> Path:
-    """The project's URDF: the so101_bringup share directory in a distro, else the workspace ($SO101_WS)."""
+    """The project's URDF, installed by so101_description (found in its share directory, never in the source)."""
+    from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
     try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-        try:
-            candidate = Path(get_package_share_directory("so101_bringup")) / URDF_RELATIVE
-            if candidate.is_file():
-                return candidate
-        except PackageNotFoundError:
-            pass
-    except ImportError:
-        pass
-    workspace = Path(os.environ.get("SO101_WS", Path(__file__).resolve().parents[3]))
-    return workspace / URDF_RELATIVE
+        return Path(get_package_share_directory("so101_description")) / URDF_RELATIVE
+    except PackageNotFoundError:
+        raise KinematicsError("package so101_description is not installed (source the install space or set "
+                              "urdf_path)") from None
 
 
 def load_urdf_xml(path: str | Path) -> str:

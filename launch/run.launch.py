@@ -1,6 +1,7 @@
-"""Run the Mean-Flow policy on the robot: ``ros2 launch meanflow_policy run.launch.py checkpoint:=DIR nfe:=1``.
+"""Run the Mean-Flow policy on the robot: ``ros2 launch so101_bringup run.launch.py checkpoint:=DIR nfe:=1``.
 
-The robot side comes from so101_bringup's robot.launch.py (``hardware:=real|mock|sim``, ``cameras:=true``; its other
+It lives in so101_bringup, the package that depends on both sides (meanflow_policy for the node, the robot side
+for robot.launch.py), so no package depends on bringup. The robot side comes from robot.launch.py (``hardware:=real|mock|sim``, ``cameras:=true``; its other
 arguments such as ``port:=`` or ``wrist_camera:=`` pass through); ``robot:=false`` starts the policy node alone, for
 a robot or simulator started elsewhere.
 """
@@ -27,7 +28,7 @@ ARGUMENTS = (
     ("start_enabled", "true", "Act as soon as there is an instruction (false: wait for ~/enable)", bool),
     ("hardware", "mock", "Robot side: real, mock or sim (sim publishes camera images itself)", None),
     ("cameras", "false", "Start the wrist and top camera nodes with the robot (needed with hardware:=real)", None),
-    ("robot", "true", "Also launch the robot side (so101_bringup robot.launch.py)", None),
+    ("robot", "true", "Also launch the robot side (robot.launch.py)", None),
 )
 
 

@@ -34,7 +34,7 @@ def checkpoint(tmp_path_factory):
 def run_launch(checkpoint):
     from ament_index_python.packages import get_package_share_directory
 
-    path = f"{get_package_share_directory('meanflow_policy')}/launch/run.launch.py"
+    path = f"{get_package_share_directory('so101_bringup')}/launch/run.launch.py"
     return LaunchDescription([
         IncludeLaunchDescription(PythonLaunchDescriptionSource(path), launch_arguments={
             "checkpoint": str(checkpoint), "nfe": "1", "hardware": "mock",

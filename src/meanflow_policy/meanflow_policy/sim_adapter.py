@@ -1,0 +1,59 @@
+"""The MeanFlow checkpoint as a so101_sim policy plugin (entry point ``so101_sim.policies``: ``meanflow``).
+
+It lives with the policy so that so101_sim's tools (so101-eval --checkpoint, recovery, the closed-loop demo) can
+evaluate a MeanFlow checkpoint without so101_sim importing meanflow_policy: the sim defines the protocol, this
+module meets it, and the shipped checkpoint is found in this package's installed share directory only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from ament_index_python.packages import get_package_share_directory
+
+from meanflow_policy.modeling import MeanFlowPolicy
+from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+
+PACKAGE = "meanflow_policy"
+SHIPPED_CHECKPOINT = "sim_pick_place"
+NODE_MODULE = "meanflow_policy.policy_node"
+
+
+def default_checkpoint() -> Path:
+    """The shipped sim checkpoint, installed as package data (share/meanflow_policy/checkpoints/...)."""
+    return Path(get_package_share_directory(PACKAGE)) / "checkpoints" / SHIPPED_CHECKPOINT
+
+
+class SimCheckpointPolicy:
+    """A checkpoint as an observation -> chunk callable with a settable NFE and seeded noise."""
+
+    def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
+        self.policy = MeanFlowPolicy.load(checkpoint, device=device)
+        cfg = self.policy.config
+        if tuple(cfg.joint_names) != tuple(JOINT_NAMES) or int(cfg.action_dim) != len(JOINT_NAMES):
+            raise ValueError(f"checkpoint {checkpoint} acts on joints {list(cfg.joint_names)} "
+                             f"(action_dim {cfg.action_dim}); the sim arm has {list(JOINT_NAMES)}")
+        unknown = [c for c in cfg.camera_keys if c not in CAMERA_NAMES]
+        if unknown:
+            raise ValueError(f"checkpoint {checkpoint} wants cameras {unknown}; the sim has {list(CAMERA_NAMES)}")
+        self.nfe = 1
+        self.generator = torch.Generator().manual_seed(0)
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.policy.config.chunk_size)
+
+    def reseed(self, seed: int) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        return self.policy.sample(observation, nfe=self.nfe, generator=self.generator)
+
+    def last_latency_ms(self) -> float | None:
+        return self.policy.last_timing.get("total_ms")
+
+
+def load(checkpoint: Path, device: str = "cpu") -> SimCheckpointPolicy:
+    """The plugin's loader (so101_sim.policy_plugins.load_checkpoint_policy calls it)."""
+    return SimCheckpointPolicy(checkpoint, device)
