@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sim = NodeProcess("so101_sim.sim_node", ["--ros-args", "-p", f"task:={args.task}", "-p", f"seed:={args.seed}",
                                              "-p", f"image_size:={args.image_size}"], args.out / "sim_node.log")
-    policy = NodeProcess("meanflow_policy.policy_node", [
+    policy = NodeProcess("meanflow_policy.ros.policy_node", [
         "--ros-args", "-p", f"checkpoint:={args.checkpoint.resolve()}", "-p", f"nfe:={args.nfe}",
         "-p", "start_enabled:=false", "-p", "latency_compensation:=true",
         "-p", f"torch_threads:={args.torch_threads}"], args.out / "policy_node.log")

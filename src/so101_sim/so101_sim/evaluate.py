@@ -30,7 +30,7 @@ class CheckpointPolicy:
     def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
         import torch
 
-        from meanflow_policy.modeling import MeanFlowPolicy
+        from meanflow_policy.model.policy import MeanFlowPolicy
 
         self._torch = torch
         self.policy = MeanFlowPolicy.load(checkpoint, device=device)
