@@ -165,8 +165,8 @@ class MeanFlowPolicy(nn.Module):
                      r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the configured objective on a dataset batch; ``noise``/``t``/``r`` override the random draws
         (as the objective reads them: r is ignored by flow_matching; for ddpm, t holds integer steps k). A batch
-        may carry the frozen backbone's output instead of images + instructions (``prefix_features`` (B, L, D) and ``prefix_mask`` (B, L), see
-        feature_cache): then no backbone runs."""
+        may carry the frozen backbone's output instead of images + instructions (``prefix_features`` (B, L, D) and
+        ``prefix_mask`` (B, L), see train/feature_cache.py): then no backbone runs."""
         self._validate_batch(batch)
         cfg, dev = self.config, self.device
         if PREFIX_FEATURES in batch:

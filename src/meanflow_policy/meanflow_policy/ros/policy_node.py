@@ -1,6 +1,6 @@
 """ROS 2 node ``meanflow_policy``: camera images + joint states + an instruction in, JointTrajectory chunks out.
 
-Thin wiring around the Mean-Flow policy and the plain-Python core in ``policy_runtime``. Callbacks only convert
+Thin wiring around the Mean-Flow policy and the plain-Python core in ``ros.runtime``. Callbacks only convert
 and store messages; inference runs on its own thread so images, joint states and service calls keep flowing
 while the network runs. A chunk is computed when every camera has delivered a new frame, at most ``rate_hz``
 times a second, and only while the node is enabled and has an instruction.
@@ -400,7 +400,8 @@ class PolicyNode(Node):
         msg = JointTrajectory()
         msg.header.stamp = Time(nanoseconds=stamp_ns or self._now_ns()).to_msg()
         msg.joint_names = list(self._joint_names)
-        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row], time_from_start=Duration(nanoseconds=s_to_ns(t)).to_msg())
+        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row],
+                                           time_from_start=Duration(nanoseconds=s_to_ns(t)).to_msg())
                       for t, row in zip(plan.times_s, plan.positions)]
         self._traj_pub.publish(msg)
 
