@@ -45,18 +45,18 @@ train-sim: sim-demos
 	@$(ENV) DEMOS=$(DEMOS) RUNS=$(RUNS) bash scripts/train_sim.sh
 
 bench-policy: setup
-	@$(ENV) python -m meanflow_policy.bench --preset $(PRESET) --device cpu --threads 1
+	@$(ENV) python -m meanflow_policy.tools.bench --preset $(PRESET) --device cpu --threads 1
 
 bench-node: setup
-	@$(ENV) python -m meanflow_policy.bench_node
+	@$(ENV) python -m meanflow_policy.tools.bench_node
 
 bench-data: setup
-	@$(ENV) python -m meanflow_policy.bench_data --cpu-threads 1
+	@$(ENV) python -m meanflow_policy.tools.bench_data --cpu-threads 1
 
 # Training steps/s with the backbone in every step vs on cached frozen-backbone prefix features (tiny preset, batch
 # 32, CPU, one thread); the last line is one JSON object (steps_per_s, ratio_cached_over_joint, ...).
 bench-train: setup
-	@$(ENV) python -m meanflow_policy.bench_train --device cpu --cpu-threads 1 --batch-size 32
+	@$(ENV) python -m meanflow_policy.tools.bench_train --device cpu --cpu-threads 1 --batch-size 32
 
 bench-sim: setup
 	@$(ENV) python -m so101_sim.bench

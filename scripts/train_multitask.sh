@@ -34,8 +34,8 @@ stage_a="$RUNS/multitask_joint"
 common=(--bags "${bags[@]}" --out "$stage_a" --steps "$STAGE_A_STEPS" --val-every 2000 --cpu-threads "$THREADS"
         --time-limit "$TIME_LIMIT" --cache-dir "$RUNS/cache" --no-progress)
 if [[ -f "$stage_a/last/train_state.json" ]]; then
-  python -m meanflow_policy.train_cli "${common[@]}" --resume
+  python -m meanflow_policy.tools.train "${common[@]}" --resume
 else
-  python -m meanflow_policy.train_cli "${common[@]}" --init-from "$INIT" --batch-size 32 --ema-decay 0.999 --seed 0
+  python -m meanflow_policy.tools.train "${common[@]}" --init-from "$INIT" --batch-size 32 --ema-decay 0.999 --seed 0
 fi
 echo "train_multitask: stage A in $stage_a"

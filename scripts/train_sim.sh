@@ -20,7 +20,7 @@ RECOVERY_EPISODES=${RECOVERY_EPISODES:-150}
 OBJECTIVES=(meanflow flow_matching)
 declare -A NFE=([meanflow]=1 [flow_matching]=10)
 declare -A FIRST_SEED=([meanflow]=3000 [flow_matching]=5000)  # + 10000 per round; evaluation uses 1000-1049
-TRAIN=(python -m meanflow_policy.train_cli --train-backbone --batch-size 32 --ema-decay 0.999 --cpu-threads 1
+TRAIN=(python -m meanflow_policy.tools.train --train-backbone --batch-size 32 --ema-decay 0.999 --cpu-threads 1
        --seed 0 --no-progress)
 
 done_at() {  # done_at RUN_DIR STEPS: the run's last/ checkpoint has reached STEPS

@@ -15,7 +15,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource  # n
 from launch_pytest.actions import ReadyToTest  # noqa: E402
 from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 
-from meanflow_policy.bench_node import PolicyProbe  # noqa: E402
+from meanflow_policy.ros.probe import PolicyProbe  # noqa: E402
 from so101_common import graph  # noqa: E402
 from so101_common.testing import spin_until  # noqa: E402
 

@@ -21,7 +21,9 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 import pytest
 
-from meanflow_policy.dataset import DatasetError, SyncConfig, load_episode, load_episodes
+from meanflow_policy.data.cache import load_episode, load_episodes
+
+from meanflow_policy.data.sync import DatasetError, SyncConfig
 from so101_common.episode_bag import read_episode_metadata
 from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, START_EPISODE_SERVICE, TRAJECTORY_TOPIC,
                                 camera_image_topic)

@@ -28,7 +28,7 @@ NODES = {
                "camera", (Image, "/image_raw")),
     "teleop": ("so101_teleop.teleop_node", {"instruction": "shutdown test"}, "teleop", None),
     "sim": ("so101_sim.sim_node", {"image_size": 32, "camera_rate": 10.0}, SIM_NODE, (JointState, JOINT_STATES_TOPIC)),
-    "policy": ("meanflow_policy.policy_node", {"rate_hz": 10.0, "instruction": "put the cube in the box"},
+    "policy": ("meanflow_policy.ros.policy_node", {"rate_hz": 10.0, "instruction": "put the cube in the box"},
                POLICY_NODE, None),
 }
 

@@ -22,13 +22,13 @@ setup(
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
-            "policy_node = meanflow_policy.policy_node:main",
-            "meanflow-train = meanflow_policy.train_cli:main",
-            "meanflow-eval-bag = meanflow_policy.eval_bag_cli:main",
-            "meanflow-bench = meanflow_policy.bench:main",
-            "meanflow-bench-node = meanflow_policy.bench_node:main",
+            "policy_node = meanflow_policy.ros.policy_node:main",
+            "meanflow-train = meanflow_policy.tools.train:main",
+            "meanflow-eval-bag = meanflow_policy.tools.eval_bag:main",
+            "meanflow-bench = meanflow_policy.tools.bench:main",
+            "meanflow-bench-node = meanflow_policy.tools.bench_node:main",
         ],
         # so101_sim's tools evaluate a MeanFlow checkpoint through this plugin (so101_sim never imports us).
-        "so101_sim.policies": ["meanflow = meanflow_policy.sim_adapter"],
+        "so101_sim.policies": ["meanflow = meanflow_policy.tools.sim_adapter"],
     },
 )

@@ -10,8 +10,8 @@ import torch
 
 from so101_common.joints import JointLimits, home_vector
 
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.policy import MeanFlowPolicy
 
 
 @contextmanager

@@ -1,9 +1,9 @@
 """Fixtures shared by the policy-node tests: a tiny checkpoint and a node process with its probe."""
 import pytest
 
-from meanflow_policy.bench_node import PolicyProbe
+from meanflow_policy.ros.probe import PolicyProbe
 
-NODE = "meanflow_policy.policy_node"
+NODE = "meanflow_policy.ros.policy_node"
 
 
 @pytest.fixture(scope="module")

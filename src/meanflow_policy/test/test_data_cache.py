@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import meanflow_policy.dataset as dataset
-from meanflow_policy.dataset import SampleSet, SyncConfig, compute_stats, load_episodes, split_episodes
-from meanflow_policy.demo_bags import DemoContent, synthetic_episode, write_bag
+import meanflow_policy.data.cache as dataset
+from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.units import MIN_STD
+from meanflow_policy.data.demo_bags import DemoContent, synthetic_episode, write_bag
 from so101_common.graph import JOINT_NAMES
 
 CFG = SyncConfig(fps=30.0, image_size=16, chunk_size=20)
@@ -121,7 +124,7 @@ def test_stats_floor_the_std_of_joints_that_never_move(tmp_path: Path) -> None:
     write_bag(tmp_path / "still", c, instruction="stay")
     episodes, _ = load_episodes([tmp_path / "still"], CFG, tmp_path / "cache")
     stats = compute_stats(episodes)
-    assert stats["state"]["std"] == [dataset.MIN_STD] * 6 and stats["action"]["std"] == [dataset.MIN_STD] * 6
+    assert stats["state"]["std"] == [MIN_STD] * 6 and stats["action"]["std"] == [MIN_STD] * 6
 
 
 def test_batches_cover_every_sample_once_per_epoch(bags: Path, tmp_path: Path) -> None:

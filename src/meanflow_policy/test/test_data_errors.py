@@ -10,9 +10,10 @@ import pytest
 
 from rosbags.rosbag2 import Reader
 
-from meanflow_policy.bag_reader import BagError
-from meanflow_policy.dataset import DatasetError, SyncConfig, load_episode, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.data.bag_reader import BagError
+from meanflow_policy.data.cache import load_episode, load_episodes
+from meanflow_policy.data.sync import DatasetError, SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from so101_common.episode_bag import EpisodeMetadata, EpisodeWriter
 from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
 
@@ -39,7 +40,7 @@ def test_truncated_mcap_is_named_and_skipped(good_bag: Path, tmp_path: Path, cap
         fh.truncate(mcap.stat().st_size // 2)
     with pytest.raises(BagError, match=r"b_cut: cannot open the bag \(truncated or corrupt\?\)"):
         load_episode(cut, CFG, tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="meanflow_policy.dataset"):
+    with caplog.at_level(logging.WARNING, logger="meanflow_policy.data"):
         episodes, report = load_episodes([root], CFG, tmp_path / "cache")
     assert [e.name for e in episodes] == ["a_good"]
     assert list(report.skipped) == [str(cut.resolve())] and "truncated or corrupt" in report.skipped[str(cut.resolve())]

@@ -11,13 +11,15 @@ import torch
 from transformers import SmolVLMConfig, SmolVLMModel
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy import train_cli
-from meanflow_policy.backbone import build_tiny_tokenizer
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.dataset import SampleSet, SyncConfig, compute_stats, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.feature_cache import FEATURES_DIR, load_prefix_features
-from meanflow_policy.modeling import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
+from meanflow_policy.tools import train as train_cli
+from meanflow_policy.model.backbone import build_tiny_tokenizer
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.samples import SampleSet, compute_stats
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.train.feature_cache import FEATURES_DIR, load_prefix_features
+from meanflow_policy.model.policy import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
 from meanflow_policy.testing import torch_threads
 
 

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-import meanflow_policy.dataset as dataset
-from meanflow_policy import eval_bag_cli, train_cli
-from meanflow_policy.bag_reader import BagError
-from meanflow_policy.dataset import DatasetError, SyncConfig, load_episode, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
+import meanflow_policy.data.cache as dataset
+from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
+from meanflow_policy.data.bag_reader import BagError
+from meanflow_policy.data.cache import load_episode, load_episodes
+from meanflow_policy.data.sync import DatasetError, SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 
 CFG = SyncConfig(image_size=8)
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
@@ -63,7 +64,7 @@ def test_unfinished_episode_and_bag_without_metadata_are_named(good_bag: Path, t
     (bare / "metadata.yaml").unlink()
     (bare / "episode.json").unlink()
     (root / "notes").mkdir()  # a folder that is no episode at all stays out of the report
-    with caplog.at_level(logging.WARNING, logger="meanflow_policy.dataset"):
+    with caplog.at_level(logging.WARNING, logger="meanflow_policy.data"):
         episodes, report = load_episodes([root], CFG, tmp_path / "cache")
     assert [e.name for e in episodes] == ["a_good"]
     assert sorted(Path(p).name for p in report.skipped) == ["b_killed", "c_no_metadata"]
@@ -94,7 +95,7 @@ def test_unusable_episode_json_skips_that_episode_by_name(good_bag: Path, tmp_pa
     _copy(good_bag, root / "a_good")
     broken = _copy(good_bag, root / "b_broken")
     (broken / "episode.json").write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="meanflow_policy.dataset"):
+    with caplog.at_level(logging.WARNING, logger="meanflow_policy.data"):
         episodes, report = load_episodes([root], CFG, tmp_path / "cache")
     assert [e.name for e in episodes] == ["a_good"]
     reason = report.skipped[str(broken.resolve())]
@@ -130,7 +131,8 @@ def test_write_error_in_the_cache_is_one_line_and_leaves_no_temp_folder(good_bag
     script = textwrap.dedent(f"""
         import resource
         from pathlib import Path
-        from meanflow_policy.dataset import DatasetError, SyncConfig, load_episodes
+        from meanflow_policy.data.cache import load_episodes
+        from meanflow_policy.data.sync import DatasetError, SyncConfig
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))
         try:
             load_episodes([Path({str(good_bag)!r})], SyncConfig(image_size=96), Path({str(cache)!r}))

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from meanflow_policy import train_cli
-from meanflow_policy.configuration import TrainConfig
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.tools import train as train_cli
+from meanflow_policy.model.configuration import TrainConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.testing import torch_threads
-from meanflow_policy.training import STATE_FILE, STATE_TENSORS_FILE, TRAIN_CONFIG_FILE
+from meanflow_policy.train.trainer import STATE_FILE, STATE_TENSORS_FILE, TRAIN_CONFIG_FILE
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from meanflow_policy.bag_reader import EPISODE_FILE, BagError
-from meanflow_policy.dataset import SampleSet, SyncConfig, load_episode
-from meanflow_policy.demo_bags import DemoContent, write_bag
+from meanflow_policy.data.bag_reader import EPISODE_FILE, BagError
+from meanflow_policy.data.cache import load_episode
+from meanflow_policy.data.samples import SampleSet
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.data.demo_bags import DemoContent, write_bag
 from so101_common import episode_bag
 from so101_common.graph import JOINT_NAMES
 

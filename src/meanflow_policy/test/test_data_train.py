@@ -10,12 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow_policy import eval_bag_cli, train_cli
-from meanflow_policy.bag_reader import BagError
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.dataset import SampleSet, SyncConfig, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
+from meanflow_policy.data.bag_reader import BagError
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.samples import SampleSet
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.data.prefetch import Prefetcher
+from meanflow_policy.model.policy import MeanFlowPolicy
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -158,12 +161,12 @@ def test_cli_bad_input(tmp_path: Path, bags: Path, capsys: pytest.CaptureFixture
 
 
 def test_prefetcher_keeps_order_and_reraises_loader_errors() -> None:
-    assert list(train_cli.Prefetcher(iter(range(50)), depth=2)) == list(range(50))
+    assert list(Prefetcher(iter(range(50)), depth=2)) == list(range(50))
 
     def broken():
         yield 1
         raise BagError("episode_7: image 3 on /camera/top/image_raw cannot be decoded")
 
-    fetched = train_cli.Prefetcher(broken())
+    fetched = Prefetcher(broken())
     with pytest.raises(BagError, match="episode_7"):
         list(fetched)

@@ -3,7 +3,7 @@ import logging
 
 import pytest
 
-from meanflow_policy import eval_bag_cli
+from meanflow_policy.tools import eval_bag as eval_bag_cli
 from meanflow_policy.testing import corrupt_checkpoint, make_tiny_checkpoint
 
 

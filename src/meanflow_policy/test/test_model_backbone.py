@@ -4,8 +4,9 @@ import pytest
 import torch
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.backbone import VLMBackbone, build_tiny_tokenizer, random_shift, resize_image
-from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.images import resize_image
+from meanflow_policy.model.backbone import VLMBackbone, build_tiny_tokenizer, random_shift
+from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.testing import torch_threads
 
 

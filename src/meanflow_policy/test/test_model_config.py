@@ -5,7 +5,7 @@ import pytest
 
 from so101_common.graph import JOINT_NAMES
 
-from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.model.configuration import MeanFlowConfig
 
 
 def test_defaults_follow_the_method():

@@ -8,9 +8,9 @@ from safetensors.torch import load_file, save_file
 
 from so101_common.graph import JOINT_NAMES
 
-from meanflow_policy.checkpoint import CheckpointError
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.checkpoint import CheckpointError
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.testing import (
     corrupt_checkpoint,
     make_tiny_checkpoint,
@@ -92,7 +92,7 @@ def test_stats_are_applied_in_joint_units(ckpt):
 
 def test_sample_batch_matches_single_observation_path(policy):
     """The batched (offline evaluation) path and the cached single-observation path agree."""
-    from meanflow_policy.backbone import resize_image
+    from meanflow_policy.images import resize_image
 
     obs = random_observation(policy.config, seed=4)
     chunk = policy.sample(obs, nfe=2, generator=torch.Generator().manual_seed(3))
@@ -250,7 +250,7 @@ def test_pretrained_backbone_is_stored_by_reference(tmp_path):
     """A local SmolVLM directory: weights by reference, config hash checked on load."""
     from transformers import SmolVLMModel
 
-    from meanflow_policy.backbone import build_tiny_tokenizer, tiny_vlm_config
+    from meanflow_policy.model.backbone import build_tiny_tokenizer, tiny_vlm_config
 
     cfg = MeanFlowConfig.tiny()
     tokenizer = build_tiny_tokenizer()

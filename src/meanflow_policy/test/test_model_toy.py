@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from meanflow_policy import objectives as O
-from meanflow_policy.expert import ActionExpert
+from meanflow_policy.model import objectives as O
+from meanflow_policy.model.action_expert import ActionExpert
 from meanflow_policy.testing import torch_threads
 
 

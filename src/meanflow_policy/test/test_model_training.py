@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.testing import random_batch, torch_threads
-from meanflow_policy.training import TrainConfig, make_scheduler, train
+from meanflow_policy.train.trainer import TrainConfig, make_scheduler, train
 
 
 @pytest.fixture(autouse=True, scope="module")

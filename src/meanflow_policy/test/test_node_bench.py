@@ -5,7 +5,7 @@ import sys
 
 
 def test_bench_node_prints_consistent_figures(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "meanflow_policy.bench_node", "--nfe", "1", "--chunks", "4",
+    out = subprocess.run([sys.executable, "-m", "meanflow_policy.tools.bench_node", "--nfe", "1", "--chunks", "4",
                           "--height", "48", "--width", "64", "--image-hz", "5"],
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.model.configuration import MeanFlowConfig
 from so101_common import graph
 from so101_common.testing import spin_until
 

@@ -8,15 +8,15 @@ import pytest
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
-from meanflow_policy.bench_node import PolicyProbe
-from meanflow_policy.configuration import MeanFlowConfig
+from meanflow_policy.ros.probe import PolicyProbe
+from meanflow_policy.model.configuration import MeanFlowConfig
 from so101_common import graph
 from so101_common.images import stamp_to_ns
 from so101_common.instruction import MAX_INSTRUCTION_CHARS
 from so101_common.joints import JointLimits
 from so101_common.testing import spin_until
 
-NODE = "meanflow_policy.policy_node"
+NODE = "meanflow_policy.ros.policy_node"
 START_TIMEOUT = 90.0  # torch import + model load + warm-up on a loaded 2-core machine
 
 

@@ -7,8 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from meanflow_policy.policy_runtime import (
-    NS_PER_S,
+from meanflow_policy.ros.runtime import (
     ChunkError,
     ChunkStats,
     ClampMonitor,
@@ -19,6 +18,7 @@ from meanflow_policy.policy_runtime import (
     chunk_to_plan,
     hold_plan,
 )
+from meanflow_policy.units import NS_PER_S
 from so101_common.graph import JOINT_NAMES
 from so101_common.joints import JointLimits
 
@@ -42,7 +42,7 @@ def _full_store(stamp_ns: int = NOW, received_ns: int | None = None, **store_arg
 
 
 def test_core_does_not_import_rclpy():
-    code = "import sys, meanflow_policy.policy_runtime; print('rclpy' in sys.modules)"
+    code = "import sys, meanflow_policy.ros.runtime; print('rclpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
 

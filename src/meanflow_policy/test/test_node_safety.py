@@ -15,7 +15,7 @@ from so101_common import graph
 from so101_common.joints import JointLimits
 from so101_common.testing import spin_until
 
-NODE = "meanflow_policy.policy_node"
+NODE = "meanflow_policy.ros.policy_node"
 START_TIMEOUT = 90.0
 AHEAD = "ahead of this node's clock"
 

@@ -1,7 +1,7 @@
 """Checkpoint policies for the sim tools come from plugins, so so101_sim never imports a policy package.
 
 A policy package registers a module under the entry-point group ``so101_sim.policies`` (meanflow_policy:
-``meanflow = meanflow_policy.sim_adapter``). The module provides ``load(checkpoint, device)`` returning an object
+``meanflow = meanflow_policy.tools.sim_adapter``). The module provides ``load(checkpoint, device)`` returning an object
 that meets :class:`CheckpointPolicy`, ``default_checkpoint()`` (the checkpoint it ships, found in its share
 directory) and ``NODE_MODULE`` (the module of its ROS node, for the closed-loop demo). The dependency then points
 from the policy to the sim's protocol, never back, and the package graph has no cycle.

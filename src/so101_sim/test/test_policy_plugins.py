@@ -21,7 +21,7 @@ def test_shipped_checkpoint_is_found_in_the_policy_share_directory():
     checkpoint = default_checkpoint()
     share = Path(get_package_share_directory("meanflow_policy"))
     assert checkpoint.parent.parent == share and (checkpoint / "model.safetensors").is_file()
-    assert node_module() == "meanflow_policy.policy_node"
+    assert node_module() == "meanflow_policy.ros.policy_node"
     assert resolve_checkpoint(None) == resolve_checkpoint(Path("shipped")) == checkpoint
     assert resolve_checkpoint(Path("runs/mine")) == Path("runs/mine")
 

@@ -1,7 +1,7 @@
 """``meanflow-train``: train the Mean-Flow policy from rosbag2 demonstrations (no ROS install needed).
 
 Bags -> synchronised samples (cached once) -> train/val split by episode -> stats of the training split ->
-``meanflow_policy.training.train``. Every ``--val-every`` steps: validation loss and the one-step action error
+``meanflow_policy.train.trainer.train``. Every ``--val-every`` steps: validation loss and the one-step action error
 (joint units, radians) on the held-out episodes; ``best/`` (lowest one-step action error) and ``last/``
 checkpoints; ``log.json``/``log.csv`` and ``loss.png`` at the end. ``--resume`` continues from ``last/``.
 """
@@ -11,59 +11,32 @@ import argparse
 import csv
 import json
 import logging
-import os
-import queue
 import shutil
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import torch
 
-from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
+from meanflow_policy.data.cache import ensure_writable_dirs, load_episodes
+from meanflow_policy.data.prefetch import Prefetcher
+from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
+from meanflow_policy.model.configuration import OBJECTIVES, SMOLVLM2_500M_PRESET, MeanFlowConfig, TrainConfig
+from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
+                                          resolve_device, run_cli, sync_config)
+from meanflow_policy.train.feature_cache import load_prefix_features
+from meanflow_policy.train.trainer import (STATE_FILE, BatchSource, Trainer, TrainStateError, make_loader,
+                                           read_state_meta, swap_in, write_json_atomic)
 
-from meanflow_policy.bag_reader import CLOCKS, BagError
-from meanflow_policy.configuration import OBJECTIVES, SMOLVLM2_500M_PRESET, MeanFlowConfig, TrainConfig
-from meanflow_policy.dataset import (
-    ACTION_SOURCES,
-    DatasetError,
-    SampleSet,
-    SyncConfig,
-    compute_stats,
-    ensure_writable_dirs,
-    load_episodes,
-    split_episodes,
-)
-from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.feature_cache import load_prefix_features
-from meanflow_policy.training import (STATE_FILE, BatchSource, Trainer, TrainStateError, make_loader, read_state_meta,
-                                      swap_in, write_json_atomic)
-
-T = TypeVar("T")
 LOG = logging.getLogger("meanflow_train")
 PRESETS = ("tiny", "smolvlm2")
 BEST_DIR, LAST_DIR = "best", "last"
 PROGRESS_FILE = "progress.json"
 DATASET_FILE = "dataset.json"
 LOG_JSON, LOG_CSV, LOSS_PNG = "log.json", "log.csv", "loss.png"
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "so101_meanflow" / "dataset"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,55 +131,6 @@ def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -
     return TrainConfig.from_dict(values)
 
 
-def add_cpu_threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpu-threads", type=int, default=0,
-                   help="torch CPU threads (0: torch's default); 1 is much faster on a CPU shared with other jobs")
-
-
-def apply_cpu_threads(n: int) -> None:
-    if n < 0:
-        raise ValueError(f"--cpu-threads must be >= 0, got {n}")
-    if n:
-        torch.set_num_threads(n)
-
-
-def add_sync_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of bag reading and synchronisation, shared by meanflow-train and meanflow-eval-bag."""
-    p.add_argument("--action-source", choices=ACTION_SOURCES, default="trajectory",
-                   help="trajectory: replayed commanded targets; next_state: the next joint state")
-    p.add_argument("--clock", choices=CLOCKS, default="bag", help="bag receive time or message header stamps")
-    p.add_argument("--max-image-age", type=float, default=0.1, help="seconds; older frames make a step stale")
-    p.add_argument("--max-state-age", type=float, default=0.1, help="seconds; older joint states make a step stale")
-    p.add_argument("--instruction", default=None, help="instruction for every bag (needed for bags without "
-                                                       "episode.json; overrides recorded ones)")
-    p.add_argument("--camera-topic", action="append", default=[], metavar="CAMERA=TOPIC",
-                   help="read a camera from another topic, e.g. top=/overhead/image_raw")
-    p.add_argument("--joint-states-topic", default=JOINT_STATES_TOPIC, help="sensor_msgs/JointState topic")
-    p.add_argument("--trajectory-topic", default=TRAJECTORY_TOPIC,
-                   help="trajectory_msgs/JointTrajectory topic of the commanded targets")
-    p.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="preprocessed-episode cache")
-    p.add_argument("--strict", action="store_true", help="a bad episode is fatal instead of skipped")
-
-
-def sync_config(config: MeanFlowConfig, args: argparse.Namespace) -> SyncConfig:
-    """The synchronisation a policy config and the command line's sync options ask for."""
-    return SyncConfig.from_policy_config(
-        config, max_image_age_s=args.max_image_age, max_state_age_s=args.max_state_age,
-        action_source=args.action_source, clock=args.clock, instruction=args.instruction,
-        camera_topics=_camera_topics(args.camera_topic), joint_states_topic=args.joint_states_topic,
-        trajectory_topic=args.trajectory_topic)
-
-
-def _camera_topics(items: Sequence[str]) -> tuple[tuple[str, str], ...]:
-    out = []
-    for item in items:
-        cam, sep, topic = item.partition("=")
-        if not sep or not cam or not topic.startswith("/"):
-            raise ValueError(f"--camera-topic {item!r}: expected CAMERA=/topic")
-        out.append((cam, topic))
-    return tuple(out)
-
-
 def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
     common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=seed,
@@ -220,43 +144,6 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     if args.image_size:
         config = MeanFlowConfig.from_dict({**config.to_dict(), "image_size": args.image_size})
     return config
-
-
-class Prefetcher:
-    """Assemble the next batches in a background thread while the model trains on the current one."""
-
-    def __init__(self, batches: Iterable[dict], depth: int = 3) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._fill, args=(iter(batches),), daemon=True)
-        self._thread.start()
-
-    def _fill(self, it: Iterator[dict]) -> None:
-        try:
-            for batch in it:
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(("batch", batch), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self._stop.is_set():
-                    return
-            self._queue.put(("end", None))
-        except Exception as exc:  # noqa: BLE001 - re-raised in the consumer thread
-            self._queue.put(("error", exc))
-
-    def __iter__(self) -> Iterator[dict]:
-        while True:
-            kind, item = self._queue.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
 
 
 class Validator:
@@ -476,18 +363,6 @@ def run(args: argparse.Namespace) -> dict:
                "best": str(out / BEST_DIR) if (out / BEST_DIR).is_dir() else None, "last": str(out / LAST_DIR),
                "train_samples": len(train_set), "val_samples": len(val_set) if val_set else 0}
     return summary
-
-
-def run_cli(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], T],
-            argv: Sequence[str] | None) -> tuple[int, argparse.Namespace, T | None]:
-    """Parse, log to stderr, run; bad input (bags, datasets, values, files) is one error line and exit code 2."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = parser.parse_args(argv)
-    try:
-        return 0, args, work(args)
-    except (DatasetError, BagError, ValueError, FileNotFoundError) as exc:
-        LOG.error("%s", exc)
-        return 2, args, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 Messages are real ROS messages serialised with rclpy. ``write_bag`` writes exactly the messages it is given (an
 episode through so101_common's EpisodeWriter, or a plain rosbag2 in mcap or sqlite3 without episode.json);
 ``synthetic_episode`` generates a smooth reaching motion whose images show the commanded target, so a policy
-can learn it. Run ``python -m meanflow_policy.demo_bags OUT --episodes 4`` to write a small dataset.
+can learn it. Run ``python -m meanflow_policy.data.demo_bags OUT --episodes 4`` to write a small dataset.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.images import rgb_to_image
 from so101_common.joints import home_vector
 
+from meanflow_policy.units import NS_PER_S, s_to_ns
+
 _IMAGE_TYPE = "sensor_msgs/msg/Image"
 _TYPES = {JOINT_STATES_TOPIC: "sensor_msgs/msg/JointState", TRAJECTORY_TOPIC: "trajectory_msgs/msg/JointTrajectory"}
 
@@ -41,7 +43,7 @@ class DemoContent:
 
 
 def _stamp(msg, ns: int) -> None:
-    msg.header.stamp.sec, msg.header.stamp.nanosec = int(ns // 1_000_000_000), int(ns % 1_000_000_000)
+    msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(ns), NS_PER_S)
 
 
 def joint_state(stamp_ns: int, names: Sequence[str], positions: Sequence[float]) -> JointState:
@@ -60,8 +62,8 @@ def joint_trajectory(stamp_ns: int, names: Sequence[str],
     for tfs, pos in points:
         p = JointTrajectoryPoint()
         p.positions = [float(v) for v in pos]
-        sec = int(np.floor(tfs))
-        p.time_from_start = Duration(sec=sec, nanosec=int(round((tfs - sec) * 1e9)))
+        sec, nanosec = divmod(s_to_ns(tfs), NS_PER_S)
+        p.time_from_start = Duration(sec=sec, nanosec=nanosec)
         msg.points.append(p)
     return msg
 
@@ -108,7 +110,7 @@ def write_bag(path: str | Path, content: DemoContent, instruction: str | None = 
 
 def synthetic_episode(seed: int, duration_s: float = 4.0, image_hz: float = 30.0, state_hz: float = 100.0,
                       command_hz: float = 10.0, height: int = 96, width: int = 128,
-                      cameras: Sequence[str] = ("wrist", "top"), start_ns: int = 1_000_000_000) -> DemoContent:
+                      cameras: Sequence[str] = ("wrist", "top"), start_ns: int = NS_PER_S) -> DemoContent:
     """A reach towards a random goal: the top image shows the goal as a bright square, the wrist image the
     gripper opening; the teleop-like commands step the target towards the goal at ``command_hz``."""
     rng = np.random.default_rng(seed)
@@ -119,7 +121,7 @@ def synthetic_episode(seed: int, duration_s: float = 4.0, image_hz: float = 30.0
     n_cmd = int(duration_s * command_hz)
     targets = [home + (goal - home) * min(1.0, (i + 1) / (0.7 * n_cmd)) for i in range(n_cmd)]
     for i, target in enumerate(targets):
-        content.trajectories.append((start_ns + int(i * dt_cmd * 1e9), 0, JOINT_NAMES, [(dt_cmd, target)]))
+        content.trajectories.append((start_ns + s_to_ns(i * dt_cmd), 0, JOINT_NAMES, [(dt_cmd, target)]))
 
     def commanded(t: float) -> np.ndarray:
         i = min(int(t / dt_cmd), n_cmd - 1)
@@ -130,7 +132,7 @@ def synthetic_episode(seed: int, duration_s: float = 4.0, image_hz: float = 30.0
     for k in range(int(duration_s * state_hz)):
         t = k / state_hz
         pos = commanded(max(0.0, t - 0.03))  # the arm lags its target a little
-        content.states.append((start_ns + int(t * 1e9), JOINT_NAMES, pos))
+        content.states.append((start_ns + s_to_ns(t), JOINT_NAMES, pos))
     gy, gx = int((goal[0] + 2) / 4 * (height - 16)), int((goal[1] + 2) / 4 * (width - 16))
     for c, cam in enumerate(cameras):
         frames = []
@@ -141,7 +143,7 @@ def synthetic_episode(seed: int, duration_s: float = 4.0, image_hz: float = 30.0
                 img[gy:gy + 16, gx:gx + 16] = (255, 200, 0)
             else:
                 img[:, : int(width * np.clip(commanded(t)[-1] / 1.8, 0, 1))] = (0, 120, 255)
-            frames.append((start_ns + int((t + 0.004 * (c + 1)) * 1e9), img))
+            frames.append((start_ns + s_to_ns(t + 0.004 * (c + 1)), img))
         content.images[cam] = frames
     return content
 

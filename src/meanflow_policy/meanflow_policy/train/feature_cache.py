@@ -11,6 +11,9 @@ step of an episode: stored once (float32). Image tokens: the per-(token, channel
 sample's residual in float16 when it fits (the residual is small beside the large per-slot constant of frozen
 features, so fp16's relative precision applies to the part that varies), memory-mapped while training. Entries are
 written to a temporary folder and renamed into place; a broken entry is rebuilt.
+
+It lives in the training layer, not in data/: building an entry runs the model's backbone, and the data pipeline
+stays free of the model and transformers.
 """
 from __future__ import annotations
 
@@ -27,11 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from meanflow_policy.backbone import VLMBackbone
-from meanflow_policy.dataset import Episode, SampleSet
-from meanflow_policy.modeling import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
+from meanflow_policy.data.samples import SampleSet
+from meanflow_policy.data.sync import Episode
+from meanflow_policy.model.backbone import VLMBackbone
+from meanflow_policy.model.policy import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
 
-LOG = logging.getLogger("meanflow_policy.feature_cache")
+LOG = logging.getLogger("meanflow_policy.train.feature_cache")
 FEATURES_DIR = "prefix-features"
 FEATURE_CACHE_VERSION = 1
 _META = "features.json"

@@ -3,14 +3,21 @@
 
 Convention (DESIGN.md): t = 1 is noise, t = 0 is data, z_t = (1 - t) a + t e, v = e - a. ``u_fn(z, r, t)`` is the
 expert with its prefix context bound; the prefix is a constant for every function here.
+
+The objective is chosen once: ``make_objective(config)`` looks ``config.objective`` up in a registry of
+``Objective`` classes (loss + sampler each); the policy holds the instance and never branches on the name.
 """
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow_policy.model.configuration import OBJECTIVES, MeanFlowConfig
 
 UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -154,3 +161,123 @@ def ddpm_sample(eps_fn: UFn, noise: torch.Tensor, nfe: int, schedule: DDPMSchedu
         if sigma > 0 and i + 1 < len(steps):
             x = x + sigma * draw_normal(tuple(x.shape), generator, x.device, x.dtype)
     return x
+
+
+# ---- the objective, chosen once from the config ---------------------------------------------------------------
+class Objective(ABC):
+    """A training objective with its sampler, over the expert in normalised action space."""
+
+    name: ClassVar[str]
+
+    def __init__(self, config: MeanFlowConfig) -> None:
+        self.config = config
+
+    @property
+    def max_nfe(self) -> int | None:
+        """The most network evaluations the sampler can use (None: any number)."""
+        return None
+
+    @abstractmethod
+    def loss(self, u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, valid: torch.Tensor,
+             generator: torch.Generator | None, t: torch.Tensor | None = None,
+             r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(loss, per-sample error, extra log values); ``t``/``r`` override the random time draws."""
+
+    @abstractmethod
+    def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
+        """Normalised actions from ``noise`` in ``nfe`` expert evaluations."""
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` selectable by ``config.objective == cls.name``."""
+    if cls.name not in OBJECTIVES:
+        raise ValueError(f"objective class {cls.__name__} has name {cls.name!r}, not one of {OBJECTIVES}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def make_objective(config: MeanFlowConfig) -> Objective:
+    """The Objective of ``config.objective`` (ValueError naming the field if none is registered under it)."""
+    cls = _REGISTRY.get(config.objective)
+    if cls is None:
+        raise ValueError(f"objective {config.objective!r} is not one of {sorted(_REGISTRY)}")
+    return cls(config)
+
+
+def registered_objectives() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+@register_objective
+class MeanFlowObjective(Objective):
+    """MeanFlow (the paper): average velocity u(z, r, t), JVP target, one-step sampling."""
+
+    name = "meanflow"
+
+    def loss(self, u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, valid: torch.Tensor,
+             generator: torch.Generator | None, t: torch.Tensor | None = None,
+             r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        cfg, dev = self.config, actions.device
+        if t is None or r is None:
+            t, r = sample_meanflow_times(actions.shape[0], cfg.flow_ratio, cfg.time_mean, cfg.time_std, generator, dev)
+        t, r = t.to(dev), r.to(dev)
+        if bool((r > t).any()):
+            raise ValueError("meanflow needs r <= t for every sample")
+        loss, per = meanflow_loss(u_fn, actions, noise, t, r, valid, cfg.adaptive_gamma, cfg.adaptive_c)
+        return loss, per, {"frac_r_eq_t": float((r == t).float().mean())}
+
+    def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
+        return meanflow_sample(u_fn, noise, nfe)
+
+
+@register_objective
+class FlowMatchingObjective(Objective):
+    """Flow matching (SmolVLA-style baseline): instantaneous velocity u(z, t, t), Euler sampling; r is ignored."""
+
+    name = "flow_matching"
+
+    def loss(self, u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, valid: torch.Tensor,
+             generator: torch.Generator | None, t: torch.Tensor | None = None,
+             r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        cfg, dev = self.config, actions.device
+        if t is None:
+            t = logit_normal(actions.shape[0], cfg.time_mean, cfg.time_std, generator, dev)
+        loss, per = flow_matching_loss(u_fn, actions, noise, t.to(dev), valid, cfg.adaptive_gamma, cfg.adaptive_c)
+        return loss, per, {}
+
+    def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
+        return euler_sample(u_fn, noise, nfe)
+
+
+@register_objective
+class DDPMObjective(Objective):
+    """DDPM (Diffusion-Policy-style baseline): epsilon prediction on a cosine schedule; ``t`` holds integer steps k.
+
+    ``ddpm_sampler`` "ddpm" samples ancestrally (eta 1), "ddim" deterministically (eta 0)."""
+
+    name = "ddpm"
+
+    def __init__(self, config: MeanFlowConfig) -> None:
+        super().__init__(config)
+        self.schedule = DDPMSchedule(config.ddpm_train_steps)
+        self.eta = 1.0 if config.ddpm_sampler == "ddpm" else 0.0
+
+    @property
+    def max_nfe(self) -> int | None:
+        return self.schedule.steps
+
+    def loss(self, u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, valid: torch.Tensor,
+             generator: torch.Generator | None, t: torch.Tensor | None = None,
+             r: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        dev = actions.device
+        if t is None:
+            gen_device = generator.device if generator is not None else dev
+            t = torch.randint(0, self.schedule.steps, (actions.shape[0],), generator=generator, device=gen_device)
+        loss, per = ddpm_loss(u_fn, actions, noise, t.to(dev), valid, self.schedule)
+        return loss, per, {}
+
+    def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
+        return ddpm_sample(u_fn, noise, nfe, self.schedule, self.eta, generator)

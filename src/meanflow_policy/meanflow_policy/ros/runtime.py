@@ -15,7 +15,8 @@ import numpy as np
 
 from so101_common.joints import JointLimits
 
-NS_PER_S = 1_000_000_000
+from meanflow_policy.units import ns_to_s
+
 # How far a header stamp may lie ahead of this node's clock (clock jitter between processes or well-synchronised
 # machines) before the message is refused as coming from a skewed clock.
 DEFAULT_MAX_FUTURE_STAMP_S = 0.1
@@ -62,12 +63,12 @@ def age_s(now_ns: int, stamp_ns: int) -> float:
 
     Stamps further ahead are refused on arrival (``ObservationStore``), and staleness is also judged by receive
     time, so this clipping cannot hide a stopped source."""
-    return max(0.0, (now_ns - stamp_ns) / NS_PER_S)
+    return max(0.0, ns_to_s(now_ns - stamp_ns))
 
 
 def check_stamp(what: str, stamp_ns: int, received_ns: int, max_future_s: float) -> None:
     """Raise FutureStamp when ``stamp_ns`` lies more than ``max_future_s`` after its receive time."""
-    ahead = (stamp_ns - received_ns) / NS_PER_S
+    ahead = ns_to_s(stamp_ns - received_ns)
     if ahead > max_future_s:
         raise FutureStamp(f"{what} is stamped {ahead:.3f} s ahead of this node's clock (max_future_stamp_s "
                           f"{max_future_s:g}): refused; is the sender's clock skewed?")

@@ -1,6 +1,6 @@
 """Benchmark of the bag -> training data path: preprocessing, cached loading, loader and training throughput.
 
-``python -m meanflow_policy.bench_data`` writes synthetic episodes at camera resolution into a temporary folder,
+``python -m meanflow_policy.tools.bench_data`` writes synthetic episodes at camera resolution into a temporary folder,
 then prints: cold preprocessing (read, synchronise, decode, resize, cache) in samples/s, a warm (cached) load,
 the loader's samples/s with and without the background prefetcher, and tiny-preset training steps/s, so the
 loader/training ratio shows whether training ever waits for data.
@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.dataset import SampleSet, SyncConfig, compute_stats, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.train_cli import Prefetcher, add_cpu_threads_argument, apply_cpu_threads
-from meanflow_policy.training import TrainConfig, train
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.samples import SampleSet, compute_stats
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.data.prefetch import Prefetcher
+from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads
+from meanflow_policy.train.trainer import TrainConfig, train
 
 
 def _loader_rate(batches, n_batches: int, batch_size: int) -> float:

@@ -4,6 +4,8 @@ It predicts the mean velocity u(z, r, t) (the instantaneous velocity when r = t,
 on t and t - r through sinusoidal embeddings and an MLP, applied with adaLN-Zero modulation. The prefix's
 cross-attention keys/values are computed once per chunk (``prepare``) and reused by every sampling step; inside a
 JVP they are constants, exactly as the MeanFlow identity requires.
+
+("Action expert" is the paper's name for this network; so101_sim's scripted expert is the demonstrator.)
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 
 @dataclass
-class ExpertContext:
+class ActionExpertContext:
     """What the expert needs from one prefix: per-block cross-attention K/V and the prefix mask."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
@@ -99,15 +101,15 @@ class ActionExpert(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> ExpertContext:
+    def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> ActionExpertContext:
         """Per-chunk work: cross-attention K/V of every block for a (B, P, width) prefix; mask (B, P) True=valid."""
         kv = [block.cross_kv(prefix) for block in self.blocks]
         attn_mask = None
         if prefix_mask is not None and not bool(prefix_mask.all()):
             attn_mask = prefix_mask[:, None, None, :]
-        return ExpertContext(kv, attn_mask)
+        return ActionExpertContext(kv, attn_mask)
 
-    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, ctx: ExpertContext) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, ctx: ActionExpertContext) -> torch.Tensor:
         if z.shape[1:] != (self.chunk_size, self.action_dim):
             raise ValueError(f"expert input must be (B, {self.chunk_size}, {self.action_dim}), got {tuple(z.shape)}")
         temb = torch.cat([timestep_embedding(t, self.time_dim), timestep_embedding(t - r, self.time_dim)], dim=-1)

@@ -17,17 +17,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, PreTrainedTokenizerFast, SmolVLMConfig,
                           SmolVLMModel)
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
 
-TOKENIZER_FILE = "tokenizer.json"
 _TINY_VOCAB = 512
 _TINY_SPECIAL_TOKENS = ("<|pad|>", "<|im_start|>", "<image>")
 # Words the tiny tokenizer learns merges from (instructions of a tabletop arm); bytes cover everything else.
@@ -93,16 +90,6 @@ def smolvlm2_500m_config(num_layers: int) -> SmolVLMConfig:
                          tie_word_embeddings=False, pad_token_id=2, bos_token_id=1, eos_token_id=2),
         scale_factor=4, image_token_id=49190, vocab_size=49280, tie_word_embeddings=False,
     )
-
-
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize an (H, W, 3) uint8 RGB image to (size, size, 3): the one resize used by training data and inference."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got shape {image.shape} dtype {image.dtype}")
-    if image.shape[0] == size and image.shape[1] == size:
-        return image
-    shrink = image.shape[0] > size or image.shape[1] > size
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from meanflow_policy.configuration import TrainConfig
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.configuration import TrainConfig
+from meanflow_policy.model.checkpoint import BACKBONE_PREFIX
+from meanflow_policy.model.policy import MeanFlowPolicy
 
 HISTORY_FILE = "history.json"
 FINAL_DIR = "final"
@@ -38,7 +39,6 @@ STATE_FILE = "train_state.json"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_FORMAT = "meanflow_policy train state"
 STATE_VERSION = 1
-_BACKBONE_PREFIX = "backbone."
 
 ValFn = Callable[[MeanFlowPolicy, int], Mapping[str, float]]
 CheckpointFn = Callable[[int, Mapping[str, float]], None]
@@ -214,7 +214,7 @@ class Trainer:
     def _model_keys(self) -> list[str]:
         """State-dict entries training can change: everything but a frozen backbone."""
         trained_backbone = self.policy.config.train_backbone
-        return [k for k in self.policy.state_dict() if trained_backbone or not k.startswith(_BACKBONE_PREFIX)]
+        return [k for k in self.policy.state_dict() if trained_backbone or not k.startswith(BACKBONE_PREFIX)]
 
     # ---- state ------------------------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:

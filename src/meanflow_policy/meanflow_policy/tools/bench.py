@@ -4,8 +4,8 @@ Runs the same policy on the same observation for MeanFlow nfe 1/2/5/10, flow mat
 reports median/p95 of the prefix (backbone + expert context) and expert (sampling) parts, then where the prefix
 time goes. The LAST printed line is one JSON object with the figures (``expert_ms``/``chunk_ms`` maps, ratios).
 
-    python -m meanflow_policy.bench --preset tiny --device cpu
-    python -m meanflow_policy.bench --preset smolvlm2-500m --device cuda --runs 50
+    python -m meanflow_policy.tools.bench --preset tiny --device cpu
+    python -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda --runs 50
 """
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from so101_common.joints import home_vector
 
-from meanflow_policy.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.model.objectives import make_objective
+from meanflow_policy.model.policy import MeanFlowPolicy
 
 VARIANTS: tuple[tuple[str, int], ...] = (
     ("meanflow", 1), ("meanflow", 2), ("meanflow", 5), ("meanflow", 10), ("flow_matching", 10), ("ddpm", 100),
@@ -60,8 +62,8 @@ def make_observation(config: MeanFlowConfig, height: int, width: int, seed: int 
 def time_variant(policy: MeanFlowPolicy, obs: dict[str, object], objective: str, nfe: int, runs: int,
                  warmup: int) -> dict[str, list[float]]:
     """Sample ``warmup + runs`` chunks with ``objective``'s sampler on the same weights; keep the warm timings."""
-    saved = policy.config.objective
-    policy.config.objective = objective
+    saved = policy.objective
+    policy.objective = make_objective(replace(policy.config, objective=objective))
     try:
         torch.manual_seed(0)  # noise drawn on the policy's device, as the node does (no generator)
         timings: dict[str, list[float]] = {"prefix_ms": [], "expert_ms": [], "post_ms": [], "total_ms": []}
@@ -72,7 +74,7 @@ def time_variant(policy: MeanFlowPolicy, obs: dict[str, object], objective: str,
                     timings[key].append(policy.last_timing[key])
         return timings
     finally:
-        policy.config.objective = saved
+        policy.objective = saved
 
 
 def _timed(fn: Callable[[], object], sync: Callable[[], None], runs: int) -> float:
@@ -133,7 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     print("-" * len(header))
     for objective, nfe in VARIANTS:
         key = f"{objective}_{nfe}"
-        if objective == "ddpm" and nfe > cfg.ddpm_train_steps:
+        max_nfe = make_objective(replace(cfg, objective=objective)).max_nfe
+        if max_nfe is not None and nfe > max_nfe:
             continue
         t = time_variant(policy, obs, objective, nfe, args.runs, args.warmup)
         results[key] = t

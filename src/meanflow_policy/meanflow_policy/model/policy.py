@@ -16,17 +16,26 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from meanflow_policy import objectives
-from meanflow_policy.backbone import VLMBackbone, random_shift, resize_image
-from meanflow_policy.checkpoint import load_policy, save_policy
-from meanflow_policy.configuration import MeanFlowConfig
-from meanflow_policy.expert import ActionExpert, ExpertContext
+from so101_common.joints import JointLimits, home_vector
 
-# Floor applied to stored standard deviations, so a joint that never moved in the demos does not blow up.
-MIN_STD = 1e-3
+from meanflow_policy.images import resize_image
+from meanflow_policy.model import checkpoint
+from meanflow_policy.model import objectives
+from meanflow_policy.model.action_expert import ActionExpert, ActionExpertContext
+from meanflow_policy.model.backbone import VLMBackbone, load_tokenizer_file, random_shift
+from meanflow_policy.model.checkpoint import CheckpointError
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.units import MIN_STD
+
 _STAT_KEYS = ("state", "action")
 # Batch keys of precomputed prefix features (frozen backbone output), used instead of images + instructions.
 PREFIX_FEATURES, PREFIX_MASK = "prefix_features", "prefix_mask"
+# Plausibility of a loaded model: one chunk on a neutral observation (grey images, home pose) must be finite and
+# mostly (at least half) joint positions of the arm. A value counts as outside when it passes a limit by more than
+# the margin (a trained policy may aim a little past a limit, e.g. to squeeze the gripper shut).
+PLAUSIBLE_LIMIT_MARGIN_RAD = 0.1
+MAX_OUTSIDE_FRACTION = 0.5
+NEUTRAL_INSTRUCTION = "pick up the cube"
 
 
 class MeanFlowPolicy(nn.Module):
@@ -47,13 +56,15 @@ class MeanFlowPolicy(nn.Module):
         self.image_norm = nn.BatchNorm1d(self.n_image_tokens * feature_dim, affine=False, momentum=0.05)
         self.prefix_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, width))
         self.state_proj = nn.Linear(config.state_dim, width)
+        # The attribute keeps its name: checkpoints store the action expert's weights under "expert.".
         self.expert = ActionExpert(config.action_dim, config.chunk_size, width, config.expert_depth,
                                    config.expert_heads, config.expert_mlp_ratio)
         self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
         self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
         self.register_buffer("action_mean", torch.zeros(config.action_dim), persistent=False)
         self.register_buffer("action_std", torch.ones(config.action_dim), persistent=False)
-        self.schedule = objectives.DDPMSchedule(config.ddpm_train_steps)
+        # The objective (loss + sampler) is chosen once, here; nothing else looks at config.objective.
+        self.objective = objectives.make_objective(config)
         self.last_timing: dict[str, float] = {}
         self.eval()
 
@@ -102,7 +113,7 @@ class MeanFlowPolicy(nn.Module):
         return actions * self.action_std.clamp(min=MIN_STD) + self.action_mean
 
     # ---- network ----------------------------------------------------------------------------------------------
-    def _context(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> ExpertContext:
+    def _context(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> ActionExpertContext:
         """Prefix = projected VLM features + one state token; returns the expert's per-chunk context."""
         features = features.to(self.state_proj.weight.dtype)
         n_img, b = self.n_image_tokens, features.shape[0]
@@ -113,7 +124,7 @@ class MeanFlowPolicy(nn.Module):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return self.expert.prepare(prefix, mask)
 
-    def _u_fn(self, ctx: ExpertContext) -> objectives.UFn:
+    def _u_fn(self, ctx: ActionExpertContext) -> objectives.UFn:
         return lambda z, r, t: self.expert(z, r, t, ctx)
 
     def _validate_batch(self, batch: Mapping[str, Any]) -> None:
@@ -153,9 +164,9 @@ class MeanFlowPolicy(nn.Module):
                      noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
                      r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the configured objective on a dataset batch; ``noise``/``t``/``r`` override the random draws
-        (r is ignored by flow_matching; for ddpm, t holds integer steps k). A batch may carry the frozen backbone's
-        output instead of images + instructions (``prefix_features`` (B, L, D) and ``prefix_mask`` (B, L), see
-        feature_cache): then no backbone runs."""
+        (as the objective reads them: r is ignored by flow_matching; for ddpm, t holds integer steps k). A batch
+        may carry the frozen backbone's output instead of images + instructions (``prefix_features`` (B, L, D) and
+        ``prefix_mask`` (B, L), see train/feature_cache.py): then no backbone runs."""
         self._validate_batch(batch)
         cfg, dev = self.config, self.device
         if PREFIX_FEATURES in batch:
@@ -170,31 +181,11 @@ class MeanFlowPolicy(nn.Module):
         state = batch["state"].to(dev, torch.float32)
         actions = self.normalize_actions(batch["actions"].to(dev, torch.float32))
         valid = ~batch["action_is_pad"].to(dev, torch.bool)
-        b = actions.shape[0]
         ctx = self._context(features, mask, state)
         if noise is None:
             noise = objectives.draw_normal(tuple(actions.shape), generator, dev)
         noise = noise.to(dev)
-        info: dict[str, float] = {}
-        if cfg.objective == "ddpm":
-            if t is None:
-                gen_device = generator.device if generator is not None else dev
-                t = torch.randint(0, cfg.ddpm_train_steps, (b,), generator=generator, device=gen_device)
-            loss, per = objectives.ddpm_loss(self._u_fn(ctx), actions, noise, t.to(dev), valid, self.schedule)
-        elif cfg.objective == "flow_matching":
-            if t is None:
-                t = objectives.logit_normal(b, cfg.time_mean, cfg.time_std, generator, dev)
-            loss, per = objectives.flow_matching_loss(self._u_fn(ctx), actions, noise, t.to(dev), valid,
-                                                      cfg.adaptive_gamma, cfg.adaptive_c)
-        else:
-            if t is None or r is None:
-                t, r = objectives.sample_meanflow_times(b, cfg.flow_ratio, cfg.time_mean, cfg.time_std, generator, dev)
-            t, r = t.to(dev), r.to(dev)
-            if bool((r > t).any()):
-                raise ValueError("meanflow needs r <= t for every sample")
-            loss, per = objectives.meanflow_loss(self._u_fn(ctx), actions, noise, t, r, valid,
-                                                 cfg.adaptive_gamma, cfg.adaptive_c)
-            info["frac_r_eq_t"] = float((r == t).float().mean())
+        loss, per, info = self.objective.loss(self._u_fn(ctx), actions, noise, valid, generator, t, r)
         info["loss"] = float(loss.detach())
         info["mse"] = float(per.detach().mean())
         return loss, info
@@ -226,7 +217,7 @@ class MeanFlowPolicy(nn.Module):
         img = torch.from_numpy(np.stack(frames)[None]).to(self.device)
         return img, torch.from_numpy(state)[None].to(self.device), instruction
 
-    def _sample_normalized(self, ctx: ExpertContext, batch: int, nfe: int,
+    def _sample_normalized(self, ctx: ActionExpertContext, batch: int, nfe: int,
                            generator: torch.Generator | None) -> torch.Tensor:
         """The expert's part of a chunk: noise, then nfe evaluations with the configured sampler -> (B, T, D)."""
         cfg = self.config
@@ -234,13 +225,7 @@ class MeanFlowPolicy(nn.Module):
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         noise = objectives.draw_normal((batch, cfg.chunk_size, cfg.action_dim), generator, self.device,
                                   self.state_proj.weight.dtype)
-        u_fn = self._u_fn(ctx)
-        if cfg.objective == "meanflow":
-            return objectives.meanflow_sample(u_fn, noise, nfe)
-        if cfg.objective == "flow_matching":
-            return objectives.euler_sample(u_fn, noise, nfe)
-        eta = 1.0 if cfg.ddpm_sampler == "ddpm" else 0.0
-        return objectives.ddpm_sample(u_fn, noise, nfe, self.schedule, eta, generator)
+        return self.objective.sample(self._u_fn(ctx), noise, nfe, generator)
 
     def _check_eval_mode(self) -> None:
         if self.training:
@@ -290,7 +275,11 @@ class MeanFlowPolicy(nn.Module):
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save(self, checkpoint_dir: str | Path) -> Path:
-        return save_policy(self, Path(checkpoint_dir))
+        """Write a checkpoint directory (model/checkpoint.py's format) and return it."""
+        path = checkpoint.write_checkpoint(Path(checkpoint_dir), self.config, self.state_dict(), self.get_stats())
+        if self.config.backbone_is_preset:
+            self.backbone.tokenizer.backend_tokenizer.save(str(path / checkpoint.TOKENIZER_FILE))
+        return path
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, device: str | torch.device = "cpu",
@@ -301,4 +290,60 @@ class MeanFlowPolicy(nn.Module):
         to the values the caller requires. ``check_outputs`` also samples one chunk on a neutral observation and
         refuses a model whose targets are not finite or mostly outside the joint limits: callers that drive an
         arm set it; training and offline evaluation may load an early, still implausible checkpoint."""
-        return load_policy(cls, Path(checkpoint_dir), torch.device(device), expect, check_outputs)
+        path = Path(checkpoint_dir)
+        config = checkpoint.read_config(path, expect)
+        tokenizer = None
+        if config.backbone_is_preset:
+            file = path / checkpoint.TOKENIZER_FILE
+            try:
+                tokenizer = load_tokenizer_file(file)
+            except Exception as exc:  # noqa: BLE001 - the tokenizers library raises a bare Exception on a bad file
+                raise CheckpointError(f"{file}: not a valid tokenizer file: {exc}") from exc
+        try:
+            policy = cls(config, tokenizer=tokenizer)
+        except (ValueError, OSError) as exc:
+            raise CheckpointError(f"checkpoint {path}: cannot build the model of {checkpoint.CONFIG_FILE} (backbone "
+                                  f"{config.backbone!r}): {exc}") from exc
+        model_state = policy.state_dict()
+        expected = {k: tuple(model_state[k].shape) for k in checkpoint.stored_keys(config, model_state)}
+        stored = checkpoint.read_weights(path, expected)
+        policy.load_state_dict(stored, strict=len(expected) == len(model_state))
+        stats = checkpoint.read_stats(path)
+        try:
+            policy.set_stats(stats)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path}: invalid {checkpoint.STATS_FILE}: {exc}") from exc
+        checkpoint.check_stats_spread(stats, config, path)
+        policy.to(device)
+        policy.backbone.clear_cache()
+        policy.eval()
+        if check_outputs:
+            policy.check_plausible(path / checkpoint.WEIGHTS_FILE)
+            policy.backbone.clear_cache()  # the check's instruction must not linger as the cached one
+        return policy
+
+    def check_plausible(self, file: Path) -> None:
+        """One chunk on a neutral observation must be finite and mostly inside the arm's joint limits.
+
+        Catches weights that are corrupt yet finite (flipped bytes, a wrong file) before they drive joints into their
+        limits; the chunk's noise is seeded, so the verdict does not change between loads. ``file`` is named in the
+        CheckpointError."""
+        config = self.config
+        limits = JointLimits.so101(config.joint_names)
+        size = int(config.image_size)
+        neutral = {"images": {k: np.full((size, size, 3), 128, np.uint8) for k in config.camera_keys},
+                   "state": home_vector(config.joint_names).astype(np.float32), "instruction": NEUTRAL_INSTRUCTION}
+        generator = torch.Generator(device=self.device).manual_seed(0)
+        chunk = self.sample(neutral, generator=generator).astype(np.float64)
+        if not np.all(np.isfinite(chunk)):
+            raise CheckpointError(f"{file}: the model gives NaN or inf on a neutral observation; the weights are "
+                                  "corrupt")
+        outside = ((chunk < limits.lower - PLAUSIBLE_LIMIT_MARGIN_RAD)
+                   | (chunk > limits.upper + PLAUSIBLE_LIMIT_MARGIN_RAD))
+        share = float(outside.mean())
+        if share > MAX_OUTSIDE_FRACTION:
+            joints = [n for n, out in zip(limits.names, outside.any(axis=0)) if out]
+            raise CheckpointError(f"{file}: on a neutral observation {100 * share:.0f} % of the model's joint targets "
+                                  f"are outside the joint limits (joints {joints}; at most "
+                                  f"{100 * MAX_OUTSIDE_FRACTION:.0f} % allowed): corrupt weights or stats, or not a "
+                                  "checkpoint for this arm")

@@ -1,6 +1,6 @@
 """Training throughput: the backbone in every step vs the frozen backbone's cached prefix features.
 
-``python -m meanflow_policy.bench_train`` (``make bench-train``) writes synthetic episodes (two instructions) to a
+``python -m meanflow_policy.tools.bench_train`` (``make bench-train``) writes synthetic episodes (two instructions) to a
 temporary folder and times training steps (data gather + loss + backward + AdamW) of the same policy three ways:
 ``joint`` (the backbone trained with the expert, as the sim recipe does), ``frozen`` (frozen backbone, run in every
 step) and ``frozen_cached`` (``--freeze-backbone``: the expert alone on cached prefix features). The last line is
@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from meanflow_policy.configuration import BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, MeanFlowConfig
-from meanflow_policy.dataset import SampleSet, SyncConfig, compute_stats, load_episodes
-from meanflow_policy.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.feature_cache import load_prefix_features
-from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.train_cli import add_cpu_threads_argument, apply_cpu_threads
-from meanflow_policy.training import BatchSource, make_loader
+from meanflow_policy.model.configuration import BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.samples import SampleSet, compute_stats
+from meanflow_policy.data.sync import SyncConfig
+from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
+from meanflow_policy.train.feature_cache import load_prefix_features
+from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads
+from meanflow_policy.train.trainer import BatchSource, make_loader
 
 _INSTRUCTIONS = ("reach the yellow square", "put the red cube in the left box")
 

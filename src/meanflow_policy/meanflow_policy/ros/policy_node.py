@@ -1,11 +1,11 @@
 """ROS 2 node ``meanflow_policy``: camera images + joint states + an instruction in, JointTrajectory chunks out.
 
-Thin wiring around the Mean-Flow policy and the plain-Python core in ``policy_runtime``. Callbacks only convert
+Thin wiring around the Mean-Flow policy and the plain-Python core in ``ros.runtime``. Callbacks only convert
 and store messages; inference runs on its own thread so images, joint states and service calls keep flowing
 while the network runs. A chunk is computed when every camera has delivered a new frame, at most ``rate_hz``
 times a second, and only while the node is enabled and has an instruction.
 
-    python -m meanflow_policy.policy_node --ros-args -p checkpoint:=/path/to/ckpt -p nfe:=1
+    python -m meanflow_policy.ros.policy_node --ros-args -p checkpoint:=/path/to/ckpt -p nfe:=1
 """
 from __future__ import annotations
 
@@ -15,21 +15,21 @@ import time
 
 import numpy as np
 import torch
-from builtin_interfaces.msg import Duration
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
+from rclpy.duration import Duration
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+from rclpy.time import Time
 from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from meanflow_policy.policy_runtime import (
+from meanflow_policy.ros.runtime import (
     DEFAULT_MAX_FUTURE_STAMP_S,
-    NS_PER_S,
     ChunkError,
     ChunkStats,
     ClampMonitor,
@@ -42,6 +42,7 @@ from meanflow_policy.policy_runtime import (
     chunk_to_plan,
     hold_plan,
 )
+from meanflow_policy.units import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
 from so101_common.instruction import validate_instruction
@@ -65,11 +66,6 @@ MAX_IMAGE_WAIT_S = 1.0
 
 class PolicyNodeError(RuntimeError):
     """A configuration problem that stops the node at start (bad parameter, unloadable checkpoint)."""
-
-
-def _duration(seconds: float) -> Duration:
-    ns = int(round(seconds * NS_PER_S))
-    return Duration(sec=ns // NS_PER_S, nanosec=ns % NS_PER_S)
 
 
 class PolicyNode(Node):
@@ -195,8 +191,8 @@ class PolicyNode(Node):
             raise PolicyNodeError(f"parameter device is {device!r}; expected one of {DEVICES}")
         if device == "cuda" and not torch.cuda.is_available():
             raise PolicyNodeError("parameter device is 'cuda' but torch finds no CUDA device; use device:=cpu")
-        from meanflow_policy.checkpoint import CheckpointError  # heavy: only once parameters are known good
-        from meanflow_policy.modeling import MeanFlowPolicy
+        from meanflow_policy.model.checkpoint import CheckpointError  # heavy: only once parameters are known good
+        from meanflow_policy.model.policy import MeanFlowPolicy
 
         threads = int(self._param("torch_threads"))
         if threads:
@@ -396,15 +392,16 @@ class PolicyNode(Node):
         report = ChunkTiming(obs_age_ms=obs_age_ms, prefix_ms=float(timing.get("prefix_ms", 0.0)),
                              expert_ms=float(timing.get("expert_ms", 0.0)), total_ms=total_ms,
                              nfe=int(timing.get("nfe", nfe)))
-        report.header.stamp.sec, report.header.stamp.nanosec = divmod(publish_ns, NS_PER_S)
+        report.header.stamp = Time(nanoseconds=publish_ns).to_msg()
         self._timing_pub.publish(report)
 
     # ----- outputs -----------------------------------------------------------------------------------------
     def _publish_plan(self, plan: TrajectoryPlan, stamp_ns: int | None = None) -> None:
         msg = JointTrajectory()
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns or self._now_ns(), NS_PER_S)
+        msg.header.stamp = Time(nanoseconds=stamp_ns or self._now_ns()).to_msg()
         msg.joint_names = list(self._joint_names)
-        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row], time_from_start=_duration(t))
+        msg.points = [JointTrajectoryPoint(positions=[float(v) for v in row],
+                                           time_from_start=Duration(nanoseconds=s_to_ns(t)).to_msg())
                       for t, row in zip(plan.times_s, plan.positions)]
         self._traj_pub.publish(msg)
 

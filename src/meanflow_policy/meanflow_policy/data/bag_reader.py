@@ -21,6 +21,8 @@ import numpy as np
 from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
 from so101_common.instruction import validate_instruction
 
+from meanflow_policy.units import NS_PER_S, ns_to_s
+
 BAG_METADATA_FILE = "metadata.yaml"
 EPISODE_FILE = "episode.json"  # so101_common.episode_bag.EPISODE_FILE (that module needs rosbags)
 CLOCKS = ("bag", "header")
@@ -314,7 +316,8 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
                     reject(conn.topic, "trajectory has no points")
                     continue
                 try:
-                    times = np.array([p.time_from_start.sec + p.time_from_start.nanosec * 1e-9 for p in msg.points])
+                    times = np.array([ns_to_s(p.time_from_start.sec * NS_PER_S + p.time_from_start.nanosec)
+                                      for p in msg.points])
                     positions = np.array([list(p.positions) for p in msg.points], dtype=np.float64)
                 except ValueError as exc:
                     reject(conn.topic, f"ragged points ({exc})")

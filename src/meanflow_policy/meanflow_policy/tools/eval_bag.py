@@ -18,16 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from meanflow_policy.dataset import SampleSet, ensure_writable_dirs, load_episodes
-from meanflow_policy.modeling import MeanFlowPolicy
-from meanflow_policy.train_cli import (
-    add_cpu_threads_argument,
-    add_sync_arguments,
-    run_cli,
-    apply_cpu_threads,
-    resolve_device,
-    sync_config,
-)
+from meanflow_policy.data.cache import ensure_writable_dirs, load_episodes
+from meanflow_policy.data.samples import SampleSet
+from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
+                                          resolve_device, run_cli, sync_config)
+from meanflow_policy.units import ns_to_s
 
 LOG = logging.getLogger("meanflow_eval_bag")
 EVAL_JSON, EVAL_PNG = "eval.json", "eval.png"
@@ -158,7 +154,7 @@ def run(args: argparse.Namespace) -> dict:
             "mae_rad": run_["mae"], "first_action_mae_rad": float(run_["first"].mean()),
             "per_joint_mae_rad": dict(zip(sync.joint_names, run_["per_joint"].round(6).tolist())),
             "per_episode_mae_rad": per_episode, "per_step_mae_rad": run_["per_step"].round(6).tolist(),
-            "step_time_s": [float((samples.episodes[e].times_ns[s] - samples.episodes[e].times_ns[0]) / 1e9)
+            "step_time_s": [float(ns_to_s(samples.episodes[e].times_ns[s] - samples.episodes[e].times_ns[0]))
                             for e, s in zip(samples.sample_episode[rows], samples.sample_step[rows])],
             "timing": timing, "eval_seconds": round(time.perf_counter() - start, 3)}
         LOG.info("NFE %d: chunk error %.4f rad, first action %.4f rad, latency median %.1f ms", nfe, run_["mae"],

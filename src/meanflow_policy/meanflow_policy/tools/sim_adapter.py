@@ -12,12 +12,12 @@ import numpy as np
 import torch
 from ament_index_python.packages import get_package_share_directory
 
-from meanflow_policy.modeling import MeanFlowPolicy
+from meanflow_policy.model.policy import MeanFlowPolicy
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 
 PACKAGE = "meanflow_policy"
 SHIPPED_CHECKPOINT = "sim_pick_place"
-NODE_MODULE = "meanflow_policy.policy_node"
+NODE_MODULE = "meanflow_policy.ros.policy_node"
 
 
 def default_checkpoint() -> Path:

@@ -5,7 +5,7 @@ images and joint states over DDS and times the chunks coming back. Image sets go
 after the previous one's chunk, so every chunk is caused by one known set; the node, with a high ``rate_hz``,
 starts a chunk as soon as a new set is in.
 
-    python -m meanflow_policy.bench_node            # tiny preset, 640x480 images, nfe 1 and 10
+    python -m meanflow_policy.tools.bench_node            # tiny preset, 640x480 images, nfe 1 and 10
 
 The last line printed is one JSON object: ``e2e_ms_nfe1``, ``e2e_ms_nfe10`` (median image stamp -> trajectory
 header stamp, which the node sets at publish) and ``overhead_ms``: the median over chunks, at the first nfe, of e2e
@@ -27,116 +27,21 @@ from pathlib import Path
 import numpy as np
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.task import Future
-from sensor_msgs.msg import Image, JointState
-from std_srvs.srv import SetBool
-from trajectory_msgs.msg import JointTrajectory
 
-from so101_common import graph
 from so101_common.dds import claim_private_domain, require_loopback
-from so101_common.process import NodeProcess
-from so101_common.images import rgb_to_image, stamp_to_ns
+from so101_common.images import stamp_to_ns
 from so101_common.joints import home_vector
-from so101_interfaces.msg import ChunkTiming
-from so101_interfaces.srv import SetInstruction
+from so101_common.process import NodeProcess
 
-CAMERA_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
-
-
-class FakeSensors:
-    """Publishes camera images and joint states the way the robot does, from an existing rclpy node.
-
-    The images are built once (a gradient per camera); only their stamps change, so publishing costs no more
-    than the DDS write. Shared by this benchmark and the node tests.
-    """
-
-    def __init__(self, node: Node, height: int = 480, width: int = 640,
-                 cameras: Sequence[str] = graph.CAMERA_NAMES, joint_topic: str = graph.JOINT_STATES_TOPIC) -> None:
-        self.node = node
-        self._images: dict[str, Image] = {}
-        self._image_pubs = {}
-        for i, camera in enumerate(cameras):
-            rgb = np.zeros((height, width, 3), np.uint8)
-            rgb[..., 0] = np.linspace(0, 255, width, dtype=np.uint8)[None, :]
-            rgb[..., 1] = np.linspace(0, 255, height, dtype=np.uint8)[:, None]
-            rgb[..., 2] = 60 * i
-            self._images[camera] = rgb_to_image(rgb, frame_id=f"{camera}_camera")
-            self._image_pubs[camera] = node.create_publisher(Image, graph.camera_image_topic(camera), CAMERA_QOS)
-        self._joint_pub = node.create_publisher(JointState, joint_topic, 10)
-        self.positions = home_vector()
-
-    def publish_images(self, stamp_ns: int | None = None) -> int:
-        """Publish one frame per camera, all with the same stamp (default: now); returns that stamp."""
-        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
-        for camera, msg in self._images.items():
-            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-            self._image_pubs[camera].publish(msg)
-        return stamp_ns
-
-    def publish_image_message(self, camera: str, msg: Image) -> None:
-        """Publish a caller-made image (e.g. a malformed one) on a camera's topic."""
-        self._image_pubs[camera].publish(msg)
-
-    def publish_joints(self, stamp_ns: int | None = None) -> None:
-        msg = JointState()
-        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(stamp_ns, 1_000_000_000)
-        msg.name = list(graph.JOINT_NAMES)
-        msg.position = [float(v) for v in self.positions]
-        self._joint_pub.publish(msg)
-
-
-class PolicyProbe:
-    """The robot side of the policy node over DDS: fake sensors, the node's outputs collected, its services.
-
-    Streams run on timers of ``node``; whoever spins that node (the benchmark, a test's ``spin_until``) drives
-    them. ``image_stamp_offset_s`` shifts image stamps into the past to simulate a delayed camera.
-    """
-
-    def __init__(self, node: Node, height: int = 480, width: int = 640) -> None:
-        self.node = node
-        self.sensors = FakeSensors(node, height, width)
-        self.image_stamp_offset_s = 0.0
-        self.images_on = True
-        self.trajectories: list[tuple[JointTrajectory, int]] = []  # (message, receipt time ns)
-        self.timings: list[ChunkTiming] = []
-        self.diagnostics: list[DiagnosticStatus] = []
-        node.create_subscription(JointTrajectory, graph.TRAJECTORY_TOPIC,
-                                 lambda m: self.trajectories.append((m, time.time_ns())), 10)
-        node.create_subscription(ChunkTiming, graph.POLICY_TIMING_TOPIC, self.timings.append, 10)
-        node.create_subscription(DiagnosticArray, graph.DIAGNOSTICS_TOPIC, self._on_diagnostics, 10)
-        self.instruction_client = node.create_client(SetInstruction, graph.SET_INSTRUCTION_SERVICE)
-        self.enable_client = node.create_client(SetBool, graph.POLICY_ENABLE_SERVICE)
-
-    def _on_diagnostics(self, msg: DiagnosticArray) -> None:
-        self.diagnostics += [s for s in msg.status if s.name.startswith(graph.POLICY_NODE)]
-
-    def start_streams(self, image_hz: float, joint_hz: float | None = 30.0) -> None:
-        """Publish images at ``image_hz`` and joint states at ``joint_hz`` (None: the robot publishes them)."""
-        if joint_hz:
-            self.node.create_timer(1.0 / joint_hz, self.sensors.publish_joints)
-        self.node.create_timer(1.0 / image_hz, self._publish_images)
-
-    def _publish_images(self) -> None:
-        if self.images_on:
-            stamp = time.time_ns() - int(self.image_stamp_offset_s * 1e9)
-            self.sensors.publish_images(stamp)
-
-    def set_instruction(self, text: str) -> Future:
-        return self.instruction_client.call_async(SetInstruction.Request(instruction=text))
-
-    def enable(self, on: bool) -> Future:
-        return self.enable_client.call_async(SetBool.Request(data=on))
+from meanflow_policy.ros.probe import PolicyProbe
+from meanflow_policy.units import NS_PER_S
 
 
 def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int) -> list[float]:
     """Wall time of ``policy.sample`` in this process on the same input the node gets (after one warm-up)."""
     import torch
 
-    from meanflow_policy.modeling import MeanFlowPolicy
+    from meanflow_policy.model.policy import MeanFlowPolicy
 
     if threads:
         torch.set_num_threads(threads)
@@ -189,7 +94,7 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
     only on a new frame from every camera, so each chunk belongs to exactly one set, however long it takes.
     """
     log_path = log_dir / f"policy_node_nfe{nfe}.log"
-    node = NodeProcess("meanflow_policy.policy_node", ["--ros-args", "-p", f"checkpoint:={checkpoint}",
+    node = NodeProcess("meanflow_policy.ros.policy_node", ["--ros-args", "-p", f"checkpoint:={checkpoint}",
                    "-p", f"nfe:={nfe}", "-p", "rate_hz:=1000.0", "-p", "max_obs_age_s:=2.0",
                    "-p", "instruction:=pick up the cube", "-p", "log_period_s:=0.0",
                    "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}"], log_path)
@@ -202,7 +107,7 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
         robot.spin_until(lambda: bool(received), proc, log_path, 120.0)  # model load, warm-up, discovery
         probe.images_on = False
         # chunks still computed from the streamed sets arrive before the timed ones start
-        robot.spin_until(lambda: time.time_ns() - received[-1][1] > 500_000_000, proc, log_path, 30.0)
+        robot.spin_until(lambda: time.time_ns() - received[-1][1] > NS_PER_S // 2, proc, log_path, 30.0)
         received.clear()
         timings.clear()
         for _ in range(chunks):

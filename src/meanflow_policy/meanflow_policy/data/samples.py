@@ -1,0 +1,119 @@
+"""Training samples of cached episodes: train/validation split, normalisation stats, vectorised batches."""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from meanflow_policy.data.sync import DatasetError, Episode, SyncConfig
+from meanflow_policy.units import MIN_STD
+
+
+def split_episodes(episodes: Sequence[Episode], val_fraction: float = 0.1,
+                   seed: int = 0) -> tuple[list[Episode], list[Episode]]:
+    """Train/validation split by whole episodes (held-out demos), deterministic for a seed and set of bags."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    ordered = sorted(episodes, key=lambda e: e.key)
+    n_val = int(round(len(ordered) * val_fraction))
+    if val_fraction > 0 and len(ordered) >= 2:
+        n_val = max(1, n_val)
+    n_val = min(n_val, len(ordered) - 1)
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    val_ids = set(perm[:n_val].tolist())
+    train = [e for i, e in enumerate(ordered) if i not in val_ids]
+    val = [e for i, e in enumerate(ordered) if i in val_ids]
+    return train, val
+
+
+def compute_stats(episodes: Sequence[Episode]) -> dict:
+    """Mean/std of states (over samples) and actions (over valid actions), joint units; std floored at MIN_STD."""
+    if not episodes:
+        raise DatasetError("cannot compute normalisation stats of an empty training split")
+    states = np.concatenate([np.asarray(e.state)[e.sample_steps] for e in episodes]).astype(np.float64)
+    actions = np.concatenate([np.asarray(e.action)[np.asarray(e.action_valid)] for e in episodes]).astype(np.float64)
+
+    def moments(x: np.ndarray) -> dict:
+        return {"mean": x.mean(axis=0).tolist(), "std": np.maximum(x.std(axis=0), MIN_STD).tolist()}
+
+    return {"state": moments(states), "action": moments(actions)}
+
+
+class SampleSet:
+    """All samples of some episodes; ``batch(rows)`` gathers a training batch with vectorised numpy."""
+
+    def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig) -> None:
+        if not episodes:
+            raise DatasetError("no episodes given")
+        self.episodes = list(episodes)
+        self.cfg = cfg
+        self.chunk_size = cfg.chunk_size
+        lengths = np.array([len(e.times_ns) for e in self.episodes])
+        self._offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self._length = lengths
+        self._state = np.concatenate([np.asarray(e.state) for e in self.episodes])
+        self._action = np.concatenate([np.asarray(e.action) for e in self.episodes])
+        self._valid = np.concatenate([np.asarray(e.action_valid) for e in self.episodes])
+        self._frame_index = np.concatenate([np.asarray(e.frame_index) for e in self.episodes])
+        steps = [e.sample_steps for e in self.episodes]
+        self.sample_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(steps)]).astype(np.int64)
+        self.sample_step = np.concatenate(steps).astype(np.int64)
+        if len(self) == 0:
+            raise DatasetError("the episodes contain no samples")
+
+    def __len__(self) -> int:
+        return int(self.sample_step.size)
+
+    def chunk(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Actions (B, C, J) and pad mask (B, C) of sample ``rows``."""
+        ep, step = self.sample_episode[rows], self.sample_step[rows]
+        k = step[:, None] + np.arange(self.chunk_size)[None, :]
+        beyond = k >= self._length[ep][:, None]
+        g = self._offset[ep][:, None] + np.minimum(k, self._length[ep][:, None] - 1)
+        return self._action[g], beyond | ~self._valid[g]
+
+    def batch(self, rows: Sequence[int] | np.ndarray, images: bool = True) -> dict:
+        """A batch in the policy's training format (see MeanFlowPolicy.compute_loss); ``images=False`` leaves the
+        frames out (training on cached prefix features)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ep, step = self.sample_episode[rows], self.sample_step[rows]
+        g = self._offset[ep] + step
+        actions, pad = self.chunk(rows)
+        out = {
+            "state": torch.from_numpy(self._state[g].astype(np.float32)),
+            "actions": torch.from_numpy(actions.astype(np.float32)),
+            "action_is_pad": torch.from_numpy(pad),
+            "instruction": [self.episodes[e].instruction for e in ep],
+        }
+        if images:
+            size = self.cfg.image_size
+            frames = np.empty((len(rows), len(self.cfg.camera_keys), size, size, 3), dtype=np.uint8)
+            for j, cam in enumerate(self.cfg.camera_keys):
+                fidx = self._frame_index[g, j]
+                for b in range(len(rows)):
+                    frames[b, j] = self.episodes[ep[b]].frames[cam][fidx[b]]
+            out["images"] = torch.from_numpy(frames)
+        return out
+
+    def observation(self, row: int) -> dict:
+        """One sample as a policy.sample() observation (images keyed by camera, at the cached size)."""
+        ep, step = int(self.sample_episode[row]), int(self.sample_step[row])
+        g = self._offset[ep] + step
+        e = self.episodes[ep]
+        return {"images": {cam: np.asarray(e.frames[cam][self._frame_index[g, j]])
+                           for j, cam in enumerate(self.cfg.camera_keys)},
+                "state": self._state[g].astype(np.float32), "instruction": e.instruction}
+
+    def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True,
+                infinite: bool = True) -> Iterator[dict]:
+        """Batches forever (reshuffled every epoch) or one pass; the last partial batch of a pass is kept."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        rng = np.random.default_rng(seed)
+        while True:
+            order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+            for i in range(0, len(order), batch_size):
+                yield self.batch(order[i:i + batch_size])
+            if not infinite:
+                return
