@@ -379,6 +379,9 @@ class Trainer:
                 self.history.append({"step": self.step, **info, "lr": lr, "grad_norm": grad_norm,
                                      "step_s": time.perf_counter() - start})
                 bar.set_postfix(loss=f"{info['loss']:.4f}")
+                if not cfg.progress:  # a log file (background run) still shows that training moves
+                    LOG.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", self.step, cfg.steps, info["loss"], lr,
+                             self.history[-1]["step_s"])
             if self.step >= cfg.steps:
                 break
             if cfg.stop_after and self.step - first >= cfg.stop_after:
