@@ -28,6 +28,7 @@ setup(
             "meanflow-eval-bag = meanflow_policy.eval_bag_cli:main",
             "meanflow-bench = meanflow_policy.bench:main",
             "meanflow-bench-node = meanflow_policy.bench_node:main",
+            "so101-export-lerobot = meanflow_policy.lerobot_dataset:main",
         ]
     },
 )

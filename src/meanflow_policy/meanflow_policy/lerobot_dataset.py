@@ -1,0 +1,529 @@
+"""Episode bags <-> LeRobotDataset v3.0 directories (parquet tables + one mp4 per camera), no LeRobot install needed.
+
+Export (``so101-export-lerobot``) reads each bag with the training pipeline's reader and synchroniser, so every
+LeRobot frame is one step of the training grid: the same states, the same actions (a_k = target at t_{k+1}) and
+the frame each camera had at that step (at the bag's native resolution). Import (``load_lerobot_episodes``, used by
+``meanflow-train --lerobot-dataset``) turns such a directory back into the same ``Episode`` objects training uses.
+
+Layout written (read from LeRobot's source, lerobot/datasets/{utils,io_utils,dataset_metadata,feature_utils}.py,
+codebase_version "v3.0"):
+  meta/info.json, meta/stats.json, meta/tasks.parquet (index "task" -> task_index),
+  meta/episodes/chunk-000/file-000.parquet (one row per episode: length, tasks, dataset_from/to_index, data/ and
+  videos/<key>/ chunk and file indices, from/to timestamps), data/chunk-000/file-000.parquet (one row per frame),
+  videos/observation.images.<camera>/chunk-000/file-000.mp4 (all episodes back to back, pts = global frame index).
+
+Joint units: LeRobot's SO-101 follower (lerobot/robots/so_follower) reports ``<joint>.pos`` with the arm joints in
+MotorNormMode.DEGREES (``use_degrees=True``, the config default) and the gripper in RANGE_0_100. Its degrees are
+(ticks - middle of the calibrated range) * 360 / 4095; ours are radians with zero at the same middle and 4096
+ticks per turn (so101_hardware.calibration), so deg = rad * 180/pi * 4096/4095. Its gripper percent is the
+position within the calibrated range, which our calibration maps linearly onto the URDF gripper limits, so
+percent = (rad - lower) / (upper - lower) * 100 (both directions of drive_mode agree). LeRobot's degree mode does
+not apply drive_mode: an arm joint calibrated with drive_mode 1 has the opposite sign there.
+
+Two extra per-frame columns keep the training grid's bookkeeping (LeRobot ignores columns it has no use for):
+``meanflow.fresh`` (every camera and the joint state were fresh at that step; stale steps hold the last frame and
+state) and ``meanflow.action_valid`` (the step has a next target). A dataset recorded elsewhere has neither: every
+frame is then a sample with a valid action.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
+from so101_common.instruction import validate_instruction
+from so101_common.joints import JointLimits
+
+from meanflow_policy.backbone import resize_image
+from meanflow_policy.bag_reader import CLOCKS, BagError, find_bags, read_episode, read_frames
+from meanflow_policy.dataset import (
+    ACTION_SOURCES,
+    DatasetError,
+    Episode,
+    LoadReport,
+    SyncConfig,
+    SyncReport,
+    _latest_before,
+    synchronise,
+)
+
+LOG = logging.getLogger("meanflow_policy.lerobot_dataset")
+CODEBASE_VERSION = "v3.0"
+ROBOT_TYPE = "so101_follower"
+CHUNKS_SIZE = 1000
+DATA_FILE = "data/chunk-000/file-000.parquet"
+EPISODES_FILE = "meta/episodes/chunk-000/file-000.parquet"
+TASKS_FILE = "meta/tasks.parquet"
+INFO_FILE = "meta/info.json"
+STATS_FILE = "meta/stats.json"
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+STATE_KEY, ACTION_KEY = "observation.state", "action"
+FRESH_KEY, VALID_KEY = "meanflow.fresh", "meanflow.action_valid"
+VIDEO_CODEC = "libx264"  # H.264 in yuv420p: decoded by LeRobot's torchcodec and pyav backends alike
+VIDEO_CRF = 18
+DEG_PER_RAD = 180.0 / math.pi * 4096.0 / 4095.0
+GRIPPER = "gripper"
+
+
+class LeRobotFormatError(DatasetError):
+    """A LeRobot dataset that does not fit the policy (other joints, cameras or fps, missing files)."""
+
+
+def camera_feature(camera: str) -> str:
+    return f"observation.images.{camera}"
+
+
+def joint_feature_names(joint_names: Sequence[str]) -> list[str]:
+    """LeRobot's motor feature names (``shoulder_pan.pos`` ...) for our joints."""
+    return [f"{n}.pos" for n in joint_names]
+
+
+def to_lerobot_units(radians: np.ndarray, joint_names: Sequence[str]) -> np.ndarray:
+    """Joint radians (..., J) -> LeRobot SO-101 units: arm degrees (use_degrees=True), gripper 0-100."""
+    limits = JointLimits.so101(tuple(joint_names))
+    out = np.asarray(radians, dtype=np.float64) * DEG_PER_RAD
+    for i, name in enumerate(joint_names):
+        if name == GRIPPER:
+            out[..., i] = (np.asarray(radians)[..., i] - limits.lower[i]) / (limits.upper[i] - limits.lower[i]) * 100
+    return out
+
+
+def from_lerobot_units(values: np.ndarray, joint_names: Sequence[str]) -> np.ndarray:
+    """Inverse of ``to_lerobot_units``: LeRobot SO-101 units -> joint radians."""
+    limits = JointLimits.so101(tuple(joint_names))
+    values = np.asarray(values, dtype=np.float64)
+    out = values / DEG_PER_RAD
+    for i, name in enumerate(joint_names):
+        if name == GRIPPER:
+            out[..., i] = limits.lower[i] + values[..., i] / 100.0 * (limits.upper[i] - limits.lower[i])
+    return out
+
+
+def _int_fps(fps: float, what: str) -> int:
+    if abs(fps - round(fps)) > 1e-9:
+        raise ValueError(f"{what} {fps}: LeRobot datasets need a whole number of frames per second")
+    return int(round(fps))
+
+
+# ---------------------------------------------------------------------------------------------------- export
+@dataclass
+class _ExportedEpisode:
+    name: str
+    instruction: str
+    state: np.ndarray  # (N, J) radians, stale steps hold the last state
+    action: np.ndarray  # (N, J) radians
+    fresh: np.ndarray  # (N,) bool
+    action_valid: np.ndarray  # (N,) bool
+
+
+def _episode_for_export(path: Path, cfg: SyncConfig) -> tuple[_ExportedEpisode, dict[str, np.ndarray]]:
+    """One bag on the training grid, and per camera the native-resolution frame shown at each step."""
+    raw = read_episode(path, cfg.topics, cfg.joint_names, cfg.clock, cfg.instruction,
+                       need_trajectory=cfg.action_source == "trajectory")
+    for warning in raw.warnings:
+        LOG.warning("%s", warning)
+    arrays, _report = synchronise(raw, cfg)
+    times = arrays["times_ns"]
+    fresh = np.all(arrays["frame_msg_index"] >= 0, axis=1) & np.isfinite(arrays["state"]).all(axis=1)
+    state = raw.states[_latest_before(raw.state_times, times)]
+    frames: dict[str, np.ndarray] = {}
+    for cam, topic in cfg.topics.cameras:
+        stamps = raw.image_times[cam]
+        order = np.argsort(stamps, kind="stable")
+        order = order[stamps[order] >= 0]
+        held = order[_latest_before(stamps[order], times)]  # every step has one: the grid starts after each camera
+        used = np.unique(held)
+        decoded = read_frames(path, topic, used, lambda rgb: rgb)
+        shapes = {decoded[int(i)].shape for i in used}
+        if len(shapes) != 1:
+            raise BagError(f"{path}: camera {cam!r} changes its image size within the episode ({sorted(shapes)}); "
+                           "a video needs one size")
+        frames[cam] = np.stack([decoded[int(i)] for i in held])
+    episode = _ExportedEpisode(raw.name, raw.instruction, state, arrays["action"].astype(np.float64), fresh,
+                               arrays["action_valid"].astype(bool))
+    return episode, frames
+
+
+class _VideoWriter:
+    """One mp4 per camera, episodes back to back; frame k of the file has pts k in a 1/fps time base."""
+
+    def __init__(self, path: Path, fps: int, height: int, width: int) -> None:
+        import av
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.size = (height, width)
+        self._container = av.open(str(path), mode="w")
+        self._stream = self._container.add_stream(VIDEO_CODEC, rate=fps)
+        self._stream.width, self._stream.height = width, height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.time_base = Fraction(1, fps)
+        self._stream.options = {"crf": str(VIDEO_CRF), "g": "2"}  # short GOP: cheap random access, as LeRobot
+        self.frames = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        import av
+
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = self.frames
+            self.frames += 1
+            self._container.mux(self._stream.encode(frame))
+
+    def close(self) -> None:
+        self._container.mux(self._stream.encode())
+        self._container.close()
+
+
+def _moments(x: np.ndarray) -> dict:
+    return {"min": x.min(axis=0).tolist(), "max": x.max(axis=0).tolist(), "mean": x.mean(axis=0).tolist(),
+            "std": x.std(axis=0).tolist(), "count": [int(len(x))]}
+
+
+def _image_stats(sums: np.ndarray, sq: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> dict:
+    """Per-channel stats of pixels in [0, 1], shaped (3, 1, 1) as LeRobot stores them."""
+    mean = sums / n
+    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
+
+    def c11(v: np.ndarray) -> list:
+        return np.asarray(v, dtype=np.float64).reshape(3, 1, 1).tolist()
+
+    return {"min": c11(lo), "max": c11(hi), "mean": c11(mean), "std": c11(std), "count": [int(n)]}
+
+
+def export_lerobot(bags: Sequence[str | Path], out: str | Path, cfg: SyncConfig, robot_type: str = ROBOT_TYPE,
+                   strict: bool = False) -> dict:
+    """Write the bags under ``bags`` as a LeRobotDataset v3.0 at ``out`` (must not exist); returns a summary."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(out)
+    fps = _int_fps(cfg.fps, "--fps")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: exists and is not empty; choose a new folder")
+    paths, unreadable = find_bags(bags)
+    skipped: dict[str, str] = dict(unreadable)
+    if unreadable and strict:
+        raise DatasetError(f"bad episode (strict mode): {next(iter(unreadable.values()))}")
+    names = joint_feature_names(cfg.joint_names)
+    cams = list(cfg.camera_keys)
+    videos: dict[str, _VideoWriter] = {}
+    tasks: dict[str, int] = {}
+    columns: dict[str, list] = {k: [] for k in ("timestamp", "frame_index", "episode_index", "index",
+                                                "task_index", STATE_KEY, ACTION_KEY, FRESH_KEY, VALID_KEY)}
+    episodes: list[dict] = []
+    pix = {cam: [np.zeros(3), np.zeros(3), np.full(3, np.inf), np.full(3, -np.inf), 0] for cam in cams}
+    total = 0
+    try:
+        for path in paths:
+            try:
+                ep, frames = _episode_for_export(path, cfg)
+            except BagError as exc:
+                if strict:
+                    raise DatasetError(f"bad episode (strict mode): {exc}") from exc
+                LOG.warning("skipping episode: %s", exc)
+                skipped[str(path)] = str(exc)
+                continue
+            n = len(ep.state)
+            index = len(episodes)
+            task_index = tasks.setdefault(ep.instruction, len(tasks))
+            row: dict = {"episode_index": index, "tasks": [ep.instruction], "length": n,
+                         "data/chunk_index": 0, "data/file_index": 0,
+                         "dataset_from_index": total, "dataset_to_index": total + n}
+            for cam in cams:
+                h, w = frames[cam].shape[1:3]
+                if cam not in videos:
+                    videos[cam] = _VideoWriter(out / VIDEO_PATH.format(video_key=camera_feature(cam), chunk_index=0,
+                                                                       file_index=0), fps, h, w)
+                if videos[cam].size != (h, w):
+                    raise BagError(f"{path}: camera {cam!r} images are {w}x{h}, earlier episodes' {videos[cam].size[1]}"
+                                   f"x{videos[cam].size[0]}; one LeRobot video key needs one size")
+                start = videos[cam].frames
+                videos[cam].write(frames[cam])
+                key = camera_feature(cam)
+                row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                            f"videos/{key}/from_timestamp": start / fps, f"videos/{key}/to_timestamp": (start + n) / fps})
+                x = frames[cam].reshape(-1, 3).astype(np.float64) / 255.0
+                acc = pix[cam]
+                acc[0] += x.sum(axis=0)
+                acc[1] += (x ** 2).sum(axis=0)
+                acc[2] = np.minimum(acc[2], x.min(axis=0))
+                acc[3] = np.maximum(acc[3], x.max(axis=0))
+                acc[4] += len(x)
+            columns["timestamp"].append(np.arange(n, dtype=np.float32) / np.float32(fps))
+            columns["frame_index"].append(np.arange(n, dtype=np.int64))
+            columns["episode_index"].append(np.full(n, index, dtype=np.int64))
+            columns["index"].append(np.arange(total, total + n, dtype=np.int64))
+            columns["task_index"].append(np.full(n, task_index, dtype=np.int64))
+            columns[STATE_KEY].append(to_lerobot_units(ep.state, cfg.joint_names).astype(np.float32))
+            columns[ACTION_KEY].append(to_lerobot_units(ep.action, cfg.joint_names).astype(np.float32))
+            columns[FRESH_KEY].append(ep.fresh)
+            columns[VALID_KEY].append(ep.action_valid)
+            row["meta/episodes/chunk_index"], row["meta/episodes/file_index"] = 0, 0
+            episodes.append(row)
+            total += n
+            LOG.info("exported %s: %d frames, %d stale, instruction %r", ep.name, n, int((~ep.fresh).sum()),
+                     ep.instruction)
+    finally:
+        for writer in videos.values():
+            writer.close()
+    if not episodes:
+        raise DatasetError(f"nothing to export: none of the bags under {[str(b) for b in bags]} could be read"
+                           + (f" ({next(iter(skipped.values()))})" if skipped else ""))
+    data = {k: np.concatenate(v) for k, v in columns.items()}
+    J = len(names)
+    table = pa.table({
+        STATE_KEY: pa.FixedSizeListArray.from_arrays(pa.array(data[STATE_KEY].reshape(-1)), J),
+        ACTION_KEY: pa.FixedSizeListArray.from_arrays(pa.array(data[ACTION_KEY].reshape(-1)), J),
+        **{k: pa.array(data[k]) for k in ("timestamp", "frame_index", "episode_index", "index", "task_index",
+                                            FRESH_KEY, VALID_KEY)},
+    })
+    for file in (DATA_FILE, EPISODES_FILE):
+        (out / file).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / DATA_FILE)
+    pd.DataFrame({"task_index": list(tasks.values())}, index=pd.Index(list(tasks), name="task")).to_parquet(
+        out / TASKS_FILE)
+    pd.DataFrame(episodes).to_parquet(out / EPISODES_FILE, index=False)
+
+    vector = {"dtype": "float32", "shape": [J], "names": names}
+    features = {
+        STATE_KEY: dict(vector), ACTION_KEY: dict(vector),
+        **{camera_feature(cam): {
+            "dtype": "video", "shape": [videos[cam].size[0], videos[cam].size[1], 3],
+            "names": ["height", "width", "channels"],
+            "info": {"video.height": videos[cam].size[0], "video.width": videos[cam].size[1],
+                     "video.codec": "h264", "video.pix_fmt": "yuv420p", "video.is_depth_map": False,
+                     "video.fps": fps, "video.channels": 3, "has_audio": False}} for cam in cams},
+        "timestamp": {"dtype": "float32", "shape": [1], "names": None},
+        "frame_index": {"dtype": "int64", "shape": [1], "names": None},
+        "episode_index": {"dtype": "int64", "shape": [1], "names": None},
+        "index": {"dtype": "int64", "shape": [1], "names": None},
+        "task_index": {"dtype": "int64", "shape": [1], "names": None},
+        FRESH_KEY: {"dtype": "bool", "shape": [1], "names": None},
+        VALID_KEY: {"dtype": "bool", "shape": [1], "names": None},
+    }
+    info = {"codebase_version": CODEBASE_VERSION, "robot_type": robot_type, "total_episodes": len(episodes),
+            "total_frames": total, "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
+            "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
+            "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH,
+            "features": features}
+    (out / INFO_FILE).write_text(json.dumps(info, indent=4) + "\n")
+    stats = {STATE_KEY: _moments(data[STATE_KEY].astype(np.float64)),
+             ACTION_KEY: _moments(data[ACTION_KEY].astype(np.float64)),
+             **{camera_feature(cam): _image_stats(*pix[cam]) for cam in cams}}
+    (out / STATS_FILE).write_text(json.dumps(stats, indent=4) + "\n")
+    return {"out": str(out), "episodes": len(episodes), "frames": total, "tasks": list(tasks), "fps": fps,
+            "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------------- import
+def _read_info(root: Path) -> dict:
+    path = root / INFO_FILE
+    if not path.is_file():
+        raise LeRobotFormatError(f"--lerobot-dataset {root}: no {INFO_FILE} (not a LeRobotDataset directory)")
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LeRobotFormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(info, dict) or not isinstance(info.get("features"), dict):
+        raise LeRobotFormatError(f"{path}: no 'features' mapping")
+    return info
+
+
+def check_compatible(root: Path, info: dict, cfg: SyncConfig) -> None:
+    """One clear error when the dataset's version, fps, joints or cameras do not fit ``cfg``."""
+    where = root / INFO_FILE
+    version = info.get("codebase_version")
+    if version != CODEBASE_VERSION:
+        raise LeRobotFormatError(f"{where}: codebase_version {version!r}; this reader needs {CODEBASE_VERSION!r} "
+                                 "(convert older datasets with LeRobot's convert_dataset_v21_to_v30)")
+    if not isinstance(info.get("fps"), (int, float)) or abs(float(info["fps"]) - cfg.fps) > 1e-9:
+        raise LeRobotFormatError(f"{where}: field 'fps' is {info.get('fps')!r}, the policy runs at {cfg.fps:g} Hz "
+                                 f"(pass --fps {info.get('fps')} to train at the dataset's rate)")
+    want = joint_feature_names(cfg.joint_names)
+    features = info["features"]
+    for key in (STATE_KEY, ACTION_KEY):
+        if key not in features:
+            raise LeRobotFormatError(f"{where}: feature {key!r} is missing; features are {sorted(features)}")
+        names = features[key].get("names")
+        if isinstance(names, dict):  # older exports: {"motors": [...]}
+            names = next(iter(names.values()), None)
+        if list(names or []) != want:
+            raise LeRobotFormatError(f"{where}: feature {key!r} has joint names {names}, expected {want} "
+                                     "(an SO-101 follower in this order)")
+    for cam in cfg.camera_keys:
+        key = camera_feature(cam)
+        if key not in features:
+            have = sorted(k for k in features if k.startswith("observation.images."))
+            raise LeRobotFormatError(f"{where}: camera feature {key!r} is missing; the dataset has {have}")
+        if features[key].get("dtype") != "video":
+            raise LeRobotFormatError(f"{where}: feature {key!r} has dtype {features[key].get('dtype')!r}; this "
+                                     "reader takes video features")
+
+
+def _decode_video(path: Path, size: int, n_frames: int, fps: int) -> np.ndarray:
+    """Every frame of an mp4, resized to (size, size) as training resizes bag images, indexed by pts * fps."""
+    import av
+
+    if not path.is_file():
+        raise LeRobotFormatError(f"video {path} is missing")
+    out = np.zeros((n_frames, size, size, 3), dtype=np.uint8)
+    seen = np.zeros(n_frames, dtype=bool)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            for frame in container.decode(stream):
+                k = int(round(float(frame.pts * stream.time_base) * fps))
+                if 0 <= k < n_frames:
+                    out[k] = resize_image(frame.to_ndarray(format="rgb24"), size)
+                    seen[k] = True
+    except (av.error.FFmpegError, OSError) as exc:
+        raise LeRobotFormatError(f"video {path} cannot be decoded: {exc}") from exc
+    if not seen.all():
+        raise LeRobotFormatError(f"video {path} has {int(seen.sum())} of the {n_frames} frames the episodes "
+                                 f"index (first missing: frame {int(np.argmin(seen))})")
+    return out
+
+
+def load_lerobot_episodes(root: str | Path, cfg: SyncConfig) -> tuple[list[Episode], LoadReport]:
+    """A local LeRobotDataset v3.0 as training Episodes (joint radians, frames resized to cfg.image_size)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    if not root.is_dir():
+        raise LeRobotFormatError(f"--lerobot-dataset {root}: no such directory")
+    info = _read_info(root)
+    check_compatible(root, info, cfg)
+    fps = int(round(float(info["fps"])))
+    files = sorted((root / "data").glob("chunk-*/file-*.parquet"))
+    if not files:
+        raise LeRobotFormatError(f"{root}: no data/chunk-*/file-*.parquet files")
+    try:
+        frames_df = pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        tasks_df = pd.read_parquet(root / TASKS_FILE)
+        meta_files = sorted((root / "meta/episodes").glob("chunk-*/file-*.parquet"))
+        if not meta_files:
+            raise LeRobotFormatError(f"{root}: no meta/episodes/chunk-*/file-*.parquet files")
+        episodes_df = pd.concat([pd.read_parquet(f) for f in meta_files], ignore_index=True)
+    except (OSError, ValueError) as exc:
+        raise LeRobotFormatError(f"{root}: cannot read its parquet tables ({exc})") from exc
+    task_of = {int(i): str(t) for t, i in zip(tasks_df.index, tasks_df["task_index"])}
+    frames_df = frames_df.sort_values("index", kind="stable")
+    # Decode each camera's video files once, resized; episodes slice them by their timestamps.
+    decoded: dict[tuple[str, int, int], np.ndarray] = {}
+    for cam in cfg.camera_keys:
+        key = camera_feature(cam)
+        for col in (f"videos/{key}/chunk_index", f"videos/{key}/file_index", f"videos/{key}/to_timestamp"):
+            if col not in episodes_df:
+                raise LeRobotFormatError(f"{root / 'meta/episodes'}: column {col!r} is missing")
+        groups = episodes_df.groupby([f"videos/{key}/chunk_index", f"videos/{key}/file_index"])
+        for (chunk, file), rows in groups:
+            n = int(round(float(rows[f"videos/{key}/to_timestamp"].max()) * fps))
+            path = root / str(info.get("video_path") or VIDEO_PATH).format(video_key=key, chunk_index=int(chunk),
+                                                                          file_index=int(file))
+            decoded[(cam, int(chunk), int(file))] = _decode_video(path, cfg.image_size, n, fps)
+    digest = hashlib.sha256((root / INFO_FILE).read_bytes()).hexdigest()[:16]
+    episodes: list[Episode] = []
+    report = LoadReport()
+    for _, row in episodes_df.sort_values("episode_index").iterrows():
+        index = int(row["episode_index"])
+        rows = frames_df[frames_df["episode_index"] == index].sort_values("frame_index")
+        n = len(rows)
+        if n == 0:
+            report.skipped[f"{root}#episode_{index}"] = "no frames"
+            continue
+        task_index = int(rows["task_index"].iloc[0])
+        text = cfg.instruction if cfg.instruction is not None else task_of.get(task_index, "")
+        ok, cleaned, message = validate_instruction(text)
+        if not ok:
+            raise LeRobotFormatError(f"{root / TASKS_FILE}: task {task_index} of episode {index} is not a usable "
+                                     f"instruction: {message} (pass --instruction)")
+        state = from_lerobot_units(np.stack(rows[STATE_KEY].to_numpy()), cfg.joint_names).astype(np.float32)
+        action = from_lerobot_units(np.stack(rows[ACTION_KEY].to_numpy()), cfg.joint_names).astype(np.float32)
+        fresh = rows[FRESH_KEY].to_numpy(bool) if FRESH_KEY in rows else np.ones(n, bool)
+        valid = rows[VALID_KEY].to_numpy(bool) if VALID_KEY in rows else np.ones(n, bool)
+        state[~fresh] = np.nan
+        frames = {}
+        for cam in cfg.camera_keys:
+            key = camera_feature(cam)
+            start = int(round(float(row[f"videos/{key}/from_timestamp"]) * fps))
+            video = decoded[(cam, int(row[f"videos/{key}/chunk_index"]), int(row[f"videos/{key}/file_index"]))]
+            frames[cam] = video[start:start + n]
+            if len(frames[cam]) != n:
+                raise LeRobotFormatError(f"{root}: episode {index} needs frames {start}..{start + n - 1} of "
+                                         f"{key}, its video has {len(video)}")
+        frame_index = np.where(fresh[:, None], np.arange(n)[:, None], -1).repeat(len(cfg.camera_keys), axis=1)
+        sync_report = SyncReport(name=f"episode_{index:06d}", steps=n,
+                                 samples=int(np.count_nonzero(fresh & valid)))
+        episodes.append(Episode(
+            name=sync_report.name, instruction=cleaned, source=f"{root}#episode_{index}", key=f"{digest}-{index}",
+            times_ns=np.round(np.arange(n) * 1e9 / fps).astype(np.int64), state=state, action=action,
+            action_valid=valid, frame_index=frame_index.astype(np.int32), frames=frames, report=sync_report))
+        report.episodes += 1
+        report.read_from_bags += 1
+        report.samples += int(episodes[-1].sample_steps.size)
+    if not episodes:
+        raise LeRobotFormatError(f"--lerobot-dataset {root}: no episode with frames")
+    return episodes, report
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="so101-export-lerobot", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--bags", nargs="+", required=True, type=Path, metavar="DIR",
+                   help="episode bags or dataset folders holding them")
+    p.add_argument("--out", required=True, type=Path, help="new LeRobotDataset directory")
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate = the training grid rate (whole Hz)")
+    p.add_argument("--cameras", nargs="+", default=["wrist", "top"], help="camera keys, in policy order")
+    p.add_argument("--robot-type", default=ROBOT_TYPE, help="info.json robot_type")
+    p.add_argument("--action-source", choices=ACTION_SOURCES, default="trajectory")
+    p.add_argument("--clock", choices=CLOCKS, default="bag")
+    p.add_argument("--max-image-age", type=float, default=0.1, help="seconds; older frames mark a step stale")
+    p.add_argument("--max-state-age", type=float, default=0.1, help="seconds; older states mark a step stale")
+    p.add_argument("--instruction", default=None, help="task for every bag (bags without episode.json)")
+    p.add_argument("--camera-topic", action="append", default=[], metavar="CAMERA=TOPIC")
+    p.add_argument("--joint-states-topic", default=JOINT_STATES_TOPIC)
+    p.add_argument("--trajectory-topic", default=TRAJECTORY_TOPIC)
+    p.add_argument("--strict", action="store_true", help="a bad episode is fatal instead of skipped")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        topics = []
+        for item in args.camera_topic:
+            cam, sep, topic = item.partition("=")
+            if not sep or not cam or not topic.startswith("/"):
+                raise ValueError(f"--camera-topic {item!r}: expected CAMERA=/topic")
+            topics.append((cam, topic))
+        cfg = SyncConfig(fps=args.fps, camera_keys=tuple(args.cameras), camera_topics=tuple(topics),
+                         max_image_age_s=args.max_image_age, max_state_age_s=args.max_state_age,
+                         action_source=args.action_source, clock=args.clock, instruction=args.instruction,
+                         joint_states_topic=args.joint_states_topic, trajectory_topic=args.trajectory_topic,
+                         joint_names=JOINT_NAMES)
+        summary = export_lerobot(args.bags, args.out, cfg, robot_type=args.robot_type, strict=args.strict)
+    except (DatasetError, BagError, ValueError, FileNotFoundError) as exc:
+        LOG.error("%s", exc)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
