@@ -32,6 +32,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -204,15 +206,36 @@ def _image_stats(sums: np.ndarray, sq: np.ndarray, lo: np.ndarray, hi: np.ndarra
 
 def export_lerobot(bags: Sequence[str | Path], out: str | Path, cfg: SyncConfig, robot_type: str = ROBOT_TYPE,
                    strict: bool = False) -> dict:
-    """Write the bags under ``bags`` as a LeRobotDataset v3.0 at ``out`` (must not exist); returns a summary."""
+    """Write the bags under ``bags`` as a LeRobotDataset v3.0 at ``out`` (new or empty); returns a summary.
+
+    The dataset is written next to ``out`` and renamed into place at the end, so a failed export leaves nothing
+    that looks like a dataset."""
+    out = Path(out)
+    _int_fps(cfg.fps, "--fps")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: exists and is not an empty folder; choose a new one")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        partial.mkdir(parents=True)
+        summary = _export(bags, partial, cfg, robot_type, strict)
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    except OSError as exc:
+        raise DatasetError(f"--out {out}: writing the dataset failed ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    summary["out"] = str(out)
+    return summary
+
+
+def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: str, strict: bool) -> dict:
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    out = Path(out)
     fps = _int_fps(cfg.fps, "--fps")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: exists and is not empty; choose a new folder")
     paths, unreadable = find_bags(bags)
     skipped: dict[str, str] = dict(unreadable)
     if unreadable and strict:
@@ -397,6 +420,18 @@ def _decode_video(path: Path, size: int, n_frames: int, fps: int) -> np.ndarray:
     return out
 
 
+def _vectors(rows, key: str, root: Path, episode: int) -> np.ndarray:
+    """Column ``key`` of one episode as an (N, J) float64 array; ragged or non-finite values are one error."""
+    try:
+        values = np.stack(rows[key].to_numpy()).astype(np.float64)
+    except (ValueError, TypeError) as exc:
+        raise LeRobotFormatError(f"{root / 'data'}: column {key!r} of episode {episode} is not a table of "
+                                 f"equal-length vectors ({exc})") from exc
+    if not np.isfinite(values).all():
+        raise LeRobotFormatError(f"{root / 'data'}: column {key!r} of episode {episode} holds NaN or inf")
+    return values
+
+
 def load_lerobot_episodes(root: str | Path, cfg: SyncConfig) -> tuple[list[Episode], LoadReport]:
     """A local LeRobotDataset v3.0 as training Episodes (joint radians, frames resized to cfg.image_size)."""
     import pandas as pd
@@ -420,8 +455,14 @@ def load_lerobot_episodes(root: str | Path, cfg: SyncConfig) -> tuple[list[Episo
         episodes_df = pd.concat([pd.read_parquet(f) for f in meta_files], ignore_index=True)
     except (OSError, ValueError) as exc:
         raise LeRobotFormatError(f"{root}: cannot read its parquet tables ({exc})") from exc
+    missing = [c for c in (STATE_KEY, ACTION_KEY, "episode_index", "frame_index", "task_index")
+               if c not in frames_df]
+    if missing:
+        raise LeRobotFormatError(f"{root / 'data'}: the frame tables lack the columns {missing}")
+    if "task_index" not in tasks_df:
+        raise LeRobotFormatError(f"{root / TASKS_FILE}: no column 'task_index'")
     task_of = {int(i): str(t) for t, i in zip(tasks_df.index, tasks_df["task_index"])}
-    frames_df = frames_df.sort_values("index", kind="stable")
+    by_episode = {int(k): g.sort_values("frame_index") for k, g in frames_df.groupby("episode_index")}
     # Decode each camera's video files once, resized; episodes slice them by their timestamps.
     decoded: dict[tuple[str, int, int], np.ndarray] = {}
     for cam in cfg.camera_keys:
@@ -440,19 +481,19 @@ def load_lerobot_episodes(root: str | Path, cfg: SyncConfig) -> tuple[list[Episo
     report = LoadReport()
     for _, row in episodes_df.sort_values("episode_index").iterrows():
         index = int(row["episode_index"])
-        rows = frames_df[frames_df["episode_index"] == index].sort_values("frame_index")
-        n = len(rows)
-        if n == 0:
+        rows = by_episode.get(index)
+        if rows is None:
             report.skipped[f"{root}#episode_{index}"] = "no frames"
             continue
+        n = len(rows)
         task_index = int(rows["task_index"].iloc[0])
         text = cfg.instruction if cfg.instruction is not None else task_of.get(task_index, "")
         ok, cleaned, message = validate_instruction(text)
         if not ok:
             raise LeRobotFormatError(f"{root / TASKS_FILE}: task {task_index} of episode {index} is not a usable "
                                      f"instruction: {message} (pass --instruction)")
-        state = from_lerobot_units(np.stack(rows[STATE_KEY].to_numpy()), cfg.joint_names).astype(np.float32)
-        action = from_lerobot_units(np.stack(rows[ACTION_KEY].to_numpy()), cfg.joint_names).astype(np.float32)
+        state = from_lerobot_units(_vectors(rows, STATE_KEY, root, index), cfg.joint_names).astype(np.float32)
+        action = from_lerobot_units(_vectors(rows, ACTION_KEY, root, index), cfg.joint_names).astype(np.float32)
         fresh = rows[FRESH_KEY].to_numpy(bool) if FRESH_KEY in rows else np.ones(n, bool)
         valid = rows[VALID_KEY].to_numpy(bool) if VALID_KEY in rows else np.ones(n, bool)
         state[~fresh] = np.nan

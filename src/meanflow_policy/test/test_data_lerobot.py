@@ -185,3 +185,34 @@ def test_bad_lerobot_datasets_give_one_clear_error(exported: Path, tmp_path: Pat
     # not a LeRobot dataset at all
     message = _train_error(tmp_path / "nothing", tmp_path, caplog)
     assert "no such directory" in message
+
+
+def test_export_bad_input_is_one_line_and_leaves_no_dataset(bags: Path, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    def export_error(*argv: str) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            assert lr.main(["--bags", str(bags), *argv]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1, errors
+        return errors[0]
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert "not an empty folder" in export_error("--out", str(taken))
+    assert (taken / "notes.txt").read_text() == "mine"
+    assert "whole number" in export_error("--out", str(tmp_path / "a"), "--fps", "7.5")
+    # A good episode, then one without the top camera, in strict mode: the export fails after it has begun
+    # writing, and nothing is left behind, not even a partial folder.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(bags / "episode_0", mixed / "episode_0")
+    content = synthetic_episode(seed=9, duration_s=1.0, height=48, width=64)
+    write_bag(mixed / "episode_9", content, instruction=INSTRUCTIONS[0],
+              topics=[t for t in ("/camera/wrist/image_raw", "/joint_states", "/arm_controller/joint_trajectory")])
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert lr.main(["--bags", str(mixed), "--out", str(tmp_path / "b"), "--strict"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "episode_9" in errors[0] and "/camera/top/image_raw" in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "taken"]
