@@ -182,6 +182,12 @@ def test_bad_lerobot_datasets_give_one_clear_error(exported: Path, tmp_path: Pat
     _edit_info(root, lambda i: i["features"].pop("observation.images.wrist"))
     message = _train_error(root, tmp_path, caplog)
     assert "'observation.images.wrist' is missing" in message
+    # an older format version
+    _edit_info(root, lambda i: i.update(codebase_version="v2.1"))
+    message = _train_error(root, tmp_path, caplog)
+    assert "codebase_version 'v2.1'" in message and "v3.0" in message
+    (root / "meta/info.json").unlink()
+    assert "no meta/info.json" in _train_error(root, tmp_path, caplog)
     # not a LeRobot dataset at all
     message = _train_error(tmp_path / "nothing", tmp_path, caplog)
     assert "no such directory" in message
