@@ -130,7 +130,7 @@ class _ExportedEpisode:
 
 
 def _episode_for_export(path: Path, cfg: SyncConfig) -> tuple[_ExportedEpisode, dict[str, np.ndarray]]:
-    """One bag on the training grid, and per camera the native-resolution frame shown at each step."""
+    """One bag on the training grid, and per camera the message index of the frame shown at each step."""
     raw = read_episode(path, cfg.topics, cfg.joint_names, cfg.clock, cfg.instruction,
                        need_trajectory=cfg.action_source == "trajectory")
     for warning in raw.warnings:
@@ -139,69 +139,97 @@ def _episode_for_export(path: Path, cfg: SyncConfig) -> tuple[_ExportedEpisode, 
     times = arrays["times_ns"]
     fresh = np.all(arrays["frame_msg_index"] >= 0, axis=1) & np.isfinite(arrays["state"]).all(axis=1)
     state = raw.states[_latest_before(raw.state_times, times)]
-    frames: dict[str, np.ndarray] = {}
-    for cam, topic in cfg.topics.cameras:
+    held: dict[str, np.ndarray] = {}
+    for cam, _topic in cfg.topics.cameras:
         stamps = raw.image_times[cam]
         order = np.argsort(stamps, kind="stable")
         order = order[stamps[order] >= 0]
-        held = order[_latest_before(stamps[order], times)]  # every step has one: the grid starts after each camera
-        used = np.unique(held)
-        decoded = read_frames(path, topic, used, lambda rgb: rgb)
-        shapes = {decoded[int(i)].shape for i in used}
-        if len(shapes) != 1:
-            raise BagError(f"{path}: camera {cam!r} changes its image size within the episode ({sorted(shapes)}); "
-                           "a video needs one size")
-        frames[cam] = np.stack([decoded[int(i)] for i in held])
+        # Every step has a frame (the grid starts once each camera has sent one); stale steps hold the last one.
+        held[cam] = order[_latest_before(stamps[order], times)]
     episode = _ExportedEpisode(raw.name, raw.instruction, state, arrays["action"].astype(np.float64), fresh,
                                arrays["action_valid"].astype(bool))
-    return episode, frames
+    return episode, held
 
 
-class _VideoWriter:
-    """One mp4 per camera, episodes back to back; frame k of the file has pts k in a 1/fps time base."""
+class _CameraVideo:
+    """One camera's mp4 (episodes back to back, frame k at pts k in a 1/fps time base) and its pixel stats."""
 
-    def __init__(self, path: Path, fps: int, height: int, width: int) -> None:
+    def __init__(self, camera: str, path: Path, fps: int) -> None:
+        self.camera, self.path, self.fps = camera, path, fps
+        self.size: tuple[int, int] | None = None
+        self.frames = 0
+        self._pixels = 0
+        self._container = self._stream = None
+        self._sum, self._sq = np.zeros(3), np.zeros(3)
+        self._lo, self._hi = np.full(3, np.inf), np.full(3, -np.inf)
+
+    def _open(self, height: int, width: int) -> None:
         import av
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.size = (height, width)
-        self._container = av.open(str(path), mode="w")
-        self._stream = self._container.add_stream(VIDEO_CODEC, rate=fps)
+        self._container = av.open(str(self.path), mode="w")
+        self._stream = self._container.add_stream(VIDEO_CODEC, rate=self.fps)
         self._stream.width, self._stream.height = width, height
         self._stream.pix_fmt = "yuv420p"
-        self._stream.time_base = Fraction(1, fps)
+        self._stream.time_base = Fraction(1, self.fps)
         self._stream.options = {"crf": str(VIDEO_CRF), "g": "2"}  # short GOP: cheap random access, as LeRobot
-        self.frames = 0
 
-    def write(self, frames: np.ndarray) -> None:
+    def add(self, rgb: np.ndarray, repeats: int = 1) -> None:
+        """Append ``rgb`` as the next ``repeats`` frames (a held frame of stale steps repeats)."""
         import av
 
-        for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        if self.size is None:
+            self._open(*rgb.shape[:2])
+        if rgb.shape[:2] != self.size:
+            raise ValueError(f"camera {self.camera!r} image is {rgb.shape[1]}x{rgb.shape[0]}, earlier frames "
+                             f"{self.size[1]}x{self.size[0]}; one LeRobot video needs one size")
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        for _ in range(repeats):
             frame.pts = self.frames
             self.frames += 1
             self._container.mux(self._stream.encode(frame))
+        # Stats on a strided copy of at most ~160 px per side (as LeRobot downsamples images for its stats).
+        step = max(1, max(rgb.shape[:2]) // 160)
+        x = np.ascontiguousarray(rgb[::step, ::step].transpose(2, 0, 1)).reshape(3, -1).astype(np.float64) / 255.0
+        self._pixels += repeats * x.shape[1]
+        self._sum += repeats * x.sum(axis=1)
+        self._sq += repeats * (x * x).sum(axis=1)
+        self._lo, self._hi = np.minimum(self._lo, x.min(axis=1)), np.maximum(self._hi, x.max(axis=1))
+
+    def write_episode(self, bag: Path, topic: str, held: np.ndarray) -> None:
+        """The frames at message indices ``held`` (one per step), decoded and encoded one at a time when they are
+        in message order (a long episode never sits in memory at full resolution)."""
+        if np.all(np.diff(held) >= 0):
+            used, counts = np.unique(held, return_counts=True)
+            repeats = iter(counts.tolist())
+            read_frames(bag, topic, used, lambda rgb: self.add(rgb, next(repeats)))
+            return
+        decoded = read_frames(bag, topic, np.unique(held), lambda rgb: rgb)  # header clock, reordered stamps
+        for i in held:
+            self.add(decoded[int(i)])
 
     def close(self) -> None:
-        self._container.mux(self._stream.encode())
-        self._container.close()
+        if self._container is not None:
+            self._container.mux(self._stream.encode())
+            self._container.close()
+
+    def stats(self) -> dict:
+        """Per-channel stats of pixels in [0, 1], shaped (3, 1, 1) as LeRobot stores them."""
+        n = max(self._pixels, 1)
+        mean = self._sum / n
+        std = np.sqrt(np.maximum(self._sq / n - mean ** 2, 0.0))
+
+        def c11(v: np.ndarray) -> list:
+            return np.asarray(v, dtype=np.float64).reshape(3, 1, 1).tolist()
+
+        return {"min": c11(self._lo), "max": c11(self._hi), "mean": c11(mean), "std": c11(std),
+                "count": [int(self.frames)]}
 
 
 def _moments(x: np.ndarray) -> dict:
     return {"min": x.min(axis=0).tolist(), "max": x.max(axis=0).tolist(), "mean": x.mean(axis=0).tolist(),
             "std": x.std(axis=0).tolist(), "count": [int(len(x))]}
-
-
-def _image_stats(sums: np.ndarray, sq: np.ndarray, lo: np.ndarray, hi: np.ndarray, n: int) -> dict:
-    """Per-channel stats of pixels in [0, 1], shaped (3, 1, 1) as LeRobot stores them."""
-    mean = sums / n
-    std = np.sqrt(np.maximum(sq / n - mean ** 2, 0.0))
-
-    def c11(v: np.ndarray) -> list:
-        return np.asarray(v, dtype=np.float64).reshape(3, 1, 1).tolist()
-
-    return {"min": c11(lo), "max": c11(hi), "mean": c11(mean), "std": c11(std), "count": [int(n)]}
 
 
 def export_lerobot(bags: Sequence[str | Path], out: str | Path, cfg: SyncConfig, robot_type: str = ROBOT_TYPE,
@@ -242,17 +270,17 @@ def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: 
         raise DatasetError(f"bad episode (strict mode): {next(iter(unreadable.values()))}")
     names = joint_feature_names(cfg.joint_names)
     cams = list(cfg.camera_keys)
-    videos: dict[str, _VideoWriter] = {}
+    videos = {cam: _CameraVideo(cam, out / VIDEO_PATH.format(video_key=camera_feature(cam), chunk_index=0,
+                                                               file_index=0), fps) for cam in cams}
     tasks: dict[str, int] = {}
     columns: dict[str, list] = {k: [] for k in ("timestamp", "frame_index", "episode_index", "index",
                                                 "task_index", STATE_KEY, ACTION_KEY, FRESH_KEY, VALID_KEY)}
     episodes: list[dict] = []
-    pix = {cam: [np.zeros(3), np.zeros(3), np.full(3, np.inf), np.full(3, -np.inf), 0] for cam in cams}
     total = 0
     try:
         for path in paths:
             try:
-                ep, frames = _episode_for_export(path, cfg)
+                ep, held = _episode_for_export(path, cfg)
             except BagError as exc:
                 if strict:
                     raise DatasetError(f"bad episode (strict mode): {exc}") from exc
@@ -265,26 +293,15 @@ def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: 
             row: dict = {"episode_index": index, "tasks": [ep.instruction], "length": n,
                          "data/chunk_index": 0, "data/file_index": 0,
                          "dataset_from_index": total, "dataset_to_index": total + n}
-            for cam in cams:
-                h, w = frames[cam].shape[1:3]
-                if cam not in videos:
-                    videos[cam] = _VideoWriter(out / VIDEO_PATH.format(video_key=camera_feature(cam), chunk_index=0,
-                                                                       file_index=0), fps, h, w)
-                if videos[cam].size != (h, w):
-                    raise BagError(f"{path}: camera {cam!r} images are {w}x{h}, earlier episodes' {videos[cam].size[1]}"
-                                   f"x{videos[cam].size[0]}; one LeRobot video key needs one size")
+            for cam, topic in cfg.topics.cameras:
                 start = videos[cam].frames
-                videos[cam].write(frames[cam])
+                try:
+                    videos[cam].write_episode(path, topic, held[cam])
+                except BagError as exc:  # frames of this episode may be in the videos already: cannot skip it
+                    raise DatasetError(f"export stopped: {exc}") from exc
                 key = camera_feature(cam)
                 row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
                             f"videos/{key}/from_timestamp": start / fps, f"videos/{key}/to_timestamp": (start + n) / fps})
-                x = frames[cam].reshape(-1, 3).astype(np.float64) / 255.0
-                acc = pix[cam]
-                acc[0] += x.sum(axis=0)
-                acc[1] += (x ** 2).sum(axis=0)
-                acc[2] = np.minimum(acc[2], x.min(axis=0))
-                acc[3] = np.maximum(acc[3], x.max(axis=0))
-                acc[4] += len(x)
             columns["timestamp"].append(np.arange(n, dtype=np.float32) / np.float32(fps))
             columns["frame_index"].append(np.arange(n, dtype=np.int64))
             columns["episode_index"].append(np.full(n, index, dtype=np.int64))
@@ -345,7 +362,7 @@ def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: 
     (out / INFO_FILE).write_text(json.dumps(info, indent=4) + "\n")
     stats = {STATE_KEY: _moments(data[STATE_KEY].astype(np.float64)),
              ACTION_KEY: _moments(data[ACTION_KEY].astype(np.float64)),
-             **{camera_feature(cam): _image_stats(*pix[cam]) for cam in cams}}
+             **{camera_feature(cam): videos[cam].stats() for cam in cams}}
     (out / STATS_FILE).write_text(json.dumps(stats, indent=4) + "\n")
     return {"out": str(out), "episodes": len(episodes), "frames": total, "tasks": list(tasks), "fps": fps,
             "skipped": skipped}
