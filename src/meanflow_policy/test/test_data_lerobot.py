@@ -222,3 +222,48 @@ def test_export_bad_input_is_one_line_and_leaves_no_dataset(bags: Path, tmp_path
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "episode_9" in errors[0] and "/camera/top/image_raw" in errors[0], errors
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed", "taken"]
+
+
+def _reencode_av1(video: Path) -> None:
+    """Re-encode an mp4 as LeRobot's recorder does by default (SVT-AV1, yuv420p, crf 30, GOP 2)."""
+    import av
+    from fractions import Fraction
+
+    with av.open(str(video)) as src:
+        frames = [f.to_ndarray(format="rgb24") for f in src.decode(video=0)]
+    target = video.with_suffix(".av1.mp4")
+    with av.open(str(target), mode="w") as dst:
+        stream = dst.add_stream("libsvtav1", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt, stream.time_base = "yuv420p", Fraction(1, 10)
+        stream.options = {"crf": "30", "g": "2"}
+        for k, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = k
+            dst.mux(stream.encode(frame))
+        dst.mux(stream.encode())
+    target.replace(video)
+
+
+def test_a_dataset_recorded_by_lerobot_trains_every_frame(exported: Path, tmp_path: Path) -> None:
+    """No meanflow.* columns (LeRobot's recorder writes none) and AV1 video: every frame is a sample with a valid
+    action, joint values converted from the table, frames decoded from AV1."""
+    root = _copy(exported, tmp_path)
+    table = pq.read_table(root / "data/chunk-000/file-000.parquet")
+    pq.write_table(table.drop_columns(["meanflow.fresh", "meanflow.action_valid"]),
+                   root / "data/chunk-000/file-000.parquet")
+    _edit_info(root, lambda i: [i["features"].pop(k) for k in ("meanflow.fresh", "meanflow.action_valid")])
+    _reencode_av1(root / "videos/observation.images.wrist/chunk-000/file-000.mp4")
+    ours, _ = lr.load_lerobot_episodes(exported, CFG)
+    theirs, report = lr.load_lerobot_episodes(root, CFG)
+    data = table.to_pandas()
+    for e_ours, e_theirs in zip(ours, theirs):
+        n = len(e_theirs.times_ns)
+        np.testing.assert_array_equal(e_theirs.sample_steps, np.arange(n))
+        assert e_theirs.action_valid.all()
+        rows = data[data["episode_index"] == int(e_theirs.name.split("_")[-1])]
+        np.testing.assert_allclose(e_theirs.action, lr.from_lerobot_units(np.stack(rows["action"]), JOINT_NAMES),
+                                   atol=1e-6)
+        diff = np.abs(e_theirs.frames["wrist"].astype(float) - e_ours.frames["wrist"].astype(float))
+        assert diff.mean() < 2 * FRAME_MEAN_TOL  # AV1 at crf 30 on top of the H.264 loss
+    assert report.samples == len(data)
