@@ -301,7 +301,8 @@ def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: 
                     raise DatasetError(f"export stopped: {exc}") from exc
                 key = camera_feature(cam)
                 row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
-                            f"videos/{key}/from_timestamp": start / fps, f"videos/{key}/to_timestamp": (start + n) / fps})
+                            f"videos/{key}/from_timestamp": start / fps,
+                            f"videos/{key}/to_timestamp": (start + n) / fps})
             columns["timestamp"].append(np.arange(n, dtype=np.float32) / np.float32(fps))
             columns["frame_index"].append(np.arange(n, dtype=np.int64))
             columns["episode_index"].append(np.full(n, index, dtype=np.int64))
@@ -437,6 +438,19 @@ def _decode_video(path: Path, size: int, n_frames: int, fps: int) -> np.ndarray:
     return out
 
 
+def _fingerprint(root: Path) -> str:
+    """Hash of every file's bytes in the dataset: episode keys (split order, prefix-feature cache) change with
+    any content, as a bag's do."""
+    h = hashlib.sha256()
+    files = (p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".")
+                                                                    for part in p.relative_to(root).parts))
+    for file in sorted(files):  # hidden folders (.cache of the hub tools) are not content
+        h.update(str(file.relative_to(root)).encode() + b"\0")
+        with open(file, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:16]
+
+
 def _vectors(rows, key: str, root: Path, episode: int) -> np.ndarray:
     """Column ``key`` of one episode as an (N, J) float64 array; ragged or non-finite values are one error."""
     try:
@@ -493,7 +507,7 @@ def load_lerobot_episodes(root: str | Path, cfg: SyncConfig) -> tuple[list[Episo
             path = root / str(info.get("video_path") or VIDEO_PATH).format(video_key=key, chunk_index=int(chunk),
                                                                           file_index=int(file))
             decoded[(cam, int(chunk), int(file))] = _decode_video(path, cfg.image_size, n, fps)
-    digest = hashlib.sha256((root / INFO_FILE).read_bytes()).hexdigest()[:16]
+    digest = _fingerprint(root)
     episodes: list[Episode] = []
     report = LoadReport()
     for _, row in episodes_df.sort_values("episode_index").iterrows():

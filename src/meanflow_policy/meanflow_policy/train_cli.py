@@ -452,7 +452,8 @@ def run(args: argparse.Namespace) -> dict:
     elif cfg.freeze_backbone:
         data, feature_report = load_prefix_features(policy, train_set, cache, batch_size=cfg.batch_size)
         LOG.info("prefix features (frozen backbone, the expert trains alone): %s", feature_report.summary())
-    run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in args.bags or [args.lerobot_dataset]], "cache_dir": str(cache),
+    sources = args.bags or [args.lerobot_dataset]
+    run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in sources], "cache_dir": str(cache),
                 "device": str(device), "prefix_feature_cache": data is not train_set}
     trainer = Trainer(policy, cfg, out, run_info)
     if args.resume:

@@ -267,3 +267,20 @@ def test_a_dataset_recorded_by_lerobot_trains_every_frame(exported: Path, tmp_pa
         diff = np.abs(e_theirs.frames["wrist"].astype(float) - e_ours.frames["wrist"].astype(float))
         assert diff.mean() < 2 * FRAME_MEAN_TOL  # AV1 at crf 30 on top of the H.264 loss
     assert report.samples == len(data)
+
+
+def test_episode_keys_follow_the_content(exported: Path, tmp_path: Path) -> None:
+    """Keys order the split and name prefix-feature cache entries: changed actions must give new keys."""
+    import pyarrow as pa
+
+    root = _copy(exported, tmp_path)
+    file = root / "data/chunk-000/file-000.parquet"
+    table = pq.read_table(file)
+    shifted = np.stack(table.column("action").to_numpy(zero_copy_only=False)) + 1.0
+    column = pa.FixedSizeListArray.from_arrays(pa.array(shifted.reshape(-1).astype(np.float32)), shifted.shape[1])
+    pq.write_table(table.set_column(table.schema.get_field_index("action"), "action", column), file)
+    before, _ = lr.load_lerobot_episodes(exported, CFG)
+    after, _ = lr.load_lerobot_episodes(root, CFG)
+    assert not {e.key for e in before} & {e.key for e in after}
+    np.testing.assert_allclose(after[0].action[:, 0] - before[0].action[:, 0], math.radians(1) * 4095 / 4096,
+                               atol=1e-5)
