@@ -42,8 +42,12 @@ LOG_JSON, LOG_CSV, LOSS_PNG = "log.json", "log.csv", "loss.png"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meanflow-train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--bags", nargs="+", required=True, type=Path, metavar="DIR",
-                   help="episode bags or dataset folders holding them (rosbag2, mcap or sqlite3)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--bags", nargs="+", type=Path, metavar="DIR",
+                        help="episode bags or dataset folders holding them (rosbag2, mcap or sqlite3)")
+    source.add_argument("--lerobot-dataset", type=Path, metavar="DIR",
+                        help="a local LeRobotDataset v3.0 directory (SO-101 follower joints, one video feature per "
+                             "camera) instead of bags")
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, logs, plot)")
     p.add_argument("--preset", choices=PRESETS, default="tiny",
                    help="tiny: in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M architecture, 512 px")
@@ -300,7 +304,12 @@ def run(args: argparse.Namespace) -> dict:
     sync = sync_config(config, args)
     cache = args.cache_dir
     start = time.perf_counter()
-    episodes, report = load_episodes(args.bags, sync, cache, strict=args.strict)
+    if args.lerobot_dataset is not None:
+        from meanflow_policy.data.lerobot import load_lerobot_episodes
+
+        episodes, report = load_lerobot_episodes(args.lerobot_dataset, sync)
+    else:
+        episodes, report = load_episodes(args.bags, sync, cache, strict=args.strict)
     LOG.info("dataset: %s (%.1f s, cache %s)", report.summary(), time.perf_counter() - start, cache)
     train_eps, val_eps = split_episodes(episodes, cfg.val_fraction, cfg.seed)
     if not val_eps:
@@ -330,7 +339,8 @@ def run(args: argparse.Namespace) -> dict:
     elif cfg.freeze_backbone:
         data, feature_report = load_prefix_features(policy, train_set, cache, batch_size=cfg.batch_size)
         LOG.info("prefix features (frozen backbone, the expert trains alone): %s", feature_report.summary())
-    run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in args.bags], "cache_dir": str(cache),
+    sources = args.bags or [args.lerobot_dataset]
+    run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in sources], "cache_dir": str(cache),
                 "device": str(device), "prefix_feature_cache": data is not train_set}
     trainer = Trainer(policy, cfg, out, run_info)
     if args.resume:
