@@ -15,11 +15,11 @@ import torch
 
 from meanflow_policy.data import lerobot as lr
 from meanflow_policy.tools import export_lerobot
-from meanflow_policy import train_cli
+from meanflow_policy.tools import train as train_cli
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import SyncConfig
-from meanflow_policy.demo_bags import DemoContent, synthetic_episode, write_bag
+from meanflow_policy.data.demo_bags import DemoContent, synthetic_episode, write_bag
 from so101_common.graph import JOINT_NAMES
 from so101_common.joints import JointLimits
 

@@ -8,6 +8,7 @@ gives the resumable data stream (a DataLoader over a map-style dataset with a se
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from meanflow_policy.model.configuration import TrainConfig
 from meanflow_policy.model.checkpoint import BACKBONE_PREFIX
 from meanflow_policy.model.policy import MeanFlowPolicy
+
+LOG = logging.getLogger("meanflow_train")
 
 HISTORY_FILE = "history.json"
 FINAL_DIR = "final"
