@@ -67,7 +67,7 @@ export MUJOCO_GL=\${MUJOCO_GL:-egl}
 export PYOPENGL_PLATFORM=\${PYOPENGL_PLATFORM:-egl}
 export HF_HUB_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
-export SO101_WS=$ROOT
+
 # Console scripts of the workspace packages (where ros2 run would look), e.g. meanflow-train, so101-eval.
 for d in $ROOT/install/*/lib/*/; do
   case "\$d" in */lib/python3*) continue;; esac

@@ -54,3 +54,16 @@ def test_interfaces_are_importable():
     assert set(StartEpisode.Response.get_fields_and_field_types()) == {"success", "message", "episode_path"}
     assert StartEpisode.Request.get_fields_and_field_types() == {"instruction": "string"}
     assert "nfe" in ChunkTiming.get_fields_and_field_types()
+
+
+def test_one_definition_of_each_shared_constant():
+    """One source of truth: the nanosecond constant and the std floor are defined once in src/."""
+    for pattern in ("NS_PER_S = ", "MIN_STD = "):
+        places = [str(p.relative_to(ROOT)) for p in (ROOT / "src").rglob("*.py")
+                  if any(line.startswith(pattern) for line in p.read_text().splitlines())]
+        assert len(places) == 1, f"{pattern.strip()} defined in {places}"
+
+
+def test_every_package_has_a_readme():
+    for name in PACKAGES:
+        assert (ROOT / "src" / name / "README.md").is_file(), f"src/{name}/README.md is missing"

@@ -18,7 +18,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from meanflow_policy.units import NS_PER_S
+from so101_common.stamps import NS_PER_S
 from so101_common.graph import JOINT_NAMES
 from so101_common.joints import JointLimits
 

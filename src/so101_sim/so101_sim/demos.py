@@ -24,7 +24,8 @@ from so101_common.graph import CAMERA_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPI
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
 from so101_sim.ik import IKError
-from so101_sim.messages import NS_PER_S, image_msg, joint_state_msg, trajectory_msg
+from so101_common.stamps import NS_PER_S
+from so101_sim.messages import image_msg, joint_state_msg, trajectory_msg
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
 

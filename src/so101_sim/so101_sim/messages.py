@@ -10,8 +10,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from so101_common.graph import JOINT_NAMES
 from so101_common.images import rgb_to_image
-
-NS_PER_S = 1_000_000_000
+from so101_common.stamps import NS_PER_S
 
 
 def _stamp(msg_header, stamp_ns: int) -> None:

@@ -38,8 +38,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from so101_sim.env import SimEnv
+from so101_common.stamps import NS_PER_S
 from so101_sim.messages import (
-    NS_PER_S,
     camera_frame,
     image_msg,
     joint_state_msg,

@@ -93,8 +93,7 @@ def test_replayed_commands_are_exactly_the_executed_targets(dataset):
 
 
 def test_training_dataset_reads_the_demos(dataset, tmp_path):
-    cache = pytest.importorskip("meanflow_policy.data.cache")
-    sync = pytest.importorskip("meanflow_policy.data.sync")
+    from meanflow_policy.data import cache, sync
     episodes, report = cache.load_episodes([dataset], sync.SyncConfig(image_size=32), tmp_path / "cache", strict=True)
     assert report.episodes == 2 and report.bad_messages == 0
     plan = _plan(SEED)

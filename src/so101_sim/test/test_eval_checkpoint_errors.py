@@ -3,7 +3,7 @@ import pytest
 
 from so101_sim import evaluate
 
-testing = pytest.importorskip("meanflow_policy.testing")
+from meanflow_policy import testing
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_runner_executes_chunks_and_observes_every_action_steps(env):
 
 
 def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
-    testing = pytest.importorskip("meanflow_policy.testing")
+    from meanflow_policy import testing
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "eval"
     rc = evaluate.main(["--checkpoint", str(ckpt), "--episodes", "2", "--seed", "0", "--max-steps", "30",

@@ -14,7 +14,7 @@ from so101_sim.policy_plugins import (PolicyPluginError, default_checkpoint, loa
                                       resolve_checkpoint)
 from so101_sim.scene import SceneConfig
 
-pytest.importorskip("meanflow_policy", reason="the meanflow plugin is provided by meanflow_policy (test_depend)")
+import meanflow_policy  # noqa: F401  (test_depend: provides the meanflow plugin; a missing one must fail, not skip)
 
 
 def test_shipped_checkpoint_is_found_in_the_policy_share_directory():

@@ -76,7 +76,7 @@ def test_no_recovery_once_the_cube_is_picked_or_placed(tmp_path, handover, reaso
 
 
 def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
-    testing = pytest.importorskip("meanflow_policy.testing")
+    from meanflow_policy import testing
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "rec"
     rc = recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(out), "--seed", "11",

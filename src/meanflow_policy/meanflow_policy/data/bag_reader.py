@@ -21,7 +21,7 @@ import numpy as np
 from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
 from so101_common.instruction import validate_instruction
 
-from meanflow_policy.units import NS_PER_S, ns_to_s
+from so101_common.stamps import NS_PER_S, ns_to_s
 
 BAG_METADATA_FILE = "metadata.yaml"
 EPISODE_FILE = "episode.json"  # so101_common.episode_bag.EPISODE_FILE (that module needs rosbags)

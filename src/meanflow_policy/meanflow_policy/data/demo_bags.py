@@ -25,7 +25,7 @@ from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.images import rgb_to_image
 from so101_common.joints import home_vector
 
-from meanflow_policy.units import NS_PER_S, s_to_ns
+from so101_common.stamps import NS_PER_S, s_to_ns
 
 _IMAGE_TYPE = "sensor_msgs/msg/Image"
 _TYPES = {JOINT_STATES_TOPIC: "sensor_msgs/msg/JointState", TRAJECTORY_TOPIC: "trajectory_msgs/msg/JointTrajectory"}

@@ -26,7 +26,7 @@ from so101_common.joints import JointLimits
 from so101_common.trajectory import TrajectoryError, TrajectoryFollower
 
 from meanflow_policy.data.bag_reader import BagError, BagTopics, RawEpisode
-from meanflow_policy.units import NS_PER_S
+from so101_common.stamps import NS_PER_S
 
 LOG = logging.getLogger(__name__)
 CACHE_VERSION = 1

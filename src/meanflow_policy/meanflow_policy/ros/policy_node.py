@@ -42,7 +42,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from meanflow_policy.units import s_to_ns
+from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
 from so101_common.instruction import validate_instruction

@@ -21,7 +21,7 @@ from so101_common.joints import home_vector
 from so101_interfaces.msg import ChunkTiming
 from so101_interfaces.srv import SetInstruction
 
-from meanflow_policy.units import s_to_ns
+from so101_common.stamps import s_to_ns
 
 CAMERA_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE)
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from so101_common.joints import JointLimits
 
-from meanflow_policy.units import ns_to_s
+from so101_common.stamps import ns_to_s
 
 # How far a header stamp may lie ahead of this node's clock (clock jitter between processes or well-synchronised
 # machines) before the message is refused as coming from a skewed clock.

@@ -34,7 +34,7 @@ from so101_common.joints import home_vector
 from so101_common.process import NodeProcess
 
 from meanflow_policy.ros.probe import PolicyProbe
-from meanflow_policy.units import NS_PER_S
+from so101_common.stamps import NS_PER_S
 
 
 def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int) -> list[float]:

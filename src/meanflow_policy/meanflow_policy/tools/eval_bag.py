@@ -23,7 +23,7 @@ from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
                                           resolve_device, run_cli, sync_config)
-from meanflow_policy.units import ns_to_s
+from so101_common.stamps import ns_to_s
 
 LOG = logging.getLogger("meanflow_eval_bag")
 EVAL_JSON, EVAL_PNG = "eval.json", "eval.png"
