@@ -11,8 +11,9 @@ NFE ?= 1
 PRESET ?= tiny
 DEMOS ?= data/sim_pick_place
 RUNS ?= runs
+DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim train-sim sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -43,6 +44,11 @@ sim-demos: setup
 # style) with fine-tuning. Both objectives get the same data, seeds and steps; finished stages are skipped.
 train-sim: sim-demos
 	@$(ENV) DEMOS=$(DEMOS) RUNS=$(RUNS) bash scripts/train_sim.sh
+
+# The multi-task recipe (scripts/train_multitask.sh): 100 scripted demos of each of the six task variants, then stage A
+# (backbone + expert, warm-started from the shipped checkpoint) in resumable pieces; DATA=, RUNS=, TIME_LIMIT= (s).
+train-multitask: setup
+	@$(ENV) DATA=$(DATA) RUNS=$(RUNS) bash scripts/train_multitask.sh
 
 bench-policy: setup
 	@$(ENV) python -m meanflow_policy.tools.bench --preset $(PRESET) --device cpu --threads 1
