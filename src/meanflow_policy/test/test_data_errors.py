@@ -20,11 +20,6 @@ from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_imag
 CFG = SyncConfig(image_size=8)
 
 
-@pytest.fixture(scope="module")
-def good_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bag(tmp_path_factory.mktemp("good") / "ep", synthetic_episode(0, duration_s=1.0, height=16,
-                                                                               width=16), instruction="reach")
-
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)

@@ -20,13 +20,9 @@ from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.train.feature_cache import FEATURES_DIR, load_prefix_features
 from meanflow_policy.model.policy import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
-from meanflow_policy.testing import torch_threads
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

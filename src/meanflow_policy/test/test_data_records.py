@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import meanflow_policy.data.cache as dataset
 from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
@@ -28,18 +27,6 @@ CFG = SyncConfig(image_size=8)
 CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The CLIs run in-process with --cpu-threads 1; other tests get the default back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def good_bag(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bag(tmp_path_factory.mktemp("good") / "ep", synthetic_episode(0, duration_s=1.0, height=16,
-                                                                               width=16), instruction="reach")
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -16,14 +16,10 @@ from meanflow_policy.tools import train as train_cli
 from meanflow_policy.model.configuration import TrainConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.model.policy import MeanFlowPolicy
-from meanflow_policy.testing import torch_threads
 from meanflow_policy.train.trainer import STATE_FILE, STATE_TENSORS_FILE, TRAIN_CONFIG_FILE
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,6 @@ from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.model.policy import MeanFlowPolicy
 
 
-@pytest.fixture(scope="module", autouse=True)
-def restore_torch_threads():
-    """The CLIs run in-process with --cpu-threads 1 (fast on a shared CPU); other tests get the default back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def bags(tmp_path_factory: pytest.TempPathFactory) -> Path:
