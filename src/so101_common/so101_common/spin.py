@@ -143,5 +143,11 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
             reason = request.describe() if code == 0 else "after an error"
             node.get_logger().info(f"shutting down ({reason})" + (f": {summary}" if summary else ""))
             node.destroy_node()
-        rclpy.try_shutdown()
-        request.ignore_from_now_on()
+        # Shutting rclpy down can put the C-level default handlers back (a signal then kills the process: -2):
+        # signals stay blocked until they are ignored, so one arriving in between is dropped, not fatal.
+        signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+        try:
+            rclpy.try_shutdown()
+        finally:
+            request.ignore_from_now_on()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
