@@ -25,6 +25,14 @@ _TUPLE_FIELDS = ("camera_keys", "joint_names")
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
+
+def _strict_from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    """Build a config dataclass from JSON, refusing unknown fields (a typo must not silently become a default)."""
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {unknown}")
+    return cls(**d)
+
 @dataclass
 class MeanFlowConfig:
     """Hyper-parameters of backbone, action expert, objective and sampler."""
@@ -163,11 +171,7 @@ class MeanFlowConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MeanFlowConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MeanFlowConfig fields {unknown}")
-        return cls(**d)
+        return _strict_from_dict(cls, d)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -246,8 +250,4 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}")
-        return cls(**d)
+        return _strict_from_dict(cls, d)
