@@ -19,5 +19,6 @@ setup(
     entry_points={"console_scripts": [
         "teleop_node = so101_teleop.teleop_node:main",
         "episode_recorder = so101_teleop.recorder_node:main",
+        "leader_node = so101_teleop.leader_node:main",
     ]},
 )

@@ -12,12 +12,18 @@ from pathlib import Path
 class NodeProcess:
     """A node started as its own process; its output goes to a log file."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path) -> None:
+    def __init__(self, module: str, args: list[str], log_path: Path, stdin_pipe: bool = False) -> None:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         target = [module] if module.endswith(".py") else ["-m", module]
         self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
+                                     stdin=subprocess.PIPE if stdin_pipe else None)
+
+    def type(self, text: str) -> None:
+        """Write to the node's stdin (started with ``stdin_pipe=True``), as keys typed in its terminal."""
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
 
     def output(self) -> str:
         if not self._log.closed:
@@ -59,6 +65,8 @@ class NodeProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         if not self._log.closed:
             self._log.close()
         return self.proc.returncode

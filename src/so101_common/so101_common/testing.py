@@ -52,12 +52,12 @@ def node_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cal
     started: list[NodeProcess] = []
 
     def start(module: str, params: dict[str, object] | None = None, extra_args: list[str] | None = None,
-              name: str | None = None) -> NodeProcess:
+              name: str | None = None, stdin_pipe: bool = False) -> NodeProcess:
         args = [*(extra_args or []), "--ros-args", *_param_args(params)]
         if name:
             args += ["-r", f"__node:={name}"]
         stem = Path(module).stem if module.endswith(".py") else module.rsplit(".", 1)[-1]
-        proc = NodeProcess(module, args, tmp_path / f"{stem}-{len(started)}.log")
+        proc = NodeProcess(module, args, tmp_path / f"{stem}-{len(started)}.log", stdin_pipe)
         started.append(proc)
         return proc
 
