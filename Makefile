@@ -71,7 +71,7 @@ bench-hw: setup
 	@$(ENV) python -m so101_hardware.bench --cycles 3000
 
 bench-teleop: setup
-	@$(ENV) python -m so101_teleop.bench && python -m so101_camera.bench
+	@$(ENV) python -m so101_teleop.bench && python -m so101_camera.bench && python -m so101_teleop.bench_leader
 
 clean:
 	rm -rf build install log

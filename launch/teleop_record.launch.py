@@ -1,11 +1,13 @@
 """Demonstration recording (ROS 2 distro): robot + both cameras + joy_node + Joy-Con teleop + episode recorder.
 
-    ros2 launch so101_bringup teleop_record.launch.py hardware:=real|mock|sim
+    ros2 launch so101_bringup teleop_record.launch.py hardware:=real|mock|sim teleop:=joycon|leader
         [wrist_camera:=/dev/v4l/by-id/...] [top_camera:=/dev/video2] [camera_width:=640] [camera_height:=480]
         [camera_fps:=30] [cameras:=auto|true|false] [joy_device_id:=0] [joy_device_name:=]
         [output_dir:=~/so101_data/demos] [instruction:="pick up the cube"] [teleop_config:=...]
+        [leader_port:=/dev/ttyACM1] [leader_calibration:=~/.cache/.../so101_leader/ID.json] [leader_deadman:=none|joy]
 
 Cameras: started unless cameras:=false (auto = everything but hardware:=sim, whose node renders them).
+teleop:=joycon jogs the arm with the Joy-Con (teleop_node); teleop:=leader mirrors a leader arm (leader_node).
 Episodes are started/stopped/discarded with the Joy-Con (config/teleop_joycon.yaml) or the recorder's services.
 """
 from __future__ import annotations
@@ -40,7 +42,14 @@ ARGUMENTS = {
     "teleop_config": (str(BRINGUP / "config" / "teleop_joycon.yaml"), "button/axis map and jog speeds"),
     "output_dir": ("~/so101_data/demos", "dataset folder; one rosbag2 directory per episode"),
     "instruction": ("pick up the cube and place it in the bowl", "instruction stored with each episode"),
+    "teleop": ("joycon", "joycon (Joy-Con jogging, teleop_node) or leader (a leader arm mirrored, leader_node)"),
+    "leader_port": ("/dev/ttyACM1", "serial port of the leader arm's bus (teleop:=leader)"),
+    "leader_calibration": ("", "the leader's calibration: LeRobot JSON or so101-calibrate YAML (teleop:=leader)"),
+    "leader_deadman": ("none", "teleop:=leader: none (always mirror) or joy (while the Joy-Con's R is held); "
+                       "the space-key toggle needs the node in a terminal of its own"),
 }
+TELEOP_MODES = ("joycon", "leader")
+LEADER_DEADMAN = ("none", "joy")
 
 
 def _actions(context) -> list:
@@ -49,6 +58,11 @@ def _actions(context) -> list:
     cameras = arg["cameras"].lower()
     if cameras not in ("auto", "true", "false"):
         raise ValueError(f"cameras:={arg['cameras']} is not one of auto, true, false")
+    if arg["teleop"] not in TELEOP_MODES:
+        raise ValueError(f"teleop:={arg['teleop']} is not one of {', '.join(TELEOP_MODES)}")
+    if arg["leader_deadman"] not in LEADER_DEADMAN:
+        raise ValueError(f"leader_deadman:={arg['leader_deadman']} is not one of {', '.join(LEADER_DEADMAN)} "
+                         "(a launched node has no terminal: for the space key run leader_node in its own)")
     actions: list = [IncludeLaunchDescription(
         PythonLaunchDescriptionSource(str(BRINGUP / "launch" / "robot.launch.py")),
         launch_arguments={"hardware": hardware, "port": arg["port"], "cameras": "false"}.items())]
@@ -60,16 +74,23 @@ def _actions(context) -> list:
                 parameters=[{"source": arg[f"{camera}_camera"], "calibration_file": arg[f"{camera}_calibration"],
                              "width": int(arg["camera_width"]), "height": int(arg["camera_height"]),
                              "fps": float(arg["camera_fps"]), "frame_id": f"{camera}_camera_optical_frame"}]))
-    actions += [
-        Node(package="joy", executable="joy_node", output="screen", parameters=[{
-            "device_id": int(arg["joy_device_id"]), "device_name": arg["joy_device_name"],
-            "deadzone": 0.05, "autorepeat_rate": 20.0}]),
-        Node(package="so101_teleop", executable="teleop_node", name="teleop", output="screen",
-             parameters=[arg["teleop_config"], {"instruction": arg["instruction"],
-                                                "urdf_path": str(DESCRIPTION / "urdf" / "so101.urdf.xacro")}]),
-        Node(package="so101_teleop", executable="episode_recorder", name=RECORDER_NODE, output="screen",
-             parameters=[{"dataset_dir": arg["output_dir"]}]),
-    ]
+    # joy_node in both modes: with a leader arm the Joy-Con's buttons still start/stop episodes (and hold the
+    # deadman with leader_deadman:=joy).
+    actions.append(Node(package="joy", executable="joy_node", output="screen", parameters=[{
+        "device_id": int(arg["joy_device_id"]), "device_name": arg["joy_device_name"],
+        "deadzone": 0.05, "autorepeat_rate": 20.0}]))
+    if arg["teleop"] == "leader":
+        actions.append(Node(package="so101_teleop", executable="leader_node", name="leader_teleop", output="screen",
+                            parameters=[{"port": arg["leader_port"], "calibration_file": arg["leader_calibration"],
+                                         "deadman": arg["leader_deadman"], "keyboard": False,
+                                         "instruction": arg["instruction"]}]))
+    else:
+        actions.append(Node(package="so101_teleop", executable="teleop_node", name="teleop", output="screen",
+                            parameters=[arg["teleop_config"], {
+                                "instruction": arg["instruction"],
+                                "urdf_path": str(DESCRIPTION / "urdf" / "so101.urdf.xacro")}]))
+    actions.append(Node(package="so101_teleop", executable="episode_recorder", name=RECORDER_NODE, output="screen",
+                        parameters=[{"dataset_dir": arg["output_dir"]}]))
     return actions
 
 

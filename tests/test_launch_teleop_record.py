@@ -1,7 +1,8 @@
 """teleop_record.launch.py with hardware:=mock and test-pattern cameras, in a ROS 2 distro.
 
-Joy messages from this test drive the arm through the teleop node, and one episode is recorded through the
-recorder's services. Needs launch_pytest, joy, ros2_control (a distro or docker/); skipped in the pip environment.
+teleop:=joycon: Joy messages from this test drive the arm through the teleop node, and one episode is recorded
+through the recorder's services. teleop:=leader: an emulated leader-arm bus (pty) in this process is mirrored onto
+the mock arm. Needs launch_pytest, joy, ros2_control (a distro or docker/); skipped in the pip environment.
 """
 from __future__ import annotations
 
@@ -12,15 +13,19 @@ launch_pytest = pytest.importorskip("launch_pytest", reason="launch_pytest needs
 from launch import LaunchDescription  # noqa: E402
 from launch.actions import IncludeLaunchDescription  # noqa: E402
 from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
+import numpy as np  # noqa: E402
 from rosbags.rosbag2 import Reader  # noqa: E402
 from sensor_msgs.msg import Image, JointState, Joy  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from so101_common.episode_bag import read_episode_metadata  # noqa: E402
-from so101_common.graph import (JOINT_STATES_TOPIC, JOY_TOPIC, RECORDED_TOPICS, START_EPISODE_SERVICE,  # noqa: E402
-                                STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC, camera_image_topic)
+from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, JOY_TOPIC, RECORDED_TOPICS,  # noqa: E402
+                                START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC, camera_image_topic)
 from so101_common.testing import spin_until  # noqa: E402
+from so101_hardware.calibration import ArmCalibration  # noqa: E402
+from so101_hardware.emulator import BusEmulator  # noqa: E402
 from so101_interfaces.srv import StartEpisode  # noqa: E402
+from so101_teleop.leader import Mirror, MirrorSettings  # noqa: E402
 from so101_teleop.teleop import JoyMapping  # noqa: E402
 
 # A launch that fails to start must fail this test in minutes, not at the suite's timeout.
@@ -77,3 +82,48 @@ def test_teleop_record_with_mock_hardware(ros_node) -> None:
     assert all(counts.get(t, 0) > 0 for t in RECORDED_TOPICS), counts
     assert counts[TRAJECTORY_TOPIC] > 30
     assert read_episode_metadata(started.episode_path).instruction == "launch test"
+
+
+@pytest.fixture
+def leader_bus():
+    with BusEmulator() as emulator:
+        yield emulator
+
+
+@launch_pytest.fixture
+def teleop_record_leader(tmp_path, leader_bus) -> LaunchDescription:
+    from ament_index_python.packages import get_package_share_directory
+
+    launch_file = f"{get_package_share_directory('so101_bringup')}/launch/teleop_record.launch.py"
+    return LaunchDescription([
+        IncludeLaunchDescription(PythonLaunchDescriptionSource(launch_file), launch_arguments={
+            "hardware": "mock", "cameras": "false", "teleop": "leader", "leader_port": leader_bus.port_name,
+            "output_dir": str(tmp_path / "demos"), "instruction": "leader launch test"}.items()),
+        launch_pytest.actions.ReadyToTest(),
+    ])
+
+
+@pytest.mark.launch(fixture=teleop_record_leader)
+def test_teleop_record_with_a_leader_arm(ros_node, leader_bus) -> None:
+    states: list[JointState] = []
+    ros_node.create_subscription(JointState, JOINT_STATES_TOPIC, states.append, 10)
+    assert spin_until(ros_node, lambda: len(states) > 5, 60.0)
+    started = _call(ros_node, StartEpisode, START_EPISODE_SERVICE,
+                    StartEpisode.Request(instruction="leader launch test"))
+    assert started.success, started.message
+    cal = ArmCalibration.default()  # leader_calibration:= empty: the leader node uses the same default
+    pose = np.array([0.3, -0.4, 0.5, 0.2, 0.1, 0.6])
+    for motor, ticks in zip(cal.motors.values(), cal.to_ticks(pose)):
+        leader_bus.set_shaft(motor.id, ticks)
+    wanted = Mirror(MirrorSettings()).map(cal.to_radians(cal.to_ticks(pose)))
+
+    def mirrored() -> bool:
+        by_name = dict(zip(states[-1].name, states[-1].position))
+        return np.allclose([by_name[n] for n in JOINT_NAMES], wanted, atol=0.02)
+
+    assert spin_until(ros_node, mirrored, 60.0), (states[-1], wanted)
+    stopped = _call(ros_node, Trigger, STOP_EPISODE_SERVICE, Trigger.Request())
+    assert stopped.success, stopped.message
+    with Reader(started.episode_path) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+    assert counts[TRAJECTORY_TOPIC] > 30, counts

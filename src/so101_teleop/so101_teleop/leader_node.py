@@ -136,6 +136,7 @@ class LeaderNode(Node):
         self.discard_client = self.create_client(Trigger, DISCARD_EPISODE_SERVICE)
         self.keys = KeyReader() if keyboard else None
         self._keys_closed_logged = False
+        self._mirroring = False
         self.create_timer(1.0 / self.rate_hz, self._tick)
         self.get_logger().info(f"leader on {port}: 6 servos, torque off (read back); mirroring at "
                                f"{self.rate_hz:g} Hz onto {TRAJECTORY_TOPIC}, deadman {deadman}"
@@ -172,12 +173,13 @@ class LeaderNode(Node):
             self.get_logger().error(f"leader bus read failed: {exc}", throttle_duration_sec=1.0)
         if leader is None:
             self.counts["missed_reads"] += 1
-        was_catching_up = self.mirror.catching_up
         target = self.mirror.step(now, leader, engaged)
         if engaged and not self.mirror.active and self.mirror.measured is None:
             self.get_logger().warning(f"waiting for {JOINT_STATES_TOPIC} of the follower", throttle_duration_sec=2.0)
-        if was_catching_up and not self.mirror.catching_up and self.mirror.active:
+        mirroring = self.mirror.active and not self.mirror.catching_up
+        if mirroring and not self._mirroring:
             self.get_logger().info("follower reached the leader: mirroring")
+        self._mirroring = mirroring
         if target is None:
             return
         point = JointTrajectoryPoint(positions=target.tolist())
