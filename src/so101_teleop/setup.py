@@ -20,5 +20,6 @@ setup(
         "teleop_node = so101_teleop.teleop_node:main",
         "episode_recorder = so101_teleop.recorder_node:main",
         "leader_node = so101_teleop.leader_node:main",
+        "joy_evdev_node = so101_teleop.joy_evdev_node:main",
     ]},
 )
