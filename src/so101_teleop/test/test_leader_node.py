@@ -93,7 +93,16 @@ def test_follower_mirrors_the_leader_within_limits_while_engaged(node_process, r
         leader.type("s")
         assert spin_until(ros_node, lambda: "start_episode: the episode recorder is not running" in leader.output(),
                           5.0), leader.output()
-        assert leader.stop() == 0 and "leader torque off (read back)" in leader.output()
+
+        leader.type(" ")  # engaged again, then the leader's USB adapter is pulled: the follower holds, nothing dies
+        assert spin_until(ros_node, lambda: follows(pose0), 20.0)
+        leader_bus.stop()
+        assert spin_until(ros_node, lambda: "leader bus read failed" in leader.output(), 5.0), leader.output()
+        spin_until(ros_node, lambda: False, 0.3)
+        sent = len(trajectories)
+        spin_until(ros_node, lambda: False, 1.0)
+        assert len(trajectories) == sent and follows(pose0) and leader.alive() and driver.alive()
+        assert leader.stop() == 0 and "LEADER TORQUE OFF NOT CONFIRMED" in leader.output()
 
     assert len(trajectories) > 20 and not np.allclose(rest, mirror.map(pose1), atol=0.1)
     assert all(LIMITS.contains(t) for t in trajectories)
