@@ -49,14 +49,27 @@ MIRROR_HELP = {
 
 
 class KeyReader:
-    """Characters from stdin on a thread (a terminal is put in cbreak mode and restored on ``close``)."""
+    """Characters from stdin on a thread (a terminal is put in cbreak mode and restored on ``close``).
+
+    A terminal of which this process is not in the foreground (started with ``&``, or in a session of its own) is
+    left alone: touching it would stop the process (SIGTTOU/SIGTTIN) or steal another program's keys.
+    """
 
     def __init__(self) -> None:
         self.keys: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.closed = threading.Event()
+        self.why_closed = "stdin closed"
         self._fd = sys.stdin.fileno()
         self._saved = None
         if os.isatty(self._fd):
+            try:
+                foreground = os.tcgetpgrp(self._fd) == os.getpgrp()
+            except OSError:
+                foreground = False
+            if not foreground:
+                self.why_closed = "this process is not in the foreground of its terminal"
+                self.closed.set()
+                return
             self._saved = termios.tcgetattr(self._fd)
             tty.setcbreak(self._fd)
         threading.Thread(target=self._run, name="leader-keys", daemon=True).start()
@@ -201,8 +214,8 @@ class LeaderNode(Node):
         if self.keys.closed.is_set() and not self._keys_closed_logged:
             self._keys_closed_logged = True
             log = self.get_logger().error if self.controls.deadman == "key" else self.get_logger().info
-            log("stdin closed: no more keys" + (" (deadman:=key cannot engage now)"
-                                                if self.controls.deadman == "key" else ""))
+            log(f"{self.keys.why_closed}: no keys" + (" (deadman:=key cannot engage)"
+                                                      if self.controls.deadman == "key" else ""))
 
     def _handle(self, event: Control) -> None:
         if event is Control.ENGAGE:

@@ -112,3 +112,22 @@ def test_follower_mirrors_the_leader_within_limits_while_engaged(node_process, r
         radians = follower_cal.to_radians(np.outer(goals, np.ones(6)))[:, k]
         assert np.all(radians >= LIMITS.lower[k] - tick) and np.all(radians <= LIMITS.upper[k] + tick), joint
     assert leader_bus.goal_writes(1) == [] and leader_bus.instructions["sync_read"] > 50
+
+
+def test_bad_leader_configuration_is_one_line_and_exit_2(node_process, tmp_path: Path) -> None:
+    leader_file = tmp_path / "my_leader.json"
+    leader_file.write_text(json.dumps(LEADER_JSON))
+    cases = {
+        "port": ({"port": str(tmp_path / "ttyACM9"), "calibration_file": str(leader_file)},
+                 f"cannot open serial port {tmp_path / 'ttyACM9'}"),
+        "calibration": ({"calibration_file": str(tmp_path / "leader.json")}, "leader.json does not exist"),
+        "rate": ({"rate_hz": 30.0}, "parameter rate_hz must be in 60..1000 Hz, got 30.0"),
+        "deadman": ({"deadman": "pedal"}, "deadman must be one of ('none', 'key', 'joy'), got 'pedal'"),
+    }
+    procs = {name: (node_process("so101_teleop.leader_node", params={"keyboard": False, **params}), text)
+             for name, (params, text) in cases.items()}
+    for name, (proc, text) in procs.items():
+        assert proc.wait(30.0) == 2, (name, proc.output())
+        lines = [line for line in proc.output().splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("leader_node: invalid configuration: ") and text in lines[0], \
+            (name, lines)
