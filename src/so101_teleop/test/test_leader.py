@@ -84,6 +84,8 @@ def test_mirror_maps_gripper_range_and_clamps_to_follower_limits() -> None:
     assert mirror.map(leader)[G] == pytest.approx(0.6)
     leader[G] = LIMITS.upper[G] + 1.0  # trigger pushed past its calibrated range
     assert mirror.map(leader)[G] == pytest.approx(1.2)
+    inverted = Mirror(MirrorSettings(gripper_closed=1.0, gripper_open=0.0))
+    assert inverted.map(leader)[G] == pytest.approx(0.0)  # leader open end -> gripper_open, here 0
     with pytest.raises(ValueError, match="gripper_open 3.0 outside"):
         Mirror(MirrorSettings(gripper_open=3.0))
     with pytest.raises(ValueError, match="finite"):
