@@ -15,13 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from sensor_msgs.msg import Joy
 
 from so101_common.graph import JOY_TOPIC
 from so101_common.spin import spin_node
 from so101_teleop.joy_evdev import EV_ABS, EvdevError, Feed, JoyLayout, JoyState, parse_evtest
+from so101_teleop.params import declare as declare_parameter
 
 JOYCON_RIGHT = "Nintendo Switch Right Joy-Con"
 
@@ -31,7 +31,7 @@ class JoyEvdevNode(Node):
         super().__init__("joy_node")
 
         def declare(name: str, default, description: str):
-            return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+            return declare_parameter(self, name, default, description)
 
         self.device_path = str(declare("device", "", "input device path (/dev/input/eventN or "
                                        "/dev/input/by-id/...); empty: the first device named device_name"))

@@ -18,7 +18,6 @@ import tty
 from dataclasses import fields
 
 from builtin_interfaces.msg import Duration
-from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
 from std_srvs.srv import Trigger
@@ -32,6 +31,7 @@ from so101_hardware.calibration import ArmCalibration
 from so101_interfaces.srv import StartEpisode
 from so101_teleop.leader import (DEADMAN_SOURCES, KEY_HELP, ButtonMap, Control, Controls, LeaderArm, Mirror,
                                  MirrorSettings, load_leader_calibration)
+from so101_teleop.params import declare as declare_parameter
 
 BUTTON_HELP = {
     "button_deadman": "Joy button held to mirror with deadman:=joy",
@@ -97,7 +97,7 @@ class LeaderNode(Node):
         super().__init__("leader_teleop")
 
         def declare(name: str, default, description: str):
-            return self.declare_parameter(name, default, ParameterDescriptor(description=description)).value
+            return declare_parameter(self, name, default, description)
 
         port = str(declare("port", "/dev/ttyACM1", "serial device of the LEADER arm's bus"))
         baudrate = int(declare("baudrate", P.DEFAULT_BAUDRATE, "leader bus baud rate; STS3215 default 1000000"))

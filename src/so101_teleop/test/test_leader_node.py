@@ -122,6 +122,8 @@ def test_bad_leader_configuration_is_one_line_and_exit_2(node_process, tmp_path:
                  f"cannot open serial port {tmp_path / 'ttyACM9'}"),
         "calibration": ({"calibration_file": str(tmp_path / "leader.json")}, "leader.json does not exist"),
         "rate": ({"rate_hz": 30.0}, "parameter rate_hz must be in 60..1000 Hz, got 30.0"),
+        "rate type": ({"rate_hz": 200}, "parameter rate_hz must be a floating-point number (e.g. 1.0) (like its "
+                                        "default rate_hz:=100.0), got 200"),
         "deadman": ({"deadman": "pedal"}, "deadman must be one of ('none', 'key', 'joy'), got 'pedal'"),
     }
     procs = {name: (node_process("so101_teleop.leader_node", params={"keyboard": False, **params}), text)
