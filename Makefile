@@ -6,7 +6,9 @@ ENV := source build/env.sh &&
 
 # shipped: the checkpoint meanflow_policy installs (found in its share directory, not in src/).
 CHECKPOINT ?= shipped
-EPISODES ?= 20
+EPISODES ?= 50
+TASK ?= all
+WORKERS ?= 2
 NFE ?= 1
 PRESET ?= tiny
 DEMOS ?= data/sim_pick_place
@@ -30,10 +32,13 @@ test-all: setup
 demo: setup
 	@$(ENV) python -m so101_sim.closed_loop_demo --checkpoint $(CHECKPOINT) --episodes 3 --nfe 1 --out $(RUNS)/demo
 
-# Closed-loop evaluation in-process; the last line is one JSON object (success_rate, episodes, nfe, chunk_ms_median).
+# Closed-loop evaluation in-process of every task (TASK= narrows: a name, a comma list or `paper`), EPISODES per task
+# on held-out seeds from 1000, in WORKERS processes; writes $(RUNS)/eval_sim/<task>/ and summary.{json,md}. The last
+# line is one JSON object: tasks, mean_score (paper tasks), nfe, instruction_following, chunk_ms_median.
 eval-sim: setup
-	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --episodes $(EPISODES) --nfe $(NFE) \
-	  --seed 1000 --image-size 64 --out $(RUNS)/eval_sim
+	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --tasks $(TASK) \
+	  --episodes $(EPISODES) --nfe $(NFE) --seed 1000 --image-size 64 --workers $(WORKERS) --video-episodes 1 \
+	  --out $(RUNS)/eval_sim
 
 # The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
 sim-demos: setup

@@ -5,27 +5,34 @@ this package does not import the policy package.
 
 Prints the success rate with its 95 % Wilson interval and per-chunk latency, writes a JSON report and a GIF
 of the first episodes (wrist | top view); ``--sweep-nfe 1,2,5,10`` evaluates each NFE on the same seeds and
-prints a table.
+prints a table. ``--tasks all`` evaluates one (multi-task) checkpoint on every task, in ``--workers`` processes,
+and ends with one JSON line: per-task score and success, the mean score over the paper's three tasks, the
+instruction-following rate over the tasks whose instruction decides, and the median chunk latency.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES
+from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
 from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
-from so101_sim.tasks import TASKS
+from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
 
 class ExpertEvalPolicy(ExpertChunkPolicy):
@@ -62,8 +69,12 @@ class GifRecorder:
 def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, action_steps: int,
              video_dir: Path | None = None, video_episodes: int = 0, label: str = "",
              reseed: Callable[[int], None] | None = None, latency_of: Callable[[], float | None] | None = None,
-             log: Callable[[str], None] = lambda message: print(message, flush=True)) -> dict:
-    """Run one closed-loop episode per seed; returns the report (rate, Wilson 95 % interval, latency)."""
+             log: Callable[[str], None] = lambda message: print(message, flush=True),
+             instruction: str | None = None) -> dict:
+    """Run one closed-loop episode per seed; returns the report (rate, Wilson 95 % interval, latency).
+
+    ``instruction`` replaces the task's own sentence (e.g. a paraphrase); the task still scores the episode.
+    """
     results: list[EpisodeResult] = []
     videos: list[str] = []
     for i, seed in enumerate(seeds):
@@ -72,7 +83,8 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         recorder = None
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
-        result = run_episode(env, policy, seed, max_steps, action_steps, on_frame=recorder, latency_of=latency_of)
+        result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
+                             on_frame=recorder, latency_of=latency_of)
         if recorder is not None:
             videos.append(str(recorder.write()))
         results.append(result)
@@ -80,6 +92,11 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
             f", instruction {'followed' if result.instruction_followed else 'NOT followed'}"
         log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} (score {result.score:.2f}"
             f"{followed}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
+    return summarize(results, videos, max_steps, action_steps)
+
+
+def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, action_steps: int) -> dict:
+    """The report of a set of episodes (one task and NFE), however they were split across workers."""
     successes = sum(r.success for r in results)
     low, high = wilson_interval(successes, len(results))
     latencies = [ms for r in results for ms in r.chunk_latency_ms]
@@ -89,6 +106,89 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
             "instruction_followed_rate": sum(judged) / len(judged) if judged else None,
             "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
             "action_steps": action_steps, "videos": videos, "results": [r.to_dict() for r in results]}
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Episodes of one task at one NFE: everything a worker process needs to run them (picklable)."""
+
+    task: str
+    nfe: int
+    seeds: tuple[int, ...]
+    checkpoint: str | None  # None: the scripted expert
+    device: str
+    image_size: int
+    max_steps: int
+    action_steps: int
+    instruction: str | None
+    video_dir: str | None
+    video_episodes: int
+
+
+# Per process: the loaded policy and one env per task, reused by every job the process runs.
+_POLICIES: dict[tuple[str, str], object] = {}
+_ENVS: dict[tuple[str, int], SimEnv] = {}
+
+
+def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
+    """Run a job's episodes in this process (the main one or a pool worker); returns results and GIF paths."""
+    key = (job.task, job.image_size)
+    if key not in _ENVS:
+        _ENVS[key] = SimEnv(SceneConfig(image_height=job.image_size, image_width=job.image_size), task=job.task)
+    env = _ENVS[key]
+    if job.checkpoint is None:
+        policy = ExpertEvalPolicy(env)
+    else:
+        pkey = (job.checkpoint, job.device)
+        if pkey not in _POLICIES:
+            _POLICIES[pkey] = load_checkpoint_policy(Path(job.checkpoint), job.device)
+        policy = _POLICIES[pkey]
+    policy.nfe = job.nfe
+    video_dir = None if job.video_dir is None else Path(job.video_dir)
+    report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
+                      label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
+                      log=lambda message: print(f"[{job.task}] {message}", flush=True), instruction=job.instruction)
+    return [EpisodeResult(**r) for r in report["results"]], report["videos"]
+
+
+def close_envs() -> None:
+    """Release the renderers of this process's envs."""
+    for env in _ENVS.values():
+        env.close()
+    _ENVS.clear()
+
+
+def split_job(job: EvalJob, parts: int) -> list[EvalJob]:
+    """The job's seeds in ``parts`` contiguous pieces (GIFs stay with the first seeds); each seed's result does
+    not depend on the piece it runs in (the policy's noise is reseeded per episode)."""
+    pieces = [p for p in np.array_split(np.asarray(job.seeds), max(1, min(parts, len(job.seeds)))) if len(p)]
+    jobs = []
+    for i, piece in enumerate(pieces):
+        videos = max(0, job.video_episodes - sum(len(p) for p in pieces[:i]))
+        jobs.append(replace(job, seeds=tuple(int(s) for s in piece), video_episodes=videos))
+    return jobs
+
+
+def run_jobs(jobs: list[EvalJob], workers: int) -> list[tuple[list[EpisodeResult], list[str]]]:
+    """Run jobs in this process (workers == 1) or split over a pool of ``workers`` processes; results come back
+    in job order."""
+    if workers <= 1:
+        return [run_job(job) for job in jobs]
+    pieces = [split_job(job, workers) for job in jobs]
+    flat = [p for ps in pieces for p in ps]
+    # Longest first, so the pool does not end on one long job.
+    order = sorted(range(len(flat)), key=lambda i: -len(flat[i].seeds) * flat[i].max_steps)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per worker: the workers share the cores
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = {i: pool.submit(run_job, flat[i]) for i in order}
+        done = [futures[i].result() for i in range(len(flat))]
+    out, k = [], 0
+    for ps in pieces:
+        results = [r for d in done[k:k + len(ps)] for r in d[0]]
+        videos = [v for d in done[k:k + len(ps)] for v in d[1]]
+        out.append((results, videos))
+        k += len(ps)
+    return out
 
 
 def _parse_nfe_list(text: str) -> list[int]:
@@ -114,6 +214,20 @@ TABLE_HEADER = ("| NFE | successes | success rate | 95 % interval | mean score |
                 "|---|---|---|---|---|---|---|")
 
 
+def _parse_tasks(text: str) -> list[str]:
+    """--tasks: comma-separated names, ``paper`` (the paper's three) or ``all`` (every registered task)."""
+    if text == "all":
+        return list(TASKS)
+    if text == "paper":
+        return list(PAPER_TASKS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in TASKS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"--tasks: unknown task(s) {unknown or [text]}; registered: {sorted(TASKS)}, "
+                                         "or 'paper' / 'all'")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-eval", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -123,9 +237,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
     parser.add_argument("--sweep-nfe", type=_parse_nfe_list, default=None, help="evaluate each NFE, e.g. 1,2,5,10")
-    parser.add_argument("--episodes", type=int, default=50, help="episodes per NFE (seeds seed..seed+N-1)")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per task and NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
-    parser.add_argument("--task", default="pick_place", choices=sorted(TASKS))
+    parser.add_argument("--task", default="pick_place", choices=sorted(TASKS), help="the task to evaluate")
+    parser.add_argument("--tasks", type=_parse_tasks, default=None,
+                        help="several tasks instead of --task: comma-separated, 'paper' (pick_place, stacking, "
+                        "sorting) or 'all'; reports go to OUT/<task>/ and the last line summarises them all")
+    parser.add_argument("--instruction", default=None,
+                        help="say this instead of the task's own instruction (e.g. a paraphrase); --task only")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="control steps per episode (30 Hz; default: the task's, 360 for pick_place)")
     parser.add_argument("--action-steps", type=int, default=10,
@@ -133,13 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128,
                         help="rendered camera size (use the demos' size; the policy resizes)")
     parser.add_argument("--out", type=Path, default=Path("eval_out"), help="directory for JSON and GIFs")
-    parser.add_argument("--video-episodes", type=int, default=2, help="GIFs of the first N episodes per NFE")
+    parser.add_argument("--video-episodes", type=int, default=2, help="GIFs of the first N episodes per task and NFE")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes running episodes in parallel, one torch thread each (results do not depend "
+                        "on it; latency does, when workers share cores)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
     if args.nfe < 1:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.instruction is not None and (args.tasks is not None or not args.instruction.strip()):
+        parser.error("--instruction needs a non-empty sentence and one --task (not --tasks)")
     if args.checkpoint is not None:
         try:
             args.checkpoint = resolve_checkpoint(args.checkpoint)
@@ -148,53 +274,70 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint is not None and not args.checkpoint.is_dir():
         parser.error(f"--checkpoint {args.checkpoint} is not a directory")
     nfes = args.sweep_nfe or [args.nfe]
-    if args.max_steps is None:
-        args.max_steps = TASKS[args.task].max_steps
-
-    env = SimEnv(SceneConfig(image_height=args.image_size, image_width=args.image_size), task=args.task)
-    if args.expert:
-        policy = ExpertEvalPolicy(env)
-    else:
+    multi = args.tasks is not None
+    tasks = args.tasks or [args.task]
+    checkpoint = None if args.expert else str(args.checkpoint)
+    if checkpoint is not None:
+        # Load once here: a bad checkpoint is one error before any episode, and a single process reuses it.
         try:
-            policy = load_checkpoint_policy(args.checkpoint, args.device)
+            _POLICIES[(checkpoint, args.device)] = load_checkpoint_policy(args.checkpoint, args.device)
         except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
-            env.close()
             print(f"so101-eval: cannot load checkpoint: {exc}", file=sys.stderr)
             return 2
-    seeds = list(range(args.seed, args.seed + args.episodes))
-    args.out.mkdir(parents=True, exist_ok=True)
-    reports: dict[int, dict] = {}
+    seeds = tuple(range(args.seed, args.seed + args.episodes))
+    task_dir = {t: args.out / t if multi else args.out for t in tasks}
+    jobs = [EvalJob(task=t, nfe=n, seeds=seeds, checkpoint=checkpoint, device=args.device,
+                    image_size=args.image_size, max_steps=args.max_steps or TASKS[t].max_steps,
+                    action_steps=args.action_steps, instruction=args.instruction,
+                    video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes)
+            for t in tasks for n in nfes]
+    for directory in task_dir.values():
+        directory.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
     try:
-        for nfe in nfes:
-            policy.nfe = nfe
-            started = time.perf_counter()
-            report = evaluate(env, policy, seeds, args.max_steps, args.action_steps, args.out / "videos",
-                              args.video_episodes, label=f"nfe{nfe}_", reseed=policy.reseed,
-                              latency_of=policy.last_latency_ms)
-            report.update({"checkpoint": "expert" if args.expert else str(args.checkpoint), "nfe": nfe,
-                           "task": args.task, "seed": args.seed, "image_size": args.image_size,
-                           "wall_seconds": time.perf_counter() - started})
-            path = args.out / f"eval_nfe{nfe}.json"
-            path.write_text(json.dumps(report, indent=2))
-            reports[nfe] = report
-            low, high = report["ci95"]
-            lat = report["chunk_latency"]
-            print(f"NFE {nfe}: success {report['successes']}/{report['episodes']} = "
-                  f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
-                  f"mean score {report['score']:.3f}{_followed_text(report)}, "
-                  f"chunk latency median {lat['median_ms']:.1f} ms, p90 {lat['p90_ms']:.1f} ms -> {path}")
+        outputs = run_jobs(jobs, args.workers)
     except KeyboardInterrupt:
         print("so101-eval: interrupted", file=sys.stderr)
         return 130
     finally:
-        env.close()
+        close_envs()
+    wall = time.perf_counter() - started
+    reports: dict[str, dict[int, dict]] = {t: {} for t in tasks}
+    for job, (results, videos) in zip(jobs, outputs):
+        report = summarize(results, videos, job.max_steps, job.action_steps)
+        report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe, "task": job.task,
+                       "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
+                       "image_size": args.image_size})
+        path = task_dir[job.task] / f"eval_nfe{job.nfe}.json"
+        path.write_text(json.dumps(report, indent=2))
+        reports[job.task][job.nfe] = report
+        low, high = report["ci95"]
+        lat = report["chunk_latency"]
+        print(f"{job.task + ' ' if multi else ''}NFE {job.nfe}: success {report['successes']}/{report['episodes']} = "
+              f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
+              f"mean score {report['score']:.3f}{_followed_text(report)}, "
+              f"chunk latency median {lat.get('median_ms', float('nan')):.1f} ms, "
+              f"p90 {lat.get('p90_ms', float('nan')):.1f} ms -> {path}")
+    if multi:
+        last = multitask_summary(reports, nfes)
+        table = multitask_table(reports, nfes)
+        print(table)
+        (args.out / "summary.md").write_text(table + "\n")
+        (args.out / "summary.json").write_text(json.dumps(
+            {"summary": last, "checkpoint": reports[tasks[0]][nfes[0]]["checkpoint"], "seed": args.seed,
+             "image_size": args.image_size, "workers": args.workers, "wall_seconds": wall, **provenance(),
+             "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}
+                         for t, by_nfe in reports.items()}}, indent=2))
+        print(json.dumps(last), flush=True)
+        return 0
+    by_nfe = reports[args.task]
     if len(nfes) > 1:
-        table = "\n".join([TABLE_HEADER, *(_summary_line(n, reports[n]) for n in nfes)])
+        table = "\n".join([TABLE_HEADER, *(_summary_line(n, by_nfe[n]) for n in nfes)])
         print(table)
         (args.out / "sweep.json").write_text(json.dumps(
-            {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in reports.items()}, indent=2))
+            {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}, indent=2))
         (args.out / "sweep.md").write_text(table + "\n")
-    print(json.dumps(_last_line(nfes, reports)), flush=True)
+    print(json.dumps(_last_line(nfes, by_nfe)), flush=True)
     return 0
 
 
@@ -216,6 +359,44 @@ def _last_line(nfes: list[int], reports: dict[int, dict]) -> dict:
                 "episodes": episodes, "nfe": nfes[0], "chunk_ms_median": chunk[n]}
     return {"success_rate": rate, "score": score, "instruction_followed_rate": followed, "episodes": episodes,
             "nfe": nfes, "chunk_ms_median": chunk}
+
+
+def _one_nfe_summary(reports: dict[str, dict[int, dict]], nfe: int) -> dict:
+    """Per-task results at one NFE; the mean score over the paper's tasks evaluated (all tasks if none of them
+    was); instruction following pooled over the episodes of the language-decided tasks."""
+    cells = {t: by_nfe[nfe] for t, by_nfe in reports.items()}
+    tasks = {t: {"score": r["score"], "success_rate": r["success_rate"], "episodes": r["episodes"],
+                 "ci95": r["ci95"], "instruction_followed_rate": r["instruction_followed_rate"],
+                 "chunk_ms_median": r["chunk_latency"].get("median_ms")} for t, r in cells.items()}
+    paper = [t for t in PAPER_TASKS if t in cells] or list(cells)
+    judged = [e["instruction_followed"] for t, r in cells.items() if t in LANGUAGE_DECIDED for e in r["results"]
+              if e["instruction_followed"] is not None]
+    latencies = [ms for r in cells.values() for e in r["results"] for ms in e["chunk_latency_ms"]]
+    return {"tasks": tasks, "mean_score": float(np.mean([cells[t]["score"] for t in paper])),
+            "mean_score_over": paper, "instruction_following": sum(judged) / len(judged) if judged else None,
+            "chunk_ms_median": float(np.median(latencies)) if latencies else None}
+
+
+def multitask_summary(reports: dict[str, dict[int, dict]], nfes: list[int]) -> dict:
+    """The last line of a multi-task evaluation: one NFE flat, a sweep keyed by NFE."""
+    if len(nfes) == 1:
+        return {**_one_nfe_summary(reports, nfes[0]), "nfe": nfes[0]}
+    return {"nfe": nfes, "by_nfe": {str(n): _one_nfe_summary(reports, n) for n in nfes}}
+
+
+def multitask_table(reports: dict[str, dict[int, dict]], nfes: list[int]) -> str:
+    """Markdown: one row per task and NFE (score, success with interval, instruction following, latency)."""
+    lines = ["| task | NFE | mean score | success | 95 % interval | instruction followed | chunk median (ms) |",
+             "|---|---|---|---|---|---|---|"]
+    for t, by_nfe in reports.items():
+        for n in nfes:
+            r = by_nfe[n]
+            low, high = r["ci95"]
+            followed = "-" if r["instruction_followed_rate"] is None else f"{100 * r['instruction_followed_rate']:.0f} %"
+            lines.append(f"| {t} | {n} | {r['score']:.3f} | {r['successes']}/{r['episodes']} | "
+                         f"{100 * low:.1f}-{100 * high:.1f} % | {followed} | "
+                         f"{r['chunk_latency'].get('median_ms', float('nan')):.1f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

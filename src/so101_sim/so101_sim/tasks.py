@@ -362,6 +362,8 @@ class StackingTask(Task):
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (PickPlaceTask, StackingTask, SortingTask, SortingSwappedTask,
                                                     PickPlaceRedTask, PickPlaceGreenTask)}
+# The paper's three tasks (Table V): the mean score of make eval-sim is over these.
+PAPER_TASKS = ("pick_place", "stacking", "sorting")
 # Tasks whose instruction alone decides what to do in a scene another task shares (instruction_followed applies).
 LANGUAGE_DECIDED = ("sorting", "sorting_swapped", "pick_place_red", "pick_place_green")
 

@@ -1,0 +1,46 @@
+"""so101-results-table: columns per run and NFE, rows per task + mean + instruction following, sources named."""
+from __future__ import annotations
+
+import json
+
+from so101_sim import results_table
+
+
+def _summary(score: float, rate: float, followed: float | None, ms: float) -> dict:
+    cell = {"score": score, "success_rate": rate, "episodes": 50, "ci95": [0.0, 1.0],
+            "instruction_followed_rate": None, "chunk_ms_median": ms}
+    return {"tasks": {"pick_place": cell, "sorting_swapped": {**cell, "instruction_followed_rate": followed}},
+            "mean_score": score, "mean_score_over": ["pick_place"], "instruction_following": followed,
+            "chunk_ms_median": ms}
+
+
+def _write(directory, summary, **extra):
+    directory.mkdir()
+    (directory / "summary.json").write_text(json.dumps({"summary": summary, "checkpoint": "ck", "seed": 1000,
+                                                        "image_size": 64, "commit": "abc123",
+                                                        "machine": "CPU X, 2 cores", **extra}))
+
+
+def test_table_has_a_column_per_run_and_nfe_and_names_its_sources(tmp_path, capsys):
+    _write(tmp_path / "mf", {"nfe": [1, 10], "by_nfe": {"10": _summary(0.9, 0.8, 1.0, 30.0),
+                                                         "1": _summary(0.95, 0.9, 0.96, 9.0)}})
+    _write(tmp_path / "fm", {**_summary(0.5, 0.4, 0.5, 31.0), "nfe": 10})
+    out = tmp_path / "res" / "multitask"
+    assert results_table.main(["--eval", f"MeanFlow={tmp_path / 'mf'}", "--eval", f"FM={tmp_path / 'fm'}",
+                               "--out", str(out)]) == 0
+    md = (tmp_path / "res" / "multitask.md").read_text()
+    assert md.splitlines()[0] == "| task | MeanFlow NFE 1 | MeanFlow NFE 10 | FM NFE 10 |"
+    # Registered task order, then the mean, following and latency rows.
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[2:7]]
+    assert rows == ["pick_place", "sorting_swapped", "**mean score (paper tasks)**", "instruction following",
+                    "chunk latency median (ms)"]
+    assert "| pick_place | 0.95 (90 % of 50) | 0.90 (80 % of 50) | 0.50 (40 % of 50) |" in md
+    assert "| instruction following | 96 % | 100 % | 50 % |" in md
+    assert "commit abc123, CPU X, 2 cores" in md
+    data = json.loads((tmp_path / "res" / "multitask.json").read_text())
+    assert [(c["label"], c["nfe"]) for c in data["columns"]] == [("MeanFlow", 1), ("MeanFlow", 10), ("FM", 10)]
+
+
+def test_a_directory_without_a_summary_is_one_clear_error(tmp_path, capsys):
+    assert results_table.main(["--eval", f"X={tmp_path}", "--out", str(tmp_path / "o")]) == 2
+    assert "no summary.json (run so101-eval --tasks" in capsys.readouterr().err
