@@ -24,5 +24,6 @@ setup(
         "sim_node = so101_sim.sim_node:main",
         "so101-sim-bench = so101_sim.bench:main",
         "so101-sim-sheet = so101_sim.contact_sheet:main",
+        "so101-demo = so101_sim.closed_loop_demo:main",
     ]},
 )

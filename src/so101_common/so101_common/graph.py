@@ -58,6 +58,8 @@ DISCARD_EPISODE_SERVICE = f"/{RECORDER_NODE}/discard_episode"
 SIM_NODE = "so101_sim"
 SIM_RESET_SERVICE = f"/{SIM_NODE}/reset"
 SIM_TASK_SUCCESS_TOPIC = f"/{SIM_NODE}/task_success"
+# The task's partial credit for the episode so far (std_msgs/Float32 in [0, 1]), published with the success flag.
+SIM_TASK_SCORE_TOPIC = f"/{SIM_NODE}/task_score"
 
 # What an episode bag records by default (the recorder and the sim demo writer both use this list).
 RECORDED_TOPICS: tuple[str, ...] = (

@@ -3,7 +3,9 @@
 Publishes both camera topics (+ camera_info), /joint_states and the task-success flag; executes
 JointTrajectory messages from the arm controller's topic like joint_trajectory_controller (interpolated, a new
 message replaces the running trajectory) through the TrajectoryFollower shared with the hardware driver;
-serves a reset service (episode from the ``seed`` parameter, which then advances by one). With
+serves a reset service (episode from the ``seed`` parameter, which then advances by one) and publishes the task's
+partial-credit score. The ``task`` parameter can be set while running (an operator switching tasks between
+episodes): it is validated at once, and the new task's scene is built at the next reset. With
 ``hardware_topics`` it is instead the hardware behind ros2_control's topic-based interface (position
 commands in, joint states out on the so101_hw topics), so a distro's controller_manager drives it.
 Simulated time advances one control period per timer tick (real time when the CPU keeps up).
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import sys
 
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from sensor_msgs.msg import CameraInfo, Image, JointState
@@ -25,6 +27,7 @@ from so101_common.graph import (
     JOINT_STATES_TOPIC,
     SIM_NODE,
     SIM_RESET_SERVICE,
+    SIM_TASK_SCORE_TOPIC,
     SIM_TASK_SUCCESS_TOPIC,
     TRAJECTORY_TOPIC,
     camera_image_topic,
@@ -33,7 +36,7 @@ from so101_common.graph import (
 from so101_common.images import stamp_to_ns
 from so101_common.spin import spin_node
 from so101_common.trajectory import TrajectoryError
-from std_msgs.msg import Bool
+from std_msgs.msg import Bool, Float32
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
@@ -58,7 +61,9 @@ class SimNode(Node):
 
     def __init__(self) -> None:
         super().__init__(SIM_NODE)
-        self.declare_parameter("task", "pick_place", _describe(f"task to simulate, one of {sorted(TASKS)}"))
+        self.declare_parameter("task", "pick_place", _describe(
+            f"task to simulate, one of {sorted(TASKS)}; may be set while running: a new task's scene is built and "
+            f"takes effect at the next {SIM_RESET_SERVICE}"))
         self.declare_parameter("seed", 0, _describe("seed of the next reset (the startup episode uses it too); "
                                                     "advances by one after every reset"))
         self.declare_parameter("image_size", 128, _describe("camera images are image_size x image_size pixels"))
@@ -77,12 +82,14 @@ class SimNode(Node):
             raise ValueError(f"parameter task={task!r} is not a registered task {sorted(TASKS)}")
         if not 0 < camera_rate <= fps:
             raise ValueError(f"parameter camera_rate={camera_rate} must be in (0, fps={fps}]")
-        self.env = SimEnv(SceneConfig(image_height=size, image_width=size, fps=fps), task=task)
+        self.scene_cfg = SceneConfig(image_height=size, image_width=size, fps=fps)
+        self.env = SimEnv(self.scene_cfg, task=task)
         self.camera_every = max(1, round(fps / camera_rate))
         self.rejected = 0
         self._ros_minus_sim_ns = 0
 
         self.pub_success = self.create_publisher(Bool, SIM_TASK_SUCCESS_TOPIC, 10)
+        self.pub_score = self.create_publisher(Float32, SIM_TASK_SCORE_TOPIC, 10)
         self.pub_images = {c: self.create_publisher(Image, camera_image_topic(c), 5) for c in CAMERA_NAMES}
         self.pub_info = {c: self.create_publisher(CameraInfo, camera_info_topic(c), 5) for c in CAMERA_NAMES}
         self.create_service(Trigger, SIM_RESET_SERVICE, self._on_reset)
@@ -98,6 +105,7 @@ class SimNode(Node):
             self.create_subscription(JointTrajectory, TRAJECTORY_TOPIC, self._on_trajectory, 10)
             inputs = f"trajectories from {TRAJECTORY_TOPIC}, states on {JOINT_STATES_TOPIC}"
         self._reset_episode()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
         self.create_timer(1.0 / fps, self._tick)
         self.get_logger().info(
             f"sim ready: task {task!r}, {fps:g} Hz control, cameras {list(CAMERA_NAMES)} {size}x{size} at "
@@ -136,6 +144,30 @@ class SimNode(Node):
             self.rejected += 1
             self.get_logger().warning(f"rejected hardware command #{self.rejected}: {exc}")
 
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        """Refuse an unknown task at once (the node keeps its current one); a known one waits for the reset."""
+        for param in params:
+            if param.name != "task":
+                continue
+            if param.value not in TASKS:
+                reason = f"task={param.value!r} is not a registered task; registered tasks: {sorted(TASKS)}"
+                self.get_logger().warning(f"refused parameter {reason}")
+                return SetParametersResult(successful=False, reason=reason)
+            if param.value != self.env.task.name:
+                self.get_logger().info(f"task {param.value!r} set: its scene is built at the next "
+                                       f"{SIM_RESET_SERVICE} (until then {self.env.task.name!r} runs)")
+        return SetParametersResult(successful=True)
+
+    def _switch_task(self) -> str | None:
+        """Build the ``task`` parameter's scene if it is not the running one; returns the task it replaced."""
+        task = str(self.get_parameter("task").value)
+        old = self.env
+        if task == old.task.name:
+            return None
+        self.env = SimEnv(self.scene_cfg, task=task)
+        old.close()
+        return old.task.name
+
     def _reset_episode(self) -> int:
         seed = int(self.get_parameter("seed").value)
         self.env.reset(seed)
@@ -146,6 +178,7 @@ class SimNode(Node):
 
     def _on_reset(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         try:
+            replaced = self._switch_task()
             seed = self._reset_episode()
         except ValueError as exc:
             response.success, response.message = False, f"reset failed: {exc}"
@@ -153,6 +186,8 @@ class SimNode(Node):
             return response
         response.success = True
         response.message = f"reset to seed {seed} ({self.env.task.name}: {self.env.task.instruction})"
+        if replaced is not None:
+            response.message += f"; task switched from {replaced!r}: new scene built"
         self.get_logger().info(response.message)
         return response
 
@@ -170,6 +205,7 @@ class SimNode(Node):
         state = joint_state_msg(stamp_ns, env.joint_positions(), env.joint_velocities(), effort)
         self.pub_joints.publish(state)
         self.pub_success.publish(Bool(data=env.success()))
+        self.pub_score.publish(Float32(data=float(env.score())))
         if env.steps % self.camera_every == 0:
             for camera, rgb in env.render().items():
                 img = image_msg(stamp_ns, camera, rgb)

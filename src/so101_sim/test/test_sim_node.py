@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from rclpy.parameter import Parameter
+from rclpy.parameter_client import AsyncParameterClient
 from sensor_msgs.msg import CameraInfo, Image, JointState
-from std_msgs.msg import Bool
+from std_msgs.msg import Bool, Float32
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from so101_common.graph import (CAMERA_NAMES, GRIPPER_JOINT_NAME, HW_COMMANDS_TOPIC, HW_STATES_TOPIC, JOINT_NAMES,
-                                JOINT_STATES_TOPIC, SIM_RESET_SERVICE, SIM_TASK_SUCCESS_TOPIC, TRAJECTORY_TOPIC,
-                                camera_image_topic, camera_info_topic)
+                                JOINT_STATES_TOPIC, SIM_NODE, SIM_RESET_SERVICE, SIM_TASK_SCORE_TOPIC,
+                                SIM_TASK_SUCCESS_TOPIC, TRAJECTORY_TOPIC, camera_image_topic, camera_info_topic)
 from so101_common.images import image_to_rgb
 from so101_common.joints import home_vector
 from so101_common.testing import spin_until
@@ -191,3 +193,66 @@ def test_unknown_task_stops_the_node_with_a_clear_error(node_process):
     proc.proc.wait(timeout=30)
     assert proc.proc.returncode == 2
     assert "parameter task='stack' is not a registered task" in proc.output()
+
+
+def _colour_masks(msg: Image) -> dict[str, np.ndarray]:
+    """Pixels of the red cube and of the orange toy (not the arm's yellow) in one camera image."""
+    r, g, b = (image_to_rgb(msg)[..., i].astype(int) for i in range(3))
+    # The cube's shades keep green = blue; the toy's darker shades are red too, but with green well above blue.
+    return {"red_cube": (r > 100) & (r > 2 * g) & (np.abs(g - b) < 20),
+            "toy": (r > 150) & (g > 0.3 * r) & (g < 0.7 * r) & (b < 0.5 * g)}
+
+
+def _set_task(ros_node, client: AsyncParameterClient, value: str):
+    future = client.set_parameters([Parameter("task", value=value)])
+    assert spin_until(ros_node, future.done, timeout=10)
+    return future.result().results[0]
+
+
+def _reset(ros_node, client) -> Trigger.Response:
+    future = client.call_async(Trigger.Request())
+    assert spin_until(ros_node, future.done, timeout=30)
+    return future.result()
+
+
+def test_task_switches_at_run_time_at_the_next_reset(node_process, ros_node):
+    """An operator changes the task between episodes: an unknown name is refused with the registered ones and
+    the node keeps its task; a known one is built at the next reset, which says so, and the cameras and the
+    score topic then show that task."""
+    proc = node_process(MODULE, params={"image_size": 64, "camera_rate": 10.0, "seed": 1})
+    top: list[Image] = []
+    score: list[Float32] = []
+    ros_node.create_subscription(Image, camera_image_topic("top"), top.append, 5)
+    ros_node.create_subscription(Float32, SIM_TASK_SCORE_TOPIC, score.append, 10)
+    params = AsyncParameterClient(ros_node, SIM_NODE)
+    reset = ros_node.create_client(Trigger, SIM_RESET_SERVICE)
+    assert spin_until(ros_node, lambda: top and score, timeout=40), proc.output()
+    assert params.wait_for_services(timeout_sec=10) and reset.wait_for_service(timeout_sec=10)
+    assert score[-1].data == 0.0
+    assert _colour_masks(top[-1])["red_cube"].sum() >= 4 and _colour_masks(top[-1])["toy"].sum() == 0
+
+    refused = _set_task(ros_node, params, "stack")
+    assert not refused.successful
+    assert "task='stack' is not a registered task" in refused.reason and "'stacking'" in refused.reason
+    reply = _reset(ros_node, reset)
+    assert reply.success and "(pick_place:" in reply.message and "switched" not in reply.message
+    assert proc.alive()
+
+    assert _set_task(ros_node, params, "stacking").successful
+    # Not before the reset: the running episode keeps its scene.
+    top.clear()
+    assert spin_until(ros_node, lambda: len(top) >= 3, timeout=10)
+    assert _colour_masks(top[-1])["red_cube"].sum() >= 4
+    reply = _reset(ros_node, reset)
+    assert reply.success, reply.message
+    assert "(stacking: put the orange toy on the coloured blocks)" in reply.message
+    assert "task switched from 'pick_place'" in reply.message
+    top.clear()
+    score.clear()
+    assert spin_until(ros_node, lambda: len(top) >= 3 and score, timeout=20)
+    masks = _colour_masks(top[-1])
+    assert masks["toy"].sum() >= 4 and masks["red_cube"].sum() == 0
+    assert score[-1].data == 0.0
+    assert proc.alive()
+    out = proc.output()
+    assert "refused parameter task='stack'" in out and "task switched from 'pick_place'" in out
