@@ -30,10 +30,10 @@ test-all: setup
 
 # Sim node + one policy node (shipped checkpoint) over loopback DDS on the paper's three tasks in turn, the task
 # changed between episodes by the sim's task parameter and set_instruction: per-episode score and chunk latency,
-# demo.json and a GIF + MP4 per task in runs/demo. EPISODES= per task (2 here unless given), TASKS=a,b narrows.
+# demo.json and a GIF + MP4 per task in runs/demo. EPISODES= per task (2 here unless given), TASK=a,b narrows.
 demo: setup
 	@$(ENV) python -m so101_sim.closed_loop_demo --checkpoint $(CHECKPOINT) --nfe $(NFE) --out $(RUNS)/demo \
-	  --episodes $(if $(filter file,$(origin EPISODES)),2,$(EPISODES)) $(if $(TASKS),--tasks $(TASKS))
+	  --episodes $(if $(filter file,$(origin EPISODES)),2,$(EPISODES)) $(if $(filter file,$(origin TASK)),,--tasks $(TASK))
 
 # Closed-loop evaluation in-process of every task (TASK= narrows: a name, a comma list or `paper`), EPISODES per task
 # on held-out seeds from 1000, in WORKERS processes; writes $(RUNS)/eval_sim/<task>/ and summary.{json,md}. The last
