@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.data.instructions import (HELD_OUT_PARAPHRASES, SORTING, SORTING_SWAPPED, TRAIN_TEMPLATES,
+from meanflow_policy.instructions import (HELD_OUT_PARAPHRASES, SORTING, SORTING_SWAPPED, TRAIN_TEMPLATES,
                                                templates_for)
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import SyncConfig

@@ -26,7 +26,7 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
                           SmolVLMModel)
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.data.instructions import TRAIN_TEMPLATES
+from meanflow_policy.instructions import TRAIN_TEMPLATES
 from meanflow_policy.model.configuration import (SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig)
 from meanflow_policy.model.language import FrozenLanguageModel
@@ -300,8 +300,8 @@ class VLMBackbone(nn.Module):
 
 class LanguageProjection(nn.Module):
     """SmolLM2 token states -> the tiny LM's input space: standardised per channel with fixed statistics, then a
-    linear map. The statistics (over the tokens of every training phrasing in data/instructions.py) take out the
-    large per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
+    linear map. The statistics (over the tokens of every training phrasing in instructions.py) take out the large
+    per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
     instructions; they are buffers, so a checkpoint keeps the ones it was trained with."""
 
     def __init__(self, language: FrozenLanguageModel, width: int) -> None:

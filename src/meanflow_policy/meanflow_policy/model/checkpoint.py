@@ -1,5 +1,7 @@
 """Checkpoint directories, as a file format: config.json + model.safetensors + stats.json (+ tokenizer.json for
-presets with an in-code tokenizer). This module knows the files, not the model: the policy (model/policy.py) hands it tensors and
+presets with an in-code tokenizer).
+
+This module knows the files, not the model: the policy (model/policy.py) hands it tensors and
 stats to write, and checks what it reads against a model built from the config.
 
 No pickle anywhere. A pretrained backbone is stored by reference (its path and config hash, in config.json); its

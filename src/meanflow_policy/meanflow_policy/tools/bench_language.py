@@ -2,8 +2,8 @@
 
 1. Chunk latency at NFE 1 of tiny-smollm2 vs tiny on the same observation, instruction cached (the per-chunk cost
    the node pays), and the one-off instruction pass when the instruction changes.
-2. Held-out paraphrases (data/instructions.py) vs the training phrasings: per paraphrase the cosine of its pooled
-   SmolLM2 features to its own task's sentence minus the best other task's, and whether its nearest training
+2. Held-out paraphrases (meanflow_policy/instructions.py) vs the training phrasings: per paraphrase the cosine of
+   its pooled SmolLM2 features to its own task's sentence minus the best other task's, and whether its nearest training
    phrasing is its own task's; the same for the context-free token embeddings of the same model (the baseline).
 The LAST printed line is one JSON object. Run it with 1 thread on an otherwise idle CPU; it is not a test.
 """
@@ -21,7 +21,7 @@ import torch
 
 from so101_common.joints import home_vector
 
-from meanflow_policy.data.instructions import HELD_OUT_PARAPHRASES, PICK_PLACE_RED, TRAIN_TEMPLATES
+from meanflow_policy.instructions import HELD_OUT_PARAPHRASES, PICK_PLACE_RED, TRAIN_TEMPLATES
 from meanflow_policy.model.configuration import TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig
 from meanflow_policy.model.language import FrozenLanguageModel, pooled_sentence_features
 from meanflow_policy.model.policy import MeanFlowPolicy
@@ -82,8 +82,8 @@ def _scores(features: Callable[[str], torch.Tensor]) -> dict[str, object]:
                          "nearest_training_phrasing_is_own_task": nearest == task})
     closer = sum(r["cos_own_sentence"] > r["cos_best_other_sentence"] for r in rows)
     nearest_own = sum(r["nearest_training_phrasing_is_own_task"] for r in rows)
-    return {"closer_to_own_sentence": f"{closer}/{len(rows)}", "nearest_phrasing_own_task": f"{nearest_own}/{len(rows)}",
-            "paraphrases": rows}
+    return {"closer_to_own_sentence": f"{closer}/{len(rows)}",
+            "nearest_phrasing_own_task": f"{nearest_own}/{len(rows)}", "paraphrases": rows}
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ phrasings the training pipeline may draw per sample (``meanflow-train --instruct
 synonym rewrite, one word-order change, one polite form and one typo. ``UNRELATED`` are instructions that name no
 task, which should not make the policy do one.
 
-Plain strings only: the data pipeline stays free of the model.
+Plain strings only (base layer): the model reads the phrasings for its text statistics, the data pipeline draws
+them, and neither pulls in the other.
 """
 from __future__ import annotations
 
