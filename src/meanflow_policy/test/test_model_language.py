@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
@@ -26,6 +27,7 @@ from meanflow_policy.model.configuration import TINY_SMOLLM2_PRESET, MeanFlowCon
 from meanflow_policy.model.language import (FrozenLanguageModel, GgufSource, LanguageModelError,
                                            pooled_sentence_features)
 from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.testing import random_batch
 from meanflow_policy.tools import train as train_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -172,6 +174,16 @@ def test_checkpoint_round_trip_keeps_only_the_trainable_parts(lm: FrozenLanguage
                           generator=torch.Generator().manual_seed(1))
     assert np.abs(other - want).max() > 1e-4, "the instruction reaches the actions"
 
+    # Training after inference-mode sampling of the same instruction: its memoised SmolLM2 states must be usable by
+    # autograd, and the gradient must reach the projection (trainable) but not SmolLM2 (frozen).
+    batch = random_batch(policy.config, batch_size=2)
+    batch["instruction"] = [obs["instruction"], "put the orange toy on the coloured blocks"]
+    policy.train()
+    loss, _ = policy.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert policy.backbone.text_proj.linear.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in policy.backbone.language.parameters())
+
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "language_model_sha256": "0" * 64}))
     with pytest.raises(CheckpointError, match="language model .* is not the one this model was built with"):
@@ -179,7 +191,6 @@ def test_checkpoint_round_trip_keeps_only_the_trainable_parts(lm: FrozenLanguage
     (path / "config.json").write_text(json.dumps(config))
     with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
         tensors = {k: fh.get_tensor(k) for k in fh.keys() if k != "backbone.text_proj.mean"}
-    from safetensors.torch import save_file
     save_file(tensors, str(path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"missing \['backbone.text_proj.mean'\]"):
         MeanFlowPolicy.load(path)

@@ -227,13 +227,12 @@ class FrozenLanguageModel(nn.Module):
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])
 
     def hidden_states(self, ids: tuple[int, ...]) -> torch.Tensor:
-        """(len(ids), hidden_size) float32 states of one token sequence; no autograd history, never an inference
-        tensor (they are reused by training steps after inference-mode sampling)."""
+        """(len(ids), hidden_size) float32 states of one token sequence, without autograd history."""
         memo = self._memo.get(ids)
         if memo is not None:
             return memo
         device = self.model.embed_tokens.weight.device
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             if not ids:
                 states = torch.zeros((0, self.hidden_size), device=device)
             else:
