@@ -22,6 +22,7 @@ from meanflow_policy.instructions import (HELD_OUT_PARAPHRASES, SORTING, SORTING
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.model import language
+from meanflow_policy.model.backbone import VLMBackbone
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import TINY_SMOLLM2_PRESET, MeanFlowConfig
 from meanflow_policy.model.language import (FrozenLanguageModel, GgufSource, LanguageModelError,
@@ -29,6 +30,7 @@ from meanflow_policy.model.language import (FrozenLanguageModel, GgufSource, Lan
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.testing import random_batch
 from meanflow_policy.tools import train as train_cli
+from meanflow_policy.train.feature_cache import backbone_fingerprint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -258,3 +260,13 @@ def test_meanflow_train_with_the_preset_and_instruction_variety(lm: FrozenLangua
         assert not [k for k in fh.keys() if "backbone.language." in k]
     policy = MeanFlowPolicy.load(out / "last")
     assert policy.config.backbone == TINY_SMOLLM2_PRESET and policy.config.language_model_sha256 == lm.sha256
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_prefix_feature_cache_tells_language_depths_apart(lm: FrozenLanguageModel) -> None:
+    """Same seed, same tiny vision: only the SmolLM2 depth differs, and with it every instruction feature."""
+    prints = {layers: backbone_fingerprint(VLMBackbone(MeanFlowConfig.tiny(backbone=TINY_SMOLLM2_PRESET,
+                                                                           language_layers=layers)))
+              for layers in (8, 6)}
+    assert prints[8] != prints[6]
