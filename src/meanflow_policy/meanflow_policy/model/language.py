@@ -220,8 +220,12 @@ class FrozenLanguageModel(nn.Module):
         return super().train(False)
 
     def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - nn.Module's signature
-        self._memo = {}  # device or dtype changes: memoised states are recomputed
+        self.forget()  # device or dtype changes: memoised states are recomputed
         return super()._apply(fn, *args, **kwargs)
+
+    def forget(self) -> None:
+        """Drop the memoised states (benchmarks time the pass a new instruction costs)."""
+        self._memo = {}
 
     def token_ids(self, text: str, max_tokens: int) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens])

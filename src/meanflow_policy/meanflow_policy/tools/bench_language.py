@@ -56,7 +56,7 @@ def latency(runs: int, warmup: int) -> dict[str, object]:
         def instruction_pass() -> None:
             policy.backbone.clear_cache()
             if policy.backbone.language is not None:
-                policy.backbone.language._memo.clear()
+                policy.backbone.language.forget()
             with torch.inference_mode():
                 policy.backbone.text_cache(str(obs["instruction"]))
 
