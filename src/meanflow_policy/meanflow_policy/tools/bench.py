@@ -23,7 +23,7 @@ import torch
 
 from so101_common.joints import home_vector
 
-from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig
 from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
 
@@ -33,6 +33,7 @@ VARIANTS: tuple[tuple[str, int], ...] = (
 # Expert sizes per preset: the tiny dev expert, and a ~46 M-parameter expert for the real backbone.
 _PRESETS = {
     TINY_BACKBONE: dict(image_size=64, num_vlm_layers=4, expert_width=128, expert_depth=4, expert_heads=4),
+    TINY_SMOLLM2_PRESET: dict(image_size=64, num_vlm_layers=4, expert_width=128, expert_depth=4, expert_heads=4),
     SMOLVLM2_500M_PRESET: dict(image_size=512, num_vlm_layers=16, expert_width=512, expert_depth=8, expert_heads=8),
 }
 
@@ -99,6 +100,8 @@ def prefix_breakdown(policy: MeanFlowPolicy, obs: dict[str, object], runs: int) 
 
     def uncached_text() -> None:
         bb.clear_cache()
+        if bb.language is not None:  # tiny-smollm2: a new instruction also costs its SmolLM2 pass
+            bb.language.forget()
         bb.text_cache(instruction)
 
     stages = {
@@ -124,7 +127,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     obs = make_observation(cfg, args.camera_height, args.camera_width)
     device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    print(f"preset {args.preset} ({'random weights' if cfg.backbone_is_preset else cfg.backbone}) on {device_name}; "
+    weights = "random vision, pretrained SmolLM2" if cfg.backbone == TINY_SMOLLM2_PRESET else "random weights"
+    print(f"preset {args.preset} ({weights if cfg.backbone_is_preset else cfg.backbone}) on {device_name}; "
           f"image {cfg.image_size}px x {len(cfg.camera_keys)} cameras, {args.runs} warm runs after {args.warmup}")
     print(f"params: backbone {_param_millions(policy.backbone):.2f} M, expert {_param_millions(policy.expert):.2f} M, "
           f"prefix tokens {len(cfg.camera_keys) * policy.backbone.tokens_per_image} image + text + 1 state")
@@ -174,7 +178,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(_PRESETS), default=TINY_BACKBONE,
-                   help="backbone preset: tiny dev model, or the real SmolVLM2-500M architecture (random weights)")
+                   help="backbone preset: tiny dev model, tiny with the frozen pretrained SmolLM2 (tiny-smollm2), or "
+                        "the real SmolVLM2-500M architecture (random weights)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--runs", type=int, default=20, help="warm runs per variant (median/p95 over these)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first")

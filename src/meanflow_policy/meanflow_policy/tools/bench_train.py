@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from meanflow_policy.model.configuration import BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, MeanFlowConfig
+from meanflow_policy.model.configuration import (BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
+                                                 MeanFlowConfig)
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet, compute_stats
 from meanflow_policy.data.sync import SyncConfig
@@ -60,7 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--duration", type=float, default=3.0, help="seconds per synthetic episode")
     p.add_argument("--objective", choices=OBJECTIVES, default=MeanFlowConfig.objective)
     p.add_argument("--preset", choices=BACKBONE_PRESETS, default=TINY_BACKBONE,
-                   help="tiny (64 px) or smolvlm2-500m (the real architecture, random weights, 512 px)")
+                   help="tiny (64 px), tiny-smollm2 (tiny with the frozen pretrained SmolLM2, 64 px) or "
+                        "smolvlm2-500m (the real architecture, random weights, 512 px)")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--tiny-patch-size", type=int, default=MeanFlowConfig.tiny_patch_size)
     p.add_argument("--device", default="cpu")
@@ -74,8 +76,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for i in range(args.episodes):
             write_bag(root / "bags" / f"episode_{i}", synthetic_episode(i, args.duration, height=96, width=128),
                       instruction=_INSTRUCTIONS[i % len(_INSTRUCTIONS)])
-        if args.preset == TINY_BACKBONE:
-            base = MeanFlowConfig.tiny(objective=args.objective, tiny_patch_size=args.tiny_patch_size)
+        if args.preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
+            base = MeanFlowConfig.tiny(backbone=args.preset, objective=args.objective,
+                                       tiny_patch_size=args.tiny_patch_size)
         else:
             base = MeanFlowConfig(backbone=args.preset, image_size=512, objective=args.objective)
         if args.image_size:

