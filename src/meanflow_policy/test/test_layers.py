@@ -1,4 +1,4 @@
-"""The package's layers: base (units, images, instructions) < model, data < train < ros < tools. Lower layers never
+"""The package's layers: base (units, images) < model, data < train < ros < tools. Lower layers never
 import upper ones (lazy imports inside functions included), every module imports alone, and the data pipeline never
 pulls in the VLM backbone or transformers."""
 import ast
@@ -10,7 +10,7 @@ from pathlib import Path
 import meanflow_policy
 
 PACKAGE = Path(meanflow_policy.__file__).parent
-BASE = {"meanflow_policy", "meanflow_policy.units", "meanflow_policy.images", "meanflow_policy.instructions"}
+BASE = {"meanflow_policy", "meanflow_policy.units", "meanflow_policy.images"}
 # Which layers each layer may import (besides the base and itself).
 ALLOWED = {
     "model": set(),

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.instructions import (HELD_OUT_PARAPHRASES, SORTING, SORTING_SWAPPED, TRAIN_TEMPLATES,
+from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SORTING, SORTING_SWAPPED, TRAIN_TEMPLATES,
                                                templates_for)
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import SyncConfig

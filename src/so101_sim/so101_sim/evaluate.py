@@ -26,6 +26,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES
+from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
                         "sorting) or 'all'; reports go to OUT/<task>/ and the last line summarises them all")
     parser.add_argument("--instruction", default=None,
                         help="say this instead of the task's own instruction (e.g. a paraphrase); --task only")
+    parser.add_argument("--paraphrases", type=int, default=0, metavar="N",
+                        help="also evaluate each task with N of its held-out paraphrases (so101_common.phrasings: "
+                        "synonyms, word order, polite, typo; never used in training), at the first NFE")
+    parser.add_argument("--unrelated", action="store_true",
+                        help=f"also evaluate each task with an instruction that names no task ({UNRELATED[0]!r}): "
+                        "how often the policy does the task anyway")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="control steps per episode (30 Hz; default: the task's, 360 for pick_place)")
     parser.add_argument("--action-steps", type=int, default=10,
@@ -264,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if not 0 <= args.paraphrases <= 4:
+        parser.error(f"--paraphrases must be 0..4 (held-out paraphrases per task), got {args.paraphrases}")
     if args.instruction is not None and (args.tasks is not None or not args.instruction.strip()):
         parser.error("--instruction needs a non-empty sentence and one --task (not --tasks)")
     if args.checkpoint is not None:
@@ -291,11 +300,14 @@ def main(argv: list[str] | None = None) -> int:
                     action_steps=args.action_steps, instruction=args.instruction,
                     video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes)
             for t in tasks for n in nfes]
+    variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
+    variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))
+                    for job in jobs if job.nfe == nfes[0] for kind, sentence in variants[job.task].items()]
     for directory in task_dir.values():
         directory.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        outputs = run_jobs(jobs, args.workers)
+        outputs = run_jobs(jobs + [job for _, job in variant_jobs], args.workers)
     except KeyboardInterrupt:
         print("so101-eval: interrupted", file=sys.stderr)
         return 130
@@ -303,7 +315,15 @@ def main(argv: list[str] | None = None) -> int:
         close_envs()
     wall = time.perf_counter() - started
     reports: dict[str, dict[int, dict]] = {t: {} for t in tasks}
-    for job, (results, videos) in zip(jobs, outputs):
+    variant_reports: dict[str, dict[str, dict]] = {t: {} for t in tasks}
+    for (kind, job), (results, videos) in zip(variant_jobs, outputs[len(jobs):]):
+        report = {**summarize(results, videos, job.max_steps, job.action_steps), "task": job.task, "kind": kind,
+                  "instruction": job.instruction, "nfe": job.nfe, "seed": args.seed}
+        (task_dir[job.task] / f"instruction_{kind}_nfe{job.nfe}.json").write_text(json.dumps(report, indent=2))
+        variant_reports[job.task][kind] = report
+        print(f"{job.task} said {kind} ({job.instruction!r}): success {report['successes']}/{report['episodes']}, "
+              f"mean score {report['score']:.3f}{_followed_text(report)}")
+    for job, (results, videos) in zip(jobs, outputs[:len(jobs)]):
         report = summarize(results, videos, job.max_steps, job.action_steps)
         report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe, "task": job.task,
                        "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
@@ -318,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
               f"mean score {report['score']:.3f}{_followed_text(report)}, "
               f"chunk latency median {lat.get('median_ms', float('nan')):.1f} ms, "
               f"p90 {lat.get('p90_ms', float('nan')):.1f} ms -> {path}")
+    wording = wording_summary(reports, variant_reports, nfes[0]) if variant_jobs else None
     if multi:
         last = multitask_summary(reports, nfes)
+        if wording is not None:
+            last["instructions"] = wording
         table = multitask_table(reports, nfes)
         print(table)
         (args.out / "summary.md").write_text(table + "\n")
@@ -337,8 +360,43 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "sweep.json").write_text(json.dumps(
             {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}, indent=2))
         (args.out / "sweep.md").write_text(table + "\n")
-    print(json.dumps(_last_line(nfes, by_nfe)), flush=True)
+    last = _last_line(nfes, by_nfe)
+    if wording is not None:
+        last["instructions"] = wording
+    print(json.dumps(last), flush=True)
     return 0
+
+
+def _variant_sentences(task: str, paraphrases: int, unrelated: bool) -> dict[str, str]:
+    """kind -> sentence: the first ``paraphrases`` held-out paraphrases of the task's instruction, and the first
+    unrelated instruction."""
+    held_out = HELD_OUT_PARAPHRASES.get(TASKS[task].instruction, {})
+    chosen = dict(list(held_out.items())[:paraphrases])
+    if unrelated:
+        chosen["unrelated"] = UNRELATED[0]
+    return chosen
+
+
+def wording_summary(reports: dict[str, dict[int, dict]], variants: dict[str, dict[str, dict]], nfe: int) -> dict:
+    """Per task: success and score with the task's own sentence, with each other wording, the paraphrases' mean
+    and their success relative to the own sentence's (issue: a paraphrase should work as well as the original)."""
+    out = {}
+    for task, by_kind in variants.items():
+        own = reports[task][nfe]
+        paraphrased = [r for kind, r in by_kind.items() if kind != "unrelated"]
+        entry: dict = {"own": {"instruction": own["instruction"], "score": own["score"],
+                               "success_rate": own["success_rate"]},
+                       "by_kind": {kind: {"instruction": r["instruction"], "score": r["score"],
+                                          "success_rate": r["success_rate"],
+                                          "instruction_followed_rate": r["instruction_followed_rate"]}
+                                   for kind, r in by_kind.items()}}
+        if paraphrased:
+            rate = float(np.mean([r["success_rate"] for r in paraphrased]))
+            entry["paraphrase_success_rate"] = rate
+            entry["paraphrase_score"] = float(np.mean([r["score"] for r in paraphrased]))
+            entry["paraphrase_relative_success"] = rate / own["success_rate"] if own["success_rate"] else None
+        out[task] = entry
+    return out
 
 
 def _followed_text(report: dict) -> str:

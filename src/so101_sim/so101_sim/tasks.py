@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import mujoco
 import numpy as np
 
+from so101_common import phrasings
 from so101_sim.scene import (
     CUBE_BODY,
     GREEN_CUBE_BODY,
@@ -173,7 +174,7 @@ class PickPlaceTask(Task):
     """Grasp the red cube (random position in a 10x10 cm region) and put it in the box: 0.5 grasp + 0.5 placed."""
 
     name = "pick_place"
-    instruction = "grasp the red block and put it in the box"
+    instruction = phrasings.PICK_PLACE_RED
 
     def randomize(self, data: mujoco.MjData, rng: np.random.Generator) -> None:
         cfg = self.scene.cfg
@@ -247,13 +248,13 @@ class PickPlaceChoiceTask(Task):
 
 class PickPlaceRedTask(PickPlaceChoiceTask):
     name = "pick_place_red"
-    instruction = "grasp the red block and put it in the box"
+    instruction = phrasings.PICK_PLACE_RED
     target_colour = "red"
 
 
 class PickPlaceGreenTask(PickPlaceChoiceTask):
     name = "pick_place_green"
-    instruction = "grasp the green block and put it in the box"
+    instruction = phrasings.PICK_PLACE_GREEN
     target_colour = "green"
 
 
@@ -261,7 +262,7 @@ class SortingTask(Task):
     """Two cubes in one region (non-overlapping), a box on each side: 0.25 per grasp + 0.25 per cube in its box."""
 
     name = "sorting"
-    instruction = "put the red cube in the left box and the green cube in the right box"
+    instruction = phrasings.SORTING
     layout = Layout(cubes=("red", "green"), boxes=("left", "right"), top_camera_xy=(0.34, 0.0),
                     top_camera_look_at=(0.21, 0.0))
     # Two pick-and-places: the expert needs 423 steps.
@@ -298,7 +299,7 @@ class SortingTask(Task):
 
 class SortingSwappedTask(SortingTask):
     name = "sorting_swapped"
-    instruction = "put the green cube in the left box and the red cube in the right box"
+    instruction = phrasings.SORTING_SWAPPED
     assignment = ((GREEN_CUBE_BODY, "left"), (CUBE_BODY, "right"))
 
 
@@ -307,7 +308,7 @@ class StackingTask(Task):
     0.5 grasp + 0.5 resting on top of the stack, released, for ``stable_seconds``."""
 
     name = "stacking"
-    instruction = "put the orange toy on the coloured blocks"
+    instruction = phrasings.STACKING
     layout = Layout(cubes=(), boxes=(), toy=True, stack=True)
     stable_seconds = 0.5
 

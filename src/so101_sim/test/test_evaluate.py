@@ -205,3 +205,29 @@ def test_tasks_argument_names_unknown_tasks(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--expert", "--tasks", "pick_place,juggling"])
     assert "unknown task(s) ['juggling']" in capsys.readouterr().err
+
+
+def test_paraphrases_and_an_unrelated_instruction_are_evaluated_on_the_same_seeds(tmp_path, capsys):
+    from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
+    out = tmp_path / "eval"
+    assert evaluate.main(["--expert", "--task", "stacking", "--episodes", "1", "--seed", "5", "--max-steps", "20",
+                          "--image-size", "32", "--out", str(out), "--video-episodes", "0", "--paraphrases", "2",
+                          "--unrelated"]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    wording = last["instructions"]["stacking"]
+    held_out = HELD_OUT_PARAPHRASES[wording["own"]["instruction"]]
+    assert wording["by_kind"]["synonyms"]["instruction"] == held_out["synonyms"]
+    assert set(wording["by_kind"]) == {"synonyms", "word_order", "unrelated"}
+    assert wording["by_kind"]["unrelated"]["instruction"] == UNRELATED[0]
+    # 20 steps: nobody succeeds, so the relative success is undefined rather than a division by zero.
+    assert wording["paraphrase_success_rate"] == 0.0 and wording["paraphrase_relative_success"] is None
+    report = json.loads((out / "instruction_word_order_nfe1.json").read_text())
+    assert report["instruction"] == held_out["word_order"] and [r["seed"] for r in report["results"]] == [5]
+
+
+def test_every_task_has_training_phrasings_and_held_out_paraphrases():
+    from so101_common.phrasings import HELD_OUT_PARAPHRASES, TRAIN_TEMPLATES
+    from so101_sim.tasks import TASKS
+    for name, cls in TASKS.items():
+        assert TRAIN_TEMPLATES[cls.instruction][0] == cls.instruction, name
+        assert len(HELD_OUT_PARAPHRASES[cls.instruction]) == 4, name

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from meanflow_policy.instructions import draw_phrasings
+from so101_common.phrasings import draw_phrasings
 from meanflow_policy.data.sync import DatasetError, Episode, SyncConfig
 from meanflow_policy.units import MIN_STD
 
@@ -45,7 +45,7 @@ class SampleSet:
     """All samples of some episodes; ``batch(rows)`` gathers a training batch with vectorised numpy.
 
     ``phrasing_seed`` (None: off) replaces each sample's recorded instruction by one of its task's training
-    phrasings (meanflow_policy/instructions.py), drawn from the seed and the batch's rows: the same batch gets the
+    phrasings (so101_common/phrasings.py), drawn from the seed and the batch's rows: the same batch gets the
     same phrasings, so a resumed run sees exactly the data the uninterrupted one would have."""
 
     def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None) -> None:

@@ -26,7 +26,7 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
                           SmolVLMModel)
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
-from meanflow_policy.instructions import TRAIN_TEMPLATES
+from so101_common.phrasings import TRAIN_TEMPLATES
 from meanflow_policy.model.configuration import (SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig)
 from meanflow_policy.model.language import FrozenLanguageModel

@@ -2,7 +2,7 @@
 
 1. Chunk latency at NFE 1 of tiny-smollm2 vs tiny on the same observation, instruction cached (the per-chunk cost
    the node pays), and the one-off instruction pass when the instruction changes.
-2. Held-out paraphrases (meanflow_policy/instructions.py) vs the training phrasings: per paraphrase the cosine of
+2. Held-out paraphrases (so101_common/phrasings.py) vs the training phrasings: per paraphrase the cosine of
    its pooled SmolLM2 features to its own task's sentence minus the best other task's, and whether its nearest training
    phrasing is its own task's; the same for the context-free token embeddings of the same model (the baseline).
 The LAST printed line is one JSON object. Run it with 1 thread on an otherwise idle CPU; it is not a test.
@@ -21,7 +21,7 @@ import torch
 
 from so101_common.joints import home_vector
 
-from meanflow_policy.instructions import HELD_OUT_PARAPHRASES, PICK_PLACE_RED, TRAIN_TEMPLATES
+from so101_common.phrasings import HELD_OUT_PARAPHRASES, PICK_PLACE_RED, TRAIN_TEMPLATES
 from meanflow_policy.model.configuration import TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig
 from meanflow_policy.model.language import FrozenLanguageModel, pooled_sentence_features
 from meanflow_policy.model.policy import MeanFlowPolicy

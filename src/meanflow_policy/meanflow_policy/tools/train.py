@@ -118,7 +118,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--instruction-variety", dest="instruction_variety", action="store_true",
                    default=argparse.SUPPRESS,
                    help="each training sample's instruction becomes one of its task's phrasings "
-                        "(meanflow_policy/instructions.py); validation keeps the recorded sentences")
+                        "(so101_common/phrasings.py); validation keeps the recorded sentences")
 
 
 def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -> TrainConfig:

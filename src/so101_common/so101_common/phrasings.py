@@ -1,14 +1,15 @@
 """Instruction phrasings per task: training templates (several wordings of one task) and held-out paraphrases.
 
-Keyed by the task's instruction as recorded in its demos (so101_sim's task classes, episode.json): a policy
+Keyed by the task's instruction as recorded in its demos (episode.json); so101_sim's task classes take their
+instructions from the constants here, so each sentence has one source. A policy
 trained on one sentence per task learns that sentence, not the task. ``TRAIN_TEMPLATES`` gives every task several
 phrasings the training pipeline may draw per sample (``meanflow-train --instruction-variety``);
 ``HELD_OUT_PARAPHRASES`` is never used in training and measures whether other wordings still work: per task one
 synonym rewrite, one word-order change, one polite form and one typo. ``UNRELATED`` are instructions that name no
 task, which should not make the policy do one.
 
-Plain strings only (base layer): the model reads the phrasings for its text statistics, the data pipeline draws
-them, and neither pulls in the other.
+Plain strings in so101_common: meanflow_policy's model reads the phrasings for its text statistics and its data
+pipeline draws them; so101_sim's tasks and so101-eval --paraphrases read the same ones.
 """
 from __future__ import annotations
 
