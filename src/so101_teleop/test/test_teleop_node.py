@@ -19,7 +19,8 @@ from so101_teleop.kinematics import ArmKinematics, default_urdf_path
 from so101_teleop.teleop import JoyMapping
 
 M = JoyMapping()
-# The shipped Joy-Con config, and private topic names (remapped in the node): other processes on this DDS domain may use the real ones.
+# The shipped Joy-Con config, and private topic names (remapped in the node): other processes on this DDS domain may
+# use the real ones.
 PREFIX = f"/teleop_test_{os.getpid()}"
 CONFIG = Path(__file__).resolve().parents[3] / "config" / "teleop_joycon.yaml"
 SERVICES = (START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, DISCARD_EPISODE_SERVICE)
