@@ -15,7 +15,8 @@ from so101_common.graph import (DISCARD_EPISODE_SERVICE, JOINT_NAMES, JOINT_STAT
                                 START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC)
 from so101_common.joints import JointLimits, home_vector
 from so101_common.testing import spin_until
-from so101_teleop.kinematics import ArmKinematics, default_urdf_path
+from so101_common.kinematics import ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.teleop import JoyMapping
 
 M = JoyMapping()
