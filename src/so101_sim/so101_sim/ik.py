@@ -11,6 +11,7 @@ model, base at the world origin: a test checks that the two agree).
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import mujoco
@@ -31,6 +32,12 @@ def urdf_path() -> Path:
     return Path(get_package_share_directory("so101_description")) / "urdf" / "so101.urdf.xacro"
 
 
+@lru_cache(maxsize=1)
+def _arm_chain() -> ArmChain:
+    """The URDF chain to the gripper frame, read once per process (a xacro expansion takes ~0.1 s)."""
+    return ArmChain.from_file(urdf_path(), EE_FRAME)
+
+
 class TopDownIK:
     """Solves arm joint positions that put the grasp point at a target with the gripper pointing down.
 
@@ -38,8 +45,8 @@ class TopDownIK:
     """
 
     def __init__(self, scene: Scene, grasp_jaw_angle: float = 0.3, orientation_weight: float = 0.5,
-                 damping: float = 1e-4, chain: ArmChain | None = None) -> None:
-        self.chain = chain or ArmChain.from_file(urdf_path(), EE_FRAME)
+                 damping: float = 1e-4) -> None:
+        self.chain = _arm_chain()
         if self.chain.joint_names != ARM_JOINT_NAMES:
             raise ValueError(f"the URDF chain to {EE_FRAME} moves {self.chain.joint_names}, not {ARM_JOINT_NAMES}")
         self.limits = JointLimits.so101(ARM_JOINT_NAMES)
