@@ -1,7 +1,8 @@
 """Run the Mean-Flow policy on the robot: ``ros2 launch so101_bringup run.launch.py checkpoint:=DIR nfe:=1``.
 
 It lives in so101_bringup, the package that depends on both sides (meanflow_policy for the node, the robot side
-for robot.launch.py), so no package depends on bringup. The robot side comes from robot.launch.py (``hardware:=real|mock|sim``, ``cameras:=true``; its other
+for robot.launch.py), so no package depends on bringup. The robot side comes from robot.launch.py
+(``hardware:=real|mock|sim``, ``cameras:=true``; its other
 arguments such as ``port:=`` or ``wrist_camera:=`` pass through); ``robot:=false`` starts the policy node alone, for
 a robot or simulator started elsewhere.
 """

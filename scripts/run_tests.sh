@@ -2,6 +2,17 @@
 # The whole suite in the workspace environment; fails on any failure and on "no tests collected" (exit 5).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Lint first (ruff.toml, mypy.ini at the top level): any finding fails the run before a test starts.
+for tool in ruff mypy; do
+  if ! command -v "$tool" >/dev/null; then
+    echo "run_tests: $tool is not installed (it is pinned in requirements.txt): run make setup" >&2
+    exit 2
+  fi
+done
+echo "run_tests: ruff check"
+ruff check . || exit 1
+echo "run_tests: mypy (plain-Python cores, see mypy.ini)"
+mypy --python-executable "$(command -v python)" || exit 1
 # Tests marked slow (minutes each: e.g. the scripted experts' success rates over 40 seeds per task) run with SLOW=1.
 if [ "${SLOW:-0}" = 1 ]; then marker=(); else marker=(-m "not slow"); fi
 python -m pytest src tests "${marker[@]}" "$@"

@@ -71,7 +71,8 @@ def used_packages(path: Path, workspace: set[str]) -> dict[str, str]:
         if isinstance(node, ast.Call):
             func = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
             literals = [a.value for a in node.args[:1] if isinstance(a, ast.Constant)]
-            literals += [k.value.value for k in node.keywords if k.arg == "package" and isinstance(k.value, ast.Constant)]
+            literals += [k.value.value for k in node.keywords
+                         if k.arg == "package" and isinstance(k.value, ast.Constant)]
             if func in SHARE_LOOKUPS or func == "Node":
                 for value in literals:
                     if value in workspace:
@@ -120,5 +121,6 @@ def test_the_sim_does_not_depend_on_the_policy_package():
     sim = manifests()["so101_sim"]
     assert "meanflow_policy" not in deps(sim, RUN_TAGS + ("build_depend",))
     runtime, _ = owned_sources("so101_sim")
-    importers = [str(p.relative_to(ROOT)) for p in runtime if "meanflow_policy" in used_packages(p, {"meanflow_policy"})]
+    importers = [str(p.relative_to(ROOT)) for p in runtime
+                 if "meanflow_policy" in used_packages(p, {"meanflow_policy"})]
     assert importers == []

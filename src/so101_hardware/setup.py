@@ -14,7 +14,10 @@ setup(
     zip_safe=True,
     maintainer="so101-meanflow developers",
     maintainer_email="dev@so101-meanflow.invalid",
-    description="Feetech STS3215 bus protocol, calibration and the SO-101 driver node (standalone or behind ros2_control's topic-based hardware).",
+    description=(
+        "Feetech STS3215 bus protocol, calibration and the SO-101 driver node"
+        " (standalone or behind ros2_control's topic-based hardware)."
+    ),
     license="Apache-2.0",
     entry_points={"console_scripts": [
         "driver_node = so101_hardware.driver_node:main",

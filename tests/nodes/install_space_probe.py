@@ -20,7 +20,8 @@ import so101_sim
 from so101_sim.env import SimEnv
 from so101_sim.policy_plugins import default_checkpoint, load_checkpoint_policy
 from so101_sim.scene import SceneConfig
-from so101_teleop.kinematics import ArmKinematics, default_urdf_path
+from so101_common.kinematics import ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 
 
 def main() -> int:
@@ -52,7 +53,7 @@ def main() -> int:
     print(json.dumps({
         "sys_path": sys.path, "so101_sim": so101_sim.__file__, "meanflow_policy": meanflow_policy.__file__,
         "checkpoint": str(checkpoint), "chunk_shape": list(chunk.shape), "chunk_finite": bool(np.isfinite(chunk).all()),
-        "urdf": str(urdf), "urdf_joints": list(kinematics.model.names)[1:], "policy_node": str(node_exe),
+        "urdf": str(urdf), "urdf_joints": list(kinematics.chain.urdf_joint_names), "policy_node": str(node_exe),
         "node_ready": ready, "node_rc": node_rc, "node_log": log.read_text()[-2000:]}))
     return 0
 

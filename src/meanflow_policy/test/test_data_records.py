@@ -13,7 +13,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import meanflow_policy.data.cache as dataset

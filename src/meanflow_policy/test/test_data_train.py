@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +121,7 @@ def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:
     samples = SampleSet(episodes, sync)
     rows = np.arange(0, len(samples), 2)
     assert result["steps"] == len(rows)
-    for nfe, run in result["nfe"].items():
+    for run in result["nfe"].values():
         per_step = np.array(run["per_step_mae_rad"])
         assert per_step.shape == (len(rows),) and np.all(per_step > 0)
         assert run["mae_rad"] == pytest.approx(per_step.mean(), rel=0.1)

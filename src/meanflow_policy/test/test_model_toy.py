@@ -45,7 +45,7 @@ def _train_and_score(objective: str, steps: int = 400, batch: int = 256) -> list
         actions = _data(c, g)
         noise = torch.randn(actions.shape, generator=g)
         ctx = expert.prepare(cond(c)[:, None])
-        u_fn = lambda z, r, t: expert(z, r, t, ctx)  # noqa: E731
+        u_fn = lambda z, r, t, ctx=ctx: expert(z, r, t, ctx)  # noqa: E731
         if objective == "meanflow":
             t, r = O.sample_meanflow_times(batch, 0.25, -0.4, 1.0, g, CPU)
             loss, _ = O.meanflow_loss(u_fn, actions, noise, t, r, valid, 0.5, 1e-3)
@@ -62,7 +62,7 @@ def _train_and_score(objective: str, steps: int = 400, batch: int = 256) -> list
         for value in (0, 1):
             c = torch.full((1000,), value)
             ctx = expert.prepare(cond(c)[:, None])
-            samples = sampler(lambda z, r, t: expert(z, r, t, ctx), torch.randn(1000, 1, 2, generator=g), 1)
+            samples = sampler(lambda z, r, t, ctx=ctx: expert(z, r, t, ctx), torch.randn(1000, 1, 2, generator=g), 1)
             scores.append(_energy_distance(samples[:, 0], _data(c, g)[:, 0]))
     return scores
 

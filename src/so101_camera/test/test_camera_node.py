@@ -43,7 +43,7 @@ def test_video_file_rate_size_and_recovery(node_process, ros_node, make_video, t
     ros_node.create_subscription(Image, PREFIX + camera_image_topic("wrist"),
                                  lambda m: images.append((time.monotonic(), m)), qos)
     ros_node.create_subscription(CameraInfo, PREFIX + camera_info_topic("wrist"), infos.append, qos)
-    ros_node.create_subscription(DiagnosticArray, DIAGNOSTICS_TOPIC, 
+    ros_node.create_subscription(DiagnosticArray, DIAGNOSTICS_TOPIC,
                              lambda m: diags.extend(d for d in m.status if d.hardware_id == str(video)), 10)
 
     assert spin_until(ros_node, lambda: len(images) >= 5, 20.0), node.output()

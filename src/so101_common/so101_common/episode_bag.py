@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from rosbags.interfaces import Connection
 from rosbags.rosbag2 import StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -93,7 +94,7 @@ class EpisodeWriter:
             self.metadata.start_time_ns = time.time_ns()
         self._writer = Writer(self.path, version=9, storage_plugin=StoragePlugin.MCAP)
         self._writer.open()
-        self._connections: dict[str, object] = {}
+        self._connections: dict[str, Connection] = {}
         self.closed = False
         try:
             _atomic_write(self.path / EPISODE_FILE, self.metadata.to_json())
@@ -127,7 +128,7 @@ class EpisodeWriter:
             return
         storage = getattr(self._writer, "storage", None)
         close_chunk, chunk = getattr(storage, "close_chunk", None), getattr(storage, "chunk", None)
-        if close_chunk is None or chunk is None or not chunk.bio.tell():
+        if storage is None or close_chunk is None or chunk is None or not chunk.bio.tell():
             return
         close_chunk()
         storage.bio.flush()

@@ -66,7 +66,7 @@ def init_ros(args: Sequence[str] | None) -> ShutdownRequest:
     from rclpy.signals import SignalHandlerOptions
 
     request = ShutdownRequest().install()
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    rclpy.init(args=None if args is None else list(args), signal_handler_options=SignalHandlerOptions.NO)
     return request
 
 

@@ -87,7 +87,7 @@ def ros_node(request: pytest.FixtureRequest):
     node = rclpy.create_node(f"test_{abs(hash(request.node.nodeid)) % 10**8}", context=context)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
-    node.executor_for_test = executor
+    node.executor_for_test = executor  # type: ignore[attr-defined]  # spin_until finds the executor here
     try:
         yield node
     finally:

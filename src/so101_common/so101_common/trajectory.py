@@ -32,7 +32,7 @@ class TrajectoryFollower:
         self,
         now: float,
         joint_names: Sequence[str],
-        times_from_start: Sequence[float],
+        times_from_start: Sequence[float] | np.ndarray,
         positions: np.ndarray,
         start_time: float | None = None,
     ) -> None:

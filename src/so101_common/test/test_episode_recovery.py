@@ -18,7 +18,7 @@ from sensor_msgs.msg import JointState
 
 from so101_common.episode_bag import (INDEX_FILE, EpisodeMetadata, EpisodeMetadataError, EpisodeWriter,
                                       read_episode_metadata, update_index)
-from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC
+from so101_common.graph import JOINT_STATES_TOPIC
 
 RECOVER = shutil.which("so101-recover-episode")
 

@@ -1,1 +1,4 @@
-"""Feetech STS3215 bus protocol, calibration and the SO-101 driver node (standalone or behind ros2_control's topic-based hardware)."""
+"""Feetech STS3215 bus protocol, calibration and the SO-101 driver node.
+
+The node runs standalone or behind ros2_control's topic-based hardware.
+"""

@@ -59,7 +59,7 @@ class SimEnv:
         self.steps = 0
         self.task.reset_episode(self.data)
 
-    def set_trajectory(self, joint_names: Sequence[str], times_from_start: Sequence[float],
+    def set_trajectory(self, joint_names: Sequence[str], times_from_start: Sequence[float] | np.ndarray,
                        positions: np.ndarray, start_time: float | None = None) -> None:
         """Replace the running trajectory (raises so101_common.trajectory.TrajectoryError on bad input)."""
         self.follower.set_trajectory(self.time, joint_names, times_from_start, positions, start_time)

@@ -9,6 +9,7 @@ what makes ~100 demonstrations enough to learn from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -148,7 +149,7 @@ class ScriptedExpert:
         for a in s:
             targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * grip_goal))
 
-        state = {"arm": arm_start, "point": start_point, "grip": grip_goal}
+        state: dict[str, Any] = {"arm": arm_start, "point": start_point, "grip": grip_goal}
 
         def cartesian(goal_point: np.ndarray, seconds: float) -> None:
             start = state["point"]

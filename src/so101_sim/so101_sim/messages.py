@@ -4,6 +4,8 @@ Message construction only: this module imports ROS message types and no rclpy no
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from sensor_msgs.msg import Image, JointState
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -37,7 +39,8 @@ def image_msg(stamp_ns: int, camera: str, rgb: np.ndarray) -> Image:
     return rgb_to_image(rgb, stamp_ns=stamp_ns, frame_id=camera_frame(camera))
 
 
-def trajectory_msg(stamp_ns: int, times_from_start: np.ndarray, positions: np.ndarray) -> JointTrajectory:
+def trajectory_msg(stamp_ns: int, times_from_start: Sequence[float] | np.ndarray,
+                   positions: np.ndarray) -> JointTrajectory:
     """A trajectory for all six joints; ``positions`` is (points, 6)."""
     msg = JointTrajectory()
     _stamp(msg.header, stamp_ns)

@@ -24,6 +24,7 @@ from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
 from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import Policy, run_episode
+from so101_sim.tasks import PickPlaceTask
 
 RECOVERY_FILE = "recovery.json"
 # The cube counts as on the table while its centre is at most this far above its resting height (m).
@@ -48,6 +49,8 @@ class HandoverRange:
 def why_not_recoverable(env: SimEnv) -> str | None:
     """Why the expert cannot take over in the env's current state, or None when it can."""
     task = env.task
+    if not isinstance(task, PickPlaceTask):
+        return f"the expert takes over in pick-place only, not in {type(task).__name__}"
     cube = task.cube_position(env.data)
     if task.cube_in_box(env.data):
         return "the cube is already in the box"
@@ -86,7 +89,9 @@ class RecoveryRecorder:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-sim-recovery", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, required=True, help="policy checkpoint to roll out (loaded through the policy plugin; 'shipped': the installed one)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="policy checkpoint to roll out (loaded through the policy plugin; "
+                             "'shipped': the installed one)")
     parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
     parser.add_argument("--seed", type=int, default=3000,

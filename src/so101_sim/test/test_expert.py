@@ -32,6 +32,25 @@ def test_ik_reaches_target_pointing_down(env, target):
     assert JointLimits.so101(JOINT_NAMES[:5]).contains(q)
 
 
+def test_urdf_chain_is_the_scene_arm(env):
+    """The IK's URDF chain and the MuJoCo arm agree: grasp point and gripper-site axes for random joint positions."""
+    import mujoco
+
+    ik = TopDownIK(env.scene)
+    data = mujoco.MjData(env.model)
+    limits = JointLimits.so101(JOINT_NAMES[:5])
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        q = rng.uniform(limits.lower, limits.upper)
+        data.qpos[env.scene.joint_qpos[:5]] = q
+        data.qpos[env.scene.joint_qpos[-1]] = 0.3  # grasp_jaw_angle
+        mujoco.mj_kinematics(env.model, data)
+        point, rot = ik.forward(q)
+        pads = np.mean([data.geom_xpos[g] for g in env.scene.pad_geoms], axis=0)
+        np.testing.assert_allclose(point, pads, atol=1e-6)
+        np.testing.assert_allclose(rot, data.site_xmat[env.scene.site].reshape(3, 3), atol=1e-6)
+
+
 def test_ik_reports_unreachable_target(env):
     ik = TopDownIK(env.scene)
     with pytest.raises(IKError, match=r"did not reach \[0.8, 0.0, 0.015\]"):

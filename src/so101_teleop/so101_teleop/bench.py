@@ -14,7 +14,8 @@ import numpy as np
 
 from so101_common.graph import RECORDED_TOPICS, camera_image_topic
 from so101_common.joints import home_vector
-from so101_teleop.kinematics import ArmKinematics, default_urdf_path
+from so101_common.kinematics import ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.recorder import KNOWN_TOPIC_TYPES, EpisodeRecorder
 from so101_teleop.teleop import JoyMapping, TeleopCore, TeleopSettings
 

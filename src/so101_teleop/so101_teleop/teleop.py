@@ -16,7 +16,7 @@ import yaml
 
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.joints import JointLimits, home_vector
-from so101_teleop.kinematics import ArmKinematics
+from so101_common.kinematics import ArmKinematics
 
 # Joint jog: the stick's (x, y) axes drive one pair of joints; the group button cycles through the pairs.
 JOINT_GROUPS: tuple[tuple[str, str], ...] = (

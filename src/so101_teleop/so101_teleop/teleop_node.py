@@ -27,7 +27,8 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from so101_interfaces.srv import StartEpisode
-from so101_teleop.kinematics import EE_FRAME, ArmKinematics, default_urdf_path
+from so101_common.kinematics import EE_FRAME, ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.teleop import Event, JoyError, JoyMapping, TeleopCore, TeleopSettings
 
 MAPPING_HELP = {

@@ -8,7 +8,8 @@ import pytest
 
 from so101_common.graph import JOINT_NAMES
 from so101_common.joints import JointLimits, home_vector
-from so101_teleop.kinematics import ArmKinematics, default_urdf_path
+from so101_common.kinematics import ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.teleop import Event, JoyError, JoyMapping, Mode, TeleopCore, TeleopSettings
 
 CONFIG = Path(__file__).resolve().parents[3] / "config" / "teleop_joycon.yaml"

@@ -15,11 +15,13 @@ from so101_common.graph import (DISCARD_EPISODE_SERVICE, JOINT_NAMES, JOINT_STAT
                                 START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC)
 from so101_common.joints import JointLimits, home_vector
 from so101_common.testing import spin_until
-from so101_teleop.kinematics import ArmKinematics, default_urdf_path
+from so101_common.kinematics import ArmKinematics
+from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.teleop import JoyMapping
 
 M = JoyMapping()
-# The shipped Joy-Con config, and private topic names (remapped in the node): other processes on this DDS domain may use the real ones.
+# The shipped Joy-Con config, and private topic names (remapped in the node): other processes on this DDS domain may
+# use the real ones.
 PREFIX = f"/teleop_test_{os.getpid()}"
 CONFIG = Path(__file__).resolve().parents[3] / "config" / "teleop_joycon.yaml"
 SERVICES = (START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, DISCARD_EPISODE_SERVICE)

@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.instruction import validate_instruction
 
 from so101_common.stamps import NS_PER_S, ns_to_s
+
+if TYPE_CHECKING:  # rosbags is imported where a bag is read
+    from rosbags.interfaces import Connection
+
+T = TypeVar("T")
 
 BAG_METADATA_FILE = "metadata.yaml"
 EPISODE_FILE = "episode.json"  # so101_common.episode_bag.EPISODE_FILE (that module needs rosbags)
@@ -215,7 +221,7 @@ def _connection(reader, path: Path, topic: str, msgtype: str, what: str):
     return conns
 
 
-def _messages(reader, path: Path, conns: list) -> Iterable[tuple[object, int, bytes]]:
+def _messages(reader, path: Path, conns: list) -> Iterable[tuple[Connection, int, bytes]]:
     """The bag's messages on ``conns``; a storage failure mid-way becomes a BagError naming the bag."""
     from rosbags.rosbag2 import ReaderError
 
@@ -350,7 +356,7 @@ def _no_states_reason(rejects: dict[str, int], joint_names: list[str], seen_name
 
 
 def read_frames(path: str | Path, topic: str, wanted: np.ndarray,
-                transform: Callable[[np.ndarray], np.ndarray]) -> dict[int, np.ndarray]:
+                transform: Callable[[np.ndarray], T]) -> dict[int, T]:
     """Second pass: decode the frames at message indices ``wanted`` of ``topic`` and apply ``transform``."""
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image
@@ -359,7 +365,7 @@ def read_frames(path: str | Path, topic: str, wanted: np.ndarray,
 
     path = Path(path)
     wanted_set = {int(i) for i in wanted}
-    out: dict[int, np.ndarray] = {}
+    out: dict[int, T] = {}
     reader = _open(path)
     try:
         conns = [c for c in reader.connections if c.topic == topic]

@@ -36,7 +36,7 @@ class DemoContent:
     """Messages of one bag: images per camera, joint states and trajectories, each with its bag time (ns)."""
 
     images: dict[str, list[tuple[int, np.ndarray]]] = field(default_factory=dict)
-    states: list[tuple[int, Sequence[str], Sequence[float]]] = field(default_factory=list)
+    states: list[tuple[int, Sequence[str], Sequence[float] | np.ndarray]] = field(default_factory=list)
     # (receive time, header stamp (0 = start now), joint names, [(time_from_start_s, positions), ...])
     trajectories: list[tuple[int, int, Sequence[str], list[tuple[float, Sequence[float]]]]] = field(
         default_factory=list)
@@ -46,7 +46,7 @@ def _stamp(msg, ns: int) -> None:
     msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(int(ns), NS_PER_S)
 
 
-def joint_state(stamp_ns: int, names: Sequence[str], positions: Sequence[float]) -> JointState:
+def joint_state(stamp_ns: int, names: Sequence[str], positions: Sequence[float] | np.ndarray) -> JointState:
     msg = JointState()
     _stamp(msg, stamp_ns)
     msg.name = list(names)
@@ -101,10 +101,10 @@ def write_bag(path: str | Path, content: DemoContent, instruction: str | None = 
         return path
     plugin = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}[storage]
     typestore = get_typestore(Stores.ROS2_KILTED)
-    with Writer(path, version=9, storage_plugin=plugin) as writer:
-        conns = {topic: writer.add_connection(topic, msgtype, typestore=typestore) for topic, msgtype in declared}
+    with Writer(path, version=9, storage_plugin=plugin) as bag:
+        conns = {topic: bag.add_connection(topic, msgtype, typestore=typestore) for topic, msgtype in declared}
         for t, topic, _, raw in messages:
-            writer.write(conns[topic], t, raw)
+            bag.write(conns[topic], t, raw)
     return path
 
 

@@ -1,6 +1,7 @@
 """Episode bags <-> LeRobotDataset v3.0 directories (parquet tables + one mp4 per camera), no LeRobot install needed.
 
-Export (``so101-export-lerobot``, meanflow_policy.tools.export_lerobot) reads each bag with the training pipeline's reader and synchroniser, so every
+Export (``so101-export-lerobot``, meanflow_policy.tools.export_lerobot) reads each bag with the training pipeline's
+reader and synchroniser, so every
 LeRobot frame is one step of the training grid: the same states, the same actions (a_k = target at t_{k+1}) and
 the frame each camera had at that step (at the bag's native resolution). Import (``load_lerobot_episodes``, used by
 ``meanflow-train --lerobot-dataset``) turns such a directory back into the same ``Episode`` objects training uses.
@@ -37,10 +38,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.instruction import validate_instruction
 from so101_common.joints import JointLimits
 
@@ -149,11 +150,13 @@ class _CameraVideo:
         self.size: tuple[int, int] | None = None
         self.frames = 0
         self._pixels = 0
-        self._container = self._stream = None
+        # PyAV's output container and video stream, opened with the first frame (its stubs model them loosely)
+        self._container: Any = None
+        self._stream: Any = None
         self._sum, self._sq = np.zeros(3), np.zeros(3)
         self._lo, self._hi = np.full(3, np.inf), np.full(3, -np.inf)
 
-    def _open(self, height: int, width: int) -> None:
+    def _open(self, height: int, width: int) -> tuple[int, int]:
         import av
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -164,16 +167,16 @@ class _CameraVideo:
         self._stream.pix_fmt = "yuv420p"
         self._stream.time_base = Fraction(1, self.fps)
         self._stream.options = {"crf": str(VIDEO_CRF), "g": "2"}  # short GOP: cheap random access, as LeRobot
+        return self.size
 
     def add(self, rgb: np.ndarray, repeats: int = 1) -> None:
         """Append ``rgb`` as the next ``repeats`` frames (a held frame of stale steps repeats)."""
         import av
 
-        if self.size is None:
-            self._open(*rgb.shape[:2])
-        if rgb.shape[:2] != self.size:
+        size = self.size if self.size is not None else self._open(*rgb.shape[:2])
+        if rgb.shape[:2] != size:
             raise ValueError(f"camera {self.camera!r} image is {rgb.shape[1]}x{rgb.shape[0]}, earlier frames "
-                             f"{self.size[1]}x{self.size[0]}; one LeRobot video needs one size")
+                             f"{size[1]}x{size[0]}; one LeRobot video needs one size")
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
         for _ in range(repeats):
             frame.pts = self.frames
@@ -328,13 +331,19 @@ def _export(bags: Sequence[str | Path], out: Path, cfg: SyncConfig, robot_type: 
         out / TASKS_FILE)
     pd.DataFrame(episodes).to_parquet(out / EPISODES_FILE, index=False)
 
+    sizes: dict[str, tuple[int, int]] = {}
+    for cam in cams:
+        size = videos[cam].size
+        if size is None:
+            raise DatasetError(f"camera {cam!r}: no frame was exported")
+        sizes[cam] = size
     vector = {"dtype": "float32", "shape": [J], "names": names}
     features = {
         STATE_KEY: dict(vector), ACTION_KEY: dict(vector),
         **{camera_feature(cam): {
-            "dtype": "video", "shape": [videos[cam].size[0], videos[cam].size[1], 3],
+            "dtype": "video", "shape": [sizes[cam][0], sizes[cam][1], 3],
             "names": ["height", "width", "channels"],
-            "info": {"video.height": videos[cam].size[0], "video.width": videos[cam].size[1],
+            "info": {"video.height": sizes[cam][0], "video.width": sizes[cam][1],
                      "video.codec": "h264", "video.pix_fmt": "yuv420p", "video.is_depth_map": False,
                      "video.fps": fps, "video.channels": 3, "has_audio": False}} for cam in cams},
         "timestamp": {"dtype": "float32", "shape": [1], "names": None},
@@ -416,7 +425,7 @@ def _decode_video(path: Path, size: int, n_frames: int, fps: int) -> np.ndarray:
         with av.open(str(path)) as container:
             stream = container.streams.video[0]
             for frame in container.decode(stream):
-                k = int(round(float(frame.pts * stream.time_base) * fps))
+                k = int(round(float(frame.pts * stream.time_base) * fps))  # type: ignore[operator]  # decoded: has pts
                 if 0 <= k < n_frames:
                     out[k] = resize_image(frame.to_ndarray(format="rgb24"), size)
                     seen[k] = True

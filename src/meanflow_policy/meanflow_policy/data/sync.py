@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class SyncConfig:
     @classmethod
     def from_policy_config(cls, config, **overrides) -> "SyncConfig":
         """The sync settings a MeanFlowConfig implies (fps, image size, cameras, joints, chunk size)."""
-        base = dict(fps=float(config.fps), image_size=int(config.image_size),
+        base: dict[str, Any] = dict(fps=float(config.fps), image_size=int(config.image_size),
                     camera_keys=tuple(config.camera_keys), joint_names=tuple(config.joint_names),
                     chunk_size=int(config.chunk_size))
         base.update(overrides)

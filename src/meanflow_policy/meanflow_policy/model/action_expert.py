@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,7 @@ class ActionExpert(nn.Module):
 
     def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> ActionExpertContext:
         """Per-chunk work: cross-attention K/V of every block for a (B, P, width) prefix; mask (B, P) True=valid."""
-        kv = [block.cross_kv(prefix) for block in self.blocks]
+        kv = [cast(ExpertBlock, block).cross_kv(prefix) for block in self.blocks]
         attn_mask = None
         if prefix_mask is not None and not bool(prefix_mask.all()):
             attn_mask = prefix_mask[:, None, None, :]

@@ -69,7 +69,8 @@ def meanflow_loss(u_fn: UFn, actions: torch.Tensor, noise: torch.Tensor, t: torc
     z = (1 - tb) * actions + tb * noise
     v = noise - actions
     with sdpa_kernel(SDPBackend.MATH):
-        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))
+        # torch's stub types jvp's result as a 3-tuple (its has_aux form); without aux it is (output, jvp)
+        u, dudt = torch.func.jvp(u_fn, (z, r, t), (v, torch.zeros_like(r), torch.ones_like(t)))  # type: ignore[misc]
     target = (v - (t - r)[:, None, None] * dudt).detach()
     per = masked_sq_error(u, target, valid)
     return (adaptive_weight(per, gamma, c) * per).mean(), per

@@ -41,6 +41,12 @@ NEUTRAL_INSTRUCTION = "pick up the cube"
 class MeanFlowPolicy(nn.Module):
     """The VLA policy (see module docstring); ``MeanFlowPolicy(config)`` or ``MeanFlowPolicy.load(dir)``."""
 
+    # normalisation buffers (registered in __init__), declared so the type checker knows they are tensors
+    state_mean: torch.Tensor
+    state_std: torch.Tensor
+    action_mean: torch.Tensor
+    action_std: torch.Tensor
+
     def __init__(self, config: MeanFlowConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
         config.validate()
@@ -342,7 +348,7 @@ class MeanFlowPolicy(nn.Module):
                    | (chunk > limits.upper + PLAUSIBLE_LIMIT_MARGIN_RAD))
         share = float(outside.mean())
         if share > MAX_OUTSIDE_FRACTION:
-            joints = [n for n, out in zip(limits.names, outside.any(axis=0)) if out]
+            joints = [limits.names[i] for i in np.flatnonzero(outside.any(axis=0))]
             raise CheckpointError(f"{file}: on a neutral observation {100 * share:.0f} % of the model's joint targets "
                                   f"are outside the joint limits (joints {joints}; at most "
                                   f"{100 * MAX_OUTSIDE_FRACTION:.0f} % allowed): corrupt weights or stats, or not a "

@@ -114,7 +114,7 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
             sets.append(probe.sensors.publish_images())
             robot.spin_until(lambda: len(received) == len(sets), proc, log_path, 60.0)
             pause = time.monotonic() + 1.0 / image_hz
-            robot.spin_until(lambda: time.monotonic() > pause, proc, log_path, 60.0)
+            robot.spin_until(lambda pause=pause: time.monotonic() > pause, proc, log_path, 60.0)
     finally:
         robot.close()
         node.stop(timeout=15.0)

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -42,8 +42,9 @@ _META = "features.json"
 _FP16_MAX = float(np.finfo(np.float16).max)
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    # a view, not a copy; numpy declares its buffer protocol to type checkers for Python >= 3.12 only
+    return memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def backbone_fingerprint(backbone: VLMBackbone) -> str:
@@ -60,7 +61,7 @@ def backbone_fingerprint(backbone: VLMBackbone) -> str:
             h.update(f"text_proj.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
             h.update(_tensor_bytes(tensor))
     for buffer in (backbone.pixel_scale, backbone.pixel_offset):
-        h.update(_tensor_bytes(buffer))
+        h.update(_tensor_bytes(cast(torch.Tensor, buffer)))
     tokenizer = getattr(backbone.tokenizer, "backend_tokenizer", None)
     vocab = tokenizer.to_str() if tokenizer is not None else json.dumps(backbone.tokenizer.get_vocab(), sort_keys=True)
     h.update(vocab.encode())
@@ -74,7 +75,7 @@ def episode_feature_key(fingerprint: str, episode: Episode, camera_keys: tuple[s
                                    "version": FEATURE_CACHE_VERSION}, sort_keys=True).encode())
     h.update(np.ascontiguousarray(episode.frame_index[episode.sample_steps]).tobytes())
     for cam in camera_keys:
-        h.update(np.ascontiguousarray(episode.frames[cam]))
+        h.update(np.ascontiguousarray(episode.frames[cam]))  # type: ignore[arg-type]  # buffer protocol, see above
     return h.hexdigest()[:32]
 
 

@@ -54,7 +54,9 @@ class TrainStateError(ValueError):
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> LambdaLR:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to min_lr_ratio * lr at cfg.steps
     (transformers' schedule: closed form in the step, so a resumed or lengthened run recomputes it exactly)."""
-    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps, min_lr_rate=cfg.min_lr_ratio)
+    # warmup_steps is never None here: TrainConfig resolves it on construction
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps,  # type: ignore[arg-type]
+                                                       min_lr_rate=cfg.min_lr_ratio)
 
 
 class EMA:
@@ -121,7 +123,7 @@ class BatchDataset(Dataset):
         return self.samples.batch(rows)
 
 
-def _as_is(batch: dict) -> dict:
+def _as_is(batch: Any) -> Any:
     return batch
 
 
