@@ -22,6 +22,8 @@ class NodeProcess:
 
     def type(self, text: str) -> None:
         """Write to the node's stdin (started with ``stdin_pipe=True``), as keys typed in its terminal."""
+        if self.proc.stdin is None:
+            raise RuntimeError("type() needs a node started with stdin_pipe=True")
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 

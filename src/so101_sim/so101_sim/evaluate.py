@@ -450,7 +450,8 @@ def multitask_table(reports: dict[str, dict[int, dict]], nfes: list[int]) -> str
         for n in nfes:
             r = by_nfe[n]
             low, high = r["ci95"]
-            followed = "-" if r["instruction_followed_rate"] is None else f"{100 * r['instruction_followed_rate']:.0f} %"
+            rate = r["instruction_followed_rate"]
+            followed = "-" if rate is None else f"{100 * rate:.0f} %"
             lines.append(f"| {t} | {n} | {r['score']:.3f} | {r['successes']}/{r['episodes']} | "
                          f"{100 * low:.1f}-{100 * high:.1f} % | {followed} | "
                          f"{r['chunk_latency'].get('median_ms', float('nan')):.1f} |")

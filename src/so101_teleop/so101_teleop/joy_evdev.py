@@ -60,7 +60,8 @@ class JoyLayout:
 
     @classmethod
     def from_evdev(cls, name: str, capabilities: Mapping[int, list]) -> "JoyLayout":
-        """From python-evdev's ``InputDevice.capabilities(absinfo=True)``: {EV_KEY: [codes], EV_ABS: [(code, AbsInfo)]}."""
+        """From python-evdev's ``InputDevice.capabilities(absinfo=True)``:
+        {EV_KEY: [codes], EV_ABS: [(code, AbsInfo)]}."""
         absolute = {code: AxisRange(info.min, info.max) for code, info in capabilities.get(EV_ABS, [])}
         return cls.from_capabilities(name, capabilities.get(EV_KEY, []), absolute)
 

@@ -61,7 +61,8 @@ class JoyEvdevNode(Node):
         target = self._replay if self.recording is not None else self._run_device
         self._thread = threading.Thread(target=target, name="joy-evdev", daemon=True)
         self._thread.start()
-        source = f"replay of {replay_file}" if replay_file else (self.device_path or f"device named {self.device_name!r}")
+        device = self.device_path or f"device named {self.device_name!r}"
+        source = f"replay of {replay_file}" if replay_file else device
         self.get_logger().info(f"publishing {JOY_TOPIC} from {source} (deadzone {self.deadzone:g}, "
                                f"autorepeat {autorepeat_rate:g} Hz)")
 

@@ -135,7 +135,8 @@ class Mirror:
         target = leader.copy()
         g, s = self._g, self.settings
         # The leader's gripper (its calibrated range spans its gripper limits) as a fraction closed..open.
-        fraction = (leader[g] - self.leader_limits.lower[g]) / (self.leader_limits.upper[g] - self.leader_limits.lower[g])
+        low, high = self.leader_limits.lower[g], self.leader_limits.upper[g]
+        fraction = (leader[g] - low) / (high - low)
         target[g] = s.gripper_closed + float(np.clip(fraction, 0.0, 1.0)) * (s.gripper_open - s.gripper_closed)
         return self.follower_limits.clamp(target)
 

@@ -71,7 +71,8 @@ def test_python_evdev_capabilities_hats_and_sdl_button_order() -> None:
     state.resync([ecodes.KEY_BACK], {ecodes.ABS_X: 128, ecodes.ABS_RZ: 0})
     assert state.buttons == [0, 0, 0, 1] and state.axes[0] == pytest.approx(-128 / 32767)  # 0..255 has no centre
     assert state.axes[1] == pytest.approx(1.0)  # at its minimum: SDL -32768 -> joy_node +1
-    events = [InputEvent(1, 0, ecodes.EV_ABS, ecodes.ABS_HAT0X, -1), InputEvent(1, 0, ecodes.EV_ABS, ecodes.ABS_HAT0Y, 1),
+    events = [InputEvent(1, 0, ecodes.EV_ABS, ecodes.ABS_HAT0X, -1),
+              InputEvent(1, 0, ecodes.EV_ABS, ecodes.ABS_HAT0Y, 1),
               InputEvent(1, 0, ecodes.EV_KEY, ecodes.BTN_SOUTH, 1), InputEvent(1, 0, ecodes.EV_ABS, ecodes.ABS_X, 255)]
     assert [state.feed(e.type, e.code, e.value) for e in events] == [Feed.NOTHING] * 4  # nothing until SYN_REPORT
     assert state.feed(ecodes.EV_SYN, ecodes.SYN_REPORT, 0) is Feed.PUBLISH

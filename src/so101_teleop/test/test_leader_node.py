@@ -10,7 +10,7 @@ import pytest
 from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory
 
-from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
+from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.joints import JointLimits
 from so101_common.testing import spin_until
 from so101_hardware import protocol as P

@@ -86,15 +86,16 @@ class SampleSet:
         ep, step = self.sample_episode[rows], self.sample_step[rows]
         g = self._offset[ep] + step
         actions, pad = self.chunk(rows)
+        instructions = [self.episodes[e].instruction for e in ep]
+        if self.phrasing_seed is not None:
+            rng = np.random.default_rng([self.phrasing_seed, *rows.tolist()])
+            instructions = draw_phrasings(instructions, rng)
         out = {
             "state": torch.from_numpy(self._state[g].astype(np.float32)),
             "actions": torch.from_numpy(actions.astype(np.float32)),
             "action_is_pad": torch.from_numpy(pad),
-            "instruction": [self.episodes[e].instruction for e in ep],
+            "instruction": instructions,
         }
-        if self.phrasing_seed is not None:
-            rng = np.random.default_rng([self.phrasing_seed, *rows.tolist()])
-            out["instruction"] = draw_phrasings(out["instruction"], rng)
         if images:
             size = self.cfg.image_size
             frames = np.empty((len(rows), len(self.cfg.camera_keys), size, size, 3), dtype=np.uint8)

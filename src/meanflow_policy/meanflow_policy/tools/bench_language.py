@@ -51,9 +51,9 @@ def latency(runs: int, warmup: int) -> dict[str, object]:
     for preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         torch.manual_seed(0)
         policy = MeanFlowPolicy(MeanFlowConfig.tiny(backbone=preset)).eval()
-        chunk = _median_ms(lambda: policy.sample(obs, nfe=1), runs, warmup)
+        chunk = _median_ms(lambda policy=policy: policy.sample(obs, nfe=1), runs, warmup)
 
-        def instruction_pass() -> None:
+        def instruction_pass(policy: MeanFlowPolicy = policy) -> None:
             policy.backbone.clear_cache()
             if policy.backbone.language is not None:
                 policy.backbone.language.forget()

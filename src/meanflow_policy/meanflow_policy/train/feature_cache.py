@@ -55,7 +55,8 @@ def backbone_fingerprint(backbone: VLMBackbone) -> str:
     for name, tensor in sorted(backbone.vlm.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(_tensor_bytes(tensor))
-    if backbone.language is not None:  # tiny-smollm2: the language model by its hash, its projection by value
+    if backbone.language is not None and backbone.text_proj is not None:
+        # tiny-smollm2: the language model by its hash, its projection by value
         h.update(f"language:{backbone.language.sha256}:{backbone.config.language_layers}".encode())
         for name, tensor in sorted(backbone.text_proj.state_dict().items()):
             h.update(f"text_proj.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
