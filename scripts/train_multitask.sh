@@ -7,7 +7,14 @@
 # 2. Stage A, backbone + expert together (MeanFlow objective), warm-started from the shipped single-task
 #    checkpoint (its backbone already sees the arm, a cube and a box). Long: it runs in pieces of TIME_LIMIT
 #    seconds and resumes exactly (`--resume`) where the last piece stopped.
-# Finished stages and episodes are skipped, so the recipe continues where it was stopped.
+# 3. Recovery rounds (DAgger-style, as scripts/train_sim.sh does for pick-place): per round, the previous stage's
+#    policy runs every task variant at NFE 1 and the scripted expert takes over from the states it reaches
+#    (so101-sim-recovery --task T: RECOVERY_EPISODES per variant), then the policy is fine-tuned for ROUND_STEPS
+#    on the demos plus every recovery set so far (--init-from the previous stage's last/). Seeds of round r
+#    (1..RECOVERY_ROUNDS), variant i (0..5): from 3000 + 10000 (r - 1) + 1000 i, at most 4 x RECOVERY_EPISODES of
+#    them, so they never meet the demo seeds (0-99), the evaluation seeds (1000-1049) nor the held-out 70000-70049.
+# Finished stages, episodes and recovery sets are skipped, so the recipe continues where it was stopped; a stage
+# stopped by TIME_LIMIT ends the invocation (run it again to continue).
 set -euo pipefail
 
 DATA=${DATA:-data}
@@ -17,6 +24,9 @@ DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
 STAGE_A_STEPS=${STAGE_A_STEPS:-30000}
 TIME_LIMIT=${TIME_LIMIT:-0}   # seconds per invocation (0: none)
 THREADS=${THREADS:-2}
+RECOVERY_ROUNDS=${RECOVERY_ROUNDS:-2}
+RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
+ROUND_STEPS=${ROUND_STEPS:-6000}
 INIT=${INIT:-$(python -c 'from ament_index_python.packages import get_package_share_directory as s; print(s("meanflow_policy"))')/checkpoints/sim_pick_place}
 
 bags=()
@@ -30,12 +40,56 @@ for task in "${TASK_VARIANTS[@]}"; do
   bags+=("$out")
 done
 
-stage_a="$RUNS/multitask_joint"
-common=(--bags "${bags[@]}" --out "$stage_a" --steps "$STAGE_A_STEPS" --val-every 2000 --cpu-threads "$THREADS"
-        --time-limit "$TIME_LIMIT" --cache-dir "$RUNS/cache" --no-progress)
-if [[ -f "$stage_a/last/train_state.json" ]]; then
-  python -m meanflow_policy.tools.train "${common[@]}" --resume
-else
-  python -m meanflow_policy.tools.train "${common[@]}" --init-from "$INIT" --batch-size 32 --ema-decay 0.999 --seed 0
+if (( RECOVERY_EPISODES < 1 || 4 * RECOVERY_EPISODES > 1000 || RECOVERY_ROUNDS > 6 )); then
+  echo "train_multitask: RECOVERY_EPISODES must be 1-250 and RECOVERY_ROUNDS at most 6 (recovery seeds would" \
+       "overlap another variant's or the held-out 70000-70049)" >&2
+  exit 2
 fi
+
+done_at() {  # done_at RUN_DIR STEPS: the run's last/ checkpoint has reached STEPS
+  [[ -f "$1/progress.json" ]] && python -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["step"] < int(sys.argv[2]))' \
+    "$1/progress.json" "$2"
+}
+
+train_stage() {  # train_stage OUT STEPS INIT BAGS...: train OUT to STEPS (resuming a stopped piece); a piece that
+                 # TIME_LIMIT stopped first ends the invocation
+  local out=$1 steps=$2 init=$3
+  shift 3
+  done_at "$out" "$steps" && return 0
+  local common=(--bags "$@" --out "$out" --steps "$steps" --val-every 2000 --cpu-threads "$THREADS"
+                --time-limit "$TIME_LIMIT" --cache-dir "$RUNS/cache" --no-progress)
+  if [[ -f "$out/last/train_state.json" ]]; then
+    python -m meanflow_policy.tools.train "${common[@]}" --resume
+  else
+    python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --batch-size 32 --ema-decay 0.999 --seed 0
+  fi
+  if ! done_at "$out" "$steps"; then
+    echo "train_multitask: $out stopped before step $steps (TIME_LIMIT); run again to continue"
+    exit 0
+  fi
+}
+
+stage_a="$RUNS/multitask_joint"
+train_stage "$stage_a" "$STAGE_A_STEPS" "$INIT" "${bags[@]}"
 echo "train_multitask: stage A in $stage_a"
+
+previous="$stage_a"
+for round in $(seq 1 "$RECOVERY_ROUNDS"); do
+  for i in "${!TASK_VARIANTS[@]}"; do
+    task=${TASK_VARIANTS[$i]}
+    out="$DATA/multitask_recovery_r${round}_$task"
+    if [[ ! -f "$out/recovery.json" ]]; then
+      rm -rf "$out"
+      # Fewer episodes than asked (every allowed seed tried) still make a recovery set: recovery.json is written.
+      OMP_NUM_THREADS=1 python -m so101_sim.recovery --checkpoint "$previous/last" --task "$task" --nfe 1 \
+        --episodes "$RECOVERY_EPISODES" --max-tries $(( 4 * RECOVERY_EPISODES )) \
+        --seed $(( 3000 + 10000 * (round - 1) + 1000 * i )) --image-size 64 --out "$out" ||
+        [[ -f "$out/recovery.json" ]]
+    fi
+    compgen -G "$out/episode_*" > /dev/null && bags+=("$out")
+  done
+  stage="$RUNS/multitask_r$round"
+  train_stage "$stage" "$ROUND_STEPS" "$previous/last" "${bags[@]}"
+  previous="$stage"
+done
+echo "train_multitask: finished; multi-task policy in $previous/last"

@@ -9,7 +9,6 @@ what makes ~100 demonstrations enough to learn from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -17,11 +16,17 @@ from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.joints import home_vector
 from so101_sim.env import SimEnv
 from so101_sim.ik import IKError, TopDownIK
-from so101_sim.scene import TOY_BODY
+from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY
 from so101_sim.tasks import Goal
 
 GRIPPER_OPEN = 1.0
 GRIPPER_CLOSED = -0.17
+# How reasons name the objects.
+OBJECT_LABELS = {CUBE_BODY: "the red cube", GREEN_CUBE_BODY: "the green cube", TOY_BODY: "the orange toy"}
+
+
+class TakeoverError(RuntimeError):
+    """The expert cannot plan from this state (the message names the object and what is wrong with it)."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,15 @@ class ExpertConfig:
     carry_clearance: float = 0.022
     # Jaw opening (rad) when another object lies near the one to grasp: 6 cm between the pads.
     crowded_gripper_open: float = 0.6
+    # Taking over from any state: an object lying on the table this far above its resting height (m) is not
+    # lying on the table; one tilted more than this (deg; cube: every face off the table; toy: its up axis) is
+    # tipped over, and the top-down grasp cannot square it.
+    table_tolerance: float = 0.004
+    cube_max_tilt_deg: float = 10.0
+    toy_max_tilt_deg: float = 20.0
+    # A cube turned less than this (deg) from the world axes is grasped along world y (the jaws square it), so
+    # plans from reset states stay exactly those of the demos.
+    cube_square_deg: float = 2.0
 
 
 def min_jerk(n: int) -> np.ndarray:
@@ -86,27 +100,88 @@ class ScriptedExpert:
         except IKError:
             return self.ik.solve(point, axis, home_vector()[:self.gripper_index], max_error=self.cfg.ik_max_error)
 
+    def _rotation(self, name: str) -> np.ndarray:
+        return self.env.data.xmat[self.env.scene.objects[name].body].reshape(3, 3)
+
     def _jaw_axes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """The two horizontal directions the jaws may close along: world y for a cube (its faces), the toy's
-        own y axis (across its torso) for the toy."""
+        """The two horizontal directions the jaws may close along: for a cube the normal of its side faces
+        nearest world y (world y itself while the cube is square to the world), the toy's own y axis (across
+        its torso) for the toy."""
+        rot = self._rotation(name)
         if name == TOY_BODY:
-            y = self.env.data.xmat[self.env.scene.objects[name].body].reshape(3, 3)[:, 1].copy()
-            y[2] = 0.0
-            y /= np.linalg.norm(y)
+            y = rot[:, 1].copy()
         else:
-            y = np.array([0.0, 1.0, 0.0])
+            # The cube's two most horizontal axes are its side-face normals; take the one nearest world y.
+            sides = np.argsort(np.abs(rot[2]))[:2]
+            y = rot[:, max(sides, key=lambda i: abs(rot[1, i]))].copy()
+            y *= np.sign(y[1])
+            if abs(np.degrees(np.arctan2(y[0], y[1]))) < self.cfg.cube_square_deg:
+                y = np.array([0.0, 1.0, 0.0])
+        y[2] = 0.0
+        y /= np.linalg.norm(y)
         return y, -y
 
+    def _tilt_deg(self, name: str) -> float:
+        """How far the object is tipped from lying as placed (deg): the toy's up axis from vertical, for a
+        cube its most vertical axis (any face may be down)."""
+        rot = self._rotation(name)
+        up = rot[2, 2] if name == TOY_BODY else np.abs(rot[2]).max()
+        return float(np.degrees(np.arccos(np.clip(up, -1.0, 1.0))))
+
+    def takeover_problem(self) -> str | None:
+        """Why the expert cannot finish the task from the env's current state, or None when it can.
+
+        It can when every object is at its goal place, in the jaws, or lying upright on the table (anywhere the
+        IK reaches). It cannot with an object in a box it does not belong in, held when the task does not move
+        it, fallen off the table, tipped over, lying on something else, or when nothing is left to do.
+        """
+        task, data, cfg = self.env.task, self.env.data, self.cfg
+        place = {g.obj: g.place for g in task.goals(data)}
+        for name in self.env.scene.objects:
+            label = OBJECT_LABELS.get(name, name)
+            for box in self.env.scene.boxes:
+                if task.in_box(data, name, box) and place.get(name) != box:
+                    belongs = f"it belongs in the {place[name]} box" if name in place else "the task does not move it"
+                    return f"{label} is in the {box} box, where it does not belong ({belongs})"
+            if name not in place and task.held(data, name):
+                return f"{label} is in the gripper, and the task does not move it"
+        remaining = task.remaining_goals(data)
+        if not remaining:
+            return "nothing left to do: every object is at its place (not yet released, or still moving)"
+        for goal in remaining:
+            name, label = goal.obj, OBJECT_LABELS.get(goal.obj, goal.obj)
+            if task.held(data, name) or task.at_goal(data, goal):
+                continue
+            height = task.position(data, name)[2] - task.rest_height(name)
+            if height < -0.01:
+                return f"{label} has fallen off the table"
+            tilt = self._tilt_deg(name)
+            if name == TOY_BODY and tilt > cfg.toy_max_tilt_deg:
+                return f"{label} lies on its side (tilted {tilt:.0f} deg): the grasp across its torso cannot work"
+            if name != TOY_BODY and tilt > cfg.cube_max_tilt_deg:
+                return f"{label} is tipped over (tilted {tilt:.0f} deg)"
+            if height > cfg.table_tolerance:
+                return f"{label} is off the table and not in the gripper ({1000 * height:.0f} mm above resting)"
+        return None
+
     def plan(self) -> np.ndarray:
-        """Joint targets (T, 6), one per control step, in JOINT_NAMES order (radians)."""
+        """Joint targets (T, 6), one per control step, in JOINT_NAMES order (radians), for what is left of the
+        task (``Task.remaining_goals``): an object in the jaws is carried on from there, one on the table is
+        picked where it lies. Raises TakeoverError when the state is one the expert cannot handle."""
         env, cfg = self.env, self.cfg
         data = env.data
+        problem = self.takeover_problem()
+        if problem is not None:
+            raise TakeoverError(problem)
         q_start = env.joint_positions()
         q_start[self.gripper_index] = env.commanded()[self.gripper_index]
         targets: list[np.ndarray] = []
         arm, grip = q_start[:self.gripper_index], q_start[self.gripper_index]
-        for i, goal in enumerate(env.task.goals(data)):
-            arm, grip = self._pick_place(goal, arm, grip, first=i == 0, targets=targets)
+        for i, goal in enumerate(env.task.remaining_goals(data)):
+            if i == 0 and (env.task.held(data, goal.obj) or env.task.at_goal(data, goal)):
+                arm, grip = self._carry_on(goal, arm, grip, targets)
+            else:
+                arm, grip = self._pick_place(goal, arm, grip, first=i == 0, targets=targets)
         for _ in range(self._steps(cfg.t_hold)):
             targets.append(targets[-1].copy())
         return np.asarray(targets)
@@ -149,32 +224,82 @@ class ScriptedExpert:
         for a in s:
             targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * grip_goal))
 
-        state: dict[str, Any] = {"arm": arm_start, "point": start_point, "grip": grip_goal}
-
-        def cartesian(goal_point: np.ndarray, seconds: float) -> None:
-            start = state["point"]
-            for a in min_jerk(self._steps(seconds)):
-                state["arm"] = self.ik.solve((1 - a) * start + a * goal_point, jaw_axis, state["arm"],
-                                             max_error=cfg.ik_max_error)
-                targets.append(np.append(state["arm"], state["grip"]))
-            state["point"] = goal_point
-
-        def gripper(goal_opening: float, seconds: float) -> None:
-            start = state["grip"]
-            for a in min_jerk(self._steps(seconds)):
-                targets.append(np.append(state["arm"], (1 - a) * start + a * goal_opening))
-            state["grip"] = goal_opening
-
+        path = _Path(self, jaw_axis, arm_start, start_point, grip_goal, targets)
         descent = (height - grasp[2]) / (carry - grasp[2])
         if descent > 0.05:
-            cartesian(grasp, cfg.t_descend * descent)
-        gripper(GRIPPER_CLOSED, cfg.t_close * (state["grip"] - GRIPPER_CLOSED) / (GRIPPER_OPEN - GRIPPER_CLOSED))
-        cartesian(above_obj, cfg.t_lift)
-        cartesian(above_place, cfg.t_carry)
-        cartesian(release, cfg.t_lower)
-        gripper(self.gripper_open, cfg.t_open)
-        cartesian(above_place, cfg.t_retreat)
-        return state["arm"], state["grip"]
+            path.cartesian(grasp, cfg.t_descend * descent)
+        path.gripper(GRIPPER_CLOSED, cfg.t_close * (path.grip - GRIPPER_CLOSED) / (GRIPPER_OPEN - GRIPPER_CLOSED))
+        path.cartesian(above_obj, cfg.t_lift)
+        path.cartesian(above_place, cfg.t_carry)
+        path.cartesian(release, cfg.t_lower)
+        path.gripper(self.gripper_open, cfg.t_open)
+        path.cartesian(above_place, cfg.t_retreat)
+        return path.arm, path.grip
+
+    def _carry_on(self, goal: Goal, arm0: np.ndarray, grip0: float,
+                  targets: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        """Append the rest of a pick-and-place whose object is already in the jaws (mid-episode takeover):
+        point the gripper down where it is and close, lift to carry height, carry, lower, open, retreat, the
+        object's centre on the demos' path (it hangs in the jaws where it was caught); over its place already
+        (in the box, on the stack) it is only lowered and let go there."""
+        env, cfg = self.env, self.cfg
+        task = env.task
+        obj = task.position(env.data, goal.obj)
+        rest = task.rest_height(goal.obj)
+        release_z = goal.surface_z + rest + cfg.release_clearance
+        carry = max(cfg.carry_height, release_z + cfg.carry_clearance)
+        point_now, rot = self.ik.forward(arm0)
+        offset = obj - point_now
+        jaw_axis = rot[:, 2].copy()
+        jaw_axis[2] = 0.0
+        if np.linalg.norm(jaw_axis) < 0.5:
+            raise TakeoverError(f"{OBJECT_LABELS.get(goal.obj, goal.obj)} is held with the jaws tilted "
+                                f"{np.degrees(np.arcsin(min(1.0, abs(rot[2, 2])))):.0f} deg from horizontal")
+        jaw_axis /= np.linalg.norm(jaw_axis)
+        arm_start = self._solve_from(point_now, jaw_axis, arm0)
+        for a in min_jerk(self._steps(cfg.t_align)):
+            targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * GRIPPER_CLOSED))
+        path = _Path(self, jaw_axis, arm_start, point_now, GRIPPER_CLOSED, targets)
+        above_place = np.array([goal.xy[0], goal.xy[1], carry])
+        if task.at_goal(env.data, goal):
+            release = np.array([obj[0], obj[1], release_z])
+        else:
+            if obj[2] < carry:
+                path.cartesian(np.array([obj[0], obj[1], carry]) - offset, cfg.t_lift)
+            path.cartesian(above_place - offset, cfg.t_carry)
+            release = np.array([goal.xy[0], goal.xy[1], release_z])
+        path.cartesian(release - offset, cfg.t_lower)
+        path.gripper(self.gripper_open, cfg.t_open)
+        path.cartesian(np.array([release[0], release[1], carry]), cfg.t_retreat)
+        return path.arm, path.grip
+
+
+class _Path:
+    """The grasp point's minimum-jerk segments (IK each control step, jaws along ``jaw_axis``) and gripper
+    moves, appended to ``targets`` one control step at a time."""
+
+    def __init__(self, expert: ScriptedExpert, jaw_axis: np.ndarray, arm: np.ndarray, point: np.ndarray,
+                 grip: float, targets: list[np.ndarray]) -> None:
+        self.expert = expert
+        self.jaw_axis = jaw_axis
+        self.arm = arm
+        self.point = point
+        self.grip = grip
+        self.targets = targets
+
+    def cartesian(self, goal_point: np.ndarray, seconds: float) -> None:
+        start = self.point
+        for a in min_jerk(self.expert._steps(seconds)):
+            self.arm = self.expert.ik.solve((1 - a) * start + a * goal_point, self.jaw_axis, self.arm,
+                                            max_error=self.expert.cfg.ik_max_error)
+            self.targets.append(np.append(self.arm, self.grip))
+        self.point = goal_point
+
+    def gripper(self, goal_opening: float, seconds: float) -> None:
+        start = self.grip
+        for a in min_jerk(self.expert._steps(seconds)):
+            self.targets.append(np.append(self.arm, (1 - a) * start + a * goal_opening))
+        self.grip = goal_opening
 
 
 class ExpertChunkPolicy:

@@ -1,11 +1,12 @@
 """so101-sim-recovery: recovery demonstrations from the states a trained policy actually visits (DAgger-style).
 
-Per seed: reset, run the policy closed loop (exactly as ``so101-eval``) for a handover step drawn from the
-seed, then let the scripted expert plan from that state and record only the expert's part as an episode bag,
-in the demos' format. Behaviour cloning from start-state demos never shows the policy how to get out of a
-state it drifted into (hovering beside the cube, closing too high); these episodes do. A seed is skipped when
-the policy already succeeded, or has lifted or placed the cube (the expert only plans a pick from the table);
-episodes the expert fails are dropped, like demos.
+Per seed: reset, run the policy closed loop (exactly as ``so101-eval``) on the chosen task for a handover step
+drawn from the seed, then let the scripted expert plan what is left of the task from that state and record only
+the expert's part as an episode bag, in the demos' format (the task's instruction in episode.json). Behaviour
+cloning from start-state demos never shows the policy how to get out of a state it drifted into (hovering beside
+the cube, closing too high, one cube sorted and the other forgotten); these episodes do. A seed is skipped when the
+policy already succeeded or left a state the expert cannot handle (ScriptedExpert.takeover_problem: an object in
+the wrong box, fallen or tipped over, ...); episodes the expert fails are dropped, like demos.
 """
 from __future__ import annotations
 
@@ -21,14 +22,12 @@ import numpy as np
 
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
-from so101_sim.expert import ScriptedExpert
+from so101_sim.expert import ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import Policy, run_episode
-from so101_sim.tasks import PickPlaceTask
+from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
-# The cube counts as on the table while its centre is at most this far above its resting height (m).
-TABLE_TOLERANCE = 0.004
 
 
 @dataclass(frozen=True)
@@ -46,17 +45,9 @@ class HandoverRange:
         return int(np.random.default_rng(seed).integers(self.first, self.last + 1))
 
 
-def why_not_recoverable(env: SimEnv) -> str | None:
-    """Why the expert cannot take over in the env's current state, or None when it can."""
-    task = env.task
-    if not isinstance(task, PickPlaceTask):
-        return f"the expert takes over in pick-place only, not in {type(task).__name__}"
-    cube = task.cube_position(env.data)
-    if task.cube_in_box(env.data):
-        return "the cube is already in the box"
-    if cube[2] > env.cfg.cube_half_size + TABLE_TOLERANCE:
-        return f"the cube is off the table (centre {1000 * cube[2]:.0f} mm high)"
-    return None
+def default_handover_last(task: str) -> int:
+    """Latest default handover step: five sixths of the task's evaluation length (pick-place: 300 of 360)."""
+    return task_class(task).max_steps * 5 // 6
 
 
 class RecoveryRecorder:
@@ -78,10 +69,11 @@ class RecoveryRecorder:
         result = run_episode(env, self.policy, seed, max_steps=step, action_steps=self.action_steps)
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
-        reason = why_not_recoverable(env)
-        if reason is not None:
-            raise SeedSkipped(f"no recovery at step {step}: {reason}")
-        demo = record_plan(env, ScriptedExpert(env).plan(), seed, path, started)
+        try:
+            plan = ScriptedExpert(env).plan()
+        except TakeoverError as exc:
+            raise SeedSkipped(f"no recovery at step {step}: {exc}") from None
+        demo = record_plan(env, plan, seed, path, started)
         self.handovers[path.name] = step
         return demo
 
@@ -94,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                              "'shipped': the installed one)")
     parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
+    parser.add_argument("--task", default="pick_place", choices=sorted(TASKS),
+                        help="task the policy runs and the expert finishes (its instruction goes into episode.json)")
     parser.add_argument("--seed", type=int, default=3000,
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
     parser.add_argument("--action-steps", type=int, default=10, help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
                         help="earliest control step at which the expert takes over")
-    parser.add_argument("--handover-last", type=int, default=HandoverRange.last,
-                        help="latest control step at which the expert takes over")
+    parser.add_argument("--handover-last", type=int, default=None,
+                        help="latest control step at which the expert takes over (default: 5/6 of the task's "
+                             "evaluation steps: 300, sorting 600)")
     parser.add_argument("--image-size", type=int, default=128, help="camera images are SIZE x SIZE pixels")
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
     parser.add_argument("--device", default="cpu")
@@ -117,12 +112,13 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     try:
-        handover = HandoverRange(args.handover_first, args.handover_last)
+        last = default_handover_last(args.task) if args.handover_last is None else args.handover_last
+        handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe = args.nfe
         recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed)
-        results = generate(args.out, args.episodes, args.seed, image_size=args.image_size, record=recorder,
-                           max_tries=args.max_tries or 4 * args.episodes)
+        results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
+                           record=recorder, max_tries=args.max_tries or 4 * args.episodes)
     except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:
         print(f"so101-sim-recovery: {exc}", file=sys.stderr)
         return 2
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print("so101-sim-recovery: interrupted; finished episodes are kept and indexed", file=sys.stderr)
         return 130
     (args.out / RECOVERY_FILE).write_text(json.dumps({
-        "checkpoint": str(args.checkpoint), "nfe": args.nfe, "action_steps": args.action_steps,
+        "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "action_steps": args.action_steps,
         "handover_range": [handover.first, handover.last], "first_seed": args.seed,
         "handover_step": recorder.handovers}, indent=2) + "\n")
     wall = time.perf_counter() - started

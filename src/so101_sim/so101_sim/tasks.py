@@ -39,11 +39,13 @@ MOVED_DISTANCE = 0.02
 
 @dataclass(frozen=True)
 class Goal:
-    """Carry ``obj`` (a body name) to ``xy`` and set it down on a surface ``surface_z`` high."""
+    """Carry ``obj`` (a body name) to ``xy`` and set it down on a surface ``surface_z`` high; ``place`` names
+    where that is (a box of the layout, or "stack"), so a state can be checked against the goal."""
 
     obj: str
     xy: np.ndarray
     surface_z: float
+    place: str = ""
 
 
 class Task(ABC):
@@ -77,6 +79,16 @@ class Task(ABC):
     def success(self, data: mujoco.MjData) -> bool:
         """Full score."""
         return self.score(data) >= 1.0 - 1e-9
+
+    def at_goal(self, data: mujoco.MjData, goal: Goal) -> bool:
+        """The goal's object is where the goal puts it (in its box), released or not."""
+        return self.in_box(data, goal.obj, goal.place)
+
+    def remaining_goals(self, data: mujoco.MjData) -> list[Goal]:
+        """``goals`` less those already achieved (object at its place, out of the jaws), the one whose object is
+        in the jaws first: what is left for an expert taking over mid-episode. From a reset state: ``goals``."""
+        left = [g for g in self.goals(data) if not self.at_goal(data, g) or self.in_jaws(data, g.obj)]
+        return sorted(left, key=lambda g: not self.in_jaws(data, g.obj))
 
     def instruction_followed(self, data: mujoco.MjData) -> bool | None:
         """Whether the policy did what the instruction (not the scene) decides; None where nothing is decided."""
@@ -113,12 +125,16 @@ class Task(ABC):
                 other.add(int(c.geom1))
         return other
 
+    def in_jaws(self, data: mujoco.MjData, name: str) -> bool:
+        """Touched by both jaws (wherever it is)."""
+        touching = self._contacts(data, self.scene.objects[name].geoms)
+        return bool(touching & self.scene.moving_jaw_geoms) and bool(touching & self.scene.fixed_jaw_geoms)
+
     def held(self, data: mujoco.MjData, name: str) -> bool:
         """Lifted off the table and touched by both jaws."""
         if self.position(data, name)[2] < self.rest_height(name) + LIFT_HEIGHT:
             return False
-        touching = self._contacts(data, self.scene.objects[name].geoms)
-        return bool(touching & self.scene.moving_jaw_geoms) and bool(touching & self.scene.fixed_jaw_geoms)
+        return self.in_jaws(data, name)
 
     def released_at_rest(self, data: mujoco.MjData, name: str) -> bool:
         """Slower than ``max_rest_speed`` and touched by no gripper geom."""
@@ -145,7 +161,7 @@ class Task(ABC):
     def _box_goal(self, name: str, which: str) -> Goal:
         cfg = self.scene.cfg
         xy = {"target": cfg.box_center, "left": cfg.left_box_center, "right": cfg.right_box_center}[which]
-        return Goal(name, np.asarray(xy, dtype=np.float64), cfg.box_wall_thickness)
+        return Goal(name, np.asarray(xy, dtype=np.float64), cfg.box_wall_thickness, which)
 
 
 def _uniform_in_region(rng: np.random.Generator, cfg: SceneConfig, center: tuple[float, float]) -> np.ndarray:
@@ -325,16 +341,22 @@ class StackingTask(Task):
         yaw = rng.uniform(-np.pi, np.pi)
         _set_free_pose(data, self.scene, TOY_BODY, (xy[0], xy[1], TOY_TORSO_HALF[2]), yaw)
 
-    def on_stack(self, data: mujoco.MjData) -> bool:
-        """Touching the top block and not the table, centre of mass over the top block, released, at rest."""
+    def over_stack(self, data: mujoco.MjData) -> bool:
+        """Touching the top block and not the table, centre of mass over the top block (released or not)."""
         cfg = self.scene.cfg
         obj = self.scene.objects[TOY_BODY]
         touching = self._contacts(data, obj.geoms)
         com = data.xipos[obj.body]
         over = bool(np.all(np.abs(com[:2] - np.asarray(cfg.stack_center)) <= np.asarray(cfg.stack_top_half[:2])))
         above = bool(com[2] > stack_top_height(cfg))
-        return (self.stack_top_geom in touching and self.table_geom not in touching and over and above
-                and self.released_at_rest(data, TOY_BODY))
+        return self.stack_top_geom in touching and self.table_geom not in touching and over and above
+
+    def on_stack(self, data: mujoco.MjData) -> bool:
+        """Over the stack (``over_stack``), released, at rest."""
+        return self.over_stack(data) and self.released_at_rest(data, TOY_BODY)
+
+    def at_goal(self, data: mujoco.MjData, goal: Goal) -> bool:
+        return self.over_stack(data)
 
     def reset_episode(self, data: mujoco.MjData) -> None:
         super().reset_episode(data)
@@ -358,7 +380,7 @@ class StackingTask(Task):
 
     def goals(self, data: mujoco.MjData) -> list[Goal]:
         cfg = self.scene.cfg
-        return [Goal(TOY_BODY, np.asarray(cfg.stack_center, dtype=np.float64), stack_top_height(cfg))]
+        return [Goal(TOY_BODY, np.asarray(cfg.stack_center, dtype=np.float64), stack_top_height(cfg), "stack")]
 
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in (PickPlaceTask, StackingTask, SortingTask, SortingSwappedTask,

@@ -8,6 +8,7 @@ import pytest
 from rclpy.serialization import deserialize_message
 from rosbags.rosbag2 import Reader
 from sensor_msgs.msg import JointState
+from trajectory_msgs.msg import JointTrajectory
 
 from so101_common.episode_bag import read_episode_metadata
 from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
@@ -15,8 +16,10 @@ from so101_common.joints import home_vector
 from so101_sim import recovery
 from so101_sim.demos import generate
 from so101_sim.env import SimEnv
-from so101_sim.expert import ExpertChunkPolicy
-from so101_sim.scene import SceneConfig
+from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert
+from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY, SceneConfig
+from so101_sim.rollout import run_episode
+from so101_sim.tasks import TASKS
 
 SIZE = 32
 PAN_OFFSET = 0.35
@@ -27,6 +30,13 @@ def _first_state_and_command_count(path) -> tuple[np.ndarray, int]:
         first = next(raw for c, _, raw in reader.messages() if c.topic == JOINT_STATES_TOPIC)
         n_commands = sum(c.msgcount for c in reader.connections if c.topic == TRAJECTORY_TOPIC)
     return np.array(deserialize_message(bytes(first), JointState).position), n_commands
+
+
+def _commanded_gripper(path) -> np.ndarray:
+    """The gripper target of every trajectory command in the episode, in order."""
+    with Reader(path) as reader:
+        raws = [raw for c, _, raw in reader.messages() if c.topic == TRAJECTORY_TOPIC]
+    return np.array([deserialize_message(bytes(r), JointTrajectory).points[0].positions[-1] for r in raws])
 
 
 def hovering_policy(observation: dict) -> np.ndarray:
@@ -62,17 +72,83 @@ def test_expert_takes_over_from_the_policys_state_and_succeeds(tmp_path):
     assert n_commands == results[0].steps
 
 
-@pytest.mark.parametrize("handover,reason", [(300, "the policy succeeded"), (130, "off the table")])
-def test_no_recovery_once_the_cube_is_picked_or_placed(tmp_path, handover, reason):
+def test_no_recovery_once_the_policy_succeeded(tmp_path):
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
     try:
         expert = ExpertChunkPolicy(env)
-        recorder = recovery.RecoveryRecorder(expert, recovery.HandoverRange(handover, handover))
-        with pytest.raises(recovery.SeedSkipped, match=reason):
+        recorder = recovery.RecoveryRecorder(expert, recovery.HandoverRange(300, 300))
+        with pytest.raises(recovery.SeedSkipped, match="the policy succeeded"):
             recorder(env, 3, tmp_path / "episode_0000")
     finally:
         env.close()
     assert not (tmp_path / "episode_0000").exists() and recorder.handovers == {}
+
+
+class ExpertThenDrift:
+    """A scripted perturbation standing in for a policy that goes wrong mid-task: the expert's own plan for the
+    first ``k`` control steps, then that step's target held, the base turning by ``pan`` rad over 1 s."""
+
+    def __init__(self, env: SimEnv, k: int, pan: float) -> None:
+        self.env, self.k, self.pan = env, k, pan
+        self.plan: np.ndarray | None = None
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        if self.env.steps == 0:
+            self.plan = ScriptedExpert(self.env).plan()
+        steps = np.arange(self.env.steps + 1, self.env.steps + 21)
+        rows = self.plan[np.minimum(steps, self.k).clip(max=len(self.plan) - 1)].copy()
+        rows[:, 0] += self.pan * np.clip((steps - self.k) / 30.0, 0.0, 1.0)
+        return rows
+
+
+def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:
+    """(in the jaws, in a box or on the stack) for object ``name`` now."""
+    task = env.task
+    placed = any(task.at_goal(env.data, g) for g in task.goals(env.data) if g.obj == name)
+    return task.held(env.data, name), placed
+
+
+# Per task: seed, expert steps before the perturbation, base drift (rad), handover step, the object the policy has
+# in the jaws at the handover (carried on from there), or the one it has already placed (skipped), or neither
+# (the expert picks from the table, from the arm's drifted pose).
+TAKEOVERS = {
+    "pick_place": (21, 140, 0.0, 160, {"held": CUBE_BODY}),
+    "stacking": (22, 140, 0.0, 160, {"held": TOY_BODY}),
+    "sorting": (23, 225, 0.25, 265, {"placed": CUBE_BODY}),
+    "sorting_swapped": (24, 225, 0.25, 265, {"placed": GREEN_CUBE_BODY}),
+    "pick_place_red": (25, 40, 0.3, 90, {}),
+    "pick_place_green": (26, 40, -0.3, 90, {}),
+}
+
+
+@pytest.mark.parametrize("task", sorted(TAKEOVERS))
+def test_every_task_expert_takes_over_mid_episode_and_succeeds(tmp_path, task):
+    assert set(TAKEOVERS) == set(TASKS)
+    seed, k, pan, handover, state = TAKEOVERS[task]
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task=task)
+    try:
+        # The perturbation leaves the state it should (the rollout is deterministic: the recorder repeats it).
+        run_episode(env, ExpertThenDrift(env, k, pan), seed, max_steps=handover, action_steps=10)
+        for role, name in state.items():
+            held, placed = _state_at_handover(env, name)
+            assert (held if role == "held" else placed and not held), f"{task}: {name} not {role} at the handover"
+        drift = ExpertThenDrift(env, k, pan)
+        recorder = recovery.RecoveryRecorder(drift, recovery.HandoverRange(handover, handover))
+        demo = recorder(env, seed, tmp_path / "episode_0000")
+        score = env.score()
+    finally:
+        env.close()
+    assert demo.success and score == 1.0, f"{task}: expert's takeover scored {score}"
+    meta = read_episode_metadata(demo.path)
+    assert meta.instruction == TASKS[task].instruction and meta.task == task and meta.success is True
+    first, n_commands = _first_state_and_command_count(demo.path)
+    assert n_commands == demo.steps and recorder.handovers == {"episode_0000": handover}
+    if state:  # only what is left is planned: shorter than from a reset state (sorting: one cube, not two)
+        assert demo.steps < (300 if task.startswith("sorting") else 200)
+    if "held" in state:  # carried on from the jaws: no letting go until over the place (>= 2 s of closed jaws)
+        assert _commanded_gripper(demo.path)[:60].max() < 0.0
+    else:  # the episode starts where the drift left the arm
+        assert first[0] == pytest.approx(drift.plan[k, 0] + pan, abs=0.05)
 
 
 def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
@@ -88,6 +164,24 @@ def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
     assert "wrote 1 recovery episodes" in capsys.readouterr().out
 
 
+def test_cli_records_the_named_task_with_its_instruction(tmp_path, capsys):
+    from meanflow_policy import testing
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    out = tmp_path / "rec"
+    rc = recovery.main(["--checkpoint", str(ckpt), "--task", "pick_place_green", "--episodes", "1", "--out", str(out),
+                        "--seed", "12", "--handover-first", "5", "--handover-last", "5", "--image-size", str(SIZE)])
+    assert rc == 0, capsys.readouterr()
+    assert json.loads((out / recovery.RECOVERY_FILE).read_text())["task"] == "pick_place_green"
+    meta = read_episode_metadata(out / "episode_0000")
+    assert meta.instruction == "grasp the green block and put it in the box" and meta.task == "pick_place_green"
+    assert meta.success is True
+
+
+def test_default_handover_range_scales_with_the_task():
+    assert recovery.default_handover_last("pick_place") == 300
+    assert recovery.default_handover_last("sorting") == 600
+
+
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         recovery.main(["--checkpoint", str(tmp_path / "nope"), "--episodes", "1", "--out", str(tmp_path / "o")])
@@ -97,3 +191,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
     assert recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"),
                           "--handover-first", "9", "--handover-last", "3"]) == 2
     assert "first <= last" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"),
+                       "--task", "juggling"])
+    assert exc.value.code == 2 and "argument --task: invalid choice: 'juggling'" in capsys.readouterr().err
