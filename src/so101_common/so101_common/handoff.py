@@ -1,0 +1,162 @@
+"""Chunk hand-off: how a new action chunk takes over from the one the arm is executing (numpy only, no ROS).
+
+The policy node and the sim's real-time evaluation share this core. Time is counted in control steps. A chunk
+computed from the observation of step ``s`` holds the targets of steps ``s + 1 .. s + T`` (row k at s + k + 1).
+While the policy computes, the arm keeps executing the old command sequence (and holds its last row when it runs
+out), so a new chunk arrives ``delay`` steps after its observation: its first ``delay`` rows are already in the
+past. :func:`hand_off` turns (old sequence, where execution is, new chunk, delay) into the command sequence from
+the next step on:
+
+- ``replace``: the latency-compensated switch: skip the ``delay`` rows already elapsed, then the new chunk as is.
+- ``blend``: over the overlap with the rest of the old sequence, a weighted average whose weight on the new chunk
+  ramps linearly from 1/(n+1) to n/(n+1) (LeRobot's async aggregation, with a ramp instead of a fixed weight);
+  after the overlap, the new chunk.
+- ``rtc`` ("RTC-lite", model-free): the new chunk shifted by the offset between the old plan's and the new chunk's
+  target for the next step, the shift decaying to zero with a minimum-jerk profile over ``rtc_horizon`` steps. The
+  first command continues the committed plan exactly and the new chunk's shape (its velocities) is kept. This is
+  not the RTC paper's inpainting (the model generating the chunk conditioned on the committed prefix); it is the
+  correction such guidance would make, applied after the fact.
+
+Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
+command from the last one sent): larger steps are limited and counted, so a hand-off can never jerk the arm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+HANDOFF_MODES = ("replace", "blend", "rtc")
+DEFAULT_MAX_STEP = 0.15  # rad per control step (4.5 rad/s at 30 Hz): above every step the scripted demos take
+DEFAULT_RTC_HORIZON = 10
+
+
+class HandoffError(ValueError):
+    """Inputs a hand-off cannot use (unknown mode, wrong shapes, non-finite values, negative delay)."""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The command sequence from the next control step on (one row per step) and what the hand-off did."""
+
+    commands: np.ndarray
+    skipped: int  # rows of the new chunk already in the past (``delay``, at most the chunk length)
+    overlap: int  # rows mixed with the old plan (blend) or pulled onto it (rtc)
+    limited: int  # joint values changed by the max_step limit
+    stale: bool  # every row of the new chunk was in the past: its last row is the target
+
+
+def min_jerk_progress(n: int) -> np.ndarray:
+    """Progress 0 .. (n-1)/n of a minimum-jerk move over ``n`` steps (zero velocity and acceleration at 0)."""
+    tau = np.arange(n) / max(n, 1)
+    return 10 * tau**3 - 15 * tau**4 + 6 * tau**5
+
+
+def limit_steps(commands: np.ndarray, last: np.ndarray, max_step: float) -> tuple[np.ndarray, int]:
+    """Each row at most ``max_step`` per joint from the row before (the first from ``last``); returns the
+    limited rows and how many values were changed."""
+    out = np.empty_like(commands)
+    prev = np.asarray(last, dtype=np.float64)
+    limited = 0
+    for i, row in enumerate(commands):
+        step = row - prev
+        clipped = np.clip(step, -max_step, max_step)
+        limited += int(np.count_nonzero(clipped != step))
+        prev = prev + clipped
+        out[i] = prev
+    return out, limited
+
+
+def _check(name: str, arr: object, ndim: int) -> np.ndarray:
+    a = np.asarray(arr, dtype=np.float64)
+    if a.ndim != ndim or a.size == 0:
+        raise HandoffError(f"{name} must be a non-empty {ndim}-D array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise HandoffError(f"{name} contains NaN or inf")
+    return a
+
+
+def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, delay: int,
+             last_command: np.ndarray | None = None, max_step: float = DEFAULT_MAX_STEP,
+             rtc_horizon: int = DEFAULT_RTC_HORIZON) -> Handoff:
+    """The commands from the next step on when ``new`` takes over.
+
+    ``current`` (n, J) is the sequence being executed, one row per step, of which ``reached`` rows were already
+    commanded (beyond its end the arm holds its last row). ``new`` (T, J) was computed from an observation
+    ``delay`` steps ago. ``last_command`` is the last target sent (default: ``current[reached - 1]``, or its last
+    row once it is used up).
+    """
+    if mode not in HANDOFF_MODES:
+        raise HandoffError(f"unknown hand-off mode {mode!r}; expected one of {', '.join(HANDOFF_MODES)}")
+    current = _check("current sequence", current, 2)
+    new = _check("new chunk", new, 2)
+    if new.shape[1] != current.shape[1]:
+        raise HandoffError(f"new chunk has {new.shape[1]} joints, the current sequence {current.shape[1]}")
+    if reached < 0 or delay < 0:
+        raise HandoffError(f"reached and delay must be >= 0, got {reached}, {delay}")
+    if not max_step > 0 or rtc_horizon < 1:
+        raise HandoffError(f"max_step must be > 0 and rtc_horizon >= 1, got {max_step}, {rtc_horizon}")
+    if last_command is None:
+        if reached == 0:
+            raise HandoffError("last_command is needed when no row of the current sequence was commanded")
+        last_command = current[min(reached, len(current)) - 1]
+    last = _check("last command", last_command, 1)
+    if last.shape[0] != new.shape[1]:
+        raise HandoffError(f"last command has {last.shape[0]} joints, the new chunk {new.shape[1]}")
+
+    stale = delay >= len(new)
+    ahead = new[-1:].copy() if stale else new[delay:].copy()
+    skipped = min(delay, len(new))
+    old_rest = current[reached:]
+    overlap = 0
+    if mode == "blend" and len(old_rest):
+        overlap = min(len(old_rest), len(ahead))
+        w = (np.arange(1, overlap + 1) / (overlap + 1))[:, None]
+        ahead[:overlap] = (1 - w) * old_rest[:overlap] + w * ahead[:overlap]
+    elif mode == "rtc":
+        # The old plan's target for the next step: its next row, or the held position once it is used up.
+        anchor = old_rest[0] if len(old_rest) else last
+        overlap = min(rtc_horizon, len(ahead))
+        decay = np.zeros(len(ahead))
+        decay[:overlap] = 1.0 - min_jerk_progress(rtc_horizon)[:overlap]
+        ahead += decay[:, None] * (anchor - ahead[0])[None, :]
+    commands, limited = limit_steps(ahead, last, max_step)
+    return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
+
+
+class CommandStream:
+    """The command sequence being executed, one target per control step; holds its last row when used up.
+
+    The sim's real-time evaluation advances it once per control step; the policy node derives ``reached`` from
+    the time since it published the sequence.
+    """
+
+    def __init__(self, start: np.ndarray) -> None:
+        self.sequence = _check("start position", start, 1)[None, :].copy()
+        self.reached = 1  # the start position counts as commanded
+        self.last = self.sequence[0].copy()
+
+    @property
+    def remaining(self) -> int:
+        """Rows not yet commanded (0: the arm holds ``last``)."""
+        return max(0, len(self.sequence) - self.reached)
+
+    def advance(self) -> np.ndarray:
+        """The target of the next control step."""
+        if self.reached < len(self.sequence):
+            self.last = self.sequence[self.reached].copy()
+            self.reached += 1
+        return self.last.copy()
+
+    def truncate(self) -> None:
+        """Stop after the current row: the arm holds the last command (synchronous inference waits this way)."""
+        self.sequence = self.last[None, :].copy()
+        self.reached = 1
+
+    def take_over(self, mode: str, new: np.ndarray, delay: int, max_step: float = DEFAULT_MAX_STEP,
+                  rtc_horizon: int = DEFAULT_RTC_HORIZON) -> Handoff:
+        """Hand off to ``new`` (computed ``delay`` steps ago); the stream then executes the result."""
+        result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon)
+        self.sequence = result.commands
+        self.reached = 0
+        return result
