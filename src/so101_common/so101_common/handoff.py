@@ -12,13 +12,15 @@ the next step on:
   ramps linearly from 1/(n+1) to n/(n+1) (LeRobot's async aggregation, with a ramp instead of a fixed weight);
   after the overlap, the new chunk.
 - ``rtc`` ("RTC-lite", model-free): the new chunk shifted by the offset between the old plan's and the new chunk's
-  target for the next step, the shift decaying to zero with a minimum-jerk profile over ``rtc_horizon`` steps. The
-  first command continues the committed plan exactly and the new chunk's shape (its velocities) is kept. This is
-  not the RTC paper's inpainting (the model generating the chunk conditioned on the committed prefix); it is the
-  correction such guidance would make, applied after the fact.
+  target for the next step, the shift decaying to zero with a minimum-jerk profile over ``rtc_horizon`` steps (a
+  shorter sequence is extended by holding its last row). The first command continues the committed plan exactly
+  and the new chunk's shape (its velocities) is kept. This is not the RTC paper's inpainting (the model generating
+  the chunk conditioned on the committed prefix); it is the correction such guidance would make, applied after
+  the fact.
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
-command from the last one sent): larger steps are limited and counted, so a hand-off can never jerk the arm.
+command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
+reaches its last row, so a hand-off can never jerk the arm and still ends where the new chunk does.
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 
 HANDOFF_MODES = ("replace", "blend", "rtc")
-DEFAULT_MAX_STEP = 0.15  # rad per control step (4.5 rad/s at 30 Hz): above every step the scripted demos take
+# rad per control step (7.5 rad/s at 30 Hz): above every step the scripted demos take (the gripper's up to 0.18)
+DEFAULT_MAX_STEP = 0.25
 DEFAULT_RTC_HORIZON = 10
 
 
@@ -54,17 +57,25 @@ def min_jerk_progress(n: int) -> np.ndarray:
 
 def limit_steps(commands: np.ndarray, last: np.ndarray, max_step: float) -> tuple[np.ndarray, int]:
     """Each row at most ``max_step`` per joint from the row before (the first from ``last``); returns the
-    limited rows and how many values were changed."""
-    out = np.empty_like(commands)
+    limited rows and how many values were changed.
+
+    Rows are appended (each a ``max_step`` closer) until the last row is reached: the arm holds the last row of
+    a sequence, and must hold the target, not wherever the limit left it.
+    """
+    out = []
     prev = np.asarray(last, dtype=np.float64)
     limited = 0
-    for i, row in enumerate(commands):
+    for row in commands:
         step = row - prev
         clipped = np.clip(step, -max_step, max_step)
         limited += int(np.count_nonzero(clipped != step))
         prev = prev + clipped
-        out[i] = prev
-    return out, limited
+        out.append(prev)
+    extra = int(np.ceil(np.max(np.abs(commands[-1] - prev)) / max_step - 1e-9))
+    for _ in range(extra):
+        prev = prev + np.clip(commands[-1] - prev, -max_step, max_step)
+        out.append(prev)
+    return np.asarray(out), limited
 
 
 def _check(name: str, arr: object, ndim: int) -> np.ndarray:
@@ -116,9 +127,13 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
     elif mode == "rtc":
         # The old plan's target for the next step: its next row, or the held position once it is used up.
         anchor = old_rest[0] if len(old_rest) else last
-        overlap = min(rtc_horizon, len(ahead))
+        # A sequence shorter than the horizon is followed by a hold of its last row: the offset fades out over
+        # that hold, so the arm still ends on the new chunk's target.
+        if len(ahead) <= rtc_horizon:
+            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], rtc_horizon + 1 - len(ahead), axis=0)])
+        overlap = rtc_horizon
         decay = np.zeros(len(ahead))
-        decay[:overlap] = 1.0 - min_jerk_progress(rtc_horizon)[:overlap]
+        decay[:overlap] = 1.0 - min_jerk_progress(rtc_horizon)
         ahead += decay[:, None] * (anchor - ahead[0])[None, :]
     commands, limited = limit_steps(ahead, last, max_step)
     return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)

@@ -69,6 +69,16 @@ def test_rtc_after_the_old_sequence_ran_out_starts_from_the_held_position():
 
 
 @pytest.mark.parametrize("mode", ["replace", "blend", "rtc"])
+def test_a_chunk_entirely_in_the_past_still_brings_the_arm_to_its_last_row(mode):
+    old = np.zeros((20, J))
+    new = ramp(0.0, 20, step=0.05)  # ends 1.0 rad away
+    out = hand_off(mode, old, reached=20, new=new, delay=24, max_step=0.25)
+    assert out.stale
+    np.testing.assert_allclose(out.commands[-1], new[-1])
+    assert np.max(np.abs(np.diff(np.vstack([old[-1:], out.commands]), axis=0))) <= 0.25 + 1e-12
+
+
+@pytest.mark.parametrize("mode", ["replace", "blend", "rtc"])
 def test_no_command_jumps_more_than_max_step_at_a_hand_off(mode):
     old = np.zeros((20, J))
     new = np.full((20, J), 1.0)  # a chunk 1 rad away from what the arm was commanded
@@ -80,9 +90,9 @@ def test_no_command_jumps_more_than_max_step_at_a_hand_off(mode):
         np.testing.assert_allclose(out.commands[0], 0.15)
 
 
-def test_limit_steps_counts_limited_values():
+def test_limit_steps_counts_limited_values_and_still_reaches_the_last_row():
     rows, limited = limit_steps(np.array([[0.5, 0.0], [0.5, 0.05]]), np.zeros(2), 0.2)
-    np.testing.assert_allclose(rows, [[0.2, 0.0], [0.4, 0.05]])
+    np.testing.assert_allclose(rows, [[0.2, 0.0], [0.4, 0.05], [0.5, 0.05]])
     assert limited == 2
 
 
