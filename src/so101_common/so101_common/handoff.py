@@ -11,12 +11,13 @@ the next step on:
 - ``blend``: over the overlap with the rest of the old sequence, a weighted average whose weight on the new chunk
   ramps linearly from 1/(n+1) to n/(n+1) (LeRobot's async aggregation, with a ramp instead of a fixed weight);
   after the overlap, the new chunk.
-- ``rtc`` ("RTC-lite", model-free): the new chunk shifted by the offset between the old plan's and the new chunk's
-  target for the next step, the shift decaying to zero with a minimum-jerk profile over ``rtc_horizon`` steps (a
-  shorter sequence is extended by holding its last row). The first command continues the committed plan exactly
-  and the new chunk's shape (its velocities) is kept. This is not the RTC paper's inpainting (the model generating
-  the chunk conditioned on the committed prefix); it is the correction such guidance would make, applied after
-  the fact.
+- ``rtc`` ("RTC-lite", model-free): the new chunk plus a correction that makes it continue the committed plan:
+  at the next step the correction is the offset between the old plan's and the new chunk's target and its slope
+  the difference of their velocities; it fades to zero (value, slope and curvature) over ``rtc_horizon`` steps
+  (a shorter sequence is extended by holding its last row). The first command is exactly the old plan's, the
+  velocity carries on, and from ``rtc_horizon`` on the new chunk runs unchanged. This is not the RTC paper's
+  inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
+  guidance aims at, applied after the fact.
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
 command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
@@ -49,10 +50,13 @@ class Handoff:
     stale: bool  # every row of the new chunk was in the past: its last row is the target
 
 
-def min_jerk_progress(n: int) -> np.ndarray:
-    """Progress 0 .. (n-1)/n of a minimum-jerk move over ``n`` steps (zero velocity and acceleration at 0)."""
-    tau = np.arange(n) / max(n, 1)
-    return 10 * tau**3 - 15 * tau**4 + 6 * tau**5
+def rtc_correction(offset: np.ndarray, velocity: np.ndarray, n: int, horizon: int) -> np.ndarray:
+    """(n, J) correction that starts at ``offset`` with slope ``velocity`` (per step) and fades out to zero
+    value, slope and curvature at ``horizon`` steps (quintic Hermite basis: no acceleration step at either end)."""
+    tau = np.minimum(np.arange(n) / horizon, 1.0)[:, None]
+    fade = 1.0 - (10 * tau**3 - 15 * tau**4 + 6 * tau**5)  # 1 -> 0, flat at both ends
+    slope = tau - 6 * tau**3 + 8 * tau**4 - 3 * tau**5  # 0 -> 0, slope 1 -> 0, flat curvature at both ends
+    return offset[None, :] * fade + (velocity * horizon)[None, :] * slope
 
 
 def limit_steps(commands: np.ndarray, last: np.ndarray, max_step: float) -> tuple[np.ndarray, int]:
@@ -125,16 +129,15 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
         w = (np.arange(1, overlap + 1) / (overlap + 1))[:, None]
         ahead[:overlap] = (1 - w) * old_rest[:overlap] + w * ahead[:overlap]
     elif mode == "rtc":
-        # The old plan's target for the next step: its next row, or the held position once it is used up.
-        anchor = old_rest[0] if len(old_rest) else last
-        # A sequence shorter than the horizon is followed by a hold of its last row: the offset fades out over
+        # The old plan's targets for the next two steps (held once it is used up): where and how fast it goes.
+        held = np.concatenate([old_rest[:2], np.repeat(old_rest[-1:] if len(old_rest) else last[None], 2, axis=0)])
+        # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
         # that hold, so the arm still ends on the new chunk's target.
         if len(ahead) <= rtc_horizon:
             ahead = np.concatenate([ahead, np.repeat(ahead[-1:], rtc_horizon + 1 - len(ahead), axis=0)])
         overlap = rtc_horizon
-        decay = np.zeros(len(ahead))
-        decay[:overlap] = 1.0 - min_jerk_progress(rtc_horizon)
-        ahead += decay[:, None] * (anchor - ahead[0])[None, :]
+        ahead += rtc_correction(held[0] - ahead[0], (held[1] - held[0]) - (ahead[1] - ahead[0]), len(ahead),
+                                rtc_horizon)
     commands, limited = limit_steps(ahead, last, max_step)
     return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
 

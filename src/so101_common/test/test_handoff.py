@@ -61,6 +61,20 @@ def test_rtc_continues_the_old_plan_and_returns_to_the_new_chunk():
     assert out.overlap == 8
 
 
+def test_rtc_carries_the_old_plans_velocity_over_the_hand_off():
+    old = ramp(0.0, 20, step=0.02)  # moving at 0.02 rad per step
+    new = np.repeat(old[12:13], 20, axis=0)  # a chunk that stands still where the old plan is next
+    out = hand_off("rtc", old, reached=12, new=new, delay=0, rtc_horizon=10)
+    steps = np.diff(np.concatenate([old[11:12, 0], out.commands[:, 0]]))
+    assert steps[0] == pytest.approx(0.02) and steps[1] == pytest.approx(0.02, abs=0.002)  # no sudden stop
+    # It slows down over the horizon (and comes back to where the new chunk stands): no step change in velocity
+    # bigger than half of replace's dead stop (0.02 per step).
+    assert np.max(np.abs(np.diff(steps))) < 0.5 * 0.02
+    np.testing.assert_allclose(out.commands[10:], new[10:])
+    replaced = hand_off("replace", old, reached=12, new=new, delay=0)
+    assert np.diff(replaced.commands[:, 0])[0] == 0.0  # replace stops dead
+
+
 def test_rtc_after_the_old_sequence_ran_out_starts_from_the_held_position():
     old = ramp(0.0, 20)
     new = ramp(0.1, 20)
