@@ -59,7 +59,7 @@ class RealtimeEpisode:
     chunks: int
     handoff_steps: list[int] = field(default_factory=list)
     boundary_accel_max: float = 0.0  # rad/s^2, measured, arm joints, ACCEL_WINDOW steps after each hand-off
-    boundary_cmd_accel_max: float = 0.0  # rad/s^2, second difference of the commanded targets across a hand-off
+    boundary_cmd_accel_max: float = 0.0  # rad/s^2, second differences of the commanded targets at b .. b+2
     handoff_jump_max: float = 0.0  # rad, largest change of a commanded target at a hand-off (any joint)
     cmd_jump_max: float = 0.0  # rad, largest change between two consecutive commanded targets in the episode
     held_steps: int = 0  # control steps the arm held its last target because no chunk was ready
@@ -85,11 +85,10 @@ def _smoothness(commanded: np.ndarray, velocities: np.ndarray, boundaries: list[
         if b + 1 > steps:
             continue
         out["handoff_jump_max"] = max(out["handoff_jump_max"], float(jumps[b].max()))
-        if b >= 1:
-            second = commanded[b + 1, ARM] - 2 * commanded[b, ARM] + commanded[b - 1, ARM]
+        for k in range(max(b, 1), min(b + ACCEL_WINDOW, steps)):  # second differences centred on b .. b+2
+            second = commanded[k + 1, ARM] - 2 * commanded[k, ARM] + commanded[k - 1, ARM]
             out["boundary_cmd_accel_max"] = max(out["boundary_cmd_accel_max"], float(np.abs(second).max()) / dt**2)
-        window = range(b + 1, min(b + ACCEL_WINDOW, steps) + 1)
-        for k in window:
+        for k in range(b + 1, min(b + ACCEL_WINDOW, steps) + 1):
             accel = np.abs(velocities[k, ARM] - velocities[k - 1, ARM]).max() / dt
             out["boundary_accel_max"] = max(out["boundary_accel_max"], float(accel))
     return out
