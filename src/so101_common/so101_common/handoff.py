@@ -147,8 +147,8 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
 class CommandStream:
     """The command sequence being executed, one target per control step; holds its last row when used up.
 
-    The sim's real-time evaluation advances it once per control step; the policy node derives ``reached`` from
-    the time since it published the sequence.
+    The sim's real-time evaluation advances it once per control step. (The policy node does not step: it samples
+    the trajectory it published on the new chunk's time grid, meanflow_policy.ros.runtime.Handoffs.)
     """
 
     def __init__(self, start: np.ndarray) -> None:
