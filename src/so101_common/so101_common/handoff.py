@@ -12,12 +12,15 @@ the next step on:
   ramps linearly from 1/(n+1) to n/(n+1) (LeRobot's async aggregation, with a ramp instead of a fixed weight);
   after the overlap, the new chunk.
 - ``rtc`` ("RTC-lite", model-free): the new chunk plus a correction that makes it continue the committed plan:
-  at the next step the correction is the offset between the old plan's and the new chunk's target and its slope
-  the difference of their velocities; it fades to zero (value, slope and curvature) over ``rtc_horizon`` steps
-  (a shorter sequence is extended by holding its last row). The first command is exactly the old plan's, the
-  velocity carries on, and from ``rtc_horizon`` on the new chunk runs unchanged. This is not the RTC paper's
-  inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
-  guidance aims at, applied after the fact.
+  at the next step the correction is the offset between the old plan's and the new chunk's target, and it fades
+  to zero with a minimum-jerk profile (no slope or curvature at either end) over ``rtc_horizon`` steps, or more
+  when the offset is large (an arm that held while the new chunk moved on): the fade's peak acceleration,
+  5.77 offset / horizon^2, stays within ``max_step / 8`` per step^2. A sequence shorter than the horizon is
+  extended by holding its last row. The first command is exactly the old plan's; past the horizon the new chunk
+  runs unchanged. Matching the old plan's velocity as well (a Hermite fade) was tried and dropped: with the
+  model's chunks it cost success (docs/simulation.md). This is not the RTC paper's inpainting (the model
+  generating the chunk conditioned on the committed prefix); it is the correction such guidance aims at,
+  applied after the fact.
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
 command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
@@ -32,8 +35,8 @@ import numpy as np
 HANDOFF_MODES = ("replace", "blend", "rtc")
 # rad per control step (7.5 rad/s at 30 Hz): above every step the scripted demos take (the gripper's up to 0.18)
 DEFAULT_MAX_STEP = 0.25
-# Steps over which rtc fades its correction. Short: the correction must be over before the next hand-off, or the
-# arm lags the policy for good (shipped checkpoint, 200 ms, 6 episodes: horizon 10 -> 2/6 successes, 4 -> 6/6).
+# Steps over which rtc fades its correction (at least). Short: the correction must be over before the next
+# hand-off, or the arm lags the policy for good (measured: docs/simulation.md, "Real-time evaluation").
 DEFAULT_RTC_HORIZON = 4
 
 
@@ -52,13 +55,21 @@ class Handoff:
     stale: bool  # every row of the new chunk was in the past: its last row is the target
 
 
-def rtc_correction(offset: np.ndarray, velocity: np.ndarray, n: int, horizon: int) -> np.ndarray:
-    """(n, J) correction that starts at ``offset`` with slope ``velocity`` (per step) and fades out to zero
-    value, slope and curvature at ``horizon`` steps (quintic Hermite basis: no acceleration step at either end)."""
+# The rtc fade's peak acceleration (minimum jerk: 5.77 offset / horizon^2) is kept within max_step / this.
+RTC_ACCEL_DIVISOR = 8.0
+
+
+def rtc_horizon_for(offset: np.ndarray, max_step: float, rtc_horizon: int) -> int:
+    """Steps over which an rtc correction of ``offset`` fades: ``rtc_horizon``, or more for a large offset."""
+    needed = np.sqrt(5.77 * float(np.max(np.abs(offset))) * RTC_ACCEL_DIVISOR / max_step)
+    return max(rtc_horizon, int(np.ceil(needed - 1e-9)))
+
+
+def rtc_correction(offset: np.ndarray, n: int, horizon: int) -> np.ndarray:
+    """(n, J) correction that starts at ``offset`` and fades to zero at ``horizon`` steps with a minimum-jerk
+    profile (flat at both ends: no velocity or acceleration step where it starts or ends)."""
     tau = np.minimum(np.arange(n) / horizon, 1.0)[:, None]
-    fade = 1.0 - (10 * tau**3 - 15 * tau**4 + 6 * tau**5)  # 1 -> 0, flat at both ends
-    slope = tau - 6 * tau**3 + 8 * tau**4 - 3 * tau**5  # 0 -> 0, slope 1 -> 0, flat curvature at both ends
-    return offset[None, :] * fade + (velocity * horizon)[None, :] * slope
+    return offset[None, :] * (1.0 - (10 * tau**3 - 15 * tau**4 + 6 * tau**5))
 
 
 def limit_steps(commands: np.ndarray, last: np.ndarray, max_step: float) -> tuple[np.ndarray, int]:
@@ -131,15 +142,14 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
         w = (np.arange(1, overlap + 1) / (overlap + 1))[:, None]
         ahead[:overlap] = (1 - w) * old_rest[:overlap] + w * ahead[:overlap]
     elif mode == "rtc":
-        # The old plan's targets for the next two steps (held once it is used up): where and how fast it goes.
-        held = np.concatenate([old_rest[:2], np.repeat(old_rest[-1:] if len(old_rest) else last[None], 2, axis=0)])
+        # The old plan's target for the next step, or the held position once it is used up.
+        offset = (old_rest[0] if len(old_rest) else last) - ahead[0]
+        overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
         # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
         # that hold, so the arm still ends on the new chunk's target.
-        if len(ahead) <= rtc_horizon:
-            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], rtc_horizon + 1 - len(ahead), axis=0)])
-        overlap = rtc_horizon
-        ahead += rtc_correction(held[0] - ahead[0], (held[1] - held[0]) - (ahead[1] - ahead[0]), len(ahead),
-                                rtc_horizon)
+        if len(ahead) <= overlap:
+            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead), axis=0)])
+        ahead += rtc_correction(offset, len(ahead), overlap)
     commands, limited = limit_steps(ahead, last, max_step)
     return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
 
