@@ -17,8 +17,9 @@ the next step on:
   when the offset is large (an arm that held while the new chunk moved on): the fade's peak acceleration,
   5.77 offset / horizon^2, stays within ``max_step / 8`` per step^2. A sequence shorter than the horizon is
   extended by holding its last row. The first command is exactly the old plan's; past the horizon the new chunk
-  runs unchanged. Matching the old plan's velocity as well (a Hermite fade) was tried and dropped: with the
-  model's chunks it cost success (docs/simulation.md). This is not the RTC paper's inpainting (the model
+  runs unchanged. Joints named in ``rtc_exempt`` (the gripper: an open/close decision that must not come late)
+  are not corrected: they switch as in ``replace``. Matching the old plan's velocity as well (a Hermite fade) was
+  tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's inpainting (the model
   generating the chunk conditioned on the committed prefix); it is the correction such guidance aims at,
   applied after the fact.
 
@@ -28,6 +29,7 @@ reaches its last row, so a hand-off can never jerk the arm and still ends where 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,13 +108,13 @@ def _check(name: str, arr: object, ndim: int) -> np.ndarray:
 
 def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, delay: int,
              last_command: np.ndarray | None = None, max_step: float = DEFAULT_MAX_STEP,
-             rtc_horizon: int = DEFAULT_RTC_HORIZON) -> Handoff:
+             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
     """The commands from the next step on when ``new`` takes over.
 
     ``current`` (n, J) is the sequence being executed, one row per step, of which ``reached`` rows were already
     commanded (beyond its end the arm holds its last row). ``new`` (T, J) was computed from an observation
     ``delay`` steps ago. ``last_command`` is the last target sent (default: ``current[reached - 1]``, or its last
-    row once it is used up).
+    row once it is used up). ``rtc_exempt``: joint indices rtc does not correct (the gripper).
     """
     if mode not in HANDOFF_MODES:
         raise HandoffError(f"unknown hand-off mode {mode!r}; expected one of {', '.join(HANDOFF_MODES)}")
@@ -144,6 +146,7 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
     elif mode == "rtc":
         # The old plan's target for the next step, or the held position once it is used up.
         offset = (old_rest[0] if len(old_rest) else last) - ahead[0]
+        offset[list(rtc_exempt)] = 0.0
         overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
         # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
         # that hold, so the arm still ends on the new chunk's target.
@@ -184,9 +187,10 @@ class CommandStream:
         self.reached = 1
 
     def take_over(self, mode: str, new: np.ndarray, delay: int, max_step: float = DEFAULT_MAX_STEP,
-                  rtc_horizon: int = DEFAULT_RTC_HORIZON) -> Handoff:
+                  rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
         """Hand off to ``new`` (computed ``delay`` steps ago); the stream then executes the result."""
-        result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon)
+        result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon,
+                          rtc_exempt)
         self.sequence = result.commands
         self.reached = 0
         return result

@@ -74,6 +74,15 @@ def test_rtc_fades_a_large_offset_over_more_steps():
     assert small.overlap == 4
 
 
+def test_rtc_leaves_exempt_joints_to_switch_like_replace():
+    old = ramp(0.0, 20)
+    new = ramp(0.04, 20)
+    out = hand_off("rtc", old, reached=12, new=new, delay=3, rtc_exempt=[5])
+    replaced = hand_off("replace", old, reached=12, new=new, delay=3)
+    np.testing.assert_allclose(out.commands[:, 5], replaced.commands[:, 5])  # the gripper follows the new chunk
+    np.testing.assert_allclose(out.commands[0, :5], old[12, :5])  # the arm continues the old plan
+
+
 def test_rtc_after_the_old_sequence_ran_out_starts_from_the_held_position():
     old = ramp(0.0, 20)
     new = ramp(0.1, 20)

@@ -42,6 +42,7 @@ from so101_sim.tasks import TASKS
 HANDOFFS = ("sync", *HANDOFF_MODES)
 MEASURED = "measured"
 ARM = [i for i, name in enumerate(JOINT_NAMES) if name != GRIPPER_JOINT_NAME]
+GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # rtc does not correct it (so101_common.handoff)
 ACCEL_WINDOW = 3  # control steps after a hand-off in which the measured acceleration is attributed to it
 
 
@@ -139,7 +140,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                 pending = None
                 # sync: the arm stood still since the observation, so the chunk runs from its first row.
                 mode, delay = ("replace", 0) if handoff == "sync" else (handoff, steps - observed)
-                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon)
+                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER)
                 result.limited += done.limited
                 result.stale_chunks += int(done.stale)
                 if taken:  # the first chunk takes over from the arm at rest: no hand-off between chunks

@@ -82,7 +82,6 @@ def test_rtc_halves_the_commanded_boundary_acceleration_of_replace_when_chunks_r
     assert rtc.boundary_cmd_accel_max <= 0.5 * replace.boundary_cmd_accel_max
     # Measured, less: rtc matches position, not velocity (the held arm starts at the new chunk's speed).
     assert rtc.boundary_accel_max <= 0.75 * replace.boundary_accel_max
-    assert rtc.handoff_jump_max < 0.5 * replace.handoff_jump_max
 
 
 def test_cli_table_and_last_line(tmp_path, capsys):

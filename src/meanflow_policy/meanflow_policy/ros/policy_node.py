@@ -96,7 +96,8 @@ class PolicyNode(Node):
         if self._handoff_mode not in HANDOFF_CHOICES:
             raise PolicyNodeError(f"parameter handoff is {self._handoff_mode!r}; expected one of "
                                   f"{list(HANDOFF_CHOICES)}")
-        self._handoffs = Handoffs(self._limits, self._dt)
+        gripper = [i for i, name in enumerate(self._joint_names) if name == graph.GRIPPER_JOINT_NAME]
+        self._handoffs = Handoffs(self._limits, self._dt, rtc_exempt=gripper)
         self._latency_s = 0.0  # observation -> publish of the last chunk: when to start the next one
 
         self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories

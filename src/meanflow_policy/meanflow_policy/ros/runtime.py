@@ -289,9 +289,10 @@ class Handoffs:
     from, at most ``max_step`` away.
     """
 
-    def __init__(self, limits: JointLimits, dt_s: float) -> None:
+    def __init__(self, limits: JointLimits, dt_s: float, rtc_exempt: Sequence[int] = ()) -> None:
         self.limits = limits
         self.dt_s = dt_s
+        self.rtc_exempt = tuple(rtc_exempt)  # joints rtc switches without correction (the gripper)
         self._published: tuple[int, np.ndarray, np.ndarray] | None = None  # stamp ns, times s, positions
 
     def reset(self) -> None:
@@ -335,7 +336,8 @@ class Handoffs:
             grid = since + (np.arange(len(times)) + 1) * dt - frac
             grid = grid[grid <= times[-1] + 1e-9]
             current, reached = (self._sample(grid), 0) if len(grid) else (last[None, :], 1)
-        result = hand_off(mode, current, reached, base.positions, delay, last, max_step)
+        result = hand_off(mode, current, reached, base.positions, delay, last, max_step,
+                          rtc_exempt=self.rtc_exempt)
         positions = self.limits.clamp(result.commands)
         plan = TrajectoryPlan(times_s=(np.arange(len(positions)) + 1) * dt - frac, positions=positions,
                               dropped=result.skipped, clamped=base.clamped, clamped_by_joint=base.clamped_by_joint)
