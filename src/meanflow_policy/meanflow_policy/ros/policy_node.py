@@ -186,7 +186,7 @@ class PolicyNode(Node):
         declare("handoff", HANDOFF_OFF, f"How a new chunk takes over from the trajectory being executed, one of "
                 f"{list(HANDOFF_CHOICES)}. off: the chunk as computed (latency_compensation applies); replace: "
                 "points already due are skipped; blend: weighted average with the rest of the old trajectory; rtc: "
-                "the new chunk pulled onto the old one's position and velocity, fading out. With a hand-off the "
+                "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a hand-off the "
                 "next chunk also starts early enough to arrive before the published trajectory runs out.")
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
