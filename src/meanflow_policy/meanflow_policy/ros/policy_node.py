@@ -186,8 +186,9 @@ class PolicyNode(Node):
         declare("handoff", HANDOFF_OFF, f"How a new chunk takes over from the trajectory being executed, one of "
                 f"{list(HANDOFF_CHOICES)}. off: the chunk as computed (latency_compensation applies); replace: "
                 "points already due are skipped; blend: weighted average with the rest of the old trajectory; rtc: "
-                "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a hand-off the "
-                "next chunk also starts early enough to arrive before the published trajectory runs out.")
+                "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a "
+                "hand-off the next chunk also starts early enough to arrive before the published trajectory runs "
+                "out.")
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])
