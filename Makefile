@@ -36,7 +36,8 @@ eval-sim: setup
 	  --seed 1000 --image-size 64 --out $(RUNS)/eval_sim
 
 # Real-time evaluation: sim time advances while the policy computes (injected latencies in ms, or 'measured'), per
-# hand-off (sync, replace, blend, rtc); table + JSON in $(RUNS)/eval_realtime, last line one JSON object {"rows": [...]}.
+# hand-off (sync, replace, blend, rtc); table + JSON in $(RUNS)/eval_realtime; the last line is one JSON object
+# {"rows": [...]}.
 # POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10".
 LATENCIES ?= 0,33,100,200,400,800
 HANDOFFS ?= sync,replace,blend,rtc

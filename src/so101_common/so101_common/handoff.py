@@ -19,9 +19,9 @@ the next step on:
   extended by holding its last row. The first command is exactly the old plan's; past the horizon the new chunk
   runs unchanged. Joints named in ``rtc_exempt`` (the gripper: an open/close decision that must not come late)
   are not corrected: they switch as in ``replace``. Matching the old plan's velocity as well (a Hermite fade) was
-  tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's inpainting (the model
-  generating the chunk conditioned on the committed prefix); it is the correction such guidance aims at,
-  applied after the fact.
+  tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's
+  inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
+  guidance aims at, applied after the fact.
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
 command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
