@@ -15,7 +15,7 @@ DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim eval-realtime train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -42,6 +42,19 @@ eval-sim: setup
 	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.evaluate --checkpoint $(CHECKPOINT) --tasks $(TASK) \
 	  --episodes $(EPISODES) --nfe $(NFE) --seed 1000 --image-size 64 --workers $(WORKERS) --video-episodes 1 \
 	  --out $(RUNS)/eval_sim
+
+# Real-time evaluation: sim time advances while the policy computes (injected latencies in ms, or 'measured'), per
+# hand-off (sync, replace, blend, rtc); table + JSON in $(RUNS)/eval_realtime; the last line is one JSON object
+# {"rows": [...]}.
+# POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10".
+LATENCIES ?= 0,33,100,200,400,800
+HANDOFFS ?= sync,replace,blend,rtc
+TASK ?= pick_place
+POLICIES ?= $(CHECKPOINT)@$(NFE)
+eval-realtime: setup
+	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.realtime $(foreach p,$(POLICIES),--policy $(p)) \
+	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(TASK) --seed 1000 \
+	  --image-size 64 --out $(RUNS)/eval_realtime
 
 # The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
 sim-demos: setup

@@ -21,6 +21,7 @@ setup(
         "so101-sim-recovery = so101_sim.recovery:main",
         "so101-eval = so101_sim.evaluate:main",
         "so101-results-table = so101_sim.results_table:main",
+        "so101-eval-realtime = so101_sim.realtime:main",
         "sim_node = so101_sim.sim_node:main",
         "so101-sim-bench = so101_sim.bench:main",
         "so101-sim-sheet = so101_sim.contact_sheet:main",

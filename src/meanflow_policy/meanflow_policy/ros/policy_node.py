@@ -30,10 +30,13 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from meanflow_policy.ros.runtime import (
     DEFAULT_MAX_FUTURE_STAMP_S,
+    HANDOFF_CHOICES,
+    HANDOFF_OFF,
     ChunkError,
     ChunkStats,
     ClampMonitor,
     FutureStamp,
+    Handoffs,
     ObservationNotReady,
     ObservationStale,
     ObservationStore,
@@ -42,6 +45,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
+from so101_common.handoff import DEFAULT_MAX_STEP
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -88,6 +92,13 @@ class PolicyNode(Node):
                                        float(self._param("max_future_stamp_s")))
         self._stats = ChunkStats()
         self._clamping = ClampMonitor()
+        self._handoff_mode = str(self._param("handoff"))
+        if self._handoff_mode not in HANDOFF_CHOICES:
+            raise PolicyNodeError(f"parameter handoff is {self._handoff_mode!r}; expected one of "
+                                  f"{list(HANDOFF_CHOICES)}")
+        gripper = [i for i, name in enumerate(self._joint_names) if name == graph.GRIPPER_JOINT_NAME]
+        self._handoffs = Handoffs(self._limits, self._dt, rtc_exempt=gripper)
+        self._latency_s = 0.0  # observation -> publish of the last chunk: when to start the next one
 
         self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories
         self._enabled = bool(self._param("start_enabled"))
@@ -172,6 +183,15 @@ class PolicyNode(Node):
                 floating_point_range=[FloatingPointRange(from_value=0.0, to_value=3600.0, step=0.0)])
         declare("latency_compensation", False, "Drop the chunk points already due at publish time and shift the "
                 "rest by the observation-to-publish latency.", read_only=False)
+        declare("handoff", HANDOFF_OFF, f"How a new chunk takes over from the trajectory being executed, one of "
+                f"{list(HANDOFF_CHOICES)}. off: the chunk as computed (latency_compensation applies); replace: "
+                "points already due are skipped; blend: weighted average with the rest of the old trajectory; rtc: "
+                "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a "
+                "hand-off the next chunk also starts early enough to arrive before the published trajectory runs "
+                "out.")
+        declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
+                "step to the next (rad), the first one included.", read_only=False,
+                floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])
         declare("instruction", "", "Initial instruction (empty: wait for the set_instruction service).")
         declare("start_enabled", True, "Act as soon as an instruction is there; false: wait for ~/enable.")
         declare("torch_threads", 0, "Torch intra-op threads for inference (0: torch's default, one per core). "
@@ -292,6 +312,7 @@ class PolicyNode(Node):
                 return response
             self._enabled = bool(request.data)
             self._epoch += 1
+            self._handoffs.reset()  # a hand-off starts from where the arm is, not from a trajectory before
             if self._enabled:
                 self._moving = False
                 response.message = "enabled" + ("" if self._instruction else "; waiting for an instruction")
@@ -343,6 +364,11 @@ class PolicyNode(Node):
                 self._stats.count("inference_errors")
                 text = f"chunk failed: {type(exc).__name__}: {exc}"
                 self._report(DiagnosticStatus.ERROR, "inference", text)
+            end_ns = self._handoffs.end_ns() if self._handoff_mode != HANDOFF_OFF else None
+            if end_ns is not None:
+                # Start early enough that the next chunk (at the last latency) arrives before this one runs out.
+                left_s = (end_ns - self._now_ns()) * 1e-9 - self._latency_s - self._dt
+                next_start = min(next_start, time.monotonic() + max(0.0, left_s))
 
     def _step(self, instruction: str, epoch: int, max_age: float) -> None:
         t0 = time.perf_counter()
@@ -362,11 +388,20 @@ class PolicyNode(Node):
         chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe)
         timing = dict(self._policy.last_timing)
         publish_ns = self._now_ns()
+        handoff = None
         try:
             if np.shape(chunk)[0] != self._chunk_size:
                 raise ChunkError(f"model returned {np.shape(chunk)[0]} steps, the checkpoint says {self._chunk_size}")
-            plan = chunk_to_plan(chunk, self._limits, self._dt, age_s(publish_ns, obs.newest_image_stamp_ns),
-                                 bool(self._param("latency_compensation")))
+            if self._handoff_mode == HANDOFF_OFF:
+                plan = chunk_to_plan(chunk, self._limits, self._dt, age_s(publish_ns, obs.newest_image_stamp_ns),
+                                     bool(self._param("latency_compensation")))
+            else:
+                with self._lock:  # against the enable service, which resets the published trajectory
+                    publish_ns = self._now_ns()
+                    self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
+                    handoff = self._handoffs.plan(self._handoff_mode, chunk, self._latency_s, publish_ns,
+                                                  self._store.current_positions(), float(self._param("max_step")))
+                plan = handoff.plan
         except ChunkError as exc:
             self._stats.count("bad_chunks")
             text = f"no chunk: model output rejected: {exc}"
@@ -377,7 +412,13 @@ class PolicyNode(Node):
                 self._stats.count("chunks_discarded_after_disable")
                 return
             self._publish_plan(plan, publish_ns)
+            if handoff is not None:
+                self._handoffs.remember(publish_ns, handoff)
             self._moving = True
+        if handoff is not None and handoff.limited:
+            self._stats.count("handoff_limited_values", handoff.limited)
+        if handoff is not None and handoff.stale:
+            self._stats.count("stale_chunks")
         total_ms = (time.perf_counter() - t0) * 1e3
         obs_age_ms = age_s(now_ns, obs.oldest_stamp_ns) * 1e3
         self._stats.add_chunk(total_ms, float(timing.get("expert_ms", 0.0)), obs_age_ms)

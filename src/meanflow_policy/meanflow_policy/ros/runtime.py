@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from so101_common.handoff import HANDOFF_MODES, hand_off
 from so101_common.joints import JointLimits
 
 from so101_common.stamps import ns_to_s
@@ -259,6 +260,88 @@ def hold_plan(current: np.ndarray, limits: JointLimits, dt_s: float) -> Trajecto
     """A one-point trajectory that stops the arm where it is (reached one control step from now)."""
     return TrajectoryPlan(times_s=np.array([dt_s]), positions=limits.clamp(np.asarray(current)[None, :]),
                           dropped=0, clamped=0)
+
+
+HANDOFF_OFF = "off"
+HANDOFF_CHOICES = (HANDOFF_OFF, *HANDOFF_MODES)
+
+
+@dataclass(frozen=True)
+class HandoffPlan:
+    """A hand-off's trajectory (times relative to the publish stamp) and what the hand-off did."""
+
+    plan: TrajectoryPlan
+    start: np.ndarray  # the arm's target at the publish instant, where the trajectory starts from
+    delay_steps: int
+    limited: int
+    stale: bool
+
+
+class Handoffs:
+    """Asynchronous chunk hand-off in the node (so101_common.handoff, as in the sim's real-time evaluation).
+
+    Remembers the trajectory last published (stamp, the target at that instant, points). A new chunk, computed
+    from an observation ``elapsed`` ago, takes over on the chunk's own time line: its rows already due are
+    skipped and the rest are published at ``(i + 1) * dt - frac`` after now (``frac`` = elapsed modulo dt: the
+    first point is at most one dt ahead and never in the past). The old trajectory is sampled on that same grid
+    up to its end, the way the controller interpolates it; the target now (the old trajectory at this instant,
+    or the measured position when nothing was published since the last reset) is where the first step starts
+    from, at most ``max_step`` away.
+    """
+
+    def __init__(self, limits: JointLimits, dt_s: float, rtc_exempt: Sequence[int] = ()) -> None:
+        self.limits = limits
+        self.dt_s = dt_s
+        self.rtc_exempt = tuple(rtc_exempt)  # joints rtc switches without correction (the gripper)
+        self._published: tuple[int, np.ndarray, np.ndarray] | None = None  # stamp ns, times s, positions
+
+    def reset(self) -> None:
+        """Forget the published trajectory (disable): the next chunk starts from the measured position."""
+        self._published = None
+
+    def remember(self, stamp_ns: int, handoff: HandoffPlan) -> None:
+        """The trajectory went out with header stamp ``stamp_ns`` (the ``now_ns`` it was planned for)."""
+        self._published = (int(stamp_ns), np.concatenate([[0.0], handoff.plan.times_s]),
+                           np.vstack([handoff.start[None, :], handoff.plan.positions]))
+
+    def end_ns(self) -> int | None:
+        """When the published trajectory runs out (None: nothing published)."""
+        if self._published is None:
+            return None
+        stamp_ns, times, _ = self._published
+        return stamp_ns + int(round(times[-1] * 1e9))
+
+    def _sample(self, t_s: np.ndarray) -> np.ndarray:
+        """The published trajectory at times ``t_s`` after its stamp (linear, holding its last point)."""
+        _, times, positions = self._published
+        return np.stack([np.interp(t_s, times, positions[:, j]) for j in range(positions.shape[1])], axis=1)
+
+    def plan(self, mode: str, chunk: np.ndarray, elapsed_s: float, now_ns: int, measured: np.ndarray | None,
+             max_step: float) -> HandoffPlan:
+        """The trajectory to publish at ``now_ns`` for ``chunk`` (observation ``elapsed_s`` ago)."""
+        base = chunk_to_plan(chunk, self.limits, self.dt_s)  # shape, NaN and joint-limit checks, clamping
+        dt = self.dt_s
+        elapsed = max(0.0, float(elapsed_s))
+        delay = int(np.floor(elapsed / dt + 1e-9))
+        frac = elapsed - delay * dt
+        if self._published is None:
+            if measured is None:
+                raise ChunkError("no joint state known: nothing to hand off from")
+            last = self.limits.clamp(np.asarray(measured, dtype=np.float64))
+            current, reached = last[None, :], 1
+        else:
+            _, times, _ = self._published
+            since = (now_ns - self._published[0]) * 1e-9
+            last = self._sample(np.array([since]))[0]
+            grid = since + (np.arange(len(times)) + 1) * dt - frac
+            grid = grid[grid <= times[-1] + 1e-9]
+            current, reached = (self._sample(grid), 0) if len(grid) else (last[None, :], 1)
+        result = hand_off(mode, current, reached, base.positions, delay, last, max_step,
+                          rtc_exempt=self.rtc_exempt)
+        positions = self.limits.clamp(result.commands)
+        plan = TrajectoryPlan(times_s=(np.arange(len(positions)) + 1) * dt - frac, positions=positions,
+                              dropped=result.skipped, clamped=base.clamped, clamped_by_joint=base.clamped_by_joint)
+        return HandoffPlan(plan=plan, start=last, delay_steps=delay, limited=result.limited, stale=result.stale)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,196 @@
+"""Chunk hand-off: how a new action chunk takes over from the one the arm is executing (numpy only, no ROS).
+
+The policy node and the sim's real-time evaluation share this core. Time is counted in control steps. A chunk
+computed from the observation of step ``s`` holds the targets of steps ``s + 1 .. s + T`` (row k at s + k + 1).
+While the policy computes, the arm keeps executing the old command sequence (and holds its last row when it runs
+out), so a new chunk arrives ``delay`` steps after its observation: its first ``delay`` rows are already in the
+past. :func:`hand_off` turns (old sequence, where execution is, new chunk, delay) into the command sequence from
+the next step on:
+
+- ``replace``: the latency-compensated switch: skip the ``delay`` rows already elapsed, then the new chunk as is.
+- ``blend``: over the overlap with the rest of the old sequence, a weighted average whose weight on the new chunk
+  ramps linearly from 1/(n+1) to n/(n+1) (LeRobot's async aggregation, with a ramp instead of a fixed weight);
+  after the overlap, the new chunk.
+- ``rtc`` ("RTC-lite", model-free): the new chunk plus a correction that makes it continue the committed plan:
+  at the next step the correction is the offset between the old plan's and the new chunk's target, and it fades
+  to zero with a minimum-jerk profile (no slope or curvature at either end) over ``rtc_horizon`` steps, or more
+  when the offset is large (an arm that held while the new chunk moved on): the fade's peak acceleration,
+  5.77 offset / horizon^2, stays within ``max_step / 8`` per step^2. A sequence shorter than the horizon is
+  extended by holding its last row. The first command is exactly the old plan's; past the horizon the new chunk
+  runs unchanged. Joints named in ``rtc_exempt`` (the gripper: an open/close decision that must not come late)
+  are not corrected: they switch as in ``replace``. Matching the old plan's velocity as well (a Hermite fade) was
+  tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's
+  inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
+  guidance aims at, applied after the fact.
+
+Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
+command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
+reaches its last row, so a hand-off can never jerk the arm and still ends where the new chunk does.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+HANDOFF_MODES = ("replace", "blend", "rtc")
+# rad per control step (7.5 rad/s at 30 Hz): above every step the scripted demos take (the gripper's up to 0.18)
+DEFAULT_MAX_STEP = 0.25
+# Steps over which rtc fades its correction (at least). Short: the correction must be over before the next
+# hand-off, or the arm lags the policy for good (measured: docs/simulation.md, "Real-time evaluation").
+DEFAULT_RTC_HORIZON = 4
+
+
+class HandoffError(ValueError):
+    """Inputs a hand-off cannot use (unknown mode, wrong shapes, non-finite values, negative delay)."""
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """The command sequence from the next control step on (one row per step) and what the hand-off did."""
+
+    commands: np.ndarray
+    skipped: int  # rows of the new chunk already in the past (``delay``, at most the chunk length)
+    overlap: int  # rows mixed with the old plan (blend) or pulled onto it (rtc)
+    limited: int  # joint values changed by the max_step limit
+    stale: bool  # every row of the new chunk was in the past: its last row is the target
+
+
+# The rtc fade's peak acceleration (minimum jerk: 5.77 offset / horizon^2) is kept within max_step / this.
+RTC_ACCEL_DIVISOR = 8.0
+
+
+def rtc_horizon_for(offset: np.ndarray, max_step: float, rtc_horizon: int) -> int:
+    """Steps over which an rtc correction of ``offset`` fades: ``rtc_horizon``, or more for a large offset."""
+    needed = np.sqrt(5.77 * float(np.max(np.abs(offset))) * RTC_ACCEL_DIVISOR / max_step)
+    return max(rtc_horizon, int(np.ceil(needed - 1e-9)))
+
+
+def rtc_correction(offset: np.ndarray, n: int, horizon: int) -> np.ndarray:
+    """(n, J) correction that starts at ``offset`` and fades to zero at ``horizon`` steps with a minimum-jerk
+    profile (flat at both ends: no velocity or acceleration step where it starts or ends)."""
+    tau = np.minimum(np.arange(n) / horizon, 1.0)[:, None]
+    return offset[None, :] * (1.0 - (10 * tau**3 - 15 * tau**4 + 6 * tau**5))
+
+
+def limit_steps(commands: np.ndarray, last: np.ndarray, max_step: float) -> tuple[np.ndarray, int]:
+    """Each row at most ``max_step`` per joint from the row before (the first from ``last``); returns the
+    limited rows and how many values were changed.
+
+    Rows are appended (each a ``max_step`` closer) until the last row is reached: the arm holds the last row of
+    a sequence, and must hold the target, not wherever the limit left it.
+    """
+    out = []
+    prev = np.asarray(last, dtype=np.float64)
+    limited = 0
+    for row in commands:
+        step = row - prev
+        clipped = np.clip(step, -max_step, max_step)
+        limited += int(np.count_nonzero(clipped != step))
+        prev = prev + clipped
+        out.append(prev)
+    extra = int(np.ceil(np.max(np.abs(commands[-1] - prev)) / max_step - 1e-9))
+    for _ in range(extra):
+        prev = prev + np.clip(commands[-1] - prev, -max_step, max_step)
+        out.append(prev)
+    return np.asarray(out), limited
+
+
+def _check(name: str, arr: object, ndim: int) -> np.ndarray:
+    a = np.asarray(arr, dtype=np.float64)
+    if a.ndim != ndim or a.size == 0:
+        raise HandoffError(f"{name} must be a non-empty {ndim}-D array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise HandoffError(f"{name} contains NaN or inf")
+    return a
+
+
+def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, delay: int,
+             last_command: np.ndarray | None = None, max_step: float = DEFAULT_MAX_STEP,
+             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
+    """The commands from the next step on when ``new`` takes over.
+
+    ``current`` (n, J) is the sequence being executed, one row per step, of which ``reached`` rows were already
+    commanded (beyond its end the arm holds its last row). ``new`` (T, J) was computed from an observation
+    ``delay`` steps ago. ``last_command`` is the last target sent (default: ``current[reached - 1]``, or its last
+    row once it is used up). ``rtc_exempt``: joint indices rtc does not correct (the gripper).
+    """
+    if mode not in HANDOFF_MODES:
+        raise HandoffError(f"unknown hand-off mode {mode!r}; expected one of {', '.join(HANDOFF_MODES)}")
+    current = _check("current sequence", current, 2)
+    new = _check("new chunk", new, 2)
+    if new.shape[1] != current.shape[1]:
+        raise HandoffError(f"new chunk has {new.shape[1]} joints, the current sequence {current.shape[1]}")
+    if reached < 0 or delay < 0:
+        raise HandoffError(f"reached and delay must be >= 0, got {reached}, {delay}")
+    if not max_step > 0 or rtc_horizon < 1:
+        raise HandoffError(f"max_step must be > 0 and rtc_horizon >= 1, got {max_step}, {rtc_horizon}")
+    if last_command is None:
+        if reached == 0:
+            raise HandoffError("last_command is needed when no row of the current sequence was commanded")
+        last_command = current[min(reached, len(current)) - 1]
+    last = _check("last command", last_command, 1)
+    if last.shape[0] != new.shape[1]:
+        raise HandoffError(f"last command has {last.shape[0]} joints, the new chunk {new.shape[1]}")
+
+    stale = delay >= len(new)
+    ahead = new[-1:].copy() if stale else new[delay:].copy()
+    skipped = min(delay, len(new))
+    old_rest = current[reached:]
+    overlap = 0
+    if mode == "blend" and len(old_rest):
+        overlap = min(len(old_rest), len(ahead))
+        w = (np.arange(1, overlap + 1) / (overlap + 1))[:, None]
+        ahead[:overlap] = (1 - w) * old_rest[:overlap] + w * ahead[:overlap]
+    elif mode == "rtc":
+        # The old plan's target for the next step, or the held position once it is used up.
+        offset = (old_rest[0] if len(old_rest) else last) - ahead[0]
+        offset[list(rtc_exempt)] = 0.0
+        overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
+        # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
+        # that hold, so the arm still ends on the new chunk's target.
+        if len(ahead) <= overlap:
+            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead), axis=0)])
+        ahead += rtc_correction(offset, len(ahead), overlap)
+    commands, limited = limit_steps(ahead, last, max_step)
+    return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
+
+
+class CommandStream:
+    """The command sequence being executed, one target per control step; holds its last row when used up.
+
+    The sim's real-time evaluation advances it once per control step. (The policy node does not step: it samples
+    the trajectory it published on the new chunk's time grid, meanflow_policy.ros.runtime.Handoffs.)
+    """
+
+    def __init__(self, start: np.ndarray) -> None:
+        self.sequence = _check("start position", start, 1)[None, :].copy()
+        self.reached = 1  # the start position counts as commanded
+        self.last = self.sequence[0].copy()
+
+    @property
+    def remaining(self) -> int:
+        """Rows not yet commanded (0: the arm holds ``last``)."""
+        return max(0, len(self.sequence) - self.reached)
+
+    def advance(self) -> np.ndarray:
+        """The target of the next control step."""
+        if self.reached < len(self.sequence):
+            self.last = self.sequence[self.reached].copy()
+            self.reached += 1
+        return self.last.copy()
+
+    def truncate(self) -> None:
+        """Stop after the current row: the arm holds the last command (synchronous inference waits this way)."""
+        self.sequence = self.last[None, :].copy()
+        self.reached = 1
+
+    def take_over(self, mode: str, new: np.ndarray, delay: int, max_step: float = DEFAULT_MAX_STEP,
+                  rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
+        """Hand off to ``new`` (computed ``delay`` steps ago); the stream then executes the result."""
+        result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon,
+                          rtc_exempt)
+        self.sequence = result.commands
+        self.reached = 0
+        return result

@@ -1,0 +1,147 @@
+"""The chunk hand-off core shared by the policy node and the sim's real-time evaluation."""
+import numpy as np
+import pytest
+
+from so101_common.handoff import CommandStream, HandoffError, hand_off, limit_steps
+
+J = 6
+
+
+def ramp(start: float, n: int, step: float = 0.01) -> np.ndarray:
+    """n rows, every joint at start + (k + 1) * step: row k is the target of step k + 1."""
+    return np.repeat((start + step * np.arange(1, n + 1))[:, None], J, axis=1)
+
+
+def test_replace_skips_the_rows_already_elapsed():
+    old = ramp(0.0, 20)
+    new = ramp(0.05, 20)
+    out = hand_off("replace", old, reached=10, new=new, delay=3)
+    np.testing.assert_allclose(out.commands, new[3:])
+    assert out.skipped == 3 and out.overlap == 0 and out.limited == 0 and not out.stale
+
+
+def test_replace_with_every_row_in_the_past_targets_the_last_row():
+    old = ramp(0.0, 20)
+    new = ramp(0.0, 20)
+    out = hand_off("replace", old, reached=20, new=new, delay=24)
+    assert out.stale and out.skipped == 20
+    np.testing.assert_allclose(out.commands, new[-1:])
+
+
+def test_blend_weights_ramp_from_old_to_new_over_the_overlap():
+    old = np.full((20, J), 0.0)
+    new = np.full((20, J), 0.1)
+    out = hand_off("blend", old, reached=14, new=new, delay=2, max_step=1.0)
+    # 6 old rows left, 18 new rows ahead: overlap 6 with new-chunk weights 1/7 .. 6/7, then the new chunk.
+    assert out.overlap == 6 and len(out.commands) == 18
+    np.testing.assert_allclose(out.commands[:6, 0], 0.1 * np.arange(1, 7) / 7)
+    np.testing.assert_allclose(out.commands[6:], new[8:])
+
+
+def test_blend_without_old_rows_left_is_replace():
+    old = np.full((20, J), 0.0)
+    new = ramp(0.0, 20)
+    blended = hand_off("blend", old, reached=20, new=new, delay=4, max_step=1.0)
+    replaced = hand_off("replace", old, reached=20, new=new, delay=4, max_step=1.0)
+    assert blended.overlap == 0
+    np.testing.assert_allclose(blended.commands, replaced.commands)
+
+
+def test_rtc_continues_the_old_plan_and_returns_to_the_new_chunk():
+    old = ramp(0.0, 20)
+    new = ramp(0.04, 20)  # same velocity (0.01 per step), the next target 0.05 rad behind the old plan's
+    out = hand_off("rtc", old, reached=12, new=new, delay=3, rtc_horizon=8)
+    np.testing.assert_allclose(out.commands[0], old[12])  # no jump: exactly the old plan's next target
+    np.testing.assert_allclose(out.commands[8:], new[11:])  # past the horizon: the new chunk itself
+    steps = np.diff(np.concatenate([old[11:12, 0], out.commands[:, 0]]))
+    # The offset fades out with a minimum-jerk profile: the first step is the old plan's, no step departs from the
+    # new chunk's velocity by more than the profile's peak rate (1.875 / horizon) times the offset.
+    assert steps[0] == pytest.approx(0.01)
+    assert np.all(np.abs(steps - 0.01) <= 0.05 * 1.875 / 8 + 1e-12)
+    assert out.overlap == 8
+
+
+def test_rtc_fades_a_large_offset_over_more_steps():
+    old = np.zeros((20, J))
+    new = np.full((20, J), 1.0)  # the arm held at 0 while the new chunk stands 1 rad away
+    out = hand_off("rtc", old, reached=20, new=new, delay=2, max_step=0.25, rtc_horizon=4)
+    # Peak acceleration of the fade 5.77 * 1 / h^2 <= 0.25 / 8 per step^2: h = 14 steps instead of 4.
+    assert out.overlap == 14 and out.limited == 0
+    path = np.concatenate([old[-1:, 0], out.commands[:, 0]])
+    assert np.max(np.abs(np.diff(path, 2))) <= 0.25 / 8 * 1.02  # discrete steps of a continuous bound
+    np.testing.assert_allclose(out.commands[14:], new[-1:].repeat(len(out.commands) - 14, axis=0))
+    small = hand_off("rtc", old, reached=20, new=np.full((20, J), 0.02), delay=2, max_step=0.25, rtc_horizon=4)
+    assert small.overlap == 4
+
+
+def test_rtc_leaves_exempt_joints_to_switch_like_replace():
+    old = ramp(0.0, 20)
+    new = ramp(0.04, 20)
+    out = hand_off("rtc", old, reached=12, new=new, delay=3, rtc_exempt=[5])
+    replaced = hand_off("replace", old, reached=12, new=new, delay=3)
+    np.testing.assert_allclose(out.commands[:, 5], replaced.commands[:, 5])  # the gripper follows the new chunk
+    np.testing.assert_allclose(out.commands[0, :5], old[12, :5])  # the arm continues the old plan
+
+
+def test_rtc_after_the_old_sequence_ran_out_starts_from_the_held_position():
+    old = ramp(0.0, 20)
+    new = ramp(0.1, 20)
+    out = hand_off("rtc", old, reached=20, new=new, delay=5)
+    np.testing.assert_allclose(out.commands[0], old[-1])
+
+
+@pytest.mark.parametrize("mode", ["replace", "blend", "rtc"])
+def test_a_chunk_entirely_in_the_past_still_brings_the_arm_to_its_last_row(mode):
+    old = np.zeros((20, J))
+    new = ramp(0.0, 20, step=0.05)  # ends 1.0 rad away
+    out = hand_off(mode, old, reached=20, new=new, delay=24, max_step=0.25)
+    assert out.stale
+    np.testing.assert_allclose(out.commands[-1], new[-1])
+    assert np.max(np.abs(np.diff(np.vstack([old[-1:], out.commands]), axis=0))) <= 0.25 + 1e-12
+
+
+@pytest.mark.parametrize("mode", ["replace", "blend", "rtc"])
+def test_no_command_jumps_more_than_max_step_at_a_hand_off(mode):
+    old = np.zeros((20, J))
+    new = np.full((20, J), 1.0)  # a chunk 1 rad away from what the arm was commanded
+    out = hand_off(mode, old, reached=20, new=new, delay=2, max_step=0.15)
+    prev = np.vstack([old[-1:], out.commands])
+    assert np.max(np.abs(np.diff(prev, axis=0))) <= 0.15 + 1e-12
+    if mode != "rtc":  # rtc starts on the old plan and fades slowly enough: nothing to limit
+        assert out.limited > 0
+        np.testing.assert_allclose(out.commands[0], 0.15)
+
+
+def test_limit_steps_counts_limited_values_and_still_reaches_the_last_row():
+    rows, limited = limit_steps(np.array([[0.5, 0.0], [0.5, 0.05]]), np.zeros(2), 0.2)
+    np.testing.assert_allclose(rows, [[0.2, 0.0], [0.4, 0.05], [0.5, 0.05]])
+    assert limited == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="smooth"), "unknown hand-off mode 'smooth'"),
+    (dict(new=np.zeros((20, 5))), "5 joints"),
+    (dict(new=np.full((20, J), np.nan)), "new chunk contains NaN"),
+    (dict(delay=-1), "delay must be >= 0"),
+    (dict(max_step=0.0), "max_step must be > 0"),
+])
+def test_bad_inputs_are_named(kwargs, match):
+    args = dict(mode="replace", current=np.zeros((20, J)), reached=5, new=np.zeros((20, J)), delay=1)
+    args.update(kwargs)
+    with pytest.raises(HandoffError, match=match):
+        hand_off(**args)
+
+
+def test_command_stream_holds_at_the_end_and_executes_a_hand_off():
+    stream = CommandStream(np.zeros(J))
+    assert stream.remaining == 0
+    np.testing.assert_allclose(stream.advance(), 0.0)  # nothing to execute: hold
+    stream.take_over("replace", ramp(0.0, 5), delay=2)
+    assert stream.remaining == 3
+    got = [stream.advance()[0] for _ in range(5)]
+    np.testing.assert_allclose(got, [0.03, 0.04, 0.05, 0.05, 0.05])
+    stream.take_over("replace", ramp(0.0, 5), delay=0)
+    stream.advance()
+    stream.truncate()  # synchronous inference: stop where the arm is
+    assert stream.remaining == 0
+    np.testing.assert_allclose(stream.advance(), 0.01)

@@ -1,0 +1,383 @@
+"""so101-eval-realtime: closed-loop evaluation in which sim time advances while the policy computes.
+
+``so101-eval`` stops the world while the policy runs, so a 100x slower sampler scores the same. Here each chunk
+becomes usable only ``latency`` after its observation (injected in ms: deterministic, same seeds -> same result;
+or the policy's measured latency); meanwhile the arm executes what it was last given and holds its last target
+when that runs out. How the new chunk takes over is the hand-off (so101_common.handoff, shared with the policy
+node):
+
+- ``sync``: the arm stops when the next observation is taken (after ``action_steps``) and waits, holding, until
+  the chunk is ready; the chunk then runs from its first row (synchronous inference on a real arm).
+- ``replace`` / ``blend`` / ``rtc``: asynchronous: the next inference starts ``action_steps`` after the previous
+  one started (or as soon as the executed sequence has no more rows left than the last latency), the arm keeps
+  moving, and the chunk takes over with that hand-off mode.
+
+With a latency of 0 ms, ``sync`` and ``replace`` execute exactly what ``so101-eval`` does. Per episode: hand-off
+count, the largest arm-joint acceleration measured in the 3 control steps after each hand-off (rad/s^2), the
+commanded acceleration across it, the largest commanded jump between two control steps, and the steps the arm
+held for want of a chunk.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
+from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream
+from so101_sim.env import SimEnv
+from so101_sim.evaluate import ExpertEvalPolicy
+from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
+from so101_sim.rollout import FrameSink, Policy, check_chunk, latency_summary, wilson_interval
+from so101_sim.scene import SceneConfig
+from so101_sim.tasks import TASKS
+
+HANDOFFS = ("sync", *HANDOFF_MODES)
+MEASURED = "measured"
+ARM = [i for i, name in enumerate(JOINT_NAMES) if name != GRIPPER_JOINT_NAME]
+GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # rtc does not correct it (so101_common.handoff)
+ACCEL_WINDOW = 3  # control steps after a hand-off in which the measured acceleration is attributed to it
+
+
+def latency_steps(latency_ms: float, dt: float) -> int:
+    """Control steps until a chunk computed in ``latency_ms`` can be used (it applies at the next step boundary)."""
+    return max(0, math.ceil(latency_ms / (1e3 * dt) - 1e-9))
+
+
+@dataclass
+class RealtimeEpisode:
+    seed: int
+    success: bool
+    score: float
+    steps: int
+    chunks: int
+    handoff_steps: list[int] = field(default_factory=list)
+    boundary_accel_max: float = 0.0  # rad/s^2, measured, arm joints, ACCEL_WINDOW steps after each hand-off
+    boundary_cmd_accel_max: float = 0.0  # rad/s^2, second differences of the commanded targets at b .. b+2
+    handoff_jump_max: float = 0.0  # rad, largest change of a commanded target at a hand-off (any joint)
+    cmd_jump_max: float = 0.0  # rad, largest change between two consecutive commanded targets in the episode
+    held_steps: int = 0  # control steps the arm held its last target because no chunk was ready
+    limited: int = 0  # target values limited by max_step at hand-offs
+    stale_chunks: int = 0  # chunks that arrived with every row in the past
+    chunk_latency_ms: list[float] = field(default_factory=list)  # measured, whatever latency was simulated
+    commanded: list[list[float]] = field(default_factory=list)  # target of each control step (0 = start)
+
+    def to_dict(self, with_trajectory: bool = False) -> dict:
+        out = asdict(self)
+        if not with_trajectory:
+            out.pop("commanded")
+        return out
+
+
+def _smoothness(commanded: np.ndarray, velocities: np.ndarray, boundaries: list[int], dt: float) -> dict:
+    """Acceleration and jump figures of one episode (``commanded``/``velocities`` indexed by control step)."""
+    steps = len(commanded) - 1
+    jumps = np.abs(np.diff(commanded, axis=0))
+    out = {"cmd_jump_max": float(jumps.max()) if steps else 0.0, "handoff_jump_max": 0.0,
+           "boundary_accel_max": 0.0, "boundary_cmd_accel_max": 0.0}
+    for b in boundaries:
+        if b + 1 > steps:
+            continue
+        out["handoff_jump_max"] = max(out["handoff_jump_max"], float(jumps[b].max()))
+        for k in range(max(b, 1), min(b + ACCEL_WINDOW, steps)):  # second differences centred on b .. b+2
+            second = commanded[k + 1, ARM] - 2 * commanded[k, ARM] + commanded[k - 1, ARM]
+            out["boundary_cmd_accel_max"] = max(out["boundary_cmd_accel_max"], float(np.abs(second).max()) / dt**2)
+        for k in range(b + 1, min(b + ACCEL_WINDOW, steps) + 1):
+            accel = np.abs(velocities[k, ARM] - velocities[k - 1, ARM]).max() / dt
+            out["boundary_accel_max"] = max(out["boundary_accel_max"], float(accel))
+    return out
+
+
+def _due(handoff: str, steps: int, last_start: int | None, last_handoff: int, remaining: int,
+         action_steps: int, last_delay: int) -> bool:
+    """Whether the next inference starts now (none is running).
+
+    sync: ``action_steps`` after the last chunk started executing, or when it is used up. Async: ``action_steps``
+    after the last inference started, or as soon as what is left to execute would run out before a chunk
+    computed now (at the last latency) arrives.
+    """
+    if last_start is None:
+        return True
+    if handoff == "sync":
+        return remaining == 0 or steps - last_handoff >= action_steps
+    return steps - last_start >= action_steps or remaining <= last_delay
+
+
+def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_steps: int,
+                         handoff: str, latency_ms: float | None, max_step: float = DEFAULT_MAX_STEP,
+                         rtc_horizon: int = DEFAULT_RTC_HORIZON, instruction: str | None = None,
+                         on_frame: FrameSink | None = None,
+                         latency_of: Callable[[], float | None] | None = None) -> RealtimeEpisode:
+    """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk."""
+    if handoff not in HANDOFFS:
+        raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
+    if max_steps < 1 or action_steps < 1:
+        raise ValueError(f"max_steps and action_steps must be >= 1, got {max_steps}, {action_steps}")
+    if latency_ms is not None and not latency_ms >= 0:
+        raise ValueError(f"latency must be >= 0 ms, got {latency_ms}")
+    env.reset(seed)
+    dt = env.cfg.control_dt
+    stream = CommandStream(env.commanded())
+    commanded, velocities = [env.commanded()], [env.joint_velocities()]
+    result = RealtimeEpisode(seed=seed, success=False, score=0.0, steps=0, chunks=0)
+    boundaries: list[int] = []
+    pending: tuple[np.ndarray, int, int] | None = None  # chunk, observation step, step it is ready at
+    last_start: int | None = None
+    last_delay = last_handoff = taken = 0
+    steps = 0
+    success = False
+    while steps < max_steps and not success:
+        while True:
+            if pending is not None and pending[2] <= steps:
+                chunk, observed, _ = pending
+                pending = None
+                # sync: the arm stood still since the observation, so the chunk runs from its first row.
+                mode, delay = ("replace", 0) if handoff == "sync" else (handoff, steps - observed)
+                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER)
+                result.limited += done.limited
+                result.stale_chunks += int(done.stale)
+                if taken:  # the first chunk takes over from the arm at rest: no hand-off between chunks
+                    boundaries.append(steps)
+                taken += 1
+                last_handoff = steps
+                continue
+            if pending is not None or not _due(handoff, steps, last_start, last_handoff, stream.remaining,
+                                               action_steps, last_delay):
+                break
+            obs = env.observation(instruction)
+            started = time.perf_counter()
+            chunk = check_chunk(policy(obs))
+            wall_ms = (time.perf_counter() - started) * 1e3
+            reported = latency_of() if latency_of is not None else None
+            measured = float(reported) if reported is not None else wall_ms
+            result.chunk_latency_ms.append(measured)
+            last_delay = latency_steps(measured if latency_ms is None else latency_ms, dt)
+            if handoff == "sync" and last_delay > 0 and stream.remaining > 0:
+                stream.truncate()  # the arm stops while the policy computes
+                boundaries.append(steps)
+            pending = (chunk, steps, steps + last_delay)
+            last_start = steps
+        if stream.remaining == 0:
+            result.held_steps += 1
+        env.command(stream.advance())
+        env.step()
+        steps += 1
+        commanded.append(env.commanded())
+        velocities.append(env.joint_velocities())
+        success = env.success()
+        if on_frame is not None:
+            on_frame(env.render(CAMERA_NAMES))
+    result.success, result.score, result.steps = success, env.score(), steps
+    result.chunks = len(result.chunk_latency_ms)
+    result.handoff_steps = sorted(set(boundaries))
+    cmd = np.asarray(commanded)
+    for key, value in _smoothness(cmd, np.asarray(velocities), result.handoff_steps, dt).items():
+        setattr(result, key, value)
+    result.commanded = cmd.tolist()
+    return result
+
+
+def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, action_steps: int,
+                      handoff: str, latency_ms: float | None, max_step: float = DEFAULT_MAX_STEP,
+                      rtc_horizon: int = DEFAULT_RTC_HORIZON, reseed: Callable[[int], None] | None = None,
+                      latency_of: Callable[[], float | None] | None = None,
+                      log: Callable[[str], None] = lambda message: None) -> dict:
+    """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
+    episodes: list[RealtimeEpisode] = []
+    for seed in seeds:
+        if reseed is not None:
+            reseed(seed)
+        ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
+                                  rtc_horizon, latency_of=latency_of)
+        episodes.append(ep)
+        log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
+            f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
+    successes = sum(e.success for e in episodes)
+    low, high = wilson_interval(successes, len(episodes))
+
+    def mean(key: str) -> float:
+        return float(np.mean([getattr(e, key) for e in episodes]))
+
+    return {"episodes": len(episodes), "successes": successes, "success_rate": successes / len(episodes),
+            "ci95": [low, high], "score": mean("score"),
+            # per-episode maxima averaged over episodes (one collision must not decide a cell), and the worst
+            "boundary_accel_max": mean("boundary_accel_max"),
+            "boundary_accel_worst": max(e.boundary_accel_max for e in episodes),
+            "boundary_cmd_accel_max": mean("boundary_cmd_accel_max"),
+            "handoff_jump_max": max(e.handoff_jump_max for e in episodes),
+            "cmd_jump_max": max(e.cmd_jump_max for e in episodes), "held_steps": mean("held_steps"),
+            "limited": sum(e.limited for e in episodes), "stale_chunks": sum(e.stale_chunks for e in episodes),
+            "chunk_latency": latency_summary([ms for e in episodes for ms in e.chunk_latency_ms]),
+            "results": [e.to_dict() for e in episodes]}
+
+
+@dataclass
+class PolicySpec:
+    """``expert`` or ``CHECKPOINT[@NFE]`` (CHECKPOINT may be ``shipped``) from the command line."""
+
+    text: str
+    checkpoint: Path | None
+    nfe: int
+
+
+def parse_policy(text: str) -> PolicySpec:
+    if text == "expert":
+        return PolicySpec(text, None, 1)
+    path, _, nfe = text.partition("@")
+    try:
+        value = int(nfe) if nfe else 1
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--policy {text!r}: NFE after '@' must be an integer") from None
+    if value < 1 or not path:
+        raise argparse.ArgumentTypeError(f"--policy {text!r}: expected expert or CHECKPOINT[@NFE] with NFE >= 1")
+    return PolicySpec(text, Path(path), value)
+
+
+def parse_latencies(text: str) -> list[float | None]:
+    """``0,33,100,measured`` -> [0.0, 33.0, 100.0, None]."""
+    out: list[float | None] = []
+    for item in (v.strip() for v in text.split(",") if v.strip()):
+        if item == MEASURED:
+            out.append(None)
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--latencies: {item!r} is neither a number of ms nor "
+                                             f"'{MEASURED}'") from None
+        if not (value >= 0 and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"--latencies: {item!r} must be >= 0 ms")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("--latencies needs at least one value, e.g. 0,100,200")
+    return out
+
+
+def parse_handoffs(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in HANDOFFS]
+    if bad or not values:
+        raise argparse.ArgumentTypeError(f"--handoffs: {', '.join(bad) or 'nothing'} given; choose from "
+                                         f"{','.join(HANDOFFS)}")
+    return values
+
+
+def policy_label(spec: PolicySpec) -> str:
+    """``expert``, or the checkpoint's objective and NFE (``meanflow_nfe1``, ``flow_matching_nfe10``)."""
+    if spec.checkpoint is None:
+        return "expert"
+    try:
+        objective = json.loads((spec.checkpoint / "config.json").read_text()).get("objective", "policy")
+    except (OSError, ValueError, AttributeError):
+        objective = spec.checkpoint.name
+    return f"{objective}_nfe{spec.nfe}"
+
+
+TABLE_HEADER = ("| latency (ms) | policy | hand-off | success | 95 % interval | score | boundary accel (rad/s^2) "
+                "| commanded accel (rad/s^2) | max jump (rad) | held steps | chunk ms (median) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def table_line(row: dict, report: dict) -> str:
+    low, high = report["ci95"]
+    return (f"| {row['latency_ms']} | {row['policy']} | {row['handoff']} | {report['successes']}/{report['episodes']}"
+            f" = {100 * report['success_rate']:.0f} % | [{100 * low:.0f}, {100 * high:.0f}] % | {report['score']:.2f}"
+            f" | {report['boundary_accel_max']:.1f} | {report['boundary_cmd_accel_max']:.1f} "
+            f"| {report['cmd_jump_max']:.3f} | {report['held_steps']:.1f} "
+            f"| {report['chunk_latency'].get('median_ms', float('nan')):.1f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="so101-eval-realtime", description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", action="append", type=parse_policy, default=None,
+                        help="expert, or CHECKPOINT[@NFE] (CHECKPOINT 'shipped' = the installed one); repeatable "
+                             "(default: shipped@1)")
+    parser.add_argument("--latencies", type=parse_latencies, default=parse_latencies("0,33,100,200,400,800"),
+                        help="injected latencies in ms, and/or 'measured' (default 0,33,100,200,400,800)")
+    parser.add_argument("--handoffs", type=parse_handoffs, default=list(HANDOFFS),
+                        help=f"hand-off modes (default {','.join(HANDOFFS)})")
+    parser.add_argument("--episodes", type=int, default=50, help="episodes per cell (seeds seed..seed+N-1)")
+    parser.add_argument("--seed", type=int, default=1000, help="first episode seed (held out from the demos)")
+    parser.add_argument("--task", default="pick_place", choices=sorted(TASKS))
+    parser.add_argument("--max-steps", type=int, default=None, help="control steps per episode (default: the task's)")
+    parser.add_argument("--action-steps", type=int, default=10,
+                        help="control steps between the starts of two inferences")
+    parser.add_argument("--max-step", type=float, default=DEFAULT_MAX_STEP,
+                        help="largest commanded change per joint and control step (rad)")
+    parser.add_argument("--rtc-horizon", type=int, default=DEFAULT_RTC_HORIZON,
+                        help="steps over which rtc pulls the new chunk onto the old plan")
+    parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
+    parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    for name in ("episodes", "action_steps", "rtc_horizon", "image_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.max_step > 0:
+        parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
+    specs = args.policy or [parse_policy("shipped@1")]
+    for spec in specs:
+        if spec.checkpoint is not None:
+            try:
+                spec.checkpoint = resolve_checkpoint(spec.checkpoint)
+            except (PolicyPluginError, LookupError) as exc:
+                parser.error(f"--policy {spec.text}: {exc}")
+            if not spec.checkpoint.is_dir():
+                parser.error(f"--policy {spec.text}: {spec.checkpoint} is not a directory")
+    max_steps = args.max_steps or TASKS[args.task].max_steps
+    seeds = list(range(args.seed, args.seed + args.episodes))
+    env = SimEnv(SceneConfig(image_height=args.image_size, image_width=args.image_size), task=args.task)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    lines: list[str] = []
+    try:
+        for spec in specs:
+            if spec.checkpoint is None:
+                policy = ExpertEvalPolicy(env)
+            else:
+                try:
+                    policy = load_checkpoint_policy(spec.checkpoint, args.device)
+                except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
+                    print(f"so101-eval-realtime: --policy {spec.text}: cannot load checkpoint: {exc}",
+                          file=sys.stderr)
+                    return 2
+                policy.nfe = spec.nfe
+            label = policy_label(spec)
+            for latency in args.latencies:
+                for handoff in args.handoffs:
+                    report = evaluate_realtime(env, policy, seeds, max_steps, args.action_steps, handoff, latency,
+                                               args.max_step, args.rtc_horizon, reseed=policy.reseed,
+                                               latency_of=policy.last_latency_ms,
+                                               log=lambda m: print(m, flush=True))
+                    row = {"latency_ms": MEASURED if latency is None else latency, "policy": label,
+                           "handoff": handoff, "success_rate": report["success_rate"],
+                           "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"]}
+                    rows.append(row)
+                    lines.append(table_line(row, report))
+                    print(lines[-1], flush=True)
+                    name = f"{label}_{row['latency_ms']}ms_{handoff}.json"
+                    (args.out / name).write_text(json.dumps({**row, **report, "task": args.task,
+                                                             "seed": args.seed, "max_step": args.max_step,
+                                                             "action_steps": args.action_steps}, indent=2))
+    except KeyboardInterrupt:
+        print("so101-eval-realtime: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        env.close()
+    table = "\n".join([TABLE_HEADER, *lines])
+    (args.out / "table.md").write_text(table + "\n")
+    (args.out / "rows.json").write_text(json.dumps({"rows": rows}, indent=2))
+    print(table)
+    print(json.dumps({"rows": rows}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Real-time evaluation: sim time advances while the policy computes (so101_sim.realtime, so101-eval-realtime)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from so101_sim import realtime
+from so101_sim.env import SimEnv
+from so101_sim.evaluate import ExpertEvalPolicy
+from so101_sim.realtime import latency_steps, run_realtime_episode
+from so101_sim.rollout import run_episode
+from so101_sim.scene import SceneConfig
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = SimEnv(SceneConfig(image_height=32, image_width=32))
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def expert(env):
+    return ExpertEvalPolicy(env)
+
+
+def test_latency_becomes_whole_control_steps():
+    dt = 1 / 30
+    assert [latency_steps(ms, dt) for ms in (0, 33, 100, 200, 400, 800)] == [0, 1, 3, 6, 12, 24]
+
+
+@pytest.mark.parametrize("handoff", ["sync", "replace"])
+def test_zero_latency_executes_what_so101_eval_executes(env, expert, handoff):
+    reference = run_episode(env, expert, seed=4, max_steps=150, action_steps=10)
+    final = env.joint_positions()
+    ep = run_realtime_episode(env, expert, seed=4, max_steps=150, action_steps=10, handoff=handoff, latency_ms=0)
+    assert ep.steps == reference.steps and ep.chunks == reference.chunks and ep.held_steps == 0
+    np.testing.assert_allclose(env.joint_positions(), final, atol=1e-6)  # per-step vs whole-chunk interpolation
+
+
+def test_injected_latency_is_deterministic(env, expert):
+    runs = [realtime.evaluate_realtime(env, expert, [5, 6], max_steps=150, action_steps=10, handoff="blend",
+                                       latency_ms=400) for _ in range(2)]
+    first, second = ([{k: v for k, v in r.items() if k != "chunk_latency_ms"} for r in run["results"]]
+                     for run in runs)
+    assert first == second  # every figure (the measured compute time aside) is the same
+    a = run_realtime_episode(env, expert, 5, 150, 10, "rtc", 400)
+    b = run_realtime_episode(env, expert, 5, 150, 10, "rtc", 400)
+    assert a.commanded == b.commanded and a.handoff_steps == b.handoff_steps
+
+
+def test_large_latency_changes_the_executed_trajectory(env, expert):
+    fast = run_realtime_episode(env, expert, 7, 150, 10, "replace", 0)
+    slow = run_realtime_episode(env, expert, 7, 150, 10, "replace", 800)
+    # 24 control steps per chunk: the arm has used each chunk up long before the next one arrives, and holds.
+    assert slow.held_steps > 50 and fast.held_steps == 0
+    assert np.max(np.abs(np.asarray(slow.commanded) - np.asarray(fast.commanded))) > 0.1
+
+
+def test_sync_holds_the_arm_while_the_policy_computes(env, expert):
+    ep = run_realtime_episode(env, expert, 8, 100, 10, "sync", 200)  # 6 control steps per chunk
+    cmd = np.asarray(ep.commanded)
+    # Observations at 0, 16, 32, ..., 96: each followed by 6 steps holding (the first at home), then 10 of motion.
+    assert ep.chunks == 7 and ep.handoff_steps[:4] == [16, 22, 32, 38]
+    np.testing.assert_allclose(cmd[16:23], np.repeat(cmd[16:17], 7, axis=0))
+    assert np.max(np.abs(cmd[23] - cmd[22])) > 0
+    assert ep.held_steps == 6 * 6 + 4  # the last wait is cut short by the end of the episode
+
+
+@pytest.mark.parametrize("handoff", ["sync", "replace", "blend", "rtc"])
+def test_no_commanded_jump_beyond_max_step_at_any_latency(env, expert, handoff):
+    ep = run_realtime_episode(env, expert, 9, 150, 10, handoff, 800, max_step=0.12)
+    assert ep.cmd_jump_max <= 0.12 + 1e-9 and ep.handoff_jump_max <= 0.12 + 1e-9
+
+
+def test_rtc_halves_the_commanded_boundary_acceleration_of_replace_when_chunks_run_out(env, expert):
+    replace = run_realtime_episode(env, expert, 10, 200, 10, "replace", 400)
+    rtc = run_realtime_episode(env, expert, 10, 200, 10, "rtc", 400)
+    assert replace.boundary_cmd_accel_max > 20.0  # the held arm is yanked into the new chunk
+    assert rtc.boundary_cmd_accel_max <= 0.5 * replace.boundary_cmd_accel_max
+    # Measured, less: rtc matches position, not velocity (the held arm starts at the new chunk's speed).
+    assert rtc.boundary_accel_max <= 0.75 * replace.boundary_accel_max
+
+
+def test_cli_table_and_last_line(tmp_path, capsys):
+    out = tmp_path / "rt"
+    rc = realtime.main(["--policy", "expert", "--latencies", "0,400", "--handoffs", "replace,rtc", "--episodes", "1",
+                        "--seed", "3", "--max-steps", "90", "--image-size", "32", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    last = json.loads(text.strip().splitlines()[-1])
+    assert [(r["latency_ms"], r["handoff"]) for r in last["rows"]] == [(0.0, "replace"), (0.0, "rtc"),
+                                                                        (400.0, "replace"), (400.0, "rtc")]
+    assert all(r["policy"] == "expert" and r["episodes"] == 1 and 0 <= r["success_rate"] <= 1
+               and r["boundary_accel_max"] >= 0 for r in last["rows"])
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0].startswith("| latency (ms) | policy | hand-off |") and len(table) == 2 + 4
+    cell = json.loads((out / "expert_400.0ms_rtc.json").read_text())
+    assert cell["handoff"] == "rtc" and len(cell["results"]) == 1 and cell["results"][0]["seed"] == 3
+    assert json.loads((out / "rows.json").read_text()) == last
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--latencies", "fast"], "--latencies: 'fast' is neither a number of ms nor 'measured'"),
+    (["--latencies", "-5"], "must be >= 0 ms"),
+    (["--handoffs", "smooth"], "--handoffs: smooth given"),
+    (["--policy", "shipped@0"], "NFE >= 1"),
+    (["--policy", "/nonexistent/ckpt@1"], "is not a directory"),
+    (["--policy", "expert", "--max-step", "0"], "--max-step must be > 0"),
+])
+def test_cli_bad_arguments_exit_2_with_one_line(args, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        realtime.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_cli_with_a_checkpoint_at_its_measured_latency(tmp_path, capsys):
+    from meanflow_policy import testing
+    ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
+    rc = realtime.main(["--policy", f"{ckpt}@1", "--latencies", "measured", "--handoffs", "blend", "--episodes", "1",
+                        "--max-steps", "30", "--image-size", "32", "--out", str(tmp_path / "rt")])
+    assert rc == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][0]
+    assert row["latency_ms"] == "measured" and row["policy"] == "meanflow_nfe1"
+    cell = json.loads((tmp_path / "rt" / "meanflow_nfe1_measuredms_blend.json").read_text())
+    assert cell["chunk_latency"]["count"] >= 1 and cell["chunk_latency"]["median_ms"] > 0
