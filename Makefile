@@ -15,7 +15,7 @@ DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim eval-realtime train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -55,6 +55,12 @@ eval-realtime: setup
 	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.realtime $(foreach p,$(POLICIES),--policy $(p)) \
 	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(TASK) --seed 1000 \
 	  --image-size 64 --out $(RUNS)/eval_realtime
+
+# The multi-task results table (scripts/results_multitask.sh): every checkpoint in CHECKPOINTS ("LABEL=DIR@NFES ...")
+# on every task, EPISODES per cell, then docs/results/multitask.{md,json} with commit and machine.
+results-multitask: setup
+	@$(ENV) CHECKPOINTS="$(CHECKPOINTS)" RUNS=$(RUNS) EPISODES=$(EPISODES) WORKERS=$(WORKERS) \
+	  bash scripts/results_multitask.sh
 
 # The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
 sim-demos: setup
