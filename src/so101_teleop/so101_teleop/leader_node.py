@@ -20,15 +20,14 @@ from dataclasses import fields
 from builtin_interfaces.msg import Duration
 from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
-from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from so101_common.graph import (DISCARD_EPISODE_SERVICE, JOINT_NAMES, JOINT_STATES_TOPIC, JOY_TOPIC,
-                                START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC)
+from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, JOY_TOPIC,
+                                TRAJECTORY_TOPIC)
 from so101_common.spin import spin_node
 from so101_hardware import protocol as P
 from so101_hardware.calibration import ArmCalibration
-from so101_interfaces.srv import StartEpisode
+from so101_teleop.episode_client import EpisodeClient
 from so101_teleop.leader import (DEADMAN_SOURCES, KEY_HELP, ButtonMap, Control, Controls, LeaderArm, Mirror,
                                  MirrorSettings, load_leader_calibration)
 from so101_teleop.params import declare as declare_parameter
@@ -144,9 +143,7 @@ class LeaderNode(Node):
         self.traj_pub = self.create_publisher(JointTrajectory, TRAJECTORY_TOPIC, 10)
         self.create_subscription(JointState, JOINT_STATES_TOPIC, self._on_joint_states, 10)
         self.create_subscription(Joy, JOY_TOPIC, self._on_joy, 10)
-        self.start_client = self.create_client(StartEpisode, START_EPISODE_SERVICE)
-        self.stop_client = self.create_client(Trigger, STOP_EPISODE_SERVICE)
-        self.discard_client = self.create_client(Trigger, DISCARD_EPISODE_SERVICE)
+        self.episodes = EpisodeClient(self)
         self.keys = KeyReader() if keyboard else None
         self._keys_closed_logged = False
         self._mirroring = False
@@ -223,23 +220,12 @@ class LeaderNode(Node):
         elif event is Control.DISENGAGE:
             self.get_logger().info("released: the follower holds its last target")
         elif event is Control.START_EPISODE:
-            self._call(self.start_client, StartEpisode.Request(instruction=self.instruction), "start_episode")
+            self.episodes.start(self.instruction)
         elif event is Control.STOP_EPISODE:
-            self._call(self.stop_client, Trigger.Request(), "stop_episode")
+            self.episodes.stop()
         elif event is Control.DISCARD_EPISODE:
-            self._call(self.discard_client, Trigger.Request(), "discard_episode")
+            self.episodes.discard()
 
-    def _call(self, client, request, name: str) -> None:
-        if not client.service_is_ready():
-            self.get_logger().error(f"{name}: the episode recorder is not running ({client.srv_name})")
-            return
-        future = client.call_async(request)
-
-        def done(fut) -> None:
-            result = fut.result()
-            (self.get_logger().info if result.success else self.get_logger().warning)(f"{name}: {result.message}")
-
-        future.add_done_callback(done)
 
     def release(self) -> str:
         """At exit: terminal restored, leader torque off again (read back), port closed."""

@@ -14,20 +14,16 @@ from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState, Joy
 from so101_common.graph import (
-    DISCARD_EPISODE_SERVICE,
     JOINT_NAMES,
     JOINT_STATES_TOPIC,
     JOY_TOPIC,
-    START_EPISODE_SERVICE,
-    STOP_EPISODE_SERVICE,
     TRAJECTORY_TOPIC,
 )
 from so101_common.spin import spin_node
-from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from so101_interfaces.srv import StartEpisode
 from so101_common.kinematics import EE_FRAME, ArmKinematics
+from so101_teleop.episode_client import EpisodeClient
 from so101_teleop.kinematics import default_urdf_path
 from so101_teleop.teleop import Event, JoyError, JoyMapping, TeleopCore, TeleopSettings
 
@@ -86,9 +82,7 @@ class TeleopNode(Node):
         self.traj_pub = self.create_publisher(JointTrajectory, TRAJECTORY_TOPIC, 10)
         self.create_subscription(Joy, JOY_TOPIC, self._on_joy, 10)
         self.create_subscription(JointState, JOINT_STATES_TOPIC, self._on_joint_states, 10)
-        self.start_client = self.create_client(StartEpisode, START_EPISODE_SERVICE)
-        self.stop_client = self.create_client(Trigger, STOP_EPISODE_SERVICE)
-        self.discard_client = self.create_client(Trigger, DISCARD_EPISODE_SERVICE)
+        self.episodes = EpisodeClient(self)
         self.create_timer(1.0 / rate_hz, self._tick)
         self.get_logger().info(f"teleop ready: URDF {path}, {rate_hz:g} Hz, horizon {self.horizon_s:g} s, "
                                f"deadman button {mapping.button_deadman}")
@@ -123,24 +117,12 @@ class TeleopNode(Node):
         elif event is Event.HOME:
             self.get_logger().info("homing (hold the deadman)")
         elif event is Event.START_EPISODE:
-            self._call(self.start_client, StartEpisode.Request(instruction=self.instruction), "start_episode")
+            self.episodes.start(self.instruction)
         elif event is Event.STOP_EPISODE:
-            self._call(self.stop_client, Trigger.Request(), "stop_episode")
+            self.episodes.stop()
         elif event is Event.DISCARD_EPISODE:
-            self._call(self.discard_client, Trigger.Request(), "discard_episode")
+            self.episodes.discard()
 
-    def _call(self, client, request, name: str) -> None:
-        if not client.service_is_ready():
-            self.get_logger().error(f"{name}: the episode recorder is not running ({client.srv_name})")
-            return
-        future = client.call_async(request)
-
-        def done(fut) -> None:
-            result = fut.result()
-            log = self.get_logger().info if result.success else self.get_logger().warn
-            log(f"{name}: {result.message}")
-
-        future.add_done_callback(done)
 
     def _tick(self) -> None:
         target = self.core.step(self._now())
