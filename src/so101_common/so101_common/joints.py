@@ -1,6 +1,7 @@
 """Joint limits of the SO-101 (radians, REP 103), one source of truth for driver, sim, teleop and policy."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,3 +67,16 @@ HOME_POSITION: dict[str, float] = {
 
 def home_vector(names: tuple[str, ...] = JOINT_NAMES) -> np.ndarray:
     return np.array([HOME_POSITION[n] for n in names], dtype=np.float64)
+
+
+def joint_vector(names: Sequence[str], positions: Sequence[float]) -> np.ndarray:
+    """A JointState's positions in JOINT_NAMES order (it may list joints in any order, or more of them); a missing
+    joint or a non-finite value is a ValueError naming it."""
+    lookup = dict(zip(names, positions))
+    missing = [n for n in JOINT_NAMES if n not in lookup]
+    if missing:
+        raise ValueError(f"joint state lacks joints {missing}")
+    values = np.array([lookup[n] for n in JOINT_NAMES], dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        raise ValueError("joint state contains NaN or inf")
+    return values

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
-from so101_common.joints import JointLimits
+from so101_common.joints import joint_vector, JointLimits
 from so101_hardware import protocol as P
 from so101_hardware.calibration import ArmCalibration, CalibrationError
 from so101_hardware.driver import ArmDriver
@@ -118,14 +118,7 @@ class Mirror:
 
     def on_follower_state(self, names: Sequence[str], positions: Sequence[float]) -> None:
         """The follower's measured joints (any order, extra joints ignored)."""
-        lookup = dict(zip(names, positions))
-        missing = [n for n in JOINT_NAMES if n not in lookup]
-        if missing:
-            raise ValueError(f"joint state lacks joints {missing}")
-        values = np.array([lookup[n] for n in JOINT_NAMES], dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError("joint state contains NaN or inf")
-        self.measured = values
+        self.measured = joint_vector(names, positions)
 
     def map(self, leader: np.ndarray) -> np.ndarray:
         """Leader angles -> the follower target they ask for: gripper range mapped, clamped to the limits."""

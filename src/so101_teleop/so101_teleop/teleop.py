@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
-from so101_common.joints import JointLimits, home_vector
+from so101_common.joints import joint_vector, JointLimits, home_vector
 from so101_common.kinematics import ArmKinematics
 
 # Joint jog: the stick's (x, y) axes drive one pair of joints; the group button cycles through the pairs.
@@ -149,14 +149,7 @@ class TeleopCore:
 
     def on_joint_states(self, names: Sequence[str], positions: Sequence[float]) -> None:
         """Store the measured positions (a JointState may list joints in any order, or more joints)."""
-        lookup = dict(zip(names, positions))
-        missing = [n for n in JOINT_NAMES if n not in lookup]
-        if missing:
-            raise ValueError(f"joint state lacks joints {missing}")
-        values = np.array([lookup[n] for n in JOINT_NAMES], dtype=np.float64)
-        if not np.all(np.isfinite(values)):
-            raise ValueError("joint state contains NaN or inf")
-        self.measured = values
+        self.measured = joint_vector(names, positions)
 
     def on_joy(self, now: float, axes: Sequence[float], buttons: Sequence[int]) -> list[Event]:
         """Take one Joy message; returns the button events it triggers (on press, not while held)."""
