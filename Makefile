@@ -45,15 +45,14 @@ eval-sim: setup
 
 # Real-time evaluation: sim time advances while the policy computes (injected latencies in ms, or 'measured'), per
 # hand-off (sync, replace, blend, rtc); table + JSON in $(RUNS)/eval_realtime; the last line is one JSON object
-# {"rows": [...]}.
+# {"rows": [...]}. TASK= one task (pick_place unless given).
 # POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10".
 LATENCIES ?= 0,33,100,200,400,800
 HANDOFFS ?= sync,replace,blend,rtc
-TASK ?= pick_place
 POLICIES ?= $(CHECKPOINT)@$(NFE)
 eval-realtime: setup
 	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.realtime $(foreach p,$(POLICIES),--policy $(p)) \
-	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(TASK) --seed 1000 \
+	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(if $(filter file,$(origin TASK)),pick_place,$(TASK)) --seed 1000 \
 	  --image-size 64 --out $(RUNS)/eval_realtime
 
 # The multi-task results table (scripts/results_multitask.sh): every checkpoint in CHECKPOINTS ("LABEL=DIR@NFES ...")

@@ -24,9 +24,11 @@ DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
 STAGE_A_STEPS=${STAGE_A_STEPS:-14000}
 TIME_LIMIT=${TIME_LIMIT:-0}   # seconds per invocation (0: none)
 THREADS=${THREADS:-2}
+JOBS=${JOBS:-2}               # recovery sets collected at once (one core each)
 RECOVERY_ROUNDS=${RECOVERY_ROUNDS:-2}
 RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
 ROUND_STEPS=${ROUND_STEPS:-6000}
+mkdir -p "$RUNS"
 INIT=${INIT:-$(python -c 'from ament_index_python.packages import get_package_share_directory as s; print(s("meanflow_policy"))')/checkpoints/sim_pick_place}
 
 bags=()
@@ -73,19 +75,33 @@ stage_a="$RUNS/multitask_joint"
 train_stage "$stage_a" "$STAGE_A_STEPS" "$INIT" "${bags[@]}"
 echo "train_multitask: stage A in $stage_a"
 
+recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of ROUND (skipped when finished)
+  local round=$1 i=$2 checkpoint=$3
+  local out="$DATA/multitask_recovery_r${round}_${TASK_VARIANTS[$i]}"
+  [[ -f "$out/recovery.json" ]] && return 0
+  rm -rf "$out"
+  # Fewer episodes than asked (every allowed seed tried) still make a recovery set: recovery.json is written.
+  OMP_NUM_THREADS=1 python -m so101_sim.recovery --checkpoint "$checkpoint" --task "${TASK_VARIANTS[$i]}" --nfe 1 \
+    --episodes "$RECOVERY_EPISODES" --max-tries $(( 4 * RECOVERY_EPISODES )) \
+    --seed $(( 3000 + 10000 * (round - 1) + 1000 * i )) --image-size 64 --out "$out" ||
+    [[ -f "$out/recovery.json" ]]
+}
+
 previous="$stage_a"
 for round in $(seq 1 "$RECOVERY_ROUNDS"); do
+  # JOBS variants at a time, one core each (the sets are independent: own seeds, own folders).
+  pids=()
   for i in "${!TASK_VARIANTS[@]}"; do
-    task=${TASK_VARIANTS[$i]}
+    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+    recovery_set "$round" "$i" "$previous/last" > "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || { echo "train_multitask: recovery set ${TASK_VARIANTS[$i]} of round $round failed," \
+                                  "see $RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" >&2; exit 1; }
+  done
+  for task in "${TASK_VARIANTS[@]}"; do
     out="$DATA/multitask_recovery_r${round}_$task"
-    if [[ ! -f "$out/recovery.json" ]]; then
-      rm -rf "$out"
-      # Fewer episodes than asked (every allowed seed tried) still make a recovery set: recovery.json is written.
-      OMP_NUM_THREADS=1 python -m so101_sim.recovery --checkpoint "$previous/last" --task "$task" --nfe 1 \
-        --episodes "$RECOVERY_EPISODES" --max-tries $(( 4 * RECOVERY_EPISODES )) \
-        --seed $(( 3000 + 10000 * (round - 1) + 1000 * i )) --image-size 64 --out "$out" ||
-        [[ -f "$out/recovery.json" ]]
-    fi
     compgen -G "$out/episode_*" > /dev/null && bags+=("$out")
   done
   stage="$RUNS/multitask_r$round"

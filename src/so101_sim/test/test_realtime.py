@@ -37,7 +37,10 @@ def test_zero_latency_executes_what_so101_eval_executes(env, expert, handoff):
     final = env.joint_positions()
     ep = run_realtime_episode(env, expert, seed=4, max_steps=150, action_steps=10, handoff=handoff, latency_ms=0)
     assert ep.steps == reference.steps and ep.chunks == reference.chunks and ep.held_steps == 0
-    np.testing.assert_allclose(env.joint_positions(), final, atol=1e-6)  # per-step vs whole-chunk interpolation
+    assert (ep.success, ep.score) == (reference.success, reference.score)
+    # Per-step commands vs whole-chunk interpolation differ in the last bits; the gripper's contact with the cube
+    # amplifies that to ~1e-5 rad on some CPUs (seen in CI), so the joints agree to 1e-4 rad (0.006 deg).
+    np.testing.assert_allclose(env.joint_positions(), final, atol=1e-4)
 
 
 def test_injected_latency_is_deterministic(env, expert):
