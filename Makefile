@@ -72,7 +72,8 @@ train-sim: sim-demos
 	@$(ENV) DEMOS=$(DEMOS) RUNS=$(RUNS) bash scripts/train_sim.sh
 
 # The multi-task recipe (scripts/train_multitask.sh): 100 scripted demos of each of the six task variants, then stage A
-# (backbone + expert, warm-started from the shipped checkpoint) in resumable pieces; DATA=, RUNS=, TIME_LIMIT= (s).
+# (backbone + expert, warm-started from the shipped checkpoint) in resumable pieces, then recovery rounds; DATA=, RUNS=,
+# TIME_LIMIT= (s); FROM=CHECKPOINT START_ROUND=r continue from a kept checkpoint on a fresh machine.
 train-multitask: setup
 	@$(ENV) DATA=$(DATA) RUNS=$(RUNS) bash scripts/train_multitask.sh
 

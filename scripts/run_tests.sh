@@ -15,7 +15,11 @@ echo "run_tests: mypy (plain-Python cores, see mypy.ini)"
 mypy --python-executable "$(command -v python)" || exit 1
 # Tests marked slow (minutes each: e.g. the scripted experts' success rates over 40 seeds per task) run with SLOW=1.
 if [ "${SLOW:-0}" = 1 ]; then marker=(); else marker=(-m "not slow"); fi
-python -m pytest src tests "${marker[@]}" "$@"
+# TEST_WORKERS pytest-xdist workers (default 2 = this project's 2-core machines; 0: one process). Each worker claims a
+# ROS domain of its own (so101_common.testing); --dist loadfile keeps a module's node fixtures in one worker.
+workers=${TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then parallel=(); else parallel=(-n "$workers" --dist loadfile); fi
+python -m pytest src tests "${marker[@]}" "${parallel[@]}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests: that is a failure" >&2

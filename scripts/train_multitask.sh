@@ -15,6 +15,8 @@
 #    them, so they never meet the demo seeds (0-99), the evaluation seeds (1000-1049) nor the held-out 70000-70049.
 # Finished stages, episodes and recovery sets are skipped, so the recipe continues where it was stopped; a stage
 # stopped by TIME_LIMIT ends the invocation (run it again to continue).
+# On a fresh machine (nothing of an earlier session's runs/ left), FROM=CHECKPOINT START_ROUND=r continues from a
+# kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it.
 set -euo pipefail
 
 DATA=${DATA:-data}
@@ -28,6 +30,8 @@ JOBS=${JOBS:-2}               # recovery sets collected at once (one core each)
 RECOVERY_ROUNDS=${RECOVERY_ROUNDS:-2}
 RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
 ROUND_STEPS=${ROUND_STEPS:-6000}
+FROM=${FROM:-}                # a checkpoint to start the recovery rounds from instead of stage A
+START_ROUND=${START_ROUND:-1}
 mkdir -p "$RUNS"
 INIT=${INIT:-$(python -c 'from ament_index_python.packages import get_package_share_directory as s; print(s("meanflow_policy"))')/checkpoints/sim_pick_place}
 
@@ -71,9 +75,15 @@ train_stage() {  # train_stage OUT STEPS INIT BAGS...: train OUT to STEPS (resum
   fi
 }
 
-stage_a="$RUNS/multitask_joint"
-train_stage "$stage_a" "$STAGE_A_STEPS" "$INIT" "${bags[@]}"
-echo "train_multitask: stage A in $stage_a"
+if [[ -n "$FROM" ]]; then
+  [[ -f "$FROM/model.safetensors" ]] || { echo "train_multitask: FROM=$FROM holds no model.safetensors" >&2; exit 2; }
+  previous="$FROM"
+else
+  stage_a="$RUNS/multitask_joint"
+  train_stage "$stage_a" "$STAGE_A_STEPS" "$INIT" "${bags[@]}"
+  echo "train_multitask: stage A in $stage_a"
+  previous="$stage_a/last"
+fi
 
 recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of ROUND (skipped when finished)
   local round=$1 i=$2 checkpoint=$3
@@ -87,13 +97,12 @@ recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of
     [[ -f "$out/recovery.json" ]]
 }
 
-previous="$stage_a"
-for round in $(seq 1 "$RECOVERY_ROUNDS"); do
+for round in $(seq "$START_ROUND" "$RECOVERY_ROUNDS"); do
   # JOBS variants at a time, one core each (the sets are independent: own seeds, own folders).
   pids=()
   for i in "${!TASK_VARIANTS[@]}"; do
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
-    recovery_set "$round" "$i" "$previous/last" > "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" 2>&1 &
+    recovery_set "$round" "$i" "$previous" > "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" 2>&1 &
     pids+=($!)
   done
   for i in "${!pids[@]}"; do
@@ -105,7 +114,7 @@ for round in $(seq 1 "$RECOVERY_ROUNDS"); do
     compgen -G "$out/episode_*" > /dev/null && bags+=("$out")
   done
   stage="$RUNS/multitask_r$round"
-  train_stage "$stage" "$ROUND_STEPS" "$previous/last" "${bags[@]}"
-  previous="$stage"
+  train_stage "$stage" "$ROUND_STEPS" "$previous" "${bags[@]}"
+  previous="$stage/last"
 done
-echo "train_multitask: finished; multi-task policy in $previous/last"
+echo "train_multitask: finished; multi-task policy in $previous"
