@@ -76,6 +76,7 @@ JOINT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=Re
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 REPORT_MIN_PERIOD_S = 1.0
 MAX_IMAGE_WAIT_S = 1.0
+HOLD_ACK_TIMEOUT_S = 1.0
 _SUCCESS = TransitionCallbackReturn.SUCCESS
 _FAILURE = TransitionCallbackReturn.FAILURE
 _ERROR = TransitionCallbackReturn.ERROR
@@ -203,12 +204,18 @@ class PolicyNode(LifecycleNode):
         with self._lock:
             held = self._halt()
         worker.join(timeout=30.0)
+        # The hold must reach the controller before shutdown destroys the publisher: a destroyed writer no longer
+        # resends a lost sample (and deactivate confirms it the same way).
+        acked = self._traj_pub.wait_for_all_acked(Duration(seconds=HOLD_ACK_TIMEOUT_S))
         if self._summary_timer is not None:
             self.destroy_timer(self._summary_timer)
             self._summary_timer = None
         if worker.is_alive():
             self.get_logger().warning("the inference thread did not stop within 30 s; its chunk is discarded")
-        return "stopped acting" + (f"; {held}" if held else "")
+        done = "stopped acting" + (f"; {held}" if held else "")
+        if not acked:
+            done += f" (trajectories not acknowledged by every subscriber within {HOLD_ACK_TIMEOUT_S:.0f} s)"
+        return done
 
     def _release_resources(self) -> None:
         """Destroy what configure created and drop the policy; safe whatever configure got to."""
