@@ -1,17 +1,24 @@
 """ROS 2 node ``meanflow_policy``: camera images + joint states + an instruction in, JointTrajectory chunks out.
 
-Thin wiring around the Mean-Flow policy and the plain-Python core in ``ros.runtime``. Callbacks only convert
-and store messages; inference runs on its own thread so images, joint states and service calls keep flowing
-while the network runs. A chunk is computed when every camera has delivered a new frame, at most ``rate_hz``
-times a second, and only while the node is enabled and has an instruction.
+Thin wiring around the Mean-Flow policy and the plain-Python core in ``ros.runtime``. A managed (lifecycle) node,
+like the driver: configure loads and warms up the checkpoint and creates the topics and services, activate starts
+acting, deactivate stops and publishes a hold, cleanup frees the policy; ``autostart`` (default) configures and
+activates at start, so no lifecycle manager is needed. Callbacks only convert and store messages; inference runs
+on its own thread while active, so images, joint states and service calls keep flowing while the network runs. A
+chunk is computed when every camera has delivered a new frame, at most ``rate_hz`` times a second, and only while
+the node is active, enabled and has an instruction.
 
     python -m meanflow_policy.ros.policy_node --ros-args -p checkpoint:=/path/to/ckpt -p nfe:=1
+    python -m meanflow_policy.ros.policy_node --ros-args -p checkpoint:=... -p autostart:=false
+    ros2 lifecycle set /meanflow_policy configure && ros2 lifecycle set /meanflow_policy activate
 """
 from __future__ import annotations
 
 import sys
 import threading
 import time
+import traceback
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +27,13 @@ from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescri
 from rclpy.exceptions import InvalidParameterTypeException, InvalidParameterValueException
 from rclpy.event_handler import QoSRequestedIncompatibleQoSInfo, SubscriptionEventCallbacks
 from rclpy.duration import Duration
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecyclePublisher, LifecycleState, TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind
+from rclpy.service import Service
+from rclpy.subscription import Subscription
 from rclpy.time import Time
+from rclpy.timer import Timer
 from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
@@ -66,18 +76,183 @@ JOINT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=Re
 OUTPUT_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE)
 REPORT_MIN_PERIOD_S = 1.0
 MAX_IMAGE_WAIT_S = 1.0
+HOLD_ACK_TIMEOUT_S = 1.0
+_SUCCESS = TransitionCallbackReturn.SUCCESS
+_FAILURE = TransitionCallbackReturn.FAILURE
+_ERROR = TransitionCallbackReturn.ERROR
 
 
 class PolicyNodeError(RuntimeError):
-    """A configuration problem that stops the node at start (bad parameter, unloadable checkpoint)."""
+    """A configuration problem: configure fails naming it (with autostart, the node stops at start)."""
 
 
-class PolicyNode(Node):
-    """The policy as a ROS node; raises PolicyNodeError at construction when it cannot run as configured."""
+class PolicyNode(LifecycleNode):
+    """The policy as a managed ROS node.
+
+    configure: read the parameters, load and warm up the checkpoint, create the topics and services. activate:
+    act (the inference thread publishes chunks). deactivate: stop acting and hold the arm. cleanup: free the
+    policy. With ``autostart`` (default) the constructor configures and activates, and raises PolicyNodeError
+    when the node cannot run as configured, so a plain ``python -m`` or launch file needs no lifecycle manager.
+    """
 
     def __init__(self) -> None:
         super().__init__(graph.POLICY_NODE)
         self._declare_parameters()
+        self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None  # the inference thread, while active
+        self._summary_timer: Timer | None = None
+        self._policy: Any = None  # the MeanFlowPolicy while configured (imported at configure: heavy)
+        # What configure creates and cleanup destroys (rclpy keeps its own lists as _publishers etc.).
+        self._outputs: list[LifecyclePublisher] = []
+        self._inputs: list[Subscription] = []
+        self._servers: list[Service] = []
+        self._watching_parameters = False
+        self._autostarting = False
+        self._failure = ""  # why the last configure failed
+        if self._param("autostart"):
+            self._autostart()
+        else:
+            self.get_logger().info(f"waiting for configure (ros2 lifecycle set /{graph.POLICY_NODE} configure, "
+                                   "then activate)")
+
+    def _autostart(self) -> None:
+        """Configure and activate now; a failure ends the node at start (one FATAL line from spin_node, exit 2),
+        as before the node was managed: nothing else would ever configure it."""
+        self._autostarting = True
+        try:
+            if self.trigger_configure() != _SUCCESS:
+                raise PolicyNodeError(self._failure)
+            if self.trigger_activate() != _SUCCESS:
+                raise PolicyNodeError("autostart: activate failed (see above)")
+        finally:
+            self._autostarting = False
+
+    # ----- lifecycle ---------------------------------------------------------------------------------------
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self._configure()
+        except PolicyNodeError as exc:
+            self._release_resources()
+            self._failure = str(exc)
+            if not self._autostarting:  # autostart: the constructor raises it and spin_node logs it once
+                self.get_logger().error(f"configure failed, still unconfigured: {exc}")
+            return _FAILURE
+        except Exception:  # noqa: BLE001 - rclpy would turn it into ERROR without a word
+            self._failure = "configure failed with an unexpected error (traceback above)"
+            self.get_logger().error(f"configure failed:\n{traceback.format_exc()}")
+            self._release_resources()
+            return _ERROR
+        return _SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        result = super().on_activate(state)  # enables the lifecycle publishers
+        with self._lock:
+            self._enabled = bool(self._param("start_enabled"))  # each activation starts from it
+            self._epoch += 1
+            self._moving = False  # a chunk went out since the last enable: stopping must publish a hold
+            self._handoffs.reset()
+        self._stop = threading.Event()  # this inference thread's own: one that outlived a stop keeps its set one
+        self._worker = threading.Thread(target=self._run, args=(self._stop,), name="meanflow_inference",
+                                        daemon=True)
+        self._worker.start()
+        log_period = float(self._param("log_period_s"))
+        if log_period > 0:
+            self._summary_timer = self.create_timer(log_period, self._log_summary)
+        self.get_logger().info(
+            f"ready: cameras {self._camera_topics}, joint states {self._joint_topic}, output "
+            f"{self._param('output_topic')}, chunk {self._chunk_size} x {len(self._joint_names)} at dt "
+            f"{self._dt * 1e3:.1f} ms, nfe {self._param('nfe')}, rate <= {self._param('rate_hz')} Hz, "
+            f"{'enabled' if self._enabled else 'disabled'}, instruction "
+            f"{repr(self._instruction) if self._instruction else 'none yet'}")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().info(f"inactive: {self._stop_acting()}")
+        return super().on_deactivate(state)  # disables the lifecycle publishers, after the hold went out
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._release_resources()
+        self.get_logger().info("unconfigured: policy, topics and services released")
+        return _SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().info(f"finalized: {self.release()}")
+        return _SUCCESS
+
+    def on_error(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.get_logger().error(f"error in a transition: {self.release()}; back to unconfigured")
+        return _SUCCESS
+
+    def release(self) -> str:
+        """Stop acting (holding the arm) and free everything; safe in any state and more than once. For
+        shutdown, errors and the process's exit; returns what was done."""
+        done = self._stop_acting()
+        self._release_resources()
+        return done
+
+    def _stop_acting(self) -> str:
+        """Stop the inference thread (waits for a chunk in progress; it is not published) and, when the policy
+        moved the arm since it was enabled, publish a hold."""
+        worker = self._worker
+        if worker is None:
+            return "was not acting"
+        self._worker = None
+        self._stop.set()
+        self._wake.set()
+        self._store.notify()
+        with self._lock:
+            held = self._halt()
+        worker.join(timeout=30.0)
+        # The hold must reach the controller before shutdown destroys the publisher: a destroyed writer no longer
+        # resends a lost sample (and deactivate confirms it the same way).
+        acked = self._traj_pub.wait_for_all_acked(Duration(seconds=HOLD_ACK_TIMEOUT_S))
+        if self._summary_timer is not None:
+            self.destroy_timer(self._summary_timer)
+            self._summary_timer = None
+        if worker.is_alive():
+            self.get_logger().warning("the inference thread did not stop within 30 s; its chunk is discarded")
+        done = "stopped acting" + (f"; {held}" if held else "")
+        if not acked:
+            done += f" (trajectories not acknowledged by every subscriber within {HOLD_ACK_TIMEOUT_S:.0f} s)"
+        return done
+
+    def _release_resources(self) -> None:
+        """Destroy what configure created and drop the policy; safe whatever configure got to."""
+        for pub in self._outputs:
+            self.destroy_lifecycle_publisher(pub)
+        for sub in self._inputs:
+            self.destroy_subscription(sub)
+        for srv in self._servers:
+            self.destroy_service(srv)
+        self._outputs, self._inputs, self._servers = [], [], []
+        if self._watching_parameters:
+            self.remove_post_set_parameters_callback(self._on_parameters_set)
+            self._watching_parameters = False
+        if self._policy is not None:
+            self._policy = None
+            if str(self._param("device")) == "cuda":
+                torch.cuda.empty_cache()  # the weights' device memory goes back to other processes
+
+    def _configure(self) -> None:
+        """Read the parameters, load and warm up the checkpoint, create the topics and services; a problem is a
+        PolicyNodeError naming it."""
+        self._handoff_mode = str(self._param("handoff"))
+        if self._handoff_mode not in HANDOFF_CHOICES:
+            raise PolicyNodeError(f"parameter handoff is {self._handoff_mode!r}; expected one of "
+                                  f"{list(HANDOFF_CHOICES)}")
+        reliability = str(self._param("image_reliability"))
+        if reliability not in IMAGE_RELIABILITY:
+            raise PolicyNodeError(f"parameter image_reliability is {reliability!r}; expected one of "
+                                  f"{sorted(IMAGE_RELIABILITY)}")
+        self._instruction: str | None = None
+        initial = str(self._param("instruction"))
+        if initial:
+            accepted, cleaned, message = validate_instruction(initial)
+            if not accepted:
+                raise PolicyNodeError(f"parameter instruction: {message}")
+            self._instruction = cleaned
+
         self._policy = self._load_policy()
         config = self._policy.config
         self._joint_names = tuple(config.joint_names)
@@ -88,70 +263,42 @@ class PolicyNode(Node):
         self._dt = float(config.dt)
         self._chunk_size = int(config.chunk_size)
         self._camera_keys = tuple(config.camera_keys)
-        self._store = ObservationStore(self._camera_keys, self._joint_names,
-                                       float(self._param("max_future_stamp_s")))
-        self._stats = ChunkStats()
-        self._clamping = ClampMonitor()
-        self._handoff_mode = str(self._param("handoff"))
-        if self._handoff_mode not in HANDOFF_CHOICES:
-            raise PolicyNodeError(f"parameter handoff is {self._handoff_mode!r}; expected one of "
-                                  f"{list(HANDOFF_CHOICES)}")
-        gripper = [i for i, name in enumerate(self._joint_names) if name == graph.GRIPPER_JOINT_NAME]
-        self._handoffs = Handoffs(self._limits, self._dt, rtc_exempt=gripper)
-        self._latency_s = 0.0  # observation -> publish of the last chunk: when to start the next one
-
-        self._lock = threading.Lock()  # instruction, enabled, epoch, publishing of trajectories
-        self._enabled = bool(self._param("start_enabled"))
-        self._epoch = 0  # bumped on enable/disable: a chunk computed before must not be published after
-        self._moving = False  # a chunk went out since the last enable: disabling must publish a hold
-        self._instruction: str | None = None
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._last_report: dict[str, float] = {}  # problem kind -> monotonic time of its last report
-
-        initial = str(self._param("instruction"))
-        if initial:
-            accepted, cleaned, message = validate_instruction(initial)
-            if not accepted:
-                raise PolicyNodeError(f"parameter instruction: {message}")
-            self._instruction = cleaned
-
-        self._traj_pub = self.create_publisher(JointTrajectory, self._param("output_topic"), OUTPUT_QOS)
-        self._timing_pub = self.create_publisher(ChunkTiming, graph.POLICY_TIMING_TOPIC, OUTPUT_QOS)
-        self._diag_pub = self.create_publisher(DiagnosticArray, graph.DIAGNOSTICS_TOPIC, OUTPUT_QOS)
         topics = list(self._param("camera_topics"))
         if len(topics) != len(self._camera_keys):
             raise PolicyNodeError(f"parameter camera_topics has {len(topics)} topics but the checkpoint uses "
                                   f"{len(self._camera_keys)} cameras {list(self._camera_keys)} (same order)")
         self._camera_topics = dict(zip(self._camera_keys, topics))
-        reliability = str(self._param("image_reliability"))
-        if reliability not in IMAGE_RELIABILITY:
-            raise PolicyNodeError(f"parameter image_reliability is {reliability!r}; expected one of "
-                                  f"{sorted(IMAGE_RELIABILITY)}")
+        self._warm_up()
+
+        self._store = ObservationStore(self._camera_keys, self._joint_names,
+                                       float(self._param("max_future_stamp_s")))
+        self._stats = ChunkStats()
+        self._clamping = ClampMonitor()
+        gripper = [i for i, name in enumerate(self._joint_names) if name == graph.GRIPPER_JOINT_NAME]
+        self._handoffs = Handoffs(self._limits, self._dt, rtc_exempt=gripper)
+        self._latency_s = 0.0  # observation -> publish of the last chunk: when to start the next one
+        self._epoch = 0  # bumped on enable/disable/activate/deactivate: an older chunk must not be published
+        self._last_report: dict[str, float] = {}  # problem kind -> monotonic time of its last report
+
+        self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, self._param("output_topic"), OUTPUT_QOS)
+        self._timing_pub = self.create_lifecycle_publisher(ChunkTiming, graph.POLICY_TIMING_TOPIC, OUTPUT_QOS)
+        self._diag_pub = self.create_lifecycle_publisher(DiagnosticArray, graph.DIAGNOSTICS_TOPIC, OUTPUT_QOS)
+        self._outputs = [self._traj_pub, self._timing_pub, self._diag_pub]
         image_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=IMAGE_RELIABILITY[reliability])
         for camera, topic in self._camera_topics.items():
-            self.create_subscription(
+            self._inputs.append(self.create_subscription(
                 Image, topic, lambda msg, c=camera: self._on_image(c, msg), image_qos,
                 event_callbacks=SubscriptionEventCallbacks(
-                    incompatible_qos=lambda info, t=topic: self._on_incompatible_qos(t, info)))
+                    incompatible_qos=lambda info, t=topic: self._on_incompatible_qos(t, info))))
         self._joint_topic = str(self._param("joint_states_topic"))
-        self.create_subscription(JointState, self._joint_topic, self._on_joint_state, JOINT_QOS)
-        self.create_service(SetInstruction, graph.SET_INSTRUCTION_SERVICE, self._on_set_instruction)
-        self.create_service(SetBool, graph.POLICY_ENABLE_SERVICE, self._on_enable)
+        self._inputs.append(self.create_subscription(JointState, self._joint_topic, self._on_joint_state,
+                                                     JOINT_QOS))
+        self._servers = [self.create_service(SetInstruction, graph.SET_INSTRUCTION_SERVICE, self._on_set_instruction),
+                         self.create_service(SetBool, graph.POLICY_ENABLE_SERVICE, self._on_enable)]
         self.add_post_set_parameters_callback(self._on_parameters_set)
-        log_period = float(self._param("log_period_s"))
-        if log_period > 0:
-            self.create_timer(log_period, self._log_summary)
-
-        self._warm_up()
-        self._worker = threading.Thread(target=self._run, name="meanflow_inference", daemon=True)
-        self._worker.start()
-        self.get_logger().info(
-            f"ready: cameras {self._camera_topics}, joint states {self._joint_topic}, output "
-            f"{self._param('output_topic')}, chunk {self._chunk_size} x {len(self._joint_names)} at dt "
-            f"{self._dt * 1e3:.1f} ms, nfe {self._param('nfe')}, rate <= {self._param('rate_hz')} Hz, "
-            f"{'enabled' if self._enabled else 'disabled'}, instruction "
-            f"{repr(self._instruction) if self._instruction else 'none yet'}")
+        self._watching_parameters = True
+        self.get_logger().info(f"configured: {self._param('checkpoint')} loaded and warmed up"
+                               + ("" if self._autostarting else "; activate to act"))
 
     # ----- setup -------------------------------------------------------------------------------------------
     def _declare_parameters(self) -> None:
@@ -198,6 +345,8 @@ class PolicyNode(Node):
                 "On a busy CPU, 1 avoids threads waiting on each other.",
                 integer_range=[IntegerRange(from_value=0, to_value=256, step=1)])
         declare("log_period_s", 10.0, "Period of the timing summary in the log and on /diagnostics (0: off).")
+        declare("autostart", True, "Configure and activate at startup (no lifecycle manager needed); false: wait "
+                f"for the lifecycle transitions (ros2 lifecycle set /{graph.POLICY_NODE} configure, then activate).")
 
     def _param(self, name: str):
         return self.get_parameter(name).value
@@ -225,11 +374,13 @@ class PolicyNode(Node):
             raise PolicyNodeError(f"cannot load checkpoint {checkpoint!r}: {exc}") from exc
         self.get_logger().info(f"loaded {checkpoint} on {device} in {time.perf_counter() - t0:.1f} s "
                                f"(backbone {policy.config.backbone}, objective {policy.config.objective})")
-        # Declared once the checkpoint is known: its default follows the checkpoint's cameras.
-        self.declare_parameter(
-            "camera_topics", [graph.camera_image_topic(k) for k in policy.config.camera_keys],
-            ParameterDescriptor(description="Image topics, one per camera of the checkpoint, in its camera_keys "
-                                f"order {list(policy.config.camera_keys)}.", read_only=True))
+        # Declared once the checkpoint is known (at the first configure): its default follows the checkpoint's
+        # cameras, which stay the same for a later configure (checkpoint is read-only).
+        if not self.has_parameter("camera_topics"):
+            self.declare_parameter(
+                "camera_topics", [graph.camera_image_topic(k) for k in policy.config.camera_keys],
+                ParameterDescriptor(description="Image topics, one per camera of the checkpoint, in its camera_keys "
+                                    f"order {list(policy.config.camera_keys)}.", read_only=True))
         return policy
 
     def _warm_up(self) -> None:
@@ -238,7 +389,10 @@ class PolicyNode(Node):
         blank = {"images": {k: np.zeros((size, size, 3), np.uint8) for k in self._camera_keys},
                  "state": self._limits.middle.astype(np.float32), "instruction": "warm up"}
         t0 = time.perf_counter()
-        self._policy.sample(blank, nfe=int(self._param("nfe")))
+        try:
+            self._policy.sample(blank, nfe=int(self._param("nfe")))
+        except RuntimeError as exc:  # the device (e.g. CUDA out of memory)
+            raise PolicyNodeError(f"warm-up sample failed: {exc}") from exc
         self.get_logger().info(f"warm-up sample took {(time.perf_counter() - t0) * 1e3:.1f} ms")
 
     def _on_parameters_set(self, params: list[Parameter]) -> None:
@@ -305,36 +459,48 @@ class PolicyNode(Node):
         return response
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        if self._worker is None:  # transitions run on this executor thread too: no race with activate
+            response.success = False
+            response.message = (f"inactive: activate the node first (ros2 lifecycle set /{graph.POLICY_NODE} "
+                                "activate); start_enabled applies at activation")
+            return response
         response.success = True
         with self._lock:
             if bool(request.data) == self._enabled:
                 response.message = f"already {'enabled' if self._enabled else 'disabled'}"
                 return response
             self._enabled = bool(request.data)
-            self._epoch += 1
-            self._handoffs.reset()  # a hand-off starts from where the arm is, not from a trajectory before
             if self._enabled:
+                self._epoch += 1
+                self._handoffs.reset()  # a hand-off starts from where the arm is, not from a trajectory before
                 self._moving = False
                 response.message = "enabled" + ("" if self._instruction else "; waiting for an instruction")
-            elif self._moving:
-                current = self._store.current_positions()
-                if current is None:
-                    response.message = "disabled; no joint state known, so no hold was published"
-                else:
-                    self._publish_plan(hold_plan(current, self._limits, self._dt))
-                    response.message = "disabled; holding at the current position"
-                self._moving = False
             else:
-                response.message = "disabled"
+                held = self._halt()
+                response.message = "disabled" + (f"; {held}" if held else "")
         self.get_logger().info(f"policy {response.message}")
         self._wake.set()
         return response
 
+    def _halt(self) -> str:
+        """Under the lock: no chunk computed before now is published, and a hold when the policy moved the arm
+        since it was enabled; returns what was done about the hold ('' when nothing moved)."""
+        self._epoch += 1
+        self._handoffs.reset()
+        if not self._moving:
+            return ""
+        self._moving = False
+        current = self._store.current_positions()
+        if current is None:
+            return "no joint state known, so no hold was published"
+        self._publish_plan(hold_plan(current, self._limits, self._dt))
+        return "holding at the current position"
+
     # ----- inference thread --------------------------------------------------------------------------------
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         next_start = 0.0
         told_no_instruction = False
-        while not self._stop.is_set() and self.context.ok():
+        while not stop.is_set() and self.context.ok():
             self._wake.clear()
             with self._lock:
                 enabled, instruction = self._enabled, self._instruction
@@ -347,15 +513,15 @@ class PolicyNode(Node):
                 continue
             delay = next_start - time.monotonic()
             if delay > 0:
-                self._stop.wait(delay)
+                stop.wait(delay)
                 continue
             max_age = float(self._param("max_obs_age_s"))
             # Bounded wait, so a slow camera still gets its stale warning and new parameters apply soon; without
             # a new frame from every camera, take() refuses (frames already used never make a second chunk).
-            self._store.wait_for_new_images(min(max_age, MAX_IMAGE_WAIT_S), cancel=self._stop)
+            self._store.wait_for_new_images(min(max_age, MAX_IMAGE_WAIT_S), cancel=stop)
             with self._lock:  # what holds when this chunk starts: an instruction set meanwhile applies to it
                 enabled, instruction, epoch = self._enabled, self._instruction, self._epoch
-            if self._stop.is_set() or not enabled or instruction is None:
+            if stop.is_set() or not enabled or instruction is None:
                 continue
             next_start = time.monotonic() + 1.0 / float(self._param("rate_hz"))
             try:
@@ -396,7 +562,7 @@ class PolicyNode(Node):
                 plan = chunk_to_plan(chunk, self._limits, self._dt, age_s(publish_ns, obs.newest_image_stamp_ns),
                                      bool(self._param("latency_compensation")))
             else:
-                with self._lock:  # against the enable service, which resets the published trajectory
+                with self._lock:  # against enable/deactivate, which reset the published trajectory
                     publish_ns = self._now_ns()
                     self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
                     handoff = self._handoffs.plan(self._handoff_mode, chunk, self._latency_s, publish_ns,
@@ -473,21 +639,10 @@ class PolicyNode(Node):
         self.get_logger().info(f"timing: {summary}")
         self._diagnose(DiagnosticStatus.OK, summary)
 
-    def close(self) -> None:
-        """Stop the inference thread (waits for a chunk in progress)."""
-        self._stop.set()
-        self._wake.set()
-        self._store.notify()
-        self._worker.join(timeout=30.0)
-
-
-def _stop_inference(node: PolicyNode) -> str:
-    node.close()
-    return "inference thread stopped"
 
 
 def main(args: list[str] | None = None) -> None:
-    sys.exit(spin_node(PolicyNode, graph.POLICY_NODE, args, cleanup=_stop_inference,
+    sys.exit(spin_node(PolicyNode, graph.POLICY_NODE, args, cleanup=PolicyNode.release,
                        fatal_errors=(PolicyNodeError,)))
 
 
