@@ -4,7 +4,8 @@ It lives in so101_bringup, the package that depends on both sides (meanflow_poli
 for robot.launch.py), so no package depends on bringup. The robot side comes from robot.launch.py
 (``hardware:=real|mock|sim``, ``cameras:=true``; its other
 arguments such as ``port:=`` or ``wrist_camera:=`` pass through); ``robot:=false`` starts the policy node alone, for
-a robot or simulator started elsewhere.
+a robot or simulator started elsewhere. ``viz:=true`` also starts viz_node (meanflow_policy): the cameras, joint
+states, each chunk ahead of the arm and the chunk timing in a Rerun viewer on this machine's screen.
 """
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, IncludeLaunchDescription, LogInfo
@@ -30,6 +31,7 @@ ARGUMENTS = (
     ("hardware", "mock", "Robot side: real, mock or sim (sim publishes camera images itself)", None),
     ("cameras", "false", "Start the wrist and top camera nodes with the robot (needed with hardware:=real)", None),
     ("robot", "true", "Also launch the robot side (robot.launch.py)", None),
+    ("viz", "false", "Also start viz_node: cameras, joint states, chunks and chunk timing in a Rerun viewer", None),
 )
 
 
@@ -54,4 +56,6 @@ def generate_launch_description() -> LaunchDescription:
     )
     alone = LogInfo(msg="robot:=false: starting the policy node alone", condition=UnlessCondition(
         LaunchConfiguration("robot")))
-    return LaunchDescription([*declared, robot, alone, policy])
+    viz = Node(package="meanflow_policy", executable="viz_node", name=graph.VIZ_NODE, output="screen",
+               condition=IfCondition(LaunchConfiguration("viz")))
+    return LaunchDescription([*declared, robot, alone, policy, viz])

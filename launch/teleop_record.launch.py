@@ -5,10 +5,12 @@
         [camera_fps:=30] [cameras:=auto|true|false] [joy_device_id:=0] [joy_device_name:=]
         [output_dir:=~/so101_data/demos] [instruction:="pick up the cube"] [teleop_config:=...]
         [leader_port:=/dev/ttyACM1] [leader_calibration:=~/.cache/.../so101_leader/ID.json] [leader_deadman:=none|joy]
+        [viz:=false|true]
 
 Cameras: started unless cameras:=false (auto = everything but hardware:=sim, whose node renders them).
 teleop:=joycon jogs the arm with the Joy-Con (teleop_node); teleop:=leader mirrors a leader arm (leader_node).
 Episodes are started/stopped/discarded with the Joy-Con (config/teleop_joycon.yaml) or the recorder's services.
+viz:=true also starts viz_node (meanflow_policy): cameras, joint states and the commanded targets in a Rerun viewer.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
-from so101_common.graph import CAMERA_NAMES, RECORDER_NODE, camera_namespace
+from so101_common.graph import CAMERA_NAMES, RECORDER_NODE, VIZ_NODE, camera_namespace
 
 # Installed data only: launch files and configuration from this package, the URDF/xacro from so101_description.
 BRINGUP = Path(get_package_share_directory("so101_bringup"))
@@ -47,6 +49,7 @@ ARGUMENTS = {
     "leader_calibration": ("", "the leader's calibration: LeRobot JSON or so101-calibrate YAML (teleop:=leader)"),
     "leader_deadman": ("none", "teleop:=leader: none (always mirror) or joy (while the Joy-Con's R is held); "
                        "the space-key toggle needs the node in a terminal of its own"),
+    "viz": ("false", "true: also start viz_node, the cameras, joint states and commanded targets in a Rerun viewer"),
 }
 TELEOP_MODES = ("joycon", "leader")
 LEADER_DEADMAN = ("none", "joy")
@@ -60,6 +63,8 @@ def _actions(context) -> list:
         raise ValueError(f"cameras:={arg['cameras']} is not one of auto, true, false")
     if arg["teleop"] not in TELEOP_MODES:
         raise ValueError(f"teleop:={arg['teleop']} is not one of {', '.join(TELEOP_MODES)}")
+    if arg["viz"].lower() not in ("true", "false"):
+        raise ValueError(f"viz:={arg['viz']} is not one of true, false")
     if arg["leader_deadman"] not in LEADER_DEADMAN:
         raise ValueError(f"leader_deadman:={arg['leader_deadman']} is not one of {', '.join(LEADER_DEADMAN)} "
                          "(a launched node has no terminal: for the space key run leader_node in its own)")
@@ -91,6 +96,8 @@ def _actions(context) -> list:
                                 "urdf_path": str(DESCRIPTION / "urdf" / "so101.urdf.xacro")}]))
     actions.append(Node(package="so101_teleop", executable="episode_recorder", name=RECORDER_NODE, output="screen",
                         parameters=[{"dataset_dir": arg["output_dir"]}]))
+    if arg["viz"].lower() == "true":
+        actions.append(Node(package="meanflow_policy", executable="viz_node", name=VIZ_NODE, output="screen"))
     return actions
 
 

@@ -36,6 +36,10 @@ def _temp_dataset(tmp: Path) -> list[str]:
     return ["-p", f"dataset_dir:={tmp / 'dataset'}"]
 
 
+def _viz_to_file(tmp: Path) -> list[str]:
+    return ["-p", "spawn:=false", "-p", f"save_path:={tmp / 'params.rrd'}"]  # no viewer window here
+
+
 @dataclass(frozen=True)
 class NodeDoc:
     """Where a node's class lives, which doc holds its table, and the overrides it needs to start at all."""
@@ -56,6 +60,7 @@ NODES = (
     NodeDoc("policy_node", "meanflow_policy.ros.policy_node", "PolicyNode", "docs/policy_node.md",
             _shipped_checkpoint),
     NodeDoc("sim_node", "so101_sim.sim_node", "SimNode", "docs/simulation.md"),
+    NodeDoc("viz_node", "meanflow_policy.ros.viz_node", "VizNode", "docs/visualisation.md", _viz_to_file),
 )
 TYPE_WORDS = {"BOOL": "bool", "INTEGER": "int", "DOUBLE": "double", "STRING": "string", "BYTE_ARRAY": "byte[]",
               "BOOL_ARRAY": "bool[]", "INTEGER_ARRAY": "int[]", "DOUBLE_ARRAY": "double[]",
@@ -118,7 +123,9 @@ def table(params: list[dict]) -> str:
     for p in params:
         text = p["description"].replace("|", "\\|").replace("\n", " ")
         rows.append(f"| `{p['name']}` | {p['type']} | {_default(p['default'])} | {text} |")
-    if any(p["read_only"] for p in params):
+    if all(p["read_only"] for p in params):
+        rows += ["", "All are read-only: set them when the node starts."]
+    elif any(p["read_only"] for p in params):
         changeable = ", ".join(f"`{p['name']}`" for p in params if not p["read_only"])
         rows += ["", f"Changeable at runtime (`ros2 param set`): {changeable}; the others are read-only."]
     return "\n".join(rows)

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "param_docs.py"
-NODES = ("so101_driver", "camera_node", "teleop_node", "episode_recorder", "policy_node", "sim_node")
+NODES = ("so101_driver", "camera_node", "teleop_node", "episode_recorder", "policy_node", "sim_node", "viz_node")
 
 
 def _check(*args: str) -> subprocess.CompletedProcess:

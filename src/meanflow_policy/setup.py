@@ -28,6 +28,8 @@ setup(
             "meanflow-bench = meanflow_policy.tools.bench:main",
             "meanflow-bench-node = meanflow_policy.tools.bench_node:main",
             "so101-export-lerobot = meanflow_policy.tools.export_lerobot:main",
+            "so101-viz = meanflow_policy.tools.viz:main",
+            "viz_node = meanflow_policy.ros.viz_node:main",
         ],
         # so101_sim's tools evaluate a MeanFlow checkpoint through this plugin (so101_sim never imports us).
         "so101_sim.policies": ["meanflow = meanflow_policy.tools.sim_adapter"],

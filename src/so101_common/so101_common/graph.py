@@ -50,6 +50,9 @@ SET_INSTRUCTION_SERVICE = f"/{POLICY_NODE}/set_instruction"
 POLICY_ENABLE_SERVICE = f"/{POLICY_NODE}/enable"
 POLICY_TIMING_TOPIC = f"/{POLICY_NODE}/chunk_timing"
 
+# The live Rerun viewer bridge (meanflow_policy viz_node): cameras, joint states, chunks and chunk timing in.
+VIZ_NODE = "so101_viz"
+
 RECORDER_NODE = "episode_recorder"
 START_EPISODE_SERVICE = f"/{RECORDER_NODE}/start_episode"
 STOP_EPISODE_SERVICE = f"/{RECORDER_NODE}/stop_episode"

@@ -7,7 +7,8 @@ Prints the success rate with its 95 % Wilson interval and per-chunk latency, wri
 of the first episodes (wrist | top view); ``--sweep-nfe 1,2,5,10`` evaluates each NFE on the same seeds and
 prints a table. ``--tasks all`` evaluates one (multi-task) checkpoint on every task, in ``--workers`` processes,
 and ends with one JSON line: per-task score and success, the mean score over the paper's three tasks, the
-instruction-following rate over the tasks whose instruction decides, and the median chunk latency.
+instruction-following rate over the tasks whose instruction decides, and the median chunk latency; summary.json,
+summary.md and summary.png (success per task with its interval, chunk-latency histograms) go to --out.
 """
 from __future__ import annotations
 
@@ -351,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
              "image_size": args.image_size, "workers": args.workers, "wall_seconds": wall, **provenance(),
              "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}
                          for t, by_nfe in reports.items()}}, indent=2))
+        from so101_sim.eval_plot import plot_summary  # matplotlib: only here, not in every worker process
+
+        source = "scripted expert" if checkpoint is None else "/".join(Path(checkpoint).parts[-2:])
+        plot_summary(reports, args.out / "summary.png",
+                     f"{source}: {args.episodes} episodes per task from seed {args.seed}")
         print(json.dumps(last), flush=True)
         return 0
     by_nfe = reports[args.task]

@@ -198,6 +198,7 @@ def test_multitask_eval_writes_per_task_reports_and_one_summary_line(tmp_path, c
         summary = json.loads((out / "summary.json").read_text())
         assert summary["summary"] == last and summary["workers"] == workers and summary["machine"]
         assert "| pick_place_green | 1 | 0.000 | 0/2 |" in (out / "summary.md").read_text()
+        assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert results[1] == results[2] == [(60, 0.0, 6)] * 4
 
 

@@ -231,13 +231,67 @@ def _messages(reader, path: Path, conns: list) -> Iterable[tuple[Connection, int
         raise BagError(f"{path}: the bag is truncated or corrupt (failed while reading messages: {exc})") from exc
 
 
+def trajectory_command(time_ns: int, msg) -> TrajectoryCommand:
+    """A JointTrajectory message as a TrajectoryCommand taking effect at ``time_ns``; ValueError says why not
+    (no points, ragged points). Shared by the bag reader and the live viewer (meanflow_policy.viz)."""
+    if not msg.points:
+        raise ValueError("trajectory has no points")
+    try:
+        times = np.array([ns_to_s(p.time_from_start.sec * NS_PER_S + p.time_from_start.nanosec)
+                          for p in msg.points])
+        positions = np.array([list(p.positions) for p in msg.points], dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"ragged points ({exc})") from exc
+    return TrajectoryCommand(int(time_ns), list(msg.joint_names), times, positions.reshape(len(times), -1))
+
+
+def bag_topics(path: str | Path) -> dict[str, tuple[str, int]]:
+    """Topic -> (message type, message count) of a rosbag2 directory; a folder that is not one is a BagError."""
+    path = Path(path)
+    if not is_bag_dir(path):
+        raise BagError(unreadable_episode_problem(path) or f"{path}: not a rosbag2 directory (no {BAG_METADATA_FILE})")
+    reader = _open(path)
+    try:
+        found: dict[str, tuple[str, int]] = {}
+        for conn in reader.connections:
+            _, count = found.get(conn.topic, (conn.msgtype, 0))
+            found[conn.topic] = (conn.msgtype, count + conn.msgcount)
+        return found
+    finally:
+        reader.close()
+
+
+def read_messages(path: str | Path, topic: str, msg_class: type[T]) -> list[tuple[int, T]]:
+    """Every message on ``topic`` decoded as ``msg_class``, with its bag (receive) time; a message that cannot be
+    decoded is a BagError naming it. For small topics (timing reports), not images."""
+    from rclpy.serialization import deserialize_message
+
+    path = Path(path)
+    reader = _open(path)
+    out: list[tuple[int, T]] = []
+    try:
+        conns = [c for c in reader.connections if c.topic == topic]
+        for i, (_conn, t_ns, raw) in enumerate(_messages(reader, path, conns)):
+            try:
+                out.append((t_ns, deserialize_message(raw, msg_class)))
+            except Exception as exc:  # noqa: BLE001 - rclpy raises several types for bad CDR
+                raise BagError(f"{path}: message {i} on {topic} cannot be decoded as {msg_class.__name__}: "
+                               f"{exc}") from exc
+    finally:
+        reader.close()
+    return out
+
+
 def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str] = JOINT_NAMES,
-                 clock: str = "bag", instruction: str | None = None, need_trajectory: bool = True) -> RawEpisode:
+                 clock: str = "bag", instruction: str | None = None, need_trajectory: bool = True,
+                 any_status: bool = False) -> RawEpisode:
     """First pass over one bag: joint states (in ``joint_names`` order), trajectories, image timestamps.
 
     ``clock`` "bag" uses the recorder's receive time for every stream (one clock, robust to publishers on
     other clocks); "header" uses each message's header stamp (zero stamps fall back to the receive time). A
     trajectory takes effect at that time, as a controller starts a trajectory on receipt or at its stamp.
+    ``any_status`` (a viewer, not training): failed, unfinished and unsuccessful episodes are read as well, and
+    the instruction is ``instruction`` or '' as given (episode.json is not consulted).
     """
     from rclpy.serialization import deserialize_message
     from sensor_msgs.msg import Image, JointState
@@ -250,7 +304,7 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
     path = Path(path)
     if not is_bag_dir(path):
         raise BagError(unreadable_episode_problem(path) or f"{path}: not a rosbag2 directory (no {BAG_METADATA_FILE})")
-    text = episode_instruction(path, instruction)
+    text = (instruction or "") if any_status else episode_instruction(path, instruction)
     joint_names = list(joint_names)
     reader = _open(path)
     try:
@@ -318,18 +372,10 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
                 state_times.append(stamp)
                 states.append(pos)
             else:
-                if not msg.points:
-                    reject(conn.topic, "trajectory has no points")
-                    continue
                 try:
-                    times = np.array([ns_to_s(p.time_from_start.sec * NS_PER_S + p.time_from_start.nanosec)
-                                      for p in msg.points])
-                    positions = np.array([list(p.positions) for p in msg.points], dtype=np.float64)
+                    trajectories.append(trajectory_command(stamp, msg))
                 except ValueError as exc:
-                    reject(conn.topic, f"ragged points ({exc})")
-                    continue
-                trajectories.append(TrajectoryCommand(stamp, list(msg.joint_names), times,
-                                                      positions.reshape(len(times), -1)))
+                    reject(conn.topic, str(exc))
     finally:
         reader.close()
     if not states:
