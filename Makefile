@@ -15,7 +15,7 @@ DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask ablations train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -60,6 +60,15 @@ eval-realtime: setup
 results-multitask: setup
 	@$(ENV) CHECKPOINTS="$(CHECKPOINTS)" RUNS=$(RUNS) EPISODES=$(EPISODES) WORKERS=$(WORKERS) \
 	  bash scripts/results_multitask.sh
+
+# The paper's ablations (scripts/ablations.py): Tables I-IV on pick-place, each cell a fresh action expert on the shipped
+# checkpoint's frozen backbone, evaluated on EPISODES held-out seeds; docs/results/ablations.{json,md}. Cells already in
+# the (committed) JSON are skipped, so a rerun continues. STEPS= per run, TIME_LIMIT= s, TABLES="I III:1,5" (all).
+STEPS ?= 4000
+ablations: setup
+	@$(ENV) OMP_NUM_THREADS=1 python scripts/ablations.py --steps $(STEPS) --episodes $(EPISODES) --jobs $(WORKERS) \
+	  --demos $(DEMOS) --runs $(RUNS)/ablations $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \
+	  $(if $(TABLES),--tables $(TABLES))
 
 # The reference recipe: 100 scripted demos, then MeanFlow and the flow-matching baseline on the same data and steps.
 sim-demos: setup

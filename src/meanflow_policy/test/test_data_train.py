@@ -106,6 +106,39 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
     assert train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
                            "--resume", "--steps", "8", "--cache-dir", str(trained / "cache")]) == 2
 
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
+
+
+def test_backbone_from_trains_a_new_expert_on_a_checkpoints_backbone(trained: Path, bags: Path,
+                                                                     tmp_path: Path) -> None:
+    """The ablations' start: the shipped checkpoint's frozen backbone, a fresh expert of another shape and objective
+    settings, the stats of the new data; the backbone is unchanged after training on its cached features."""
+    out = tmp_path / "on_shipped"
+    code = train_cli.main(["--bags", str(bags), "--out", str(out), "--backbone-from", str(SHIPPED),
+                           "--freeze-backbone", "--chunk-size", "8", "--flow-ratio", "0.5", "--adaptive-gamma", "1.0",
+                           "--tiny-patch-size", "4", "--steps", "3", "--batch-size", "4", "--val-every", "3",
+                           "--val-batches", "1", "--val-fraction", "0.34", "--cache-dir", str(trained / "cache"),
+                           "--device", "cpu", "--cpu-threads", "1", "--no-progress"])
+    assert code == 0
+    source, policy = MeanFlowPolicy.load(SHIPPED), MeanFlowPolicy.load(out / "last")
+    config, shipped = policy.config, source.config
+    assert (config.chunk_size, config.flow_ratio, config.adaptive_gamma) == (8, 0.5, 1.0)
+    assert not config.train_backbone and shipped.train_backbone
+    for field in train_cli.BACKBONE_FIELDS:  # the checkpoint's backbone settings win (--tiny-patch-size 4 ignored)
+        assert getattr(config, field) == getattr(shipped, field), field
+    weights, shipped_weights = policy.state_dict(), source.state_dict()
+    backbone = [k for k in weights if k.startswith("backbone.")]
+    assert backbone and all(torch.equal(weights[k], shipped_weights[k]) for k in backbone)
+    assert weights["expert.pos"].shape[1] == 8 != shipped_weights["expert.pos"].shape[1]
+    assert policy.backbone.tokenizer.backend_tokenizer.to_str() == source.backbone.tokenizer.backend_tokenizer.to_str()
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert policy.get_stats()["action"]["mean"] == pytest.approx(dataset["stats"]["action"]["mean"], rel=1e-6)
+    assert json.loads((out / "last" / "train_config.json").read_text())["prefix_feature_cache"] is True
+    for start in (["--resume"], ["--init-from", str(trained / "last")]):
+        assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "x"), "--backbone-from", str(SHIPPED),
+                               *start, "--cache-dir", str(trained / "cache")]) == 2
+
+
 def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     code = eval_bag_cli.main(["--checkpoint", str(trained / "last"), "--bags", str(bags / "episode_0"),

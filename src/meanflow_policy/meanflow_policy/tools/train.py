@@ -37,6 +37,10 @@ PRESETS = ("tiny", "smolvlm2", TINY_SMOLLM2_PRESET)
 BEST_DIR, LAST_DIR = "best", "last"
 PROGRESS_FILE = "progress.json"
 DATASET_FILE = "dataset.json"
+# MeanFlowConfig fields that decide the backbone's weights and features: --backbone-from takes them from its checkpoint.
+BACKBONE_FIELDS = ("backbone", "image_size", "num_vlm_layers", "backbone_seed", "max_text_tokens",
+                   "backbone_config_hash", "tiny_patch_size", "language_layers", "language_model_sha256",
+                   "camera_keys")
 LOG_JSON, LOG_CSV, LOSS_PNG = "log.json", "log.csv", "loss.png"
 
 
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision patch size of the tiny preset (8: 16 tokens per 64 px image, 4: 64 tokens)")
     p.add_argument("--image-shift", type=int, default=MeanFlowConfig.image_shift_px, metavar="PX",
                    help="random-shift augmentation: each training image moves by up to PX pixels (0: off)")
+    p.add_argument("--flow-ratio", type=float, default=MeanFlowConfig.flow_ratio,
+                   help="share of each batch trained with r = t (plain flow matching) by the meanflow objective")
+    p.add_argument("--adaptive-gamma", type=float, default=MeanFlowConfig.adaptive_gamma,
+                   help="adaptive loss weight 1 / (err + c)^(1 - gamma): 1 is the plain squared error")
     add_train_arguments(p)
     p.add_argument("--resume", action="store_true",
                    help="continue the run in OUT exactly where last/ left it: weights, optimizer moments, LR "
@@ -73,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights, config and normalisation stats (model "
                         "options on this command line are ignored); steps count from 0 in --out")
+    p.add_argument("--backbone-from", type=Path, default=None, metavar="CHECKPOINT",
+                   help="a new run on this checkpoint's backbone (weights, tokenizer and backbone settings: the "
+                        "backbone options here are ignored); expert, projections and normalisation stats are new, "
+                        "built from this command line (e.g. another --chunk-size or --flow-ratio)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_cpu_threads_argument(p)
     p.add_argument("--fps", type=float, default=MeanFlowConfig.fps,
@@ -146,7 +158,8 @@ def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -
 def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
     common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=seed,
-                  train_backbone=args.train_backbone, image_shift_px=args.image_shift)
+                  train_backbone=args.train_backbone, image_shift_px=args.image_shift, flow_ratio=args.flow_ratio,
+                  adaptive_gamma=args.adaptive_gamma)
     if args.preset in ("tiny", TINY_SMOLLM2_PRESET):
         if args.backbone:
             raise ValueError(f"--backbone needs --preset smolvlm2 (the {args.preset} preset has its own in-code "
@@ -157,6 +170,15 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     if args.image_size:
         config = MeanFlowConfig.from_dict({**config.to_dict(), "image_size": args.image_size})
     return config
+
+
+def on_backbone_of(config: MeanFlowConfig, source: MeanFlowPolicy) -> MeanFlowPolicy:
+    """A new policy of ``config`` whose backbone is ``source``'s (weights, tokenizer, the settings that shape its
+    features); everything after the backbone is freshly initialised from torch's current random state."""
+    values = {**config.to_dict(), **{f: v for f, v in source.config.to_dict().items() if f in BACKBONE_FIELDS}}
+    policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values), tokenizer=source.backbone.tokenizer)
+    policy.backbone.load_state_dict(source.backbone.state_dict())
+    return policy
 
 
 class Validator:
@@ -277,9 +299,11 @@ def run(args: argparse.Namespace) -> dict:
     apply_cpu_threads(args.cpu_threads)
     ensure_writable_dirs({"--out": out, "--cache-dir": args.cache_dir})
     best = float("inf")
-    if args.resume and args.init_from is not None:
-        raise ValueError("--resume and --init-from exclude each other: resume continues OUT/last, "
-                         "--init-from starts a new run from another checkpoint")
+    starts = [flag for flag, given in (("--resume", args.resume), ("--init-from", args.init_from is not None),
+                                       ("--backbone-from", args.backbone_from is not None)) if given]
+    if len(starts) > 1:
+        raise ValueError(f"{' and '.join(starts)} exclude each other: --resume continues OUT/last, --init-from "
+                         "starts a new run from another checkpoint's weights, --backbone-from from its backbone only")
     if args.resume:
         progress = read_progress(out)
         best = progress["best_action_mae_rad"]
@@ -306,6 +330,13 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args)
         config = policy_config(args, cfg.seed)
         policy = None
+        if args.backbone_from is not None:
+            source = MeanFlowPolicy.load(args.backbone_from)
+            torch.manual_seed(cfg.seed)
+            policy = on_backbone_of(config, source).to(device)
+            config = policy.config
+            LOG.info("new run on the backbone of %s (%s): expert, projections and stats start fresh",
+                     args.backbone_from, config.backbone)
     if cfg.freeze_backbone and cfg.instruction_variety:
         raise ValueError("--instruction-variety needs the backbone in every step (the phrasing changes per draw); "
                          "it cannot be combined with --freeze-backbone")
@@ -332,6 +363,7 @@ def run(args: argparse.Namespace) -> dict:
     if policy is None:
         torch.manual_seed(cfg.seed)
         policy = MeanFlowPolicy(config).to(device)
+    if not (args.resume or args.init_from):
         policy.set_stats(stats)
     out.mkdir(parents=True, exist_ok=True)
     (out / DATASET_FILE).write_text(json.dumps({
