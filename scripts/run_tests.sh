@@ -19,6 +19,9 @@ if [ "${SLOW:-0}" = 1 ]; then marker=(); else marker=(-m "not slow"); fi
 # ROS domain of its own (so101_common.testing); --dist loadfile keeps a module's node fixtures in one worker.
 workers=${TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then parallel=(); else parallel=(-n "$workers" --dist loadfile); fi
+# One OpenMP/torch thread per process (workers and the node processes they start): with several processes on two
+# cores, multi-threaded torch spins at its barriers and burns CPU time that the other processes need.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 python -m pytest src tests "${marker[@]}" "${parallel[@]}" "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then

@@ -1,4 +1,4 @@
-"""The package's layers: base (units, images) < model, data < train < ros < tools. Lower layers never
+"""The package's layers: base (units, images) < model, data < train, viz < ros < tools. Lower layers never
 import upper ones (lazy imports inside functions included), every module imports alone, and the data pipeline never
 pulls in the VLM backbone or transformers."""
 import ast
@@ -16,8 +16,9 @@ ALLOWED = {
     "model": set(),
     "data": set(),
     "train": {"model", "data"},
-    "ros": {"model"},
-    "tools": {"model", "data", "train", "ros", "testing"},
+    "viz": {"data"},  # Rerun logging of bags and live messages: no model, no torch
+    "ros": {"model", "viz"},
+    "tools": {"model", "data", "train", "ros", "viz", "testing"},
     "testing": {"model"},
 }
 # Within the model layer: the file format knows the config, not the network.
