@@ -97,3 +97,17 @@ def test_bad_configuration_stops_with_a_clear_error(node_process, params, messag
     proc.proc.wait(timeout=60)
     assert proc.proc.returncode == 2, proc.output()
     assert message in proc.output()
+
+
+def test_int8_backbone_publishes_chunks_and_a_bad_precision_is_refused(checkpoint, node_process, ros_node):
+    proc = node_process(NODE, params={"checkpoint": str(checkpoint), "rate_hz": 10.0, "backbone_precision": "int8",
+                                      "instruction": "put the cube in the box"})
+    probe = PolicyProbe(ros_node, height=48, width=64)
+    probe.start_streams(image_hz=15.0)
+    assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()
+    assert "in int8" in proc.output()
+    assert proc.stop() == 0
+    bad = node_process(NODE, params={"checkpoint": str(checkpoint), "backbone_precision": "int4"})
+    bad.proc.wait(timeout=60)
+    assert bad.proc.returncode == 2, bad.output()
+    assert "parameter backbone_precision: backbone precision must be one of" in bad.output()

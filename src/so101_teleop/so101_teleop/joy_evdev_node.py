@@ -42,12 +42,16 @@ class JoyEvdevNode(Node):
                                         "(Hz; 0: only on changes), as joy_node's"))
         self.reconnect_s = float(declare("reconnect_s", 1.0, "wait between looks for a missing device (s)"))
         replay_file = str(declare("replay_file", "", "an evtest log to play instead of a device"))
+        self.replay_subscribers = int(declare("replay_subscribers", 1, "start a replay once this many Joy "
+                                              "subscribers are matched (so nothing is played to nobody)"))
         if not 0.0 <= self.deadzone < 1.0:
             raise ValueError(f"parameter deadzone must be in [0, 1), got {self.deadzone}")
         if not 0.0 <= autorepeat_rate <= 1000.0:
             raise ValueError(f"parameter autorepeat_rate must be in 0..1000 Hz, got {autorepeat_rate}")
         if self.reconnect_s <= 0:
             raise ValueError(f"parameter reconnect_s must be > 0, got {self.reconnect_s}")
+        if self.replay_subscribers < 0:
+            raise ValueError(f"parameter replay_subscribers must be >= 0, got {self.replay_subscribers}")
         self.repeat_s = 1.0 / autorepeat_rate if autorepeat_rate > 0 else None
         self.recording = None
         if replay_file:
@@ -146,11 +150,11 @@ class JoyEvdevNode(Node):
 
     # -- an evtest log
     def _replay(self) -> None:
-        """Play the log in its own timing, once the Joy topic has a subscriber (so nothing is played to nobody)."""
+        """Play the log in its own timing, once replay_subscribers are matched (so nothing is played to nobody)."""
         recording = self.recording
         state = JoyState(recording.layout, self.deadzone)
         state.resync([], recording.initial_abs)
-        while self.pub.get_subscription_count() == 0:
+        while self.pub.get_subscription_count() < self.replay_subscribers:
             if self._stop.wait(0.05):
                 return
         start_wall = time.monotonic()

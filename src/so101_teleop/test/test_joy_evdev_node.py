@@ -24,14 +24,16 @@ def test_replayed_joycon_session_jogs_the_arm_through_the_teleop_node(node_proce
     targets: list[np.ndarray] = []
     ros_node.create_subscription(JointTrajectory, TRAJECTORY_TOPIC,
                                  lambda m: targets.append(np.array(m.points[0].positions)), 100)
-    assert spin_until(ros_node, lambda: len(ros_node.get_subscriptions_info_by_topic(JOY_TOPIC)) > 0, 30.0), \
-        teleop.output()
+    home = JointState(name=list(JOINT_NAMES), position=home_vector().tolist())
+    # The teleop node hears the arm before the session plays: it jogs from the measured state.
+    assert spin_until(ros_node, lambda: states.get_subscription_count() > 0, 30.0), teleop.output()
     joys: list[Joy] = []
     ros_node.create_subscription(Joy, JOY_TOPIC, joys.append, 100)
-    joy = node_process("so101_teleop.joy_evdev_node", params={"replay_file": str(SESSION)})
+    # Two subscribers (the teleop node and this test) are matched before the replay starts, so neither misses it.
+    joy = node_process("so101_teleop.joy_evdev_node", params={"replay_file": str(SESSION), "replay_subscribers": 2})
 
     def replayed() -> bool:
-        states.publish(JointState(name=list(JOINT_NAMES), position=home_vector().tolist()))
+        states.publish(home)
         return "replay finished" in joy.output() and len(joys) > 5
 
     assert spin_until(ros_node, replayed, 30.0), joy.output() + teleop.output()

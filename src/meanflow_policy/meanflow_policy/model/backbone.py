@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from so101_common.phrasings import TRAIN_TEMPLATES
-from meanflow_policy.model.configuration import (SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
-                                                 MeanFlowConfig)
+from meanflow_policy.model.configuration import (BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET, TINY_BACKBONE,
+                                                 TINY_SMOLLM2_PRESET, MeanFlowConfig)
 from meanflow_policy.model.language import FrozenLanguageModel
 
 _TINY_VOCAB = 512
@@ -181,6 +182,29 @@ class VLMBackbone(nn.Module):
     @property
     def trainable(self) -> bool:
         return self.config.train_backbone
+
+    def set_precision(self, precision: str) -> None:
+        """Run the SmolVLM (vision encoder, connector, LM layers) in ``precision`` for inference (one of
+        BACKBONE_PRECISIONS). int8 replaces every Linear by a dynamically quantised one (int8 weights per output
+        channel, activations quantised per call): on a CPU its matrix products run on int8 kernels (fbgemm /
+        oneDNN, AVX2 is enough), about twice as fast as float32 for the real backbone's large layers. It cannot be
+        undone (load the checkpoint again) and leaves no gradients, so a training backbone refuses it."""
+        if precision not in BACKBONE_PRECISIONS:
+            raise ValueError(f"backbone precision must be one of {BACKBONE_PRECISIONS}, got {precision!r}")
+        self.clear_cache()
+        if precision != "int8":
+            self.vlm.to(getattr(torch, precision))
+            return
+        if self.pixel_scale.device.type != "cpu":
+            raise ValueError("backbone precision int8 runs on the CPU only (use bfloat16 or float16 on a GPU)")
+        if self.training:
+            raise ValueError("backbone precision int8 is for inference (policy.eval()), not training")
+        self.vlm.to(torch.float32)
+        with warnings.catch_warnings():
+            # torch 2.13 marks its eager quantisation API deprecated in favour of torchao (not a dependency here);
+            # the pinned torch still ships and tests it.
+            warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
+            torch.ao.quantization.quantize_dynamic(self.vlm, {nn.Linear}, dtype=torch.qint8, inplace=True)
 
     def clear_cache(self) -> None:
         """Forget the cached instruction features (weights or mode changed)."""

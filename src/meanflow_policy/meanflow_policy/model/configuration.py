@@ -24,6 +24,14 @@ BACKBONE_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET, TINY_S
 # Presets whose tokenizer is built in code (saved beside their checkpoints).
 CODE_TOKENIZER_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET)
 DDPM_SAMPLERS: tuple[str, ...] = ("ddpm", "ddim")
+# Inference precisions of the backbone (the expert always runs in float32): int8 is dynamic quantisation of its
+# Linear layers (CPU only); bfloat16 / float16 cast its weights (fast on GPUs; on CPUs without bf16 instructions,
+# such as the 2-core AVX2 dev machine, bfloat16 is slower than float32).
+BACKBONE_PRECISIONS: tuple[str, ...] = ("float32", "int8", "bfloat16", "float16")
+# The stated parity of each fast precision: the largest difference (rad) of a one-step chunk from the float32 one,
+# same weights, observation and noise (measured on the shipped checkpoints: int8 0.009, bfloat16 0.002, float16
+# 0.0004; tested in test_precision.py, reported by meanflow-bench).
+PRECISION_PARITY_RAD: dict[str, float] = {"int8": 0.02, "bfloat16": 0.01, "float16": 0.002}
 _DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
 # Fields stored as tuples (JSON gives lists back).
 _TUPLE_FIELDS = ("camera_keys", "joint_names")

@@ -2,9 +2,12 @@
 
 Runs the same policy on the same observation for MeanFlow nfe 1/2/5/10, flow matching nfe 10 and DDPM 100 and
 reports median/p95 of the prefix (backbone + expert context) and expert (sampling) parts, then where the prefix
-time goes. The LAST printed line is one JSON object with the figures (``expert_ms``/``chunk_ms`` maps, ratios).
+time goes, for each backbone precision asked (float32 and int8 on a CPU by default), with each fast precision's
+parity against the first (chunk max abs in radians, prefix features relative) on a fixed observation set. The LAST
+printed line is one JSON object with the figures (``expert_ms``/``chunk_ms`` maps, ratios, ``precisions``).
 
     python -m meanflow_policy.tools.bench --preset tiny --device cpu
+    python -m meanflow_policy.tools.bench --checkpoint runs/sim_meanflow/last --precisions float32,int8
     python -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda --runs 50
 """
 from __future__ import annotations
@@ -23,13 +26,16 @@ import torch
 
 from so101_common.joints import home_vector
 
-from meanflow_policy.model.configuration import SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig
+from meanflow_policy.model.configuration import (BACKBONE_PRECISIONS, PRECISION_PARITY_RAD, SMOLVLM2_500M_PRESET,
+                                                 TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig)
 from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
 
 VARIANTS: tuple[tuple[str, int], ...] = (
     ("meanflow", 1), ("meanflow", 2), ("meanflow", 5), ("meanflow", 10), ("flow_matching", 10), ("ddpm", 100),
 )
+# Observations in the parity set a fast backbone precision is compared on.
+PARITY_OBSERVATIONS = 4
 # Expert sizes per preset: the tiny dev expert, and a ~46 M-parameter expert for the real backbone.
 _PRESETS = {
     TINY_BACKBONE: dict(image_size=64, num_vlm_layers=4, expert_width=128, expert_depth=4, expert_heads=4),
@@ -42,14 +48,20 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def build_policy(preset: str, device: str, image_size: int | None, backbone_dtype: str) -> MeanFlowPolicy:
-    values = dict(_PRESETS[preset])
-    if image_size:
-        values["image_size"] = image_size
-    policy = MeanFlowPolicy(MeanFlowConfig(backbone=preset, **values)).to(device)
-    if backbone_dtype != "float32":
-        policy.backbone.to(getattr(torch, backbone_dtype))
-    return policy.eval()
+def build_policy(preset: str, device: str, image_size: int | None, precision: str,
+                 checkpoint: str = "") -> MeanFlowPolicy:
+    """The benchmarked model: a preset with random weights (the same weights every call: seeded), or a checkpoint;
+    its backbone then runs in ``precision`` (BACKBONE_PRECISIONS)."""
+    if checkpoint:
+        policy = MeanFlowPolicy.load(checkpoint, device=device)
+    else:
+        values = dict(_PRESETS[preset])
+        if image_size:
+            values["image_size"] = image_size
+        torch.manual_seed(0)
+        policy = MeanFlowPolicy(MeanFlowConfig(backbone=preset, **values)).to(device).eval()
+    policy.backbone.set_precision(precision)
+    return policy
 
 
 def make_observation(config: MeanFlowConfig, height: int, width: int, seed: int = 0) -> dict[str, object]:
@@ -120,21 +132,52 @@ def _param_millions(module: torch.nn.Module) -> float:
     return sum(p.numel() for p in module.parameters()) / 1e6
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
-    torch.manual_seed(0)
-    policy = build_policy(args.preset, args.device, args.image_size, args.backbone_dtype)
+def parity_observations(config: MeanFlowConfig, height: int, width: int) -> list[dict[str, object]]:
+    """The fixed observation set a fast path is compared on: random frames and states around home, seeded."""
+    observations = []
+    for seed in range(PARITY_OBSERVATIONS):
+        obs = make_observation(config, height, width, seed=seed)
+        obs["state"] = (np.asarray(obs["state"]) + np.random.default_rng(seed).uniform(-0.3, 0.3, config.state_dim)
+                        ).astype(np.float32)
+        observations.append(obs)
+    return observations
+
+
+@torch.inference_mode()
+def parity_outputs(policy: MeanFlowPolicy, observations: Sequence[dict[str, object]]
+                   ) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    """Prefix features and one-step chunks (noise seeded per observation) of every parity observation."""
+    features, chunks = [], []
+    for i, obs in enumerate(observations):
+        images, _, instruction = policy._observation_tensors(obs)
+        features.append(policy.backbone.encode_one(images, instruction)[0].float().cpu())
+        generator = torch.Generator(device=policy.device).manual_seed(i)
+        chunks.append(policy.sample(obs, nfe=1, generator=generator))
+    return features, chunks
+
+
+def parity(reference: tuple[list[torch.Tensor], list[np.ndarray]],
+           other: tuple[list[torch.Tensor], list[np.ndarray]], tolerance_rad: float | None) -> dict[str, object]:
+    """How far a fast path is from the reference: chunk max abs (rad), prefix features max abs relative to their
+    largest magnitude (a random-weight model's chunk may ignore its prefix; its features do not); against a float32
+    reference, whether the chunk is within the precision's stated tolerance."""
+    chunk = max(float(np.abs(a - b).max()) for a, b in zip(reference[1], other[1]))
+    scale = max(float(f.abs().max()) for f in reference[0])
+    feature = max(float((a - b).abs().max()) for a, b in zip(reference[0], other[0])) / max(scale, 1e-12)
+    result: dict[str, object] = {"chunk_max_abs_rad": round(chunk, 6), "prefix_max_rel": round(feature, 6)}
+    if tolerance_rad is not None:
+        result.update(tolerance_rad=tolerance_rad, ok=chunk <= tolerance_rad)
+    return result
+
+
+def bench_precision(policy: MeanFlowPolicy, obs: dict[str, object], args: argparse.Namespace,
+                    label: str) -> dict[str, object]:
+    """Every sampler on one precision: the table, the prefix breakdown and this precision's JSON figures."""
     cfg = policy.config
-    obs = make_observation(cfg, args.camera_height, args.camera_width)
-    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
-        f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
-    weights = "random vision, pretrained SmolLM2" if cfg.backbone == TINY_SMOLLM2_PRESET else "random weights"
-    print(f"preset {args.preset} ({weights if cfg.backbone_is_preset else cfg.backbone}) on {device_name}; "
-          f"image {cfg.image_size}px x {len(cfg.camera_keys)} cameras, {args.runs} warm runs after {args.warmup}")
-    print(f"params: backbone {_param_millions(policy.backbone):.2f} M, expert {_param_millions(policy.expert):.2f} M, "
-          f"prefix tokens {len(cfg.camera_keys) * policy.backbone.tokens_per_image} image + text + 1 state")
     results: dict[str, dict[str, list[float]]] = {}
     header = (f"{'variant':<18}{'prefix med':>11}{'expert med':>11}{'expert p95':>11}{'post med':>10}"
               f"{'chunk med':>11}{'chunk p95':>11}")
+    print(f"\nbackbone {label}:")
     print(header)
     print("-" * len(header))
     for objective, nfe in VARIANTS:
@@ -149,15 +192,11 @@ def run(args: argparse.Namespace) -> dict[str, object]:
               f"{statistics.median(t['total_ms']):>11.2f}"
               f"{_percentile(t['total_ms'], 95):>11.2f}", flush=True)
     breakdown = prefix_breakdown(policy, obs, max(3, args.runs // 2))
-    print("\nprefix breakdown (median ms per stage):")
+    print("prefix breakdown (median ms per stage):")
     for name, ms in breakdown.items():
         print(f"  {name:<55}{ms:>9.2f}")
     med = {k: {m: statistics.median(v[m]) for m in v} for k, v in results.items()}
-    summary: dict[str, object] = {
-        "preset": args.preset, "device": device_name, "image_size": cfg.image_size, "runs": args.runs,
-        "backbone_dtype": args.backbone_dtype,
-        "params_m": {"backbone": round(_param_millions(policy.backbone), 3),
-                     "expert": round(_param_millions(policy.expert), 3)},
+    figures: dict[str, object] = {
         "expert_ms": {k: round(v["expert_ms"], 3) for k, v in med.items()},
         "expert_p95_ms": {k: round(_percentile(v["expert_ms"], 95), 3) for k, v in results.items()},
         "prefix_ms": {k: round(v["prefix_ms"], 3) for k, v in med.items()},
@@ -169,8 +208,50 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     mf1 = med["meanflow_1"]
     for name, key in (("fm10", "flow_matching_10"), ("ddpm100", "ddpm_100")):
         if key in med:
-            summary[f"ratio_expert_{name}_over_mf1"] = round(med[key]["expert_ms"] / mf1["expert_ms"], 2)
-            summary[f"ratio_chunk_{name}_over_mf1"] = round(med[key]["total_ms"] / mf1["total_ms"], 2)
+            figures[f"ratio_expert_{name}_over_mf1"] = round(med[key]["expert_ms"] / mf1["expert_ms"], 2)
+            figures[f"ratio_chunk_{name}_over_mf1"] = round(med[key]["total_ms"] / mf1["total_ms"], 2)
+    return figures
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    """The first precision is the reference: its figures are the JSON's top level; every precision's figures (and,
+    for the others, their parity with the reference and their meanflow-1 speed-up) are under ``precisions``."""
+    reference = args.precisions[0]
+    policy = build_policy(args.preset, args.device, args.image_size, reference, args.checkpoint)
+    cfg = policy.config
+    obs = make_observation(cfg, args.camera_height, args.camera_width)
+    parity_set = parity_observations(cfg, args.camera_height, args.camera_width)
+    device_name = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else (
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
+    weights = "random vision, pretrained SmolLM2" if cfg.backbone == TINY_SMOLLM2_PRESET else "random weights"
+    model = args.checkpoint or f"preset {args.preset} ({weights if cfg.backbone_is_preset else cfg.backbone})"
+    print(f"{model} on {device_name}; image {cfg.image_size}px x {len(cfg.camera_keys)} cameras, {args.runs} warm "
+          f"runs after {args.warmup}; backbone precisions {', '.join(args.precisions)}")
+    print(f"params: backbone {_param_millions(policy.backbone):.2f} M, expert {_param_millions(policy.expert):.2f} M, "
+          f"prefix tokens {len(cfg.camera_keys) * policy.backbone.tokens_per_image} image + text + 1 state")
+    summary: dict[str, object] = {
+        "preset": cfg.backbone, "checkpoint": args.checkpoint or None, "device": device_name,
+        "image_size": cfg.image_size, "runs": args.runs, "backbone_dtype": reference,
+        "params_m": {"backbone": round(_param_millions(policy.backbone), 3),
+                     "expert": round(_param_millions(policy.expert), 3)},
+    }
+    per_precision: dict[str, dict[str, object]] = {}
+    reference_outputs = parity_outputs(policy, parity_set)
+    for precision in args.precisions:
+        if precision != reference:
+            policy = build_policy(args.preset, args.device, args.image_size, precision, args.checkpoint)
+        figures = bench_precision(policy, obs, args, precision)
+        if precision != reference:
+            tolerance = PRECISION_PARITY_RAD[precision] if reference == "float32" else None
+            figures["parity"] = parity(reference_outputs, parity_outputs(policy, parity_set), tolerance)
+            ref_ms = per_precision[reference]["chunk_ms"]["meanflow_1"]  # type: ignore[index]
+            figures["speedup_chunk_mf1"] = round(ref_ms / figures["chunk_ms"]["meanflow_1"], 2)  # type: ignore[index]
+            print(f"parity with {reference} over {PARITY_OBSERVATIONS} observations: {figures['parity']}; "
+                  f"meanflow_1 chunk {figures['speedup_chunk_mf1']}x faster")
+        per_precision[precision] = figures
+        policy.backbone.clear_cache()
+    summary.update(per_precision[reference])
+    summary["precisions"] = per_precision
     return summary
 
 
@@ -186,17 +267,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=0, help="model input size (0: the preset's, 64 / 512)")
     p.add_argument("--camera-height", type=int, default=480, help="raw camera frame height (policy resizes)")
     p.add_argument("--camera-width", type=int, default=640, help="raw camera frame width")
-    p.add_argument("--backbone-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="backbone weights dtype; auto: bfloat16 on CUDA, float32 on CPU (bf16 is slow on CPUs). "
-                        "The expert always runs in float32")
+    p.add_argument("--checkpoint", default="", help="benchmark this checkpoint directory instead of a preset with "
+                   "random weights (--preset and --image-size are then ignored)")
+    p.add_argument("--precisions", default="auto",
+                   help=f"comma list of backbone precisions from {', '.join(BACKBONE_PRECISIONS)}; the first is the "
+                        "reference the others' parity and speed-up are measured against. auto: bfloat16 on CUDA, "
+                        "float32,int8 on CPU. The expert always runs in float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch sees no CUDA device")
-    if args.backbone_dtype == "auto":
-        args.backbone_dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.precisions == "auto":
+        args.precisions = "bfloat16" if args.device.startswith("cuda") else "float32,int8"
+    args.precisions = list(dict.fromkeys(x.strip() for x in args.precisions.split(",") if x.strip()))
+    unknown = [x for x in args.precisions if x not in BACKBONE_PRECISIONS]
+    if unknown or not args.precisions:
+        p.error(f"--precisions: {unknown or 'none'} not in {', '.join(BACKBONE_PRECISIONS)}")
+    if "int8" in args.precisions and args.device != "cpu":
+        p.error("--precisions int8 runs on the CPU only")
     return args
 
 
