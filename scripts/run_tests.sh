@@ -22,7 +22,8 @@ if [ "$workers" = 0 ]; then parallel=(); else parallel=(-n "$workers" --dist loa
 # One OpenMP/torch thread per process (workers and the node processes they start): with several processes on two
 # cores, multi-threaded torch spins at its barriers and burns CPU time that the other processes need.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-python -m pytest src tests "${marker[@]}" "${parallel[@]}" "$@"
+# The 25 slowest tests are listed at the end: where the suite's time goes (docs/testing.md).
+python -m pytest src tests "${marker[@]}" "${parallel[@]}" --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "run_tests: pytest collected no tests: that is a failure" >&2

@@ -343,8 +343,9 @@ class PolicyNode(LifecycleNode):
         declare("instruction", "", "Initial instruction (empty: wait for the set_instruction service).")
         declare("start_enabled", True, "Act as soon as an instruction is there; false: wait for ~/enable.")
         declare("backbone_precision", "float32", f"Inference precision of the backbone, one of "
-                f"{BACKBONE_PRECISIONS}: int8 (CPU only) quantises its Linear layers, about 2x faster for the real "
-                "SmolVLM2 on a CPU (docs/method.md); the action expert always runs in float32.")
+                f"{', '.join(BACKBONE_PRECISIONS)}: int8 (CPU only) quantises its Linear layers (1.4x faster chunks "
+                "for the real SmolVLM2 on an AVX2 CPU), bfloat16/float16 are for GPUs; the action expert always "
+                "runs in float32 (docs/method.md, Backbone precision).")
         declare("torch_threads", 0, "Torch intra-op threads for inference (0: torch's default, one per core). "
                 "On a busy CPU, 1 avoids threads waiting on each other.",
                 integer_range=[IntegerRange(from_value=0, to_value=256, step=1)])
