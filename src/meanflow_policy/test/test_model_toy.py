@@ -33,7 +33,7 @@ def _energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
-def _train_and_score(objective: str, steps: int = 400, batch: int = 256) -> list[float]:
+def _train_and_score(objective: str, steps: int = 300, batch: int = 128) -> list[float]:
     torch.manual_seed(0)
     expert = ActionExpert(action_dim=2, chunk_size=1, width=64, depth=2, heads=2)
     cond = nn.Embedding(2, 64)
