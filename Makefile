@@ -82,7 +82,8 @@ train-sim: sim-demos
 
 # The multi-task recipe (scripts/train_multitask.sh): 100 scripted demos of each of the six task variants, then stage A
 # (backbone + expert, warm-started from the shipped checkpoint) in resumable pieces, then recovery rounds; DATA=, RUNS=,
-# TIME_LIMIT= (s); FROM=CHECKPOINT START_ROUND=r continue from a kept checkpoint on a fresh machine.
+# TIME_LIMIT= (s); FROM=CHECKPOINT START_ROUND=r continue from a kept checkpoint on a fresh machine;
+# OBJECTIVE=flow_matching trains the baseline on the same start, data, steps and seeds (the MeanFlow run's episodes).
 train-multitask: setup
 	@$(ENV) DATA=$(DATA) RUNS=$(RUNS) bash scripts/train_multitask.sh
 

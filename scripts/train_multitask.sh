@@ -17,6 +17,9 @@
 # stopped by TIME_LIMIT ends the invocation (run it again to continue).
 # On a fresh machine (nothing of an earlier session's runs/ left), FROM=CHECKPOINT START_ROUND=r continues from a
 # kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it.
+# OBJECTIVE=flow_matching trains the baseline of the comparison: the same start (INIT, switched to flow matching),
+# data, steps and seeds, in runs multitask_fm_joint, multitask_fm_r1, ...; it collects no recovery sets of its own
+# but trains on the MeanFlow run's (data/multitask_recovery_r*), so both objectives see exactly the same episodes.
 set -euo pipefail
 
 DATA=${DATA:-data}
@@ -32,6 +35,12 @@ RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
 ROUND_STEPS=${ROUND_STEPS:-6000}
 FROM=${FROM:-}                # a checkpoint to start the recovery rounds from instead of stage A
 START_ROUND=${START_ROUND:-1}
+OBJECTIVE=${OBJECTIVE:-meanflow}
+case "$OBJECTIVE" in
+  meanflow) prefix=multitask ;;
+  flow_matching) prefix=multitask_fm ;;
+  *) echo "train_multitask: OBJECTIVE must be meanflow or flow_matching, got $OBJECTIVE" >&2; exit 2 ;;
+esac
 mkdir -p "$RUNS"
 INIT=${INIT:-$(python -c 'from ament_index_python.packages import get_package_share_directory as s; print(s("meanflow_policy"))')/checkpoints/sim_pick_place}
 
@@ -67,7 +76,8 @@ train_stage() {  # train_stage OUT STEPS INIT BAGS...: train OUT to STEPS (resum
   if [[ -f "$out/last/train_state.json" ]]; then
     python -m meanflow_policy.tools.train "${common[@]}" --resume
   else
-    python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --batch-size 32 --ema-decay 0.999 --seed 0
+    python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --objective "$OBJECTIVE" \
+      --batch-size 32 --ema-decay 0.999 --seed 0
   fi
   if ! done_at "$out" "$steps"; then
     echo "train_multitask: $out stopped before step $steps (TIME_LIMIT); run again to continue"
@@ -79,7 +89,7 @@ if [[ -n "$FROM" ]]; then
   [[ -f "$FROM/model.safetensors" ]] || { echo "train_multitask: FROM=$FROM holds no model.safetensors" >&2; exit 2; }
   previous="$FROM"
 else
-  stage_a="$RUNS/multitask_joint"
+  stage_a="$RUNS/${prefix}_joint"
   train_stage "$stage_a" "$STAGE_A_STEPS" "$INIT" "${bags[@]}"
   echo "train_multitask: stage A in $stage_a"
   previous="$stage_a/last"
@@ -89,6 +99,11 @@ recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of
   local round=$1 i=$2 checkpoint=$3
   local out="$DATA/multitask_recovery_r${round}_${TASK_VARIANTS[$i]}"
   [[ -f "$out/recovery.json" ]] && return 0
+  if [[ "$OBJECTIVE" != meanflow ]]; then
+    echo "train_multitask: $out is missing: the $OBJECTIVE baseline trains on the MeanFlow run's recovery sets" \
+         "(run OBJECTIVE=meanflow first)" >&2
+    return 1
+  fi
   rm -rf "$out"
   # Fewer episodes than asked (every allowed seed tried) still make a recovery set: recovery.json is written.
   OMP_NUM_THREADS=1 python -m so101_sim.recovery --checkpoint "$checkpoint" --task "${TASK_VARIANTS[$i]}" --nfe 1 \
@@ -113,8 +128,8 @@ for round in $(seq "$START_ROUND" "$RECOVERY_ROUNDS"); do
     out="$DATA/multitask_recovery_r${round}_$task"
     compgen -G "$out/episode_*" > /dev/null && bags+=("$out")
   done
-  stage="$RUNS/multitask_r$round"
+  stage="$RUNS/${prefix}_r$round"
   train_stage "$stage" "$ROUND_STEPS" "$previous" "${bags[@]}"
   previous="$stage/last"
 done
-echo "train_multitask: finished; multi-task policy in $previous"
+echo "train_multitask: finished; multi-task $OBJECTIVE policy in $previous"

@@ -85,7 +85,8 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(trained: Path
 
 def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Path, tmp_path: Path) -> None:
     out = tmp_path / "finetuned"
-    # --objective and --chunk-size differ from the checkpoint's: the checkpoint's config wins.
+    # --chunk-size differs from the checkpoint's: the checkpoint's config wins. --objective switches the objective
+    # on the same weights (a flow-matching baseline started from a meanflow checkpoint).
     code = train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
                            "--objective", "flow_matching", "--chunk-size", "8", "--steps", "4", "--batch-size", "4",
                            "--val-every", "4", "--val-batches", "1", "--val-fraction", "0.34", "--log-every", "1",
@@ -95,7 +96,11 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
     log = json.loads((out / "log.json").read_text())
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
     source, tuned = MeanFlowPolicy.load(trained / "last"), MeanFlowPolicy.load(out / "last")
-    assert tuned.config.to_dict() == source.config.to_dict()
+    assert source.config.objective == "meanflow" and source.config.default_nfe == 1
+    assert tuned.config.objective == "flow_matching" and tuned.config.default_nfe == 10
+    assert tuned.objective.name == "flow_matching"
+    unchanged = {k: v for k, v in source.config.to_dict().items() if k not in ("objective", "default_nfe")}
+    assert {k: tuned.config.to_dict()[k] for k in unchanged} == unchanged
     assert tuned.get_stats() == source.get_stats()
     # Step 0 validates the loaded weights: the same one-step error the source run measured at its end.
     start = next(r for r in log if r["step"] == 0)
@@ -105,6 +110,10 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
     assert changed, "four optimizer steps left every weight unchanged"
     assert train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
                            "--resume", "--steps", "8", "--cache-dir", str(trained / "cache")]) == 2
+    # ddpm predicts the noise, not a velocity: a meanflow checkpoint is no start for it.
+    assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "ddpm"), "--init-from", str(trained / "last"),
+                           "--objective", "ddpm", "--steps", "2", "--cache-dir", str(trained / "cache"),
+                           "--device", "cpu", "--no-progress"]) == 2
 
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
 

@@ -104,6 +104,13 @@ class MeanFlowConfig:
             self.default_nfe = _DEFAULT_NFE.get(self.objective, 1)
         self.validate()
 
+    def set_objective(self, objective: str) -> None:
+        """Switch to ``objective`` in place (the policy and its backbone share this object); default_nfe becomes
+        that objective's natural value."""
+        self.objective = objective
+        self.default_nfe = _DEFAULT_NFE.get(objective, 1)
+        self.validate()
+
     def _check_types(self) -> None:
         """Raise ValueError naming the first field whose value has the wrong type (e.g. ``chunk_size: "20"``).
 

