@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
+from so101_common.provenance import provenance
 from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy
@@ -372,8 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         env.close()
     table = "\n".join([TABLE_HEADER, *lines])
-    (args.out / "table.md").write_text(table + "\n")
-    (args.out / "rows.json").write_text(json.dumps({"rows": rows}, indent=2))
+    source = provenance()
+    footer = (f"\n{args.task}, {args.episodes} episodes per cell from seed {args.seed}; commit {source['commit']}, "
+              f"{source['machine']}, {source['date_utc']}")
+    (args.out / "table.md").write_text(table + "\n" + footer + "\n")
+    (args.out / "rows.json").write_text(json.dumps({"rows": rows, "task": args.task, "episodes": args.episodes,
+                                                    "seed": args.seed, **source}, indent=2))
     print(table)
     print(json.dumps({"rows": rows}), flush=True)
     return 0

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from so101_common.joints import home_vector
+from so101_common.provenance import provenance
 
 from meanflow_policy.model.configuration import (BACKBONE_PRECISIONS, PRECISION_PARITY_RAD, SMOLVLM2_500M_PRESET,
                                                  TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig)
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     print(f"params: backbone {_param_millions(policy.backbone):.2f} M, expert {_param_millions(policy.expert):.2f} M, "
           f"prefix tokens {len(cfg.camera_keys) * policy.backbone.tokens_per_image} image + text + 1 state")
     summary: dict[str, object] = {
-        "preset": cfg.backbone, "checkpoint": args.checkpoint or None, "device": device_name,
+        **provenance(), "preset": cfg.backbone, "checkpoint": args.checkpoint or None, "device": device_name,
         "image_size": cfg.image_size, "runs": args.runs, "backbone_dtype": reference,
         "params_m": {"backbone": round(_param_millions(policy.backbone), 3),
                      "expert": round(_param_millions(policy.expert), 3)},
