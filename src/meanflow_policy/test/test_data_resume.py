@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -86,6 +88,32 @@ def test_time_limit_then_resume_equals_one_go(bags: Path, one_go: Path, tmp_path
     assert {"step": 1, "stopped_by_time_limit_s": 1e-9} in log
     assert json.loads((out / "progress.json").read_text())["step"] == 1
     assert _train(bags, out, "--resume") == 0  # --steps defaults to the run's own 12
+    _assert_same_run(one_go, out)
+
+
+def test_a_signal_stops_after_the_step_saving_state_and_resume_equals_one_go(bags: Path, one_go: Path,
+                                                                             tmp_path: Path) -> None:
+    """SIGTERM (or SIGINT) in the middle of a run: the step finishes, last/ is saved, exit 130; nothing is lost."""
+    out = tmp_path / "signalled"
+
+    class TermAtStep5(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("step 5/"):
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    handler, logger = TermAtStep5(), logging.getLogger("meanflow_train")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # the per-step lines are INFO
+    try:
+        assert _train(bags, out, "--steps", "12") == 130
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, "the run left its signal handler installed"
+    assert {"step": 5, "stopped_by_request": True} in json.loads((out / "log.json").read_text())
+    assert json.loads((out / "last" / STATE_FILE).read_text())["step"] == 5
+    assert _train(bags, out, "--resume") == 0
     _assert_same_run(one_go, out)
 
 

@@ -12,9 +12,12 @@ import csv
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -422,24 +425,51 @@ def run(args: argparse.Namespace) -> dict:
     batches = Prefetcher(make_loader(data, cfg.batch_size, cfg.seed, trainer.data_position))
     start = time.perf_counter()
     try:
-        trainer.fit(batches, val_fn=validator, checkpoint_fn=save)
+        with stop_on_signals(trainer):
+            trainer.fit(batches, val_fn=validator, checkpoint_fn=save)
     finally:
         batches.close()
     elapsed = time.perf_counter() - start
     history = trainer.history
     write_logs(out, history)
     train_rows = [r for r in history if "loss" in r]
+    stopped = {key for r in history if r.get("step") == trainer.step for key in r if key.startswith("stopped_")}
     if trainer.step < cfg.steps:
-        LOG.warning("stopped at step %d of %d (%s); continue exactly with --resume", trainer.step, cfg.steps,
-                    f"--stop-after {cfg.stop_after}" if history[-1].get("stopped_after_steps") else
-                    f"--time-limit {cfg.time_limit_s:.0f} s")
+        reason = ("a signal" if "stopped_by_request" in stopped else f"--stop-after {cfg.stop_after}"
+                  if "stopped_after_steps" in stopped else f"--time-limit {cfg.time_limit_s:.0f} s")
+        LOG.warning("stopped at step %d of %d (%s); continue exactly with --resume", trainer.step, cfg.steps, reason)
     summary = {"steps": trainer.step, "seconds": round(elapsed, 2),
                "steps_per_s": round((trainer.step - first) / elapsed, 3),
                "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
                "best_val_action_mae_rad": None if validator.best == float("inf") else validator.best,
                "best": str(out / BEST_DIR) if (out / BEST_DIR).is_dir() else None, "last": str(out / LAST_DIR),
-               "train_samples": len(train_set), "val_samples": len(val_set) if val_set else 0}
+               "train_samples": len(train_set), "val_samples": len(val_set) if val_set else 0,
+               "stopped_by_signal": "stopped_by_request" in stopped}
     return summary
+
+
+@contextmanager
+def stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """SIGINT / SIGTERM end training after the current step with last/ saved (resumable exactly), instead of losing
+    the steps since the last validation; a second signal aborts at once. Installed even where the shell started the
+    run with SIGINT ignored (a background job), so `kill -INT` and `kill` both stop a background run cleanly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if trainer.stop_requested.is_set():
+            raise KeyboardInterrupt
+        trainer.stop_requested.set()
+        LOG.warning("%s: stopping after this step and saving last/ (send it again to abort without saving)",
+                    signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -450,6 +480,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     if code == 0:
         print(json.dumps(summary, indent=2))
+        if summary.get("stopped_by_signal"):
+            return 130  # stopped by the user, state saved: a script running it must not go on as if it finished
     return code
 
 

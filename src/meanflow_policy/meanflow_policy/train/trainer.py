@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -203,6 +204,9 @@ class Trainer:
         self.step = 0
         self.data_position = 0  # batches consumed: where make_loader must start to continue the data order
         self.history: list[dict[str, Any]] = []
+        # Set (e.g. by a signal handler) to end fit() after the current step, through the usual final validation
+        # and checkpoint: an interrupted run keeps every finished step and resumes exactly.
+        self.stop_requested = threading.Event()
 
     # ---- weights ----------------------------------------------------------------------------------------------
     @contextmanager
@@ -356,8 +360,9 @@ class Trainer:
     def fit(self, batches: Iterable[Mapping[str, Any]], val_fn: ValFn | None = None,
             checkpoint_fn: CheckpointFn | None = None) -> list[dict[str, Any]]:
         """Train from ``self.step`` to cfg.steps, or until cfg.stop_after steps / cfg.time_limit_s have passed in
-        this call; validate every cfg.val_every steps and at the end. ``batches`` must start at
-        ``self.data_position`` (make_loader) for a resumed run to see the same data as an uninterrupted one."""
+        this call or ``stop_requested`` is set; validate every cfg.val_every steps and at the end. ``batches`` must
+        start at ``self.data_position`` (make_loader) for a resumed run to see the same data as an uninterrupted
+        one."""
         cfg, policy, device = self.cfg, self.policy, self.policy.device
         first = self.step
         policy.train()
@@ -395,6 +400,9 @@ class Trainer:
                 break
             if cfg.time_limit_s and time.perf_counter() - started >= cfg.time_limit_s:
                 self.history.append({"step": self.step, "stopped_by_time_limit_s": cfg.time_limit_s})
+                break
+            if self.stop_requested.is_set():
+                self.history.append({"step": self.step, "stopped_by_request": True})
                 break
             if cfg.val_every and self.step % cfg.val_every == 0:
                 self.validate(val_fn, checkpoint_fn)
