@@ -16,7 +16,7 @@
 # Finished stages, episodes and recovery sets are skipped, so the recipe continues where it was stopped; a stage
 # stopped by TIME_LIMIT ends the invocation (run it again to continue).
 # On a fresh machine (nothing of an earlier session's runs/ left), FROM=CHECKPOINT START_ROUND=r continues from a
-# kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it.
+# kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it. (the recovery sets of earlier rounds found in DATA are trained on too)
 # OBJECTIVE=flow_matching trains the baseline of the comparison: the same start (INIT, switched to flow matching),
 # data, steps and seeds, in runs multitask_fm_joint, multitask_fm_r1, ...; it collects no recovery sets of its own
 # but trains on the MeanFlow run's (data/multitask_recovery_r*), so both objectives see exactly the same episodes.
@@ -111,6 +111,14 @@ recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of
     --seed $(( 3000 + 10000 * (round - 1) + 1000 * i )) --image-size 64 --out "$out" ||
     [[ -f "$out/recovery.json" ]]
 }
+
+# A run continued FROM a checkpoint at START_ROUND still trains on the recovery sets of the rounds before it.
+for round in $(seq 1 $(( START_ROUND - 1 ))); do
+  for task in "${TASK_VARIANTS[@]}"; do
+    out="$DATA/multitask_recovery_r${round}_$task"
+    [[ -f "$out/recovery.json" ]] && compgen -G "$out/episode_*" > /dev/null && bags+=("$out")
+  done
+done
 
 for round in $(seq "$START_ROUND" "$RECOVERY_ROUNDS"); do
   # JOBS variants at a time, one core each (the sets are independent: own seeds, own folders).
