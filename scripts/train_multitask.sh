@@ -16,7 +16,7 @@
 # Finished stages, episodes and recovery sets are skipped, so the recipe continues where it was stopped; a stage
 # stopped by TIME_LIMIT ends the invocation (run it again to continue).
 # On a fresh machine (nothing of an earlier session's runs/ left), FROM=CHECKPOINT START_ROUND=r continues from a
-# kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it. (the recovery sets of earlier rounds found in DATA are trained on too)
+# kept checkpoint (e.g. the committed sim_multitask): stage A is skipped and rounds r..RECOVERY_ROUNDS start from it (the recovery sets of earlier rounds found in DATA are trained on too).
 # OBJECTIVE=flow_matching trains the baseline of the comparison: the same start (INIT, switched to flow matching),
 # data, steps and seeds, in runs multitask_fm_joint, multitask_fm_r1, ...; it collects no recovery sets of its own
 # but trains on the MeanFlow run's (data/multitask_recovery_r*), so both objectives see exactly the same episodes.

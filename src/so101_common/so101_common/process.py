@@ -7,15 +7,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from so101_common.forkserver import ForkedProcess, ForkServer
 
 
 class NodeProcess:
-    """A node started as its own process; its output goes to a log file."""
+    """A node started as its own process (a fresh interpreter, or forked from ``launcher``, a pre-warmed fork
+    server, as the test suite does); its output goes to a log file."""
 
-    def __init__(self, module: str, args: list[str], log_path: Path, stdin_pipe: bool = False) -> None:
+    def __init__(self, module: str, args: list[str], log_path: Path, stdin_pipe: bool = False,
+                 launcher: ForkServer | None = None) -> None:
         self.log_path = log_path
-        self._log = open(log_path, "wb")
         target = [module] if module.endswith(".py") else ["-m", module]
+        self.proc: subprocess.Popen[bytes] | ForkedProcess
+        if launcher is not None:
+            self._log = None
+            self.proc = launcher.spawn(target, args, log_path, stdin_pipe)
+            return
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
                                      stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
                                      stdin=subprocess.PIPE if stdin_pipe else None)
@@ -28,7 +39,7 @@ class NodeProcess:
         self.proc.stdin.flush()
 
     def output(self) -> str:
-        if not self._log.closed:
+        if self._log is not None and not self._log.closed:
             self._log.flush()
         return self.log_path.read_text(errors="replace")
 
@@ -61,14 +72,15 @@ class NodeProcess:
 
     def wait(self, timeout: float = 10.0) -> int:
         """Wait for the node to exit (SIGKILL to its process group after ``timeout``); return its exit code."""
-        if self.proc.poll() is None:
+        code = self.proc.poll()
+        if code is None:
             try:
-                self.proc.wait(timeout)
+                code = self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+                code = self.proc.wait(5)
         if self.proc.stdin is not None:
             self.proc.stdin.close()
-        if not self._log.closed:
+        if self._log is not None and not self._log.closed:
             self._log.close()
-        return self.proc.returncode
+        return code
