@@ -6,7 +6,9 @@ the heavy third-party modules once, in a clean single-threaded process, and fork
 runs ``python -m <module> <args>`` exactly as a fresh interpreter would (``runpy``, its own session, its output to a
 log file, its own environment and working directory, exit code or signal as Popen reports them, atexit handlers run).
 Nothing of ours is preloaded, so every node still imports and runs our code afresh, and rclpy is only initialised in
-the child, so each node is its own DDS participant.
+the child, so each node is its own DDS participant. What the interpreter fixes at its start (sys.path from
+PYTHONPATH) is the server's: ``serves(env)`` says whether a child would see the same, else the caller starts a fresh
+interpreter.
 
 The server speaks JSON lines on its stdin/stdout: ``spawn`` (returns the pid), ``poll`` (waitpid without blocking)
 and end of input (it kills the process groups it started that still run, then exits).
@@ -68,6 +70,7 @@ class ForkServer:
     def __init__(self, preload: Sequence[str] = DEFAULT_PRELOAD) -> None:
         self._proc = subprocess.Popen([sys.executable, "-m", "so101_common.forkserver", *preload],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=os.environ.copy())
+        self._pythonpath = os.environ.get("PYTHONPATH")
         self._to = cast(IO[bytes], self._proc.stdin)
         self._from = cast(IO[bytes], self._proc.stdout)
         self._lock = threading.Lock()
@@ -86,6 +89,10 @@ class ForkServer:
         if "error" in reply:
             raise RuntimeError(f"fork server: {reply['error']}")
         return reply
+
+    def serves(self, env: Mapping[str, str]) -> bool:
+        """Whether a child started with ``env`` imports from the same sys.path as a fresh interpreter would."""
+        return env.get("PYTHONPATH") == self._pythonpath
 
     def spawn(self, target: list[str], args: list[str], log_path: Path, stdin_pipe: bool = False,
               env: Mapping[str, str] | None = None, cwd: Path | None = None) -> ForkedProcess:

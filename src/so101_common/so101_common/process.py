@@ -15,14 +15,14 @@ if TYPE_CHECKING:
 
 class NodeProcess:
     """A node started as its own process (a fresh interpreter, or forked from ``launcher``, a pre-warmed fork
-    server, as the test suite does); its output goes to a log file."""
+    server, as the test suite does, where it serves this environment); its output goes to a log file."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, stdin_pipe: bool = False,
                  launcher: ForkServer | None = None) -> None:
         self.log_path = log_path
         target = [module] if module.endswith(".py") else ["-m", module]
         self.proc: subprocess.Popen[bytes] | ForkedProcess
-        if launcher is not None:
+        if launcher is not None and launcher.serves(os.environ):
             self._log = None
             self.proc = launcher.spawn(target, args, log_path, stdin_pipe)
             return

@@ -134,3 +134,15 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_a_changed_pythonpath_starts_a_fresh_interpreter(tmp_path, server, monkeypatch):
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "only_here.py").write_text("WHERE = 'extra'\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(extra), os.environ.get("PYTHONPATH")])))
+    assert not server.serves(os.environ)
+    proc = NodeProcess(script(tmp_path, "import only_here\nprint(only_here.WHERE)\n"), [], tmp_path / "pp.log",
+                       launcher=server)
+    assert proc.wait(20) == 0 and "extra" in proc.output()
+    assert isinstance(proc.proc, subprocess.Popen)
