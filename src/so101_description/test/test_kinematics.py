@@ -12,6 +12,7 @@ from ament_index_python.packages import get_package_share_directory
 
 from so101_common.graph import ARM_JOINT_NAMES, JOINT_NAMES
 from so101_common.joints import JointLimits, home_vector
+from so101_common import kinematics
 from so101_common.kinematics import (DOWN, EE_FRAME, ArmChain, ArmKinematics, GraspTool, IKError, KinematicsError,
                                      load_urdf_xml, solve_top_down)
 
@@ -126,6 +127,25 @@ def test_top_down_round_trip_reaches_random_points_above_the_table(urdf_xml: str
         assert ARM_LIMITS.contains(q)
     with pytest.raises(IKError, match=r"did not reach \[0.8, 0.0, 0.015\]"):
         solve_top_down(chain, TOOL, np.array([0.8, 0.0, 0.015]), np.array([0.0, 1.0, 0.0]), q0, ARM_LIMITS)
+
+
+def test_a_solve_stalled_against_a_joint_limit_stops_early_with_the_full_runs_answer(urdf_xml: str,
+                                                                                     monkeypatch) -> None:
+    """High and far (22 cm out, 9.5 cm up) the wrist flex ends at its limit and the solve creeps towards a point it
+    cannot quite reach: it stops after a few dozen iterations instead of all 200, within 1e-8 rad of their answer."""
+    chain = ArmChain(urdf_xml)
+    calls = []
+    jacobian = chain.jacobian
+    monkeypatch.setattr(chain, "jacobian", lambda *a: calls.append(1) or jacobian(*a))
+    args = (chain, TOOL, np.array([0.22, 0.0, 0.095]), np.array([0.0, 1.0, 0.0]), home_vector()[:5], ARM_LIMITS)
+    early = solve_top_down(*args)
+    stopped_after = len(calls)
+    monkeypatch.setattr(kinematics, "STALL_STEP_RAD", 0.0)
+    calls.clear()
+    full = solve_top_down(*args)
+    assert len(calls) == 200 and stopped_after < 60
+    assert early[3] == pytest.approx(ARM_LIMITS.upper[3])
+    np.testing.assert_allclose(early, full, atol=1e-8)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

@@ -8,7 +8,7 @@ import pytest
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 from so101_common.joints import JointLimits
 from so101_sim.env import SimEnv
-from so101_sim.scene import Scene, SceneConfig, decimate
+from so101_sim.scene import Scene, SceneConfig, decimate, read_stl
 
 
 @pytest.fixture(scope="module")
@@ -148,3 +148,22 @@ def test_contact_sheet_writes_wrist_over_top_frames(tmp_path, capsys):
     assert "sheet.png: 100x66 px" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         contact_sheet.main(["--columns", "1", "--out", str(out)])
+
+
+def test_read_stl_shares_corners_by_position_exactly_as_numpy_unique_would(tmp_path):
+    """Two triangles sharing an edge (listed in an unsorted order, one corner duplicated): four vertices, the shared
+    edge referenced by both faces; the same vertices and faces as np.unique(axis=0) gives."""
+    tris = np.array([[[1, 0, 0], [0, 0, 0], [0, 1, 0]], [[1, 0, 0], [0, 1, 0], [1, 1, -0.5]]], dtype="<f4")
+    record = np.dtype([("normal", "<f4", 3), ("v", "<f4", (3, 3)), ("attr", "<u2")])
+    rows = np.zeros(2, dtype=record)
+    rows["v"] = tris
+    path = tmp_path / "two.stl"
+    path.write_bytes(bytes(80) + np.uint32(2).tobytes() + rows.tobytes())
+    verts, faces = read_stl(path)
+    expected, inverse = np.unique(tris.reshape(-1, 3).astype(np.float64), axis=0, return_inverse=True)
+    assert verts.shape == (4, 3) and np.array_equal(verts, expected)
+    assert np.array_equal(faces, inverse.reshape(-1, 3))
+    np.testing.assert_array_equal(verts[faces], tris)
+    path.write_bytes(bytes(80) + np.uint32(3).tobytes() + rows.tobytes())
+    with pytest.raises(ValueError, match="is not a binary STL"):
+        read_stl(path)
