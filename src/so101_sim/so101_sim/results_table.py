@@ -3,8 +3,11 @@
 Each ``--eval LABEL=DIR`` names a directory written by ``so101-eval --tasks ...`` (its summary.json); every NFE it
 evaluated becomes a column ``LABEL NFE n``. Rows are the tasks, the mean score over the paper's three tasks and
 the instruction-following rate. Cells show the mean score and the full-success rate; the JSON keeps the Wilson
-intervals, episode counts and chunk latencies. The commit and machine of every run are named under the table,
-so the numbers in docs/ always come from files, never from hand editing.
+intervals, episode counts and chunk latencies. Each ``--wording LABEL=DIR`` names a run of
+``so101-eval --tasks ... --paraphrases N --unrelated``: a table per run of success with the task's own sentence,
+each held-out paraphrase and an unrelated instruction, and one comparison table of all of them. The commit and
+machine of every run are named under the tables, so the numbers in docs/ always come from files, never from hand
+editing.
 """
 from __future__ import annotations
 
@@ -13,26 +16,31 @@ import json
 import sys
 from pathlib import Path
 
-from so101_sim.tasks import TASKS
+from so101_sim.tasks import LANGUAGE_DECIDED, TASKS
 
 
 class ResultsError(ValueError):
     """An --eval directory that is not a multi-task so101-eval output."""
 
 
-def load_run(label: str, directory: Path) -> dict:
+def load_run(label: str, directory: Path, wording: bool = False) -> dict:
     """The run's summary.json, with its per-NFE summaries under ``by_nfe`` whether it swept NFE or not."""
     path = directory / "summary.json"
+    flag = "--wording" if wording else "--eval"
     try:
         data = json.loads(path.read_text())
         summary = data["summary"]
     except FileNotFoundError:
-        raise ResultsError(f"--eval {label}={directory}: no summary.json (run so101-eval --tasks ... --out "
+        raise ResultsError(f"{flag} {label}={directory}: no summary.json (run so101-eval --tasks ... --out "
                            f"{directory} first)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ResultsError(f"--eval {label}={directory}: {path} is not a so101-eval summary ({exc})") from None
+        raise ResultsError(f"{flag} {label}={directory}: {path} is not a so101-eval summary ({exc})") from None
+    if wording and "instructions" not in summary:
+        raise ResultsError(f"{flag} {label}={directory}: {path} has no paraphrase results (run so101-eval "
+                           "--tasks ... --paraphrases N --unrelated)")
     by_nfe = summary["by_nfe"] if "by_nfe" in summary else {str(summary["nfe"]): summary}
-    return {"label": label, "dir": str(directory), "by_nfe": by_nfe, "checkpoint": data.get("checkpoint"),
+    return {"label": label, "dir": str(directory), "by_nfe": by_nfe, "instructions": summary.get("instructions"),
+            "checkpoint": data.get("checkpoint"),
             "commit": data.get("commit", "unknown"), "machine": data.get("machine", "unknown"),
             "seed": data.get("seed"), "image_size": data.get("image_size")}
 
@@ -63,14 +71,77 @@ def build(runs: list[dict]) -> tuple[str, dict]:
         for run, n in columns) + " |")
     lines.append("")
     lines.append("Cells: mean partial-credit score (full-success rate of N episodes). Sources:")
-    for run in runs:
-        lines.append(f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {run['seed']}, "
-                     f"{run['image_size']} px), commit {run['commit']}, {run['machine']}")
+    lines += [_source_line(run) for run in runs]
     table = "\n".join(lines) + "\n"
     data = {"columns": [{"label": run["label"], "nfe": int(n), **run["by_nfe"][n]} for run, n in columns],
-            "sources": [{k: run[k] for k in ("label", "dir", "checkpoint", "commit", "machine", "seed",
-                                             "image_size")} for run in runs]}
+            "sources": [{"label": run["label"], **{k: run[k] for k in _SOURCE_KEYS}} for run in runs]}
     return table, data
+
+
+def _mean(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return sum(known) / len(known) if known else None
+
+
+def wording_row(run: dict) -> dict:
+    """One run's wording figures, averaged over its tasks: success with the own sentence, with the paraphrases
+    (and relative to the own sentence), with the unrelated instruction; instruction following on the
+    language-decided variants with the own sentences and with the held-out paraphrases."""
+    tasks = run["instructions"]
+    own = _mean([t["own"]["success_rate"] for t in tasks.values()])
+    para = _mean([t.get("paraphrase_success_rate") for t in tasks.values()])
+    unrelated = _mean([t["by_kind"]["unrelated"]["success_rate"] for t in tasks.values()
+                       if "unrelated" in t["by_kind"]])
+    decided = [t for t in tasks if t in LANGUAGE_DECIDED]
+    nfe = min(run["by_nfe"], key=int)
+    following_own = _mean([run["by_nfe"][nfe]["tasks"][t]["instruction_followed_rate"] for t in decided])
+    following_para = _mean([r["instruction_followed_rate"] for t in decided
+                            for kind, r in tasks[t]["by_kind"].items() if kind != "unrelated"])
+    return {"label": run["label"], "own_success": own, "paraphrase_success": para,
+            "paraphrase_relative": para / own if para is not None and own else None, "unrelated_success": unrelated,
+            "following_own": following_own, "following_paraphrases": following_para}
+
+
+def build_wording(runs: list[dict]) -> tuple[str, dict]:
+    """Markdown (a comparison table, then one table per run) and its JSON."""
+    rows = [wording_row(run) for run in runs]
+    lines = ["| run | own sentence | held-out paraphrases | paraphrases / own | unrelated instruction | "
+             "following, own | following, paraphrases |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        relative = "-" if row["paraphrase_relative"] is None else f"{row['paraphrase_relative']:.2f}"
+        lines.append(f"| {row['label']} | {_percent(row['own_success'])} | {_percent(row['paraphrase_success'])} | "
+                     f"{relative} | {_percent(row['unrelated_success'])} | {_percent(row['following_own'])} | "
+                     f"{_percent(row['following_paraphrases'])} |")
+    lines += ["", "Success rates averaged over the tasks; following: episodes of the language-decided variants "
+              f"({', '.join(LANGUAGE_DECIDED)}) in which the policy moved the object the instruction names."]
+    for run in runs:
+        tasks = run["instructions"]
+        kinds = list(dict.fromkeys(k for t in tasks.values() for k in t["by_kind"]))
+        lines += ["", f"### {run['label']}", "", "| task | own sentence | " + " | ".join(k.replace("_", " ")
+                                                                                       for k in kinds) + " |",
+                  "|---|---|" + "---|" * len(kinds)]
+        for task, entry in tasks.items():
+            cells = [f"{_percent(entry['own']['success_rate'])} ({entry['own']['score']:.2f})"]
+            for kind in kinds:
+                r = entry["by_kind"].get(kind)
+                cells.append("-" if r is None else f"{_percent(r['success_rate'])} ({r['score']:.2f})")
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        first, entry = next(iter(tasks.items()))
+        said = "; ".join(f"{kind.replace('_', ' ')} \"{r['instruction']}\"" for kind, r in entry["by_kind"].items())
+        lines += ["", f"Cells: full-success rate (mean score). {first}: own \"{entry['own']['instruction']}\"; "
+                  f"{said} (every task's sentences are in the JSON)."]
+    lines += ["", "Sources:"] + [_source_line(run) for run in runs]
+    data = {"rows": rows, "runs": [{"label": run["label"], "instructions": run["instructions"],
+                                    **{k: run[k] for k in _SOURCE_KEYS}} for run in runs]}
+    return "\n".join(lines) + "\n", data
+
+
+_SOURCE_KEYS = ("dir", "checkpoint", "commit", "machine", "seed", "image_size")
+
+
+def _source_line(run: dict) -> str:
+    return (f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {run['seed']}, "
+            f"{run['image_size']} px), commit {run['commit']}, {run['machine']}")
 
 
 def _parse_eval(text: str) -> tuple[str, Path]:
@@ -82,18 +153,27 @@ def _parse_eval(text: str) -> tuple[str, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-results-table", description=__doc__.splitlines()[0])
-    parser.add_argument("--eval", dest="runs", type=_parse_eval, action="append", required=True,
+    parser.add_argument("--eval", dest="runs", type=_parse_eval, action="append", default=[],
                         metavar="LABEL=DIR", help="a multi-task so101-eval output directory and its column label "
                         "(repeat; e.g. MeanFlow=runs/eval_meanflow)")
+    parser.add_argument("--wording", type=_parse_eval, action="append", default=[], metavar="LABEL=DIR",
+                        help="a so101-eval --tasks ... --paraphrases N --unrelated output directory: the wording "
+                        "tables (repeat)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output path without suffix: writes OUT.md and OUT.json (e.g. docs/results/multitask)")
     args = parser.parse_args(argv)
+    if not args.runs and not args.wording:
+        parser.error("give at least one --eval or --wording run")
     try:
         runs = [load_run(label, directory) for label, directory in args.runs]
+        wording = [load_run(label, directory, wording=True) for label, directory in args.wording]
     except ResultsError as exc:
         print(f"so101-results-table: {exc}", file=sys.stderr)
         return 2
-    table, data = build(runs)
+    table, data = build(runs) if runs else ("", {})
+    if wording:
+        text, data["wording"] = build_wording(wording)
+        table += ("\n" if table else "") + text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".md").write_text(table)
     args.out.with_suffix(".json").write_text(json.dumps(data, indent=2))

@@ -44,3 +44,32 @@ def test_table_has_a_column_per_run_and_nfe_and_names_its_sources(tmp_path, caps
 def test_a_directory_without_a_summary_is_one_clear_error(tmp_path, capsys):
     assert results_table.main(["--eval", f"X={tmp_path}", "--out", str(tmp_path / "o")]) == 2
     assert "no summary.json (run so101-eval --tasks" in capsys.readouterr().err
+
+
+def _wording(own: float, synonyms: float, unrelated: float, followed: float | None) -> dict:
+    def kind(sentence: str, rate: float, follow: float | None) -> dict:
+        return {"instruction": sentence, "score": rate, "success_rate": rate, "instruction_followed_rate": follow}
+    return {"own": {"instruction": "own words", "score": own, "success_rate": own},
+            "by_kind": {"synonyms": kind("other words", synonyms, followed),
+                        "unrelated": kind("do not touch anything", unrelated, None)},
+            "paraphrase_success_rate": synonyms, "paraphrase_score": synonyms,
+            "paraphrase_relative_success": synonyms / own}
+
+
+def test_wording_tables_compare_runs_and_pool_following_over_the_language_decided_variants(tmp_path, capsys):
+    summary = _summary(0.8, 0.8, 0.9, 10.0)
+    summary["instructions"] = {"pick_place": _wording(0.8, 0.4, 0.1, None),
+                               "sorting_swapped": _wording(0.8, 0.6, 0.0, 0.5)}
+    _write(tmp_path / "smollm2", {**summary, "nfe": 1})
+    _write(tmp_path / "plain", {**_summary(0.8, 0.8, 0.9, 10.0), "nfe": 1})
+    out = tmp_path / "language"
+    assert results_table.main(["--wording", f"SmolLM2={tmp_path / 'smollm2'}", "--out", str(out)]) == 0
+    md = (tmp_path / "language.md").read_text()
+    # Own 80 %, paraphrases (40 + 60) / 2 = 50 % -> 0.62 of own; unrelated 5 %; following 90 % own, 50 % held out.
+    assert "| SmolLM2 | 80 % | 50 % | 0.62 | 5 % | 90 % | 50 % |" in md
+    assert "| sorting_swapped | 80 % (0.80) | 60 % (0.60) | 0 % (0.00) |" in md
+    assert "commit abc123, CPU X, 2 cores" in md
+    data = json.loads((tmp_path / "language.json").read_text())
+    assert data["wording"]["rows"][0]["paraphrase_relative"] == 0.625
+    assert results_table.main(["--wording", f"plain={tmp_path / 'plain'}", "--out", str(out)]) == 2
+    assert "--wording plain=" in capsys.readouterr().err
