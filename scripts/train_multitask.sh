@@ -124,9 +124,11 @@ for round in $(seq "$START_ROUND" "$RECOVERY_ROUNDS"); do
   # JOBS variants at a time, one core each (the sets are independent: own seeds, own folders).
   pids=()
   for i in "${!TASK_VARIANTS[@]}"; do
+    # A finished set is not started again (nor its collection log truncated).
+    [[ -f "$DATA/multitask_recovery_r${round}_${TASK_VARIANTS[$i]}/recovery.json" ]] && continue
     while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
     recovery_set "$round" "$i" "$previous" > "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" 2>&1 &
-    pids+=($!)
+    pids[$i]=$!
   done
   for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "train_multitask: recovery set ${TASK_VARIANTS[$i]} of round $round failed," \
