@@ -36,6 +36,16 @@ ROUND_STEPS=${ROUND_STEPS:-6000}
 FROM=${FROM:-}                # a checkpoint to start the recovery rounds from instead of stage A
 START_ROUND=${START_ROUND:-1}
 OBJECTIVE=${OBJECTIVE:-meanflow}
+# 1: the instruction also gates the image tokens and conditions the expert (meanflow-train --instruction-film),
+# added zero-initialised to a start checkpoint without it. Rounds 1-4 ran without it and ignored red vs green.
+INSTRUCTION_FILM=${INSTRUCTION_FILM:-1}
+film=()
+(( INSTRUCTION_FILM )) && film=(--instruction-film)
+# Samples of each episode's first START_WINDOW seconds are drawn START_REPEAT times per epoch (meanflow-train
+# --start-repeat): after its first second an episode's state already shows which object the arm is heading for, so
+# only the start (and a recovery episode's hand-over) teaches the policy to read the instruction.
+START_REPEAT=${START_REPEAT:-4}
+START_WINDOW=${START_WINDOW:-1.0}
 case "$OBJECTIVE" in
   meanflow) prefix=multitask ;;
   flow_matching) prefix=multitask_fm ;;
@@ -76,8 +86,8 @@ train_stage() {  # train_stage OUT STEPS INIT BAGS...: train OUT to STEPS (resum
   if [[ -f "$out/last/train_state.json" ]]; then
     python -m meanflow_policy.tools.train "${common[@]}" --resume
   else
-    python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --objective "$OBJECTIVE" \
-      --batch-size 32 --ema-decay 0.999 --seed 0
+    python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --objective "$OBJECTIVE" "${film[@]}" \
+      --start-repeat "$START_REPEAT" --start-window "$START_WINDOW" --batch-size 32 --ema-decay 0.999 --seed 0
   fi
   if ! done_at "$out" "$steps"; then
     echo "train_multitask: $out stopped before step $steps (TIME_LIMIT); run again to continue"

@@ -170,3 +170,15 @@ def test_shipped_checkpoint_loads_fine_tunes_and_is_no_resumable_run(bags: Path,
     assert len(errors) == 1 and str(out / "last" / STATE_FILE) in errors[0] and "--init-from" in errors[0]
     assert _train(bags, tmp_path / "tuned", "--init-from", str(SHIPPED), "--steps", "2") == 0
     assert json.loads((tmp_path / "tuned" / "last" / STATE_FILE).read_text())["step"] == 2
+
+
+def test_favoured_episode_starts_are_drawn_more_and_resume_exactly(bags: Path, tmp_path: Path) -> None:
+    """--start-repeat K: each epoch draws every sample of an episode's first --start-window seconds K times, the
+    others once; a run stopped and resumed with it equals the run in one go."""
+    favour = ("--start-repeat", "3", "--start-window", "0.2")
+    assert _train(bags, tmp_path / "go", "--steps", "12", *favour) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--stop-after", "6", *favour) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--resume") == 0
+    _assert_same_run(tmp_path / "go", tmp_path / "split")
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "last" / STATE_FILE).read_text())["train_config"])
+    assert (saved.start_repeat, saved.start_window_s) == (3, 0.2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.train.trainer import SeededBatchSampler
 
 
 
@@ -110,6 +112,13 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
     assert changed, "four optimizer steps left every weight unchanged"
     assert train_cli.main(["--bags", str(bags), "--out", str(out), "--init-from", str(trained / "last"),
                            "--resume", "--steps", "8", "--cache-dir", str(trained / "cache")]) == 2
+    # --instruction-film adds the FiLM path to a checkpoint without it; the fine-tune trains it.
+    assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "film"), "--init-from", str(trained / "last"),
+                           "--instruction-film", "--steps", "2", "--batch-size", "4", "--val-fraction", "0.34",
+                           "--cache-dir", str(trained / "cache"), "--device", "cpu", "--no-progress"]) == 0
+    film = MeanFlowPolicy.load(tmp_path / "film" / "last")
+    assert film.config.instruction_film and not source.config.instruction_film
+    assert film.instruction_film is not None and film.instruction_film.image.weight.abs().sum() > 0
     # ddpm predicts the noise, not a velocity: a meanflow checkpoint is no start for it.
     assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "ddpm"), "--init-from", str(trained / "last"),
                            "--objective", "ddpm", "--steps", "2", "--cache-dir", str(trained / "cache"),
@@ -179,6 +188,36 @@ def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:
     np.testing.assert_allclose(result["nfe"]["1"]["per_step_mae_rad"][:len(expected)], expected, atol=1e-5)
 
 
+def test_eval_bag_checks_whether_the_instruction_is_read(trained: Path, bags: Path, tmp_path: Path) -> None:
+    """--first-seconds keeps each episode's start; --other-instruction replays it with another sentence and the
+    same noise: the report is that replay's error, its ratio to the recorded one and how far the chunks moved."""
+    out = tmp_path / "check"
+    other = "push the blue block left"
+    code = eval_bag_cli.main(["--checkpoint", str(trained / "last"), "--bags", str(bags / "episode_0"),
+                              "--out", str(out), "--nfe", "1", "--first-seconds", "0.5", "--timing-samples", "1",
+                              "--other-instruction", other, "--cache-dir", str(trained / "cache"), "--device",
+                              "cpu", "--cpu-threads", "1"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    policy = MeanFlowPolicy.load(trained / "last")
+    sync = SyncConfig.from_policy_config(policy.config)
+    samples = SampleSet(load_episodes([bags / "episode_0"], sync, trained / "cache")[0], sync)
+    rows = np.flatnonzero(samples.sample_step < 15)  # 0.5 s at 30 Hz
+    assert result["steps"] == len(rows) > 0 and max(result["nfe"]["1"]["step_time_s"]) < 0.5
+    check = result["instruction_check"]
+    batch = dict(samples.batch(rows[:32]), instruction=[other] * min(32, len(rows)))
+    pred = policy.sample_batch(batch, nfe=1, generator=torch.Generator().manual_seed(0)).numpy()
+    valid = ~batch["action_is_pad"].numpy()
+    assert len(rows) <= 32  # one batch: the error with the other instruction is recomputed here
+    expected = (np.abs(pred - batch["actions"].numpy()).mean(axis=2) * valid).sum() / valid.sum()
+    assert check["mae_rad_other"] == pytest.approx(expected, rel=1e-4)
+    assert check["other_instruction"] == other and check["chunk_change_rad"] > 0
+    assert check["ratio"] == pytest.approx(check["mae_rad_other"] / check["mae_rad_recorded"])
+    assert eval_bag_cli.main(["--checkpoint", str(trained / "last"), "--bags", str(bags / "episode_0"), "--out",
+                              str(tmp_path / "none"), "--first-seconds", "0.001", "--cache-dir",
+                              str(trained / "cache")]) == 2
+
+
 def test_cli_bad_input(tmp_path: Path, bags: Path, capsys: pytest.CaptureFixture) -> None:
     code = train_cli.main(["--bags", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--steps", "1",
                            "--cache-dir", str(tmp_path / "c")])
@@ -204,3 +243,20 @@ def test_prefetcher_keeps_order_and_reraises_loader_errors() -> None:
     fetched = Prefetcher(broken())
     with pytest.raises(BagError, match="episode_7"):
         list(fetched)
+
+
+def test_start_weighted_rows_and_the_sampler_draw_episode_starts_k_times(trained: Path, bags: Path) -> None:
+    policy = MeanFlowPolicy.load(trained / "last")
+    sync = SyncConfig.from_policy_config(policy.config)
+    episodes, _ = load_episodes([bags], sync, trained / "cache")
+    samples = SampleSet(episodes, sync)
+    rows = samples.start_weighted_rows(window_s=0.5, repeat=4)
+    counts = np.bincount(rows, minlength=len(samples))
+    start = samples.sample_step < 15  # 0.5 s at 30 Hz
+    assert start.any() and (~start).any()
+    assert np.all(counts[start] == 4) and np.all(counts[~start] == 1)
+    sampler = iter(SeededBatchSampler(len(samples), 7, seed=3, rows=rows))
+    epoch = [r for _ in range(math.ceil(rows.size / 7)) for r in next(sampler)]
+    assert sorted(epoch) == sorted(rows.tolist())  # one epoch = every listed row, as often as listed
+    with pytest.raises(ValueError, match="repeat"):
+        samples.start_weighted_rows(window_s=1.0, repeat=0)

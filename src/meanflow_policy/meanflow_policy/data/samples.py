@@ -115,6 +115,17 @@ class SampleSet:
                            for j, cam in enumerate(self.cfg.camera_keys)},
                 "state": self._state[g].astype(np.float32), "instruction": e.instruction}
 
+    def start_weighted_rows(self, window_s: float, repeat: int) -> np.ndarray:
+        """Every sample row, those of each episode's first ``window_s`` seconds ``repeat`` times (for a sampler).
+
+        Why: after its first second an episode's state and images already show where the arm is heading, so only
+        its start makes a policy read the instruction that decides it; at one draw per sample that start is ~10 %
+        of the data (a recovery episode's start is its hand-over: the correction)."""
+        if repeat < 1 or window_s < 0:
+            raise ValueError(f"need repeat >= 1 and window_s >= 0, got {repeat}, {window_s}")
+        start = self.sample_step < round(window_s * self.cfg.fps)
+        return np.repeat(np.arange(len(self)), np.where(start, repeat, 1))
+
     def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True,
                 infinite: bool = True) -> Iterator[dict]:
         """Batches forever (reshuffled every epoch) or one pass; the last partial batch of a pass is kept."""

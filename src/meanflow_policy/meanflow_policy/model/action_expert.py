@@ -35,10 +35,12 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
 
 @dataclass
 class ActionExpertContext:
-    """What the expert needs from one prefix: per-block cross-attention K/V and the prefix mask."""
+    """What the expert needs from one prefix: per-block cross-attention K/V, the prefix mask and, when the policy
+    has one, a (B, width) term added to the time conditioning of every adaLN modulation (the instruction's FiLM)."""
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn_mask: torch.Tensor | None
+    cond: torch.Tensor | None = None
 
 
 class ExpertBlock(nn.Module):
@@ -102,19 +104,23 @@ class ActionExpert(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None) -> ActionExpertContext:
-        """Per-chunk work: cross-attention K/V of every block for a (B, P, width) prefix; mask (B, P) True=valid."""
+    def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> ActionExpertContext:
+        """Per-chunk work: cross-attention K/V of every block for a (B, P, width) prefix; mask (B, P) True=valid;
+        ``cond`` (B, width) joins the time conditioning."""
         kv = [cast(ExpertBlock, block).cross_kv(prefix) for block in self.blocks]
         attn_mask = None
         if prefix_mask is not None and not bool(prefix_mask.all()):
             attn_mask = prefix_mask[:, None, None, :]
-        return ActionExpertContext(kv, attn_mask)
+        return ActionExpertContext(kv, attn_mask, cond)
 
     def forward(self, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, ctx: ActionExpertContext) -> torch.Tensor:
         if z.shape[1:] != (self.chunk_size, self.action_dim):
             raise ValueError(f"expert input must be (B, {self.chunk_size}, {self.action_dim}), got {tuple(z.shape)}")
         temb = torch.cat([timestep_embedding(t, self.time_dim), timestep_embedding(t - r, self.time_dim)], dim=-1)
         cond = self.time_mlp(temb)
+        if ctx.cond is not None:
+            cond = cond + ctx.cond
         x = self.in_proj(z) + self.pos
         for block, kv in zip(self.blocks, ctx.kv):
             x = block(x, cond, kv, ctx.attn_mask)

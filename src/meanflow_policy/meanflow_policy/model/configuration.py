@@ -72,6 +72,9 @@ class MeanFlowConfig:
     # filled in when the model is built and checked on load (the weights are never stored in checkpoints).
     language_layers: int = 8
     language_model_sha256: str = ""
+    # The instruction also modulates the image tokens channel-wise and joins the expert's adaLN conditioning (FiLM,
+    # model/policy.py InstructionFilm). Off in checkpoints made before it existed (they load unchanged).
+    instruction_film: bool = False
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -246,6 +249,10 @@ class TrainConfig:
     # Each training sample's instruction becomes one of its task's phrasings (instructions.py), drawn anew whenever
     # the sample is drawn; validation keeps the recorded sentences.
     instruction_variety: bool = False
+    # Samples of each episode's first start_window_s seconds are drawn start_repeat times per epoch (1: uniform):
+    # the start is where the instruction decides (SampleSet.start_weighted_rows).
+    start_repeat: int = 1
+    start_window_s: float = 1.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -270,7 +277,9 @@ class TrainConfig:
             raise ValueError("warmup_steps must be >= 0 and grad_clip > 0")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        for name in ("log_every", "val_batches"):
+        if self.start_window_s < 0:
+            raise ValueError(f"start_window_s must be >= 0, got {self.start_window_s}")
+        for name in ("log_every", "val_batches", "start_repeat"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("val_every", "checkpoint_every"):

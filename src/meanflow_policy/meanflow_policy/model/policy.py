@@ -38,6 +38,32 @@ MAX_OUTSIDE_FRACTION = 0.5
 NEUTRAL_INSTRUCTION = "pick up the cube"
 
 
+class InstructionFilm(nn.Module):
+    """The instruction as FiLM: its pooled token features scale and shift every image-token channel and add a term
+    to the expert's adaLN conditioning.
+
+    Why: through cross-attention alone the multi-task policy left the instruction unused where only it decides
+    (round 4: the loss with "red" and "green" swapped within 2 % of the true one; red/green picked by chance). A
+    channel-wise gate set by the instruction lets one word select which object's features the expert sees.
+    Zero-initialised: added to a trained policy, it changes nothing until trained."""
+
+    def __init__(self, feature_dim: int, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(feature_dim)
+        self.image = nn.Linear(feature_dim, 2 * feature_dim)
+        self.expert = nn.Linear(feature_dim, width)
+        for layer in (self.image, self.expert):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text features (B, L, D) and mask (B, L) -> image scale (B, D), image shift (B, D), expert term (B, W)."""
+        weight = mask.to(text.dtype)[..., None]
+        pooled = (self.norm(text) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        scale, shift = self.image(pooled).chunk(2, dim=-1)
+        return scale, shift, self.expert(pooled)
+
+
 class MeanFlowPolicy(nn.Module):
     """The VLA policy (see module docstring); ``MeanFlowPolicy(config)`` or ``MeanFlowPolicy.load(dir)``."""
 
@@ -62,6 +88,7 @@ class MeanFlowPolicy(nn.Module):
         self.image_norm = nn.BatchNorm1d(self.n_image_tokens * feature_dim, affine=False, momentum=0.05)
         self.prefix_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, width))
         self.state_proj = nn.Linear(config.state_dim, width)
+        self.instruction_film = InstructionFilm(feature_dim, width) if config.instruction_film else None
         # The attribute keeps its name: checkpoints store the action expert's weights under "expert.".
         self.expert = ActionExpert(config.action_dim, config.chunk_size, width, config.expert_depth,
                                    config.expert_heads, config.expert_mlp_ratio)
@@ -123,12 +150,17 @@ class MeanFlowPolicy(nn.Module):
         """Prefix = projected VLM features + one state token; returns the expert's per-chunk context."""
         features = features.to(self.state_proj.weight.dtype)
         n_img, b = self.n_image_tokens, features.shape[0]
+        text = features[:, :-n_img]
         image = self.image_norm(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
-        prefix = self.prefix_proj(torch.cat([features[:, :-n_img], image], dim=1))
+        cond = None
+        if self.instruction_film is not None:
+            scale, shift, cond = self.instruction_film(text, mask[:, :-n_img])
+            image = image * (1 + scale[:, None]) + shift[:, None]
+        prefix = self.prefix_proj(torch.cat([text, image], dim=1))
         state_tok = self.state_proj(self.normalize_state(state))[:, None]
         prefix = torch.cat([prefix, state_tok], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        return self.expert.prepare(prefix, mask)
+        return self.expert.prepare(prefix, mask, cond)
 
     def _u_fn(self, ctx: ActionExpertContext) -> objectives.UFn:
         return lambda z, r, t: self.expert(z, r, t, ctx)

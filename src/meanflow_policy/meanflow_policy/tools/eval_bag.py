@@ -2,7 +2,8 @@
 
 Every synchronised step of the bags (same synchronisation as training, taken from the checkpoint's config) is
 given to the policy; its chunk is compared with the recorded one (commanded targets, joint units) over the
-chunk's non-padded points. Repeated for each NFE of the sweep; writes ``eval.json`` and ``eval.png``
+chunk's non-padded points. Repeated for each NFE of the sweep (``--other-instruction``: once more with another
+instruction, to see whether the policy reads it); writes ``eval.json`` and ``eval.png``
 (error over time per NFE, error and latency vs NFE, predicted vs recorded first action per joint).
 """
 from __future__ import annotations
@@ -38,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for eval.json and eval.png")
     p.add_argument("--nfe", nargs="+", type=int, default=[1, 2, 4, 10], help="NFE values of the sweep")
     p.add_argument("--stride", type=int, default=1, help="evaluate every N-th synchronised step")
+    p.add_argument("--first-seconds", type=float, default=0.0, metavar="S",
+                   help="replay only each episode's first S seconds (0: all), e.g. where the instruction decides")
+    p.add_argument("--other-instruction", default=None, metavar="TEXT",
+                   help="also replay the same steps and noise at the first NFE with TEXT instead of each episode's "
+                        "instruction (e.g. the other colour): a policy that reads its instruction errs more with "
+                        "it (ratio > 1); one that ignores it gives ratio 1")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--timing-samples", type=int, default=10,
                    help="single-observation policy.sample() calls timed per NFE")
@@ -49,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate(policy: MeanFlowPolicy, samples: SampleSet, rows: np.ndarray, nfe: int, batch_size: int,
-             seed: int) -> dict[str, np.ndarray]:
-    """Predicted chunks for ``rows`` and their errors against the recorded chunks (joint units)."""
+             seed: int, instruction: str | None = None) -> dict[str, np.ndarray]:
+    """Predicted chunks for ``rows`` and their errors against the recorded chunks (joint units); ``instruction``
+    replaces the recorded ones (the noise is the same for the same seed)."""
     generator = torch.Generator(device=policy.device).manual_seed(seed)
     preds, targets, pads = [], [], []
     for i in range(0, len(rows), batch_size):
         batch = samples.batch(rows[i:i + batch_size])
+        if instruction is not None:
+            batch["instruction"] = [instruction] * len(batch["instruction"])
         preds.append(policy.sample_batch(batch, nfe=nfe, generator=generator).cpu().numpy())
         targets.append(batch["actions"].numpy())
         pads.append(batch["action_is_pad"].numpy())
@@ -65,6 +75,20 @@ def evaluate(policy: MeanFlowPolicy, samples: SampleSet, rows: np.ndarray, nfe: 
     per_joint = (err * valid[..., None]).sum(axis=(0, 1)) / max(int(valid.sum()), 1)
     return {"pred": pred, "target": target, "per_step": per_step, "per_joint": per_joint,
             "first": err[:, 0].mean(axis=1), "mae": float((err.mean(axis=2) * valid).sum() / valid.sum())}
+
+
+def instruction_check(policy: MeanFlowPolicy, samples: SampleSet, rows: np.ndarray, args: argparse.Namespace,
+                      recorded: dict[str, np.ndarray]) -> dict[str, object]:
+    """The same steps and noise with ``args.other_instruction``: how much worse the chunks fit, and how far they
+    moved. Why: a multi-task policy can predict most steps from the state alone and learn to ignore its
+    instruction; closed-loop success hides that until a scene where only the instruction decides."""
+    other = evaluate(policy, samples, rows, args.nfe[0], args.batch_size, args.seed, args.other_instruction)
+    check = {"other_instruction": args.other_instruction, "nfe": args.nfe[0], "mae_rad_recorded": recorded["mae"],
+             "mae_rad_other": other["mae"], "ratio": other["mae"] / max(recorded["mae"], 1e-12),
+             "chunk_change_rad": float(np.abs(other["pred"] - recorded["pred"]).mean())}
+    LOG.info("with %r: chunk error %.4f rad vs %.4f with the recorded instructions (x%.2f); chunks moved %.4f rad",
+             args.other_instruction, other["mae"], recorded["mae"], check["ratio"], check["chunk_change_rad"])
+    return check
 
 
 def time_sampling(policy: MeanFlowPolicy, samples: SampleSet, rows: np.ndarray, nfe: int, n: int,
@@ -126,6 +150,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--nfe values must be >= 1, got {args.nfe}")
     if args.stride < 1:
         raise ValueError(f"--stride must be >= 1, got {args.stride}")
+    if args.first_seconds < 0:
+        raise ValueError(f"--first-seconds must be >= 0, got {args.first_seconds}")
     device = resolve_device(args.device)
     apply_cpu_threads(args.cpu_threads)
     ensure_writable_dirs({"--out": args.out, "--cache-dir": args.cache_dir})
@@ -135,6 +161,11 @@ def run(args: argparse.Namespace) -> dict:
     LOG.info("replaying %s", report.summary())
     samples = SampleSet(episodes, sync)
     rows = np.arange(0, len(samples), args.stride)
+    if args.first_seconds > 0:
+        rows = rows[samples.sample_step[rows] < round(args.first_seconds * sync.fps)]
+    if rows.size == 0:
+        raise ValueError(f"no synchronised step to replay (--first-seconds {args.first_seconds}, --stride "
+                         f"{args.stride})")
     runs: dict[int, dict] = {}
     result: dict = {"checkpoint": str(args.checkpoint), "objective": policy.config.objective,
                     "episodes": [e.name for e in episodes], "skipped": report.skipped, "steps": int(len(rows)),
@@ -159,6 +190,8 @@ def run(args: argparse.Namespace) -> dict:
             "timing": timing, "eval_seconds": round(time.perf_counter() - start, 3)}
         LOG.info("NFE %d: chunk error %.4f rad, first action %.4f rad, latency median %.1f ms", nfe, run_["mae"],
                  float(run_["first"].mean()), timing["median_total_ms"])
+    if args.other_instruction is not None:
+        result["instruction_check"] = instruction_check(policy, samples, rows, args, runs[args.nfe[0]])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / EVAL_JSON).write_text(json.dumps(result, indent=2) + "\n")
     plot(args.out / EVAL_PNG, result, samples, rows, runs)
@@ -171,7 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     summary = {n: {k: v for k, v in r.items() if k in ("mae_rad", "first_action_mae_rad", "timing")}
                for n, r in result["nfe"].items()}
-    print(json.dumps({"steps": result["steps"], "nfe": summary, "out": str(args.out)}, indent=2))
+    printed = {"steps": result["steps"], "nfe": summary, "out": str(args.out)}
+    if "instruction_check" in result:
+        printed["instruction_check"] = result["instruction_check"]
+    print(json.dumps(printed, indent=2))
     return 0
 
 

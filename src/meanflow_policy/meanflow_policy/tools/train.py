@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random-shift augmentation: each training image moves by up to PX pixels (0: off)")
     p.add_argument("--flow-ratio", type=float, default=MeanFlowConfig.flow_ratio,
                    help="share of each batch trained with r = t (plain flow matching) by the meanflow objective")
+    p.add_argument("--instruction-film", action="store_true",
+                   help="the instruction also scales and shifts the image tokens and conditions the expert (FiLM); "
+                        "with --init-from it adds this path, zero-initialised, to a checkpoint without it")
     p.add_argument("--adaptive-gamma", type=float, default=MeanFlowConfig.adaptive_gamma,
                    help="adaptive loss weight 1 / (err + c)^(1 - gamma): 1 is the plain squared error")
     add_train_arguments(p)
@@ -121,6 +124,10 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--seed", "seed", int, "model initialisation, split, data order and noise"),
     ("--time-limit", "time_limit_s", float, "stop early, saving a resumable checkpoint as at the end, once this "
                                             "much training time has passed in this invocation (0: none)"),
+    ("--start-repeat", "start_repeat", int, "draw the samples of each episode's first --start-window seconds this "
+                                           "many times per epoch: the start is where the instruction decides "
+                                           "(1: every sample once)"),
+    ("--start-window", "start_window_s", float, "seconds from an episode's start that --start-repeat favours"),
     ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
                                         "checkpoint as at the end (0: run to --steps)"),
 )
@@ -169,7 +176,8 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     """The model configuration the command line asks for."""
     common = dict(objective=args.objective or MeanFlowConfig.objective, fps=args.fps, chunk_size=args.chunk_size,
                   backbone_seed=seed, train_backbone=args.train_backbone, image_shift_px=args.image_shift,
-                  flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma)
+                  flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma,
+                  instruction_film=args.instruction_film)
     preset = args.preset or TINY_BACKBONE
     if preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         if args.backbone:
@@ -206,6 +214,22 @@ def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
     policy.set_stats(source.get_stats())
     fresh = sorted(k for k in target if k not in kept and not k.startswith(LANGUAGE_PREFIX))
     LOG.info("moved onto %s: %d tensors kept, %d new (%s)", preset, len(kept), len(fresh), ", ".join(fresh))
+    return policy
+
+
+def with_instruction_film(source: MeanFlowPolicy) -> MeanFlowPolicy:
+    """``source`` with the instruction's FiLM path added (zero-initialised, so it acts exactly as before), for
+    fine-tuning a policy that learned to ignore its instruction; a policy that has the path is returned as is."""
+    if source.config.instruction_film:
+        return source
+    config = MeanFlowConfig.from_dict({**source.config.to_dict(), "instruction_film": True})
+    policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer).to(source.device)
+    missing, unexpected = policy.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("instruction_film.") for k in missing):
+        raise ValueError(f"--instruction-film: the checkpoint's weights do not fit (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    policy.set_stats(source.get_stats())
+    LOG.info("instruction FiLM added (zero-initialised: %d new tensors)", len(missing))
     return policy
 
 
@@ -379,6 +403,8 @@ def run(args: argparse.Namespace) -> dict:
         policy = MeanFlowPolicy.load(args.init_from, device=device)
         if args.preset and args.preset != policy.config.backbone:
             policy = onto_language_model(policy, args.preset)
+        if args.instruction_film:
+            policy = with_instruction_film(policy)
         config = policy.config
         if args.objective and args.objective != config.objective:
             switch_objective(policy, args.objective)
@@ -453,7 +479,14 @@ def run(args: argparse.Namespace) -> dict:
     first = trainer.step
     if first == 0:
         trainer.validate(validator, save)
-    batches = Prefetcher(make_loader(data, cfg.batch_size, cfg.seed, trainer.data_position))
+    rows = None
+    if cfg.start_repeat > 1:
+        rows = train_set.start_weighted_rows(cfg.start_window_s, cfg.start_repeat)
+        starts = (rows.size - len(train_set)) // (cfg.start_repeat - 1)
+        LOG.info("episode starts favoured: %d of %d samples (first %.1f s) drawn %d times, %.0f %% of each batch",
+                 starts, len(train_set), cfg.start_window_s, cfg.start_repeat,
+                 100 * starts * cfg.start_repeat / rows.size)
+    batches = Prefetcher(make_loader(data, cfg.batch_size, cfg.seed, trainer.data_position, rows))
     start = time.perf_counter()
     try:
         with stop_on_signals(trainer):

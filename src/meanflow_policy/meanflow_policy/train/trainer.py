@@ -83,13 +83,18 @@ class EMA:
 class SeededBatchSampler(Sampler[list[int]]):
     """Endless shuffled batches of row indices. Epoch e is the permutation drawn from (seed, e) and every epoch
     ends with its partial batch, so the stream is a function of (seed, position) alone: starting at ``position``
-    (batches already consumed) continues a run exactly, whatever was prefetched before it stopped."""
+    (batches already consumed) continues a run exactly, whatever was prefetched before it stopped. ``rows`` (default
+    0..n-1) is what an epoch permutes; a row listed k times is drawn k times per epoch."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, position: int = 0) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, position: int = 0,
+                 rows: np.ndarray | None = None) -> None:
         if n < 1 or batch_size < 1 or position < 0:
             raise ValueError(f"need n >= 1, batch_size >= 1, position >= 0; got {n}, {batch_size}, {position}")
-        self.n, self.batch_size, self.seed, self.position = n, batch_size, seed, position
-        self.per_epoch = math.ceil(n / batch_size)
+        self.rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
+        if self.rows.size < 1 or self.rows.min() < 0 or self.rows.max() >= n:
+            raise ValueError(f"rows must be a non-empty list of indices in [0, {n})")
+        self.batch_size, self.seed, self.position = batch_size, seed, position
+        self.per_epoch = math.ceil(self.rows.size / batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.position
@@ -97,7 +102,7 @@ class SeededBatchSampler(Sampler[list[int]]):
         while True:
             e, k = divmod(position, self.per_epoch)
             if e != epoch:
-                epoch, order = e, np.random.default_rng([self.seed, e]).permutation(self.n)
+                epoch, order = e, self.rows[np.random.default_rng([self.seed, e]).permutation(self.rows.size)]
             yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
             position += 1
 
@@ -128,10 +133,13 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def make_loader(samples: BatchSource, batch_size: int, seed: int, position: int = 0) -> DataLoader:
+def make_loader(samples: BatchSource, batch_size: int, seed: int, position: int = 0,
+                rows: np.ndarray | None = None) -> DataLoader:
     """Endless shuffled training batches starting after ``position`` consumed batches (the Trainer's
-    ``data_position``); single process, its own RNG (the global torch RNG is not touched)."""
-    return DataLoader(BatchDataset(samples), sampler=SeededBatchSampler(len(samples), batch_size, seed, position),
+    ``data_position``); single process, its own RNG (the global torch RNG is not touched). ``rows``: see
+    SeededBatchSampler (repeated rows are drawn more often)."""
+    sampler = SeededBatchSampler(len(samples), batch_size, seed, position, rows)
+    return DataLoader(BatchDataset(samples), sampler=sampler,
                       batch_size=None, collate_fn=_as_is, num_workers=0,
                       generator=torch.Generator().manual_seed(seed))
 
