@@ -42,10 +42,10 @@ INSTRUCTION_FILM=${INSTRUCTION_FILM:-1}
 film=()
 (( INSTRUCTION_FILM )) && film=(--instruction-film)
 # Samples of each episode's first START_WINDOW seconds are drawn START_REPEAT times per epoch (meanflow-train
-# --start-repeat): after its first second an episode's state already shows which object the arm is heading for, so
-# only the start (and a recovery episode's hand-over) teaches the policy to read the instruction.
-START_REPEAT=${START_REPEAT:-4}
-START_WINDOW=${START_WINDOW:-1.0}
+# --start-repeat): from ~0.4 s on an episode's state already shows which object the arm is heading for, so only the
+# start (and a recovery episode's hand-over) teaches the policy to read the instruction.
+START_REPEAT=${START_REPEAT:-8}
+START_WINDOW=${START_WINDOW:-0.4}
 case "$OBJECTIVE" in
   meanflow) prefix=multitask ;;
   flow_matching) prefix=multitask_fm ;;
