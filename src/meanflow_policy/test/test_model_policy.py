@@ -10,7 +10,7 @@ from so101_common.graph import JOINT_NAMES
 
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import MeanFlowConfig
-from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy
 from meanflow_policy.testing import (
     corrupt_checkpoint,
     make_tiny_checkpoint,
@@ -311,3 +311,17 @@ def test_instruction_film_learns_and_then_gates_by_the_instruction(ckpt):
             features = policy.backbone.vlm.text_model(inputs_embeds=text, attention_mask=mask.long()).last_hidden_state
             gates.append(film(features, mask)[0])
     assert not torch.allclose(gates[0], gates[1])
+
+
+def test_instruction_film_sees_a_word_that_a_shared_component_drowns():
+    """Text features = a large component every instruction shares + a 1 % part that differs: after the FiLM's
+    per-channel standardisation over the batch the instructions differ by O(1), not by 1 %."""
+    film = InstructionFilm(feature_dim=16, width=8).train()
+    g = torch.Generator().manual_seed(0)
+    shared = 10 * torch.randn(1, 5, 16, generator=g)
+    text = shared + 0.1 * torch.randn(6, 5, 16, generator=g)  # six instructions, five tokens each
+    mask = torch.ones(6, 5, dtype=torch.bool)
+    pooled = film.norm((text * mask[..., None]).sum(1) / 5)
+    raw = text.mean(1)
+    assert (raw[0] - raw[1]).norm() / raw[0].norm() < 0.02
+    assert (pooled[0] - pooled[1]).norm() / pooled[0].norm() > 0.5
