@@ -321,7 +321,25 @@ def test_instruction_film_sees_a_word_that_a_shared_component_drowns():
     shared = 10 * torch.randn(1, 5, 16, generator=g)
     text = shared + 0.1 * torch.randn(6, 5, 16, generator=g)  # six instructions, five tokens each
     mask = torch.ones(6, 5, dtype=torch.bool)
-    pooled = film.norm((text * mask[..., None]).sum(1) / 5)
+    pooled = film.pool(text, mask)
     raw = text.mean(1)
     assert (raw[0] - raw[1]).norm() / raw[0].norm() < 0.02
     assert (pooled[0] - pooled[1]).norm() / pooled[0].norm() > 0.5
+
+
+def test_instruction_film_pooling_tells_word_order():
+    """The two sorting orders have the same words: with context-free word features (what a from-scratch LM gives
+    at first) a plain mean cannot tell them apart; the FiLM's pooling moves by the words' distance times their
+    difference, and padding (on either side) does not change an instruction's pooled features."""
+    film = InstructionFilm(feature_dim=16, width=8).eval()  # fresh running statistics: standardising is identity
+    g = torch.Generator().manual_seed(0)
+    put, red, left, green, right = (torch.randn(16, generator=g) for _ in range(5))
+    text = torch.stack([torch.stack([put, red, left, green, right]), torch.stack([put, green, left, red, right])])
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert torch.allclose(text[0].mean(0), text[1].mean(0))
+    pooled = film.pool(text, mask)
+    # weights 1..5 (sum 15): red at 2 and green at 4 in the first order, the other way round in the second
+    assert torch.allclose(pooled[0] - pooled[1], 2 * (green - red) / 15, atol=1e-5)
+    padded = torch.cat([torch.randn(2, 2, 16, generator=g), text, torch.randn(2, 1, 16, generator=g)], dim=1)
+    padded_mask = torch.cat([torch.zeros(2, 2, dtype=torch.bool), mask, torch.zeros(2, 1, dtype=torch.bool)], dim=1)
+    assert torch.allclose(film.pool(padded, padded_mask), pooled, atol=1e-5)
