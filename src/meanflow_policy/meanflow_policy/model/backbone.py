@@ -131,6 +131,10 @@ class _TextCache:
 class VLMBackbone(nn.Module):
     """SmolVLM prefix encoder. Frozen unless ``config.train_backbone``."""
 
+    # image normalisation buffers (registered in __init__), declared so the type checker knows they are tensors
+    pixel_scale: torch.Tensor
+    pixel_offset: torch.Tensor
+
     def __init__(self, config: MeanFlowConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> None:
         super().__init__()
         self.config = config
@@ -247,7 +251,7 @@ class VLMBackbone(nn.Module):
     def text_embeddings(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The LM's text input: right-padded embeddings (B, L, D) and mask (B, L), a lead token first. tiny-smollm2:
         the lead token's embedding, then the projected SmolLM2 states of the instruction's tokens."""
-        if self.language is None:
+        if self.language is None or self.text_proj is None:  # set together, in __init__
             ids, mask = self.tokenize(instructions)
             return self.vlm.get_input_embeddings()(ids), mask
         for text in instructions:
@@ -327,6 +331,9 @@ class LanguageProjection(nn.Module):
     linear map. The statistics (over the tokens of every training phrasing in instructions.py) take out the large
     per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
     instructions; they are buffers, so a checkpoint keeps the ones it was trained with."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, language: FrozenLanguageModel, width: int) -> None:
         super().__init__()

@@ -256,7 +256,9 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        if len(self.betas) != 2:
+            raise ValueError(f"betas must be two numbers (Adam's beta1, beta2), got {self.betas!r}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
         if self.warmup_steps is None:
             self.warmup_steps = min(200, max(1, self.steps // 20))
         if self.steps < 1:
