@@ -4,7 +4,8 @@ SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 ENV := source build/env.sh &&
 
-# shipped: the checkpoint meanflow_policy installs (found in its share directory, not in src/).
+# shipped: the multi-task checkpoint meanflow_policy installs (sim_multitask, found in its share directory, not in
+# src/); shipped:sim_pick_place the single-task one.
 CHECKPOINT ?= shipped
 EPISODES ?= 50
 TASK ?= all
@@ -46,10 +47,11 @@ eval-sim: setup
 # Real-time evaluation: sim time advances while the policy computes (injected latencies in ms, or 'measured'), per
 # hand-off (sync, replace, blend, rtc); table + JSON in $(RUNS)/eval_realtime; the last line is one JSON object
 # {"rows": [...]}. TASK= one task (pick_place unless given).
-# POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10".
+# POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10"; default
+# the shipped pick-place checkpoint (shipped:sim_pick_place; CHECKPOINT= another).
 LATENCIES ?= 0,33,100,200,400,800
 HANDOFFS ?= sync,replace,blend,rtc
-POLICIES ?= $(CHECKPOINT)@$(NFE)
+POLICIES ?= $(if $(filter file,$(origin CHECKPOINT)),shipped:sim_pick_place,$(CHECKPOINT))@$(NFE)
 eval-realtime: setup
 	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.realtime $(foreach p,$(POLICIES),--policy $(p)) \
 	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(if $(filter file,$(origin TASK)),pick_place,$(TASK)) --seed 1000 \

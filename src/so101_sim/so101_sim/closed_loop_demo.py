@@ -40,7 +40,7 @@ from so101_common.images import image_to_rgb, stamp_to_ns
 from so101_common.process import NodeProcess
 from so101_interfaces.msg import ChunkTiming
 from so101_interfaces.srv import SetInstruction
-from so101_sim.policy_plugins import PolicyPluginError, node_module, resolve_checkpoint
+from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, node_module, resolve_checkpoint
 from so101_sim.rollout import latency_summary, wilson_interval
 from so101_sim.tasks import TASKS
 
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None,
-                        help="policy checkpoint directory (default, or 'shipped': the one the policy plugin installs)")
+                        help=f"policy checkpoint directory (default 'shipped'), or {SHIPPED_HELP}")
     parser.add_argument("--tasks", type=parse_tasks, default=list(PAPER_TASKS),
                         help=f"comma-separated tasks, run in turn (registered: {','.join(sorted(TASKS))})")
     parser.add_argument("--episodes", type=int, default=2, help="episodes per task")

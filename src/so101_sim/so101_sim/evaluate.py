@@ -31,7 +31,7 @@ from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
-from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
+from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
@@ -233,8 +233,7 @@ def _parse_tasks(text: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-eval", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="policy checkpoint directory ('shipped': the checkpoint the "
-                        "policy plugin installs, e.g. meanflow_policy's sim_pick_place)")
+    source.add_argument("--checkpoint", type=Path, help=f"policy checkpoint directory, or {SHIPPED_HELP}")
     source.add_argument("--expert", action="store_true",
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")

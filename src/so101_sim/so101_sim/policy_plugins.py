@@ -2,9 +2,9 @@
 
 A policy package registers a module under the entry-point group ``so101_sim.policies`` (meanflow_policy:
 ``meanflow = meanflow_policy.tools.sim_adapter``). The module provides ``load(checkpoint, device)`` returning an object
-that meets :class:`CheckpointPolicy`, ``default_checkpoint()`` (the checkpoint it ships, found in its share
-directory) and ``NODE_MODULE`` (the module of its ROS node, for the closed-loop demo). The dependency then points
-from the policy to the sim's protocol, never back, and the package graph has no cycle.
+that meets :class:`CheckpointPolicy`, ``default_checkpoint(name=None)`` (a checkpoint it ships, found in its share
+directory; None: its default one) and ``NODE_MODULE`` (the module of its ROS node, for the closed-loop demo). The
+dependency then points from the policy to the sim's protocol, never back, and the package graph has no cycle.
 """
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ import numpy as np
 
 ENTRY_POINT_GROUP = "so101_sim.policies"
 DEFAULT_PLUGIN = "meanflow"
-SHIPPED = "shipped"  # --checkpoint shipped: the checkpoint the plugin's package installs
+SHIPPED = "shipped"  # --checkpoint shipped: the plugin package's default checkpoint; shipped:NAME another it installs
+# How the tools' --checkpoint help names the two forms.
+SHIPPED_HELP = ("'shipped': the policy plugin's default installed checkpoint (meanflow_policy: the multi-task "
+                "sim_multitask); 'shipped:NAME': another it installs (e.g. shipped:sim_pick_place)")
 
 
 class CheckpointPolicy(Protocol):
@@ -54,16 +57,21 @@ def load_checkpoint_policy(checkpoint: Path, device: str = "cpu", name: str = DE
     return plugin(name).load(Path(checkpoint), device)
 
 
-def default_checkpoint(name: str = DEFAULT_PLUGIN) -> Path:
-    """The checkpoint the plugin's package ships, from its installed share directory."""
-    return Path(plugin(name).default_checkpoint())
+def default_checkpoint(name: str = DEFAULT_PLUGIN, shipped: str | None = None) -> Path:
+    """The checkpoint ``shipped`` (None: the default one) that the plugin's package installs, from its share
+    directory; ValueError naming the ones it ships for another name."""
+    return Path(plugin(name).default_checkpoint(shipped))
 
 
 def resolve_checkpoint(argument: Path | None, name: str = DEFAULT_PLUGIN) -> Path:
-    """A tool's --checkpoint: a directory as given, or (None / ``shipped``) the plugin's installed checkpoint."""
-    if argument is None or str(argument) == SHIPPED:
+    """A tool's --checkpoint: a directory as given; None / ``shipped``: the plugin's default installed checkpoint;
+    ``shipped:NAME``: the installed checkpoint NAME (e.g. ``shipped:sim_pick_place``)."""
+    text = SHIPPED if argument is None else str(argument)
+    if text == SHIPPED:
         return default_checkpoint(name)
-    return Path(argument)
+    if text.startswith(SHIPPED + ":"):
+        return default_checkpoint(name, text[len(SHIPPED) + 1:])
+    return Path(text)
 
 
 def node_module(name: str = DEFAULT_PLUGIN) -> str:

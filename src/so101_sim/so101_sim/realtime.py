@@ -35,7 +35,7 @@ from so101_common.provenance import provenance
 from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy
-from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
+from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import FrameSink, Policy, check_chunk, latency_summary, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
@@ -298,8 +298,8 @@ def table_line(row: dict, report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-eval-realtime", description=__doc__.splitlines()[0])
     parser.add_argument("--policy", action="append", type=parse_policy, default=None,
-                        help="expert, or CHECKPOINT[@NFE] (CHECKPOINT 'shipped' = the installed one); repeatable "
-                             "(default: shipped@1)")
+                        help=f"expert, or CHECKPOINT[@NFE] (CHECKPOINT a directory, or {SHIPPED_HELP}); "
+                             "repeatable (default: shipped:sim_pick_place@1, the real-time table's policy)")
     parser.add_argument("--latencies", type=parse_latencies, default=parse_latencies("0,33,100,200,400,800"),
                         help="injected latencies in ms, and/or 'measured' (default 0,33,100,200,400,800)")
     parser.add_argument("--handoffs", type=parse_handoffs, default=list(HANDOFFS),
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.max_step > 0:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
-    specs = args.policy or [parse_policy("shipped@1")]
+    specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]
     for spec in specs:
         if spec.checkpoint is not None:
             try:

@@ -23,7 +23,7 @@ import numpy as np
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
-from so101_sim.policy_plugins import PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
+from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import Policy, run_episode
 from so101_sim.tasks import TASKS, task_class
 
@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-sim-recovery", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="policy checkpoint to roll out (loaded through the policy plugin; "
-                             "'shipped': the installed one)")
+                        help=f"policy checkpoint to roll out (loaded through the policy plugin), or {SHIPPED_HELP}")
     parser.add_argument("--episodes", type=int, required=True, help="number of recovery episodes to write")
     parser.add_argument("--out", type=Path, required=True, help="dataset directory (new or empty)")
     parser.add_argument("--task", default="pick_place", choices=sorted(TASKS),

@@ -23,6 +23,11 @@ def test_shipped_checkpoint_is_found_in_the_policy_share_directory():
     assert checkpoint.parent.parent == share and (checkpoint / "model.safetensors").is_file()
     assert node_module() == "meanflow_policy.ros.policy_node"
     assert resolve_checkpoint(None) == resolve_checkpoint(Path("shipped")) == checkpoint
+    assert checkpoint.name == "sim_multitask" and load_checkpoint_policy(checkpoint).policy.config.instruction_film
+    pick_place = resolve_checkpoint(Path("shipped:sim_pick_place"))
+    assert pick_place == share / "checkpoints" / "sim_pick_place" and (pick_place / "model.safetensors").is_file()
+    with pytest.raises(ValueError, match="no shipped checkpoint 'sim_nothing'; meanflow_policy ships sim_multitask"):
+        resolve_checkpoint(Path("shipped:sim_nothing"))
     assert resolve_checkpoint(Path("runs/mine")) == Path("runs/mine")
 
 

@@ -16,13 +16,19 @@ from meanflow_policy.model.policy import MeanFlowPolicy
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 
 PACKAGE = "meanflow_policy"
-SHIPPED_CHECKPOINT = "sim_pick_place"
+# The sim checkpoints this package ships, the default first: the multi-task policy (every task, the instruction
+# says which), then the single-task pick-place one (the ablations' backbone, the real-time table's policy).
+SHIPPED_CHECKPOINTS = ("sim_multitask", "sim_pick_place")
 NODE_MODULE = "meanflow_policy.ros.policy_node"
 
 
-def default_checkpoint() -> Path:
-    """The shipped sim checkpoint, installed as package data (share/meanflow_policy/checkpoints/...)."""
-    return Path(get_package_share_directory(PACKAGE)) / "checkpoints" / SHIPPED_CHECKPOINT
+def default_checkpoint(name: str | None = None) -> Path:
+    """The shipped sim checkpoint ``name`` (None: the multi-task one), installed as package data
+    (share/meanflow_policy/checkpoints/...)."""
+    name = SHIPPED_CHECKPOINTS[0] if name is None else name
+    if name not in SHIPPED_CHECKPOINTS:
+        raise ValueError(f"no shipped checkpoint {name!r}; {PACKAGE} ships {', '.join(SHIPPED_CHECKPOINTS)}")
+    return Path(get_package_share_directory(PACKAGE)) / "checkpoints" / name
 
 
 class SimCheckpointPolicy:
