@@ -43,8 +43,9 @@ film=()
 (( INSTRUCTION_FILM )) && film=(--instruction-film)
 # Samples of each episode's first START_WINDOW seconds are drawn START_REPEAT times per epoch (meanflow-train
 # --start-repeat): from ~0.4 s on an episode's state already shows which object the arm is heading for, so only the
-# start (and a recovery episode's hand-over) teaches the policy to read the instruction.
-START_REPEAT=${START_REPEAT:-8}
+# start (and a recovery episode's hand-over) teaches the policy to read the instruction. x3 since round 6 (x8 in
+# round 5 cost pick-place: 82 % -> 20 %).
+START_REPEAT=${START_REPEAT:-3}
 START_WINDOW=${START_WINDOW:-0.4}
 case "$OBJECTIVE" in
   meanflow) prefix=multitask ;;
