@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,7 @@ from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
 from meanflow_policy.data.bag_reader import BagError
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.data.cache import load_episodes
-from meanflow_policy.data.samples import SampleSet
+from meanflow_policy.data.samples import SampleSet, idle_start
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.data.prefetch import Prefetcher
@@ -260,3 +261,40 @@ def test_start_weighted_rows_and_the_sampler_draw_episode_starts_k_times(trained
     assert sorted(epoch) == sorted(rows.tolist())  # one epoch = every listed row, as often as listed
     with pytest.raises(ValueError, match="repeat"):
         samples.start_weighted_rows(window_s=1.0, repeat=0)
+
+
+def _with_idle_start(episode, idle_steps: int):
+    """The episode with its first ``idle_steps`` commands held at the first moving one (an arm waiting to start)."""
+    action = np.array(episode.action)
+    action[:idle_steps] = action[idle_steps]
+    return dataclasses.replace(episode, action=action)
+
+
+def test_idle_starts_are_left_out_and_the_start_window_counts_from_the_first_kept_sample(trained: Path,
+                                                                                        bags: Path) -> None:
+    policy = MeanFlowPolicy.load(trained / "last")
+    sync = SyncConfig.from_policy_config(policy.config)
+    episodes, _ = load_episodes([bags], sync, trained / "cache")
+    half = sync.chunk_size // 2
+    idle = [_with_idle_start(e, 25) for e in episodes]
+    for episode, held in zip(episodes, idle):
+        # commands held for the first 25 steps: idle at least until the next half chunk reaches step 25
+        assert idle_start(episode, half, 0.02) < 25 - half < idle_start(held, half, 0.02)
+    every = SampleSet(idle, sync)
+    kept = SampleSet(idle, sync, idle_start_rad=0.02)
+    assert every.idle_samples == 0 and kept.idle_samples > 0
+    assert len(kept) == len(every) - kept.idle_samples
+    for i, episode in enumerate(idle):
+        steps = kept.sample_step[kept.sample_episode == i]
+        first = idle_start(episode, sync.chunk_size // 2, 0.02)
+        assert steps.min() >= first
+        # every kept sample's next half chunk moves: no "stay here" label is left at the start
+        actions, _ = kept.chunk(np.flatnonzero(kept.sample_episode == i)[:1])
+        assert np.abs(actions[0, :sync.chunk_size // 2 + 1] - actions[0, 0]).max() > 0.02
+    rows = kept.start_weighted_rows(window_s=0.2, repeat=3)  # 6 steps at 30 Hz
+    counts = np.bincount(rows, minlength=len(kept))
+    first_kept = np.array([kept.sample_step[kept.sample_episode == i].min() for i in range(len(idle))])
+    start = kept.sample_step - first_kept[kept.sample_episode] < 6
+    assert np.all(counts[start] == 3) and np.all(counts[~start] == 1)
+    with pytest.raises(ValueError, match="idle_start_rad"):
+        SampleSet(idle, sync, idle_start_rad=-1.0)

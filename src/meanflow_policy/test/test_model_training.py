@@ -41,6 +41,15 @@ def test_train_config_rejects_bad_values():
         TrainConfig(ema_decay=1.0)
     with pytest.raises(ValueError, match="time_limit_s"):
         TrainConfig(time_limit_s=-1)
+    with pytest.raises(ValueError, match="idle_start_rad"):
+        TrainConfig(idle_start_rad=-0.1)
+
+
+def test_a_run_saved_before_idle_starts_were_left_out_resumes_on_every_sample():
+    saved = TrainConfig(steps=10).to_dict()
+    assert TrainConfig.from_dict(saved).idle_start_rad == TrainConfig().idle_start_rad > 0
+    del saved["idle_start_rad"]
+    assert TrainConfig.from_dict(saved).idle_start_rad == 0.0
 
 
 def test_time_limit_stops_early_and_still_saves(tmp_path):

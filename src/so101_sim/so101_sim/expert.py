@@ -56,6 +56,11 @@ class ExpertConfig:
     takeover_margin: float = 0.01
     grasp_band: float = 0.008
     t_align: float = 0.5
+    # A takeover's re-alignment moving the joints (largest one, gripper included) this far takes t_align; a smaller
+    # one proportionally less, as a lift from part-way up takes part of t_lift: a recovery episode that begins with
+    # a second of near-stillness labels the state the policy stalled in "stay here", and the policy stalls there
+    # for good (the state holds no velocity).
+    align_full_rad: float = 0.3
     # Carry at least this far above the release point (an object set on the stack is carried higher).
     carry_clearance: float = 0.022
     # Jaw opening (rad) when another object lies near the one to grasp: 6 cm between the pads.
@@ -91,6 +96,13 @@ class ScriptedExpert:
 
     def _steps(self, seconds: float) -> int:
         return max(1, int(round(seconds * self.env.cfg.fps)))
+
+    def _align(self, arm0: np.ndarray, grip0: float, arm1: np.ndarray, grip1: float,
+               targets: list[np.ndarray]) -> None:
+        """Append a takeover's joint-space re-alignment, its duration in proportion to how far it moves."""
+        move = max(float(np.abs(arm1 - arm0).max()), abs(grip1 - grip0))
+        for a in min_jerk(self._steps(self.cfg.t_align * min(1.0, move / self.cfg.align_full_rad))):
+            targets.append(np.append((1 - a) * arm0 + a * arm1, (1 - a) * grip0 + a * grip1))
 
     def _solve_from(self, point: np.ndarray, axis: np.ndarray, arm0: np.ndarray) -> np.ndarray:
         """IK from the arm's current joints; from home when that fails (a plan taking over from a contorted
@@ -220,9 +232,11 @@ class ScriptedExpert:
         jaw_axis = axes[pick]
         arm_start = candidates[pick]
 
-        s = min_jerk(self._steps((cfg.t_align if near else cfg.t_reach) if first else cfg.t_carry))
-        for a in s:
-            targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * grip_goal))
+        if near:
+            self._align(arm0, grip0, arm_start, grip_goal, targets)
+        else:
+            for a in min_jerk(self._steps(cfg.t_reach if first else cfg.t_carry)):
+                targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * grip_goal))
 
         path = _Path(self, jaw_axis, arm_start, start_point, grip_goal, targets)
         descent = (height - grasp[2]) / (carry - grasp[2])
@@ -257,15 +271,16 @@ class ScriptedExpert:
                                 f"{np.degrees(np.arcsin(min(1.0, abs(rot[2, 2])))):.0f} deg from horizontal")
         jaw_axis /= np.linalg.norm(jaw_axis)
         arm_start = self._solve_from(point_now, jaw_axis, arm0)
-        for a in min_jerk(self._steps(cfg.t_align)):
-            targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * GRIPPER_CLOSED))
+        self._align(arm0, grip0, arm_start, GRIPPER_CLOSED, targets)
         path = _Path(self, jaw_axis, arm_start, point_now, GRIPPER_CLOSED, targets)
         above_place = np.array([goal.xy[0], goal.xy[1], carry])
         if task.at_goal(env.data, goal):
             release = np.array([obj[0], obj[1], release_z])
         else:
             if obj[2] < carry:
-                path.cartesian(np.array([obj[0], obj[1], carry]) - offset, cfg.t_lift)
+                # From part-way up, the rest of the lift in the same share of t_lift.
+                lift = (carry - obj[2]) / (carry - rest - cfg.grasp_offset)
+                path.cartesian(np.array([obj[0], obj[1], carry]) - offset, cfg.t_lift * min(1.0, lift))
             path.cartesian(above_place - offset, cfg.t_carry)
             release = np.array([goal.xy[0], goal.xy[1], release_z])
         path.cartesian(release - offset, cfg.t_lower)

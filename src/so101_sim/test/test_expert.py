@@ -116,11 +116,11 @@ def test_expert_takes_over_from_a_contorted_pose(env):
     assert env.success()
 
 
-def _pose_over_cube(env, height: float) -> np.ndarray:
-    """Arm joints (5) that put the grasp point 5 mm beside the cube at ``height``, jaws along y."""
+def _pose_over_cube(env, height: float, beside: float = 0.005) -> np.ndarray:
+    """Arm joints (5) that put the grasp point ``beside`` (m, along x) the cube at ``height``, jaws along y."""
     expert = ScriptedExpert(env)
     cube = env.task.cube_position(env.data)
-    return expert.ik.solve(np.array([cube[0] + 0.005, cube[1], height]), (0, 1, 0), env.joint_positions()[:5])
+    return expert.ik.solve(np.array([cube[0] + beside, cube[1], height]), (0, 1, 0), env.joint_positions()[:5])
 
 
 def _place_arm(env, arm: np.ndarray, gripper: float) -> None:
@@ -144,6 +144,17 @@ def test_takeover_above_the_cube_goes_on_down_instead_of_back_up(env, height):
         env.command(target)
         env.step()
     assert env.success()
+
+
+@pytest.mark.parametrize("height, gripper", [(0.04, 1.0), (0.05, 1.0), (0.018, 0.4)])
+def test_takeover_starts_moving_within_half_a_chunk(env, height, gripper):
+    """A takeover where the policy hovered right over the cube (already aligned) must not begin with a still
+    re-alignment: the state holds no velocity, so "stay" labels there teach the policy to stall where it stalled."""
+    env.reset(7)
+    _place_arm(env, _pose_over_cube(env, height, beside=0.0), gripper)
+    plan = ScriptedExpert(env).plan()
+    start = np.append(env.joint_positions()[:5], env.commanded()[5])
+    assert np.abs(plan[:10] - start).max() > 0.02
 
 
 def test_takeover_at_grasp_height_keeps_closing(env):

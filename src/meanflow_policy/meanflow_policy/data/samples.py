@@ -41,16 +41,39 @@ def compute_stats(episodes: Sequence[Episode]) -> dict:
     return {"state": moments(states), "action": moments(actions)}
 
 
+def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
+    """First step whose next ``horizon`` commands move some joint more than ``tolerance_rad`` (the episode's length
+    when none does): the steps before it are an idle start.
+
+    Why: an episode that begins at rest (an operator who has not moved yet, or a scripted expert taking over a
+    recovery episode with a slow re-alignment) labels its first states "stay here"; the state holds no velocity, so
+    a policy that reaches such a state again is told to stay, observes the same state and stalls for good.
+    ``horizon`` is the part of a chunk executed before the next observation (half a chunk in so101-eval)."""
+    action = np.asarray(episode.action)
+    n = len(action)
+    for k in range(n):
+        window = action[k:k + horizon + 1]
+        if np.abs(window - window[0]).max() > tolerance_rad:
+            return k
+    return n
+
+
 class SampleSet:
     """All samples of some episodes; ``batch(rows)`` gathers a training batch with vectorised numpy.
 
     ``phrasing_seed`` (None: off) replaces each sample's recorded instruction by one of its task's training
     phrasings (so101_common/phrasings.py), drawn from the seed and the batch's rows: the same batch gets the
-    same phrasings, so a resumed run sees exactly the data the uninterrupted one would have."""
+    same phrasings, so a resumed run sees exactly the data the uninterrupted one would have.
 
-    def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None) -> None:
+    ``idle_start_rad`` > 0 leaves out each episode's idle start (``idle_start``): the leading samples whose next
+    half chunk of commands stays within that many radians."""
+
+    def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None,
+                 idle_start_rad: float = 0.0) -> None:
         if not episodes:
             raise DatasetError("no episodes given")
+        if idle_start_rad < 0:
+            raise ValueError(f"idle_start_rad must be >= 0, got {idle_start_rad}")
         self.episodes = list(episodes)
         self.cfg = cfg
         self.chunk_size = cfg.chunk_size
@@ -63,10 +86,17 @@ class SampleSet:
         self._valid = np.concatenate([np.asarray(e.action_valid) for e in self.episodes])
         self._frame_index = np.concatenate([np.asarray(e.frame_index) for e in self.episodes])
         steps = [e.sample_steps for e in self.episodes]
+        every = sum(s.size for s in steps)
+        if idle_start_rad > 0:
+            steps = [s[s >= idle_start(e, self.chunk_size // 2, idle_start_rad)] for e, s in zip(self.episodes, steps)]
         self.sample_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(steps)]).astype(np.int64)
         self.sample_step = np.concatenate(steps).astype(np.int64)
+        self.idle_samples = int(every - self.sample_step.size)  # left out as idle starts
+        # Each episode's first kept step: where its start (start_weighted_rows) begins.
+        self._first_step = np.array([s[0] if s.size else 0 for s in steps], dtype=np.int64)
         if len(self) == 0:
-            raise DatasetError("the episodes contain no samples")
+            raise DatasetError("the episodes contain no samples" + (
+                f" that move (every one starts idle: commands within {idle_start_rad} rad)" if idle_start_rad else ""))
 
     def __len__(self) -> int:
         return int(self.sample_step.size)
@@ -120,10 +150,11 @@ class SampleSet:
 
         Why: after its first second an episode's state and images already show where the arm is heading, so only
         its start makes a policy read the instruction that decides it; at one draw per sample that start is ~10 %
-        of the data (a recovery episode's start is its hand-over: the correction)."""
+        of the data (a recovery episode's start is its hand-over: the correction). The window counts from each
+        episode's first kept sample (after an idle start is dropped)."""
         if repeat < 1 or window_s < 0:
             raise ValueError(f"need repeat >= 1 and window_s >= 0, got {repeat}, {window_s}")
-        start = self.sample_step < round(window_s * self.cfg.fps)
+        start = self.sample_step - self._first_step[self.sample_episode] < round(window_s * self.cfg.fps)
         return np.repeat(np.arange(len(self)), np.where(start, repeat, 1))
 
     def batches(self, batch_size: int, seed: int = 0, shuffle: bool = True,

@@ -253,6 +253,9 @@ class TrainConfig:
     # the start is where the instruction decides (SampleSet.start_weighted_rows).
     start_repeat: int = 1
     start_window_s: float = 1.0
+    # Leave out each episode's idle start: leading samples whose next half chunk of commands stays within this many
+    # radians (SampleSet / idle_start: a state with a "stay" label becomes a stall). 0 keeps every sample.
+    idle_start_rad: float = 0.02
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -281,6 +284,8 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.start_window_s < 0:
             raise ValueError(f"start_window_s must be >= 0, got {self.start_window_s}")
+        if self.idle_start_rad < 0:
+            raise ValueError(f"idle_start_rad must be >= 0, got {self.idle_start_rad}")
         for name in ("log_every", "val_batches", "start_repeat"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -295,4 +300,5 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return _strict_from_dict(cls, d)
+        # A run saved before idle starts were left out trained on every sample: resuming it keeps doing so.
+        return _strict_from_dict(cls, {"idle_start_rad": 0.0, **d})

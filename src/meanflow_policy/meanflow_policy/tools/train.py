@@ -128,6 +128,9 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
                                            "many times per epoch: the start is where the instruction decides "
                                            "(1: every sample once)"),
     ("--start-window", "start_window_s", float, "seconds from an episode's start that --start-repeat favours"),
+    ("--idle-start", "idle_start_rad", float, "leave out each episode's idle start: the leading samples whose next "
+                                              "half chunk of commands stays within this many radians (a 'stay' "
+                                              "label there teaches the policy to stall; 0: keep every sample)"),
     ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
                                         "checkpoint as at the end (0: run to --steps)"),
 )
@@ -440,8 +443,9 @@ def run(args: argparse.Namespace) -> dict:
     train_eps, val_eps = split_episodes(episodes, cfg.val_fraction, cfg.seed)
     if not val_eps:
         LOG.warning("only %d episode(s): no held-out episode, validation metrics are skipped", len(episodes))
-    train_set = SampleSet(train_eps, sync, phrasing_seed=cfg.seed if cfg.instruction_variety else None)
-    val_set = SampleSet(val_eps, sync) if val_eps else None
+    train_set = SampleSet(train_eps, sync, phrasing_seed=cfg.seed if cfg.instruction_variety else None,
+                          idle_start_rad=cfg.idle_start_rad)
+    val_set = SampleSet(val_eps, sync, idle_start_rad=cfg.idle_start_rad) if val_eps else None
     stats = compute_stats(train_eps)
     if policy is None:
         torch.manual_seed(cfg.seed)
@@ -456,6 +460,9 @@ def run(args: argparse.Namespace) -> dict:
                          for e in val_eps],
         "stats": stats, "sync": sync.cache_key(), "load_report": report.__dict__,
     }, indent=2, default=str) + "\n")
+    if train_set.idle_samples:
+        LOG.info("idle starts left out (--idle-start %.3f rad): %d training samples", cfg.idle_start_rad,
+                 train_set.idle_samples)
     LOG.info("train: %d episodes / %d samples; val: %d episodes / %d samples; device %s", len(train_eps),
              len(train_set), len(val_eps), len(val_set) if val_set else 0, device)
 
