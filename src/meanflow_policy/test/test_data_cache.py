@@ -54,6 +54,16 @@ def test_second_run_reads_no_bag(bags: Path, tmp_path: Path, monkeypatch: pytest
         load_episodes([bags], SyncConfig(fps=30.0, image_size=8), tmp_path / "cache")
 
 
+def test_a_cached_episode_holds_one_file_descriptor_per_camera(bags: Path, tmp_path: Path) -> None:
+    """Every memory map holds a descriptor: with all seven arrays mapped, 2,900 episodes reached the usual limit of
+    20,000 and training died ("Too many open files"); only the frames, too large for memory, stay mapped."""
+    load_episodes([bags], CFG, tmp_path / "cache")
+    before = len(os.listdir("/proc/self/fd"))
+    episodes, _ = load_episodes([bags], CFG, tmp_path / "cache")
+    assert len(os.listdir("/proc/self/fd")) - before == len(episodes) * len(CFG.camera_keys)
+    assert not isinstance(episodes[0].action, np.memmap) and isinstance(episodes[0].frames["top"], np.memmap)
+
+
 def test_an_entry_another_process_finished_first_is_kept(bags: Path, tmp_path: Path) -> None:
     """Two training runs filling one cache: the loser of the race keeps the winner's entry (which a reader may
     have memory-mapped) instead of deleting it, and leaves no temporary folder."""
