@@ -44,7 +44,8 @@ film=()
 # Samples of each episode's first START_WINDOW seconds are drawn START_REPEAT times per epoch (meanflow-train
 # --start-repeat): from ~0.4 s on an episode's state already shows which object the arm is heading for, so only the
 # start (and a recovery episode's hand-over) teaches the policy to read the instruction. x3 since round 6 (x8 in
-# round 5 cost pick-place: 82 % -> 20 %).
+# round 5 cost pick-place: 82 % -> 20 %, largely because it favoured the idle hand-overs that meanflow-train's
+# --idle-start, default since round 8, now leaves out).
 START_REPEAT=${START_REPEAT:-3}
 START_WINDOW=${START_WINDOW:-0.4}
 case "$OBJECTIVE" in
