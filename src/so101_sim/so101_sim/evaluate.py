@@ -32,7 +32,7 @@ from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
+from so101_sim.rollout import DEFAULT_ACTION_STEPS, EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
                         "how often the policy does the task anyway")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="control steps per episode (30 Hz; default: the task's, 360 for pick_place)")
-    parser.add_argument("--action-steps", type=int, default=10,
+    parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps executed from each chunk before the next observation")
     parser.add_argument("--image-size", type=int, default=128,
                         help="rendered camera size (use the demos' size; the policy resizes)")

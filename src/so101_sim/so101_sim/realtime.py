@@ -36,7 +36,7 @@ from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_HORIZON, HANDOFF_
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import FrameSink, Policy, check_chunk, latency_summary, wilson_interval
+from so101_sim.rollout import DEFAULT_ACTION_STEPS, FrameSink, Policy, check_chunk, latency_summary, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
 
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1000, help="first episode seed (held out from the demos)")
     parser.add_argument("--task", default="pick_place", choices=sorted(TASKS))
     parser.add_argument("--max-steps", type=int, default=None, help="control steps per episode (default: the task's)")
-    parser.add_argument("--action-steps", type=int, default=10,
+    parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps between the starts of two inferences")
     parser.add_argument("--max-step", type=float, default=DEFAULT_MAX_STEP,
                         help="largest commanded change per joint and control step (rad)")

@@ -24,7 +24,7 @@ from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import Policy, run_episode
+from so101_sim.rollout import DEFAULT_ACTION_STEPS, Policy, run_episode
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
@@ -53,7 +53,7 @@ def default_handover_last(task: str) -> int:
 class RecoveryRecorder:
     """Records one recovery episode per seed with ``policy``; keeps the handover step of each written episode."""
 
-    def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = 10,
+    def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = DEFAULT_ACTION_STEPS,
                  reseed: Callable[[int], None] | None = None) -> None:
         self.policy = policy
         self.handover = handover
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3000,
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
-    parser.add_argument("--action-steps", type=int, default=10, help="control steps executed from each chunk")
+    parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
+                        help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
                         help="earliest control step at which the expert takes over")
     parser.add_argument("--handover-last", type=int, default=None,

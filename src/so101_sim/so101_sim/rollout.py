@@ -19,6 +19,10 @@ from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 from so101_sim.env import SimEnv
 
 Policy = Callable[[dict], np.ndarray]
+# Control steps executed from each chunk before the next observation (half of a 20-step chunk), everywhere the sim
+# runs a policy (so101-eval, recovery collection, real-time evaluation): the states a recovery round collects are
+# those the evaluation reaches. Other values measured no better (docs/simulation.md, "Executed steps per chunk").
+DEFAULT_ACTION_STEPS = 10
 FrameSink = Callable[[dict[str, np.ndarray]], None]
 
 
