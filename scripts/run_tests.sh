@@ -15,9 +15,11 @@ echo "run_tests: mypy (plain-Python cores, see mypy.ini)"
 mypy --python-executable "$(command -v python)" || exit 1
 # Tests marked slow (minutes each: e.g. the scripted experts' success rates over 40 seeds per task) run with SLOW=1.
 if [ "${SLOW:-0}" = 1 ]; then marker=(); else marker=(-m "not slow"); fi
-# TEST_WORKERS pytest-xdist workers (default 2 = this project's 2-core machines; 0: one process). Each worker claims a
-# ROS domain of its own (so101_common.testing); --dist loadfile keeps a module's node fixtures in one worker.
-workers=${TEST_WORKERS:-2}
+# TEST_WORKERS pytest-xdist workers (0: one process). Default 3 on this project's 2-core machines: node tests spend
+# much of their time waiting (DDS discovery, node start-up, timeouts), which a third worker fills (6.75 -> ~4.8 min;
+# docs/testing.md). Each worker claims a ROS domain of its own (so101_common.testing); --dist loadfile keeps a
+# module's node fixtures in one worker.
+workers=${TEST_WORKERS:-3}
 if [ "$workers" = 0 ]; then parallel=(); else parallel=(-n "$workers" --dist loadfile); fi
 # One OpenMP/torch thread per process (workers and the node processes they start): with several processes on two
 # cores, multi-threaded torch spins at its barriers and burns CPU time that the other processes need.

@@ -8,6 +8,7 @@ imported), which saves 3-5 s of imports per node; ``SO101_TEST_FORK_SERVER=0`` s
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,11 @@ def pytest_configure(config: pytest.Config) -> None:
     # Before any rclpy context exists: this run (and each xdist worker) gets a domain of its own.
     domain = claim_private_domain()
     config.stash[DOMAIN_KEY] = domain
+    # A run started in the background by a non-interactive shell (`nohup make test &`, CI runners) inherits SIGINT
+    # ignored, and so would every node it starts in a fresh interpreter: Ctrl-C tests would then see nodes ignore
+    # SIGINT where a terminal's would stop. Start from the terminal's disposition.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
