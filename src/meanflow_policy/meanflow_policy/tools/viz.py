@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from meanflow_policy.data.bag_reader import BagError
-from meanflow_policy.viz import VIEWER_TIMEOUT_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,9 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect", default="", metavar="URL",
                    help="stream to a viewer at this gRPC URL, e.g. rerun+http://HOST:9876/proxy")
     p.add_argument("--jpeg-quality", type=int, default=85, help="JPEG quality of the logged images; 0: raw pixels")
-    p.add_argument("--viewer-timeout", type=float, default=VIEWER_TIMEOUT_S, metavar="S",
-                   help="seconds the viewer is given to take the whole recording before it counts as unreachable "
-                   "(default %(default)s)")
     return p
 
 
@@ -37,9 +33,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 <= args.jpeg_quality <= 100:
         print(f"so101-viz: --jpeg-quality must be 0..100, got {args.jpeg_quality}", file=sys.stderr)
-        return 2
-    if not args.viewer_timeout > 0:
-        print(f"so101-viz: --viewer-timeout must be > 0 s, got {args.viewer_timeout}", file=sys.stderr)
         return 2
     from meanflow_policy.viz.bag import load_bag, log_bag
     from meanflow_policy.viz.rerun_log import StackLog, open_stream
@@ -64,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.save.unlink(missing_ok=True)
         print(f"so101-viz: {exc}", file=sys.stderr)
         return 2
-    problem = log.close(args.viewer_timeout)
+    problem = log.close()
     if problem:
         print(f"so101-viz: the viewer did not get the recording: {problem}", file=sys.stderr)
         return 2

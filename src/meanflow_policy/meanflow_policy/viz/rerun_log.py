@@ -25,7 +25,6 @@ import rerun as rr
 import rerun.blueprint as rrb
 
 from meanflow_policy.data.bag_reader import TrajectoryCommand, trajectory_command
-from meanflow_policy.viz import VIEWER_TIMEOUT_S
 from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 from so101_common.joints import joint_vector
 from so101_common.stamps import NS_PER_S
@@ -212,7 +211,7 @@ class StackLog:
     def on_timing(self, t_ns: int, msg: Any) -> None:
         self.timing(t_ns, {name: float(getattr(msg, name)) for name in TIMING_FIELDS})
 
-    def close(self, timeout_s: float = VIEWER_TIMEOUT_S) -> str:
+    def close(self, timeout_s: float = 10.0) -> str:
         """Send what was logged to the sinks (the .rrd file complete) and close them; returns why not everything
         arrived ('' when it did): a viewer that cannot be reached is given ``timeout_s``, not forever."""
         try:
