@@ -9,9 +9,9 @@
 #    seconds and resumes exactly (`--resume`) where the last piece stopped.
 # 3. Recovery rounds (DAgger-style, as scripts/train_sim.sh does for pick-place): per round, the previous stage's
 #    policy runs every task variant at NFE 1 and the scripted expert takes over from the states it reaches
-#    (so101-sim-recovery --task T: RECOVERY_EPISODES per variant), then the policy is fine-tuned for ROUND_STEPS
-#    on the demos plus every recovery set so far (--init-from the previous stage's last/). Seeds of round r
-#    (1..RECOVERY_ROUNDS), variant i (0..5): from 3000 + 10000 (r - 1) + 1000 i, at most 4 x RECOVERY_EPISODES of
+#    (so101-sim-recovery --task T: RECOVERY_EPISODES per variant, RECOVERY_EPISODES_FOR per named one), then the
+#    policy is fine-tuned for ROUND_STEPS on the demos plus every recovery set so far (--init-from the previous stage's last/). Seeds of round r
+#    (1..RECOVERY_ROUNDS), variant i (0..5): from 3000 + 10000 (r - 1) + 1000 i, at most 4 x its episode count of
 #    them, so they never meet the demo seeds (0-99), the evaluation seeds (1000-1049) nor the held-out 70000-70049.
 # Finished stages, episodes and recovery sets are skipped, so the recipe continues where it was stopped; a stage
 # stopped by TIME_LIMIT ends the invocation (run it again to continue).
@@ -32,6 +32,9 @@ THREADS=${THREADS:-2}
 JOBS=${JOBS:-2}               # recovery sets collected at once (one core each)
 RECOVERY_ROUNDS=${RECOVERY_ROUNDS:-2}
 RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
+# Per-variant counts that replace RECOVERY_EPISODES for the variants named ("stacking=100 sorting=100"): a round can
+# put its collection where the policy fails most.
+RECOVERY_EPISODES_FOR=${RECOVERY_EPISODES_FOR:-}
 ROUND_STEPS=${ROUND_STEPS:-6000}
 FROM=${FROM:-}                # a checkpoint to start the recovery rounds from instead of stage A
 START_ROUND=${START_ROUND:-1}
@@ -56,6 +59,27 @@ esac
 mkdir -p "$RUNS"
 INIT=${INIT:-$(python -c 'from ament_index_python.packages import get_package_share_directory as s; print(s("meanflow_policy"))')/checkpoints/sim_pick_place}
 
+# Round r's seeds span 3000 + 10000 (r - 1) + [0, 6000): below 70000 up to round 7, from 73000 on after it, so
+# only the episode count can make one variant's seeds run into the next one's.
+declare -A episodes_of
+for task in "${TASK_VARIANTS[@]}"; do episodes_of[$task]=$RECOVERY_EPISODES; done
+for pair in $RECOVERY_EPISODES_FOR; do
+  task=${pair%%=*}
+  [[ -n "${episodes_of[$task]+set}" && "$pair" == *=* ]] || {
+    echo "train_multitask: RECOVERY_EPISODES_FOR: '$pair' is not VARIANT=COUNT with VARIANT one of ${TASK_VARIANTS[*]}" >&2
+    exit 2
+  }
+  episodes_of[$task]=${pair#*=}
+done
+for task in "${TASK_VARIANTS[@]}"; do
+  n=${episodes_of[$task]}
+  if ! [[ "$n" =~ ^[0-9]+$ ]] || (( n < 1 || 4 * n > 1000 )); then
+    echo "train_multitask: $task's recovery episodes must be 1-250, got '$n' (more would run its seeds into" \
+         "another variant's)" >&2
+    exit 2
+  fi
+done
+
 bags=()
 for task in "${TASK_VARIANTS[@]}"; do
   out="$DATA/sim_$task"
@@ -66,13 +90,6 @@ for task in "${TASK_VARIANTS[@]}"; do
   fi
   bags+=("$out")
 done
-
-# Round r's seeds span 3000 + 10000 (r - 1) + [0, 6000): below 70000 up to round 7, from 73000 on after it, so
-# only the episode count can make one variant's seeds run into the next one's.
-if (( RECOVERY_EPISODES < 1 || 4 * RECOVERY_EPISODES > 1000 )); then
-  echo "train_multitask: RECOVERY_EPISODES must be 1-250 (recovery seeds would overlap another variant's)" >&2
-  exit 2
-fi
 
 done_at() {  # done_at RUN_DIR STEPS: the run's last/ checkpoint has reached STEPS
   [[ -f "$1/progress.json" ]] && python -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["step"] < int(sys.argv[2]))' \
@@ -120,7 +137,7 @@ recovery_set() {  # recovery_set ROUND I CHECKPOINT: variant I's recovery set of
   rm -rf "$out"
   # Fewer episodes than asked (every allowed seed tried) still make a recovery set: recovery.json is written.
   OMP_NUM_THREADS=1 python -m so101_sim.recovery --checkpoint "$checkpoint" --task "${TASK_VARIANTS[$i]}" --nfe 1 \
-    --episodes "$RECOVERY_EPISODES" --max-tries $(( 4 * RECOVERY_EPISODES )) \
+    --episodes "${episodes_of[${TASK_VARIANTS[$i]}]}" --max-tries $(( 4 * ${episodes_of[${TASK_VARIANTS[$i]}]} )) \
     --seed $(( 3000 + 10000 * (round - 1) + 1000 * i )) --image-size 64 --out "$out" ||
     [[ -f "$out/recovery.json" ]]
 }

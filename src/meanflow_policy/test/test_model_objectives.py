@@ -222,3 +222,27 @@ def test_the_policy_samples_and_trains_through_its_objective(pair):
     torch.testing.assert_close(swapped, one_step_fm, rtol=0, atol=0)
     assert loss_swapped.item() == fm.compute_loss(batch, noise=noise, t=t)[0].item()
     assert "frac_r_eq_t" not in info  # a meanflow-only log value
+
+
+def test_guidance_steers_the_weighted_rows_and_leaves_a_free_chunk_alone():
+    """A one-step map that is linear in the noise (u = -0.2 e - c): guidance must pull the weighted rows onto the
+    target, leave a chunk with zero weights exactly as sampled, and refuse a sampler that draws its own noise."""
+    c = torch.linspace(-1, 1, 8 * 3).view(1, 8, 3)
+    u_fn = lambda z, r, t: -0.2 * z - c  # noqa: E731 - a = 1.2 e + c
+    mf = O.make_objective(MeanFlowConfig(objective="meanflow"))
+    noise = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
+    plain = mf.sample(u_fn, noise, 1, None)
+    target = plain + 0.5
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.5, 0, 0, 0, 0])[:, None].repeat(1, 3)
+    weights[:, 2] = 0.0  # an exempt joint: left to the model
+    guided = mf.guided_sample(u_fn, noise, 1, target, weights)
+    before = ((plain - target)[:, :3, :2] ** 2).sum()
+    after = ((guided - target)[:, :3, :2] ** 2).sum()
+    assert after < 0.01 * before
+    torch.testing.assert_close(guided[..., 2], plain[..., 2])  # each value depends on its own noise here
+    # The noise moves at most GUIDE_MAX_SHIFT per value: so does this chunk (1.2 per unit of noise).
+    assert float((guided - plain).abs().max()) <= 1.2 * O.GUIDE_MAX_SHIFT + 1e-5
+    torch.testing.assert_close(mf.guided_sample(u_fn, noise, 1, target, torch.zeros(8, 3)), plain)
+    ddpm = O.make_objective(MeanFlowConfig(objective="ddpm", ddpm_sampler="ddpm"))
+    with pytest.raises(ValueError, match="deterministic sampler"):
+        ddpm.guided_sample(u_fn, noise, 2, target, weights)

@@ -343,3 +343,22 @@ def test_instruction_film_pooling_tells_word_order():
     padded = torch.cat([torch.randn(2, 2, 16, generator=g), text, torch.randn(2, 1, 16, generator=g)], dim=1)
     padded_mask = torch.cat([torch.zeros(2, 2, dtype=torch.bool), mask, torch.zeros(2, 1, dtype=torch.bool)], dim=1)
     assert torch.allclose(film.pool(padded, padded_mask), pooled, atol=1e-5)
+
+
+def test_guided_chunk_follows_the_committed_rows(policy):
+    """Real-time chunking: a guide asking for rows of another chunk brings the sampled chunk closer to them there."""
+    obs = random_observation(policy.config, seed=3)
+    plain = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    other = policy.sample({**obs, "state": obs["state"] + 0.3}, generator=torch.Generator().manual_seed(5))
+    weights = np.repeat(np.array([1.0] * 6 + [0.5, 0.25])[:, None], 6, axis=1)
+    guided = policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=(other[:8], weights))
+    assert np.abs(guided[:6] - other[:6]).mean() < 0.7 * np.abs(plain[:6] - other[:6]).mean()
+    assert policy.last_timing["expert_ms"] > 0
+    # Without a guide the sampler is unchanged (bit for bit), and a bad guide is named.
+    assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0)), plain)
+    with pytest.raises(ValueError, match="guide target must have shape"):
+        policy.sample(obs, guide=(other[:, :3], weights))
+    with pytest.raises(ValueError, match="guide weights must have the target's shape"):
+        policy.sample(obs, guide=(other[:8], weights[:3]))
+    with pytest.raises(ValueError, match="finite"):
+        policy.sample(obs, guide=(other[:8], -weights))

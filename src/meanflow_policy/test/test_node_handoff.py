@@ -66,13 +66,27 @@ def test_second_chunk_continues_the_published_trajectory():
     assert h.end_ns() is None
 
 
-@pytest.mark.parametrize("mode", ["replace", "blend", "rtc"])
-def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, checkpoint, node_process,
+def test_rtc_guide_is_the_published_trajectory_on_the_new_chunks_time_line():
+    h = Handoffs(LIMITS, DT, rtc_exempt=[5])
+    assert h.guide(0, 0.2, 20, 5) is None  # nothing published: nothing to follow
+    here = LIMITS.middle
+    h.remember(0, h.plan("replace", chunk_from(here, 0.01), 0.0, 0, here, 0.25))
+    # An observation 0.3 s after that stamp: the chunk's row k is due at 0.3 + (k + 1) dt, where the first plan
+    # is at here + 0.01 (4 + k) until its end (row 19, here + 0.2), held from there.
+    target, weights = h.guide(300_000_000, 0.2, 20, 5)
+    expected = here[None, :] + 0.01 * np.minimum(np.arange(20) + 4, 20)[:, None]
+    np.testing.assert_allclose(target, expected, atol=1e-9)
+    assert np.all(weights[:2, :5] == 1) and np.all(0 < weights[2, :5]) and np.all(weights[2, :5] < 1)
+    assert np.all(weights[15:] == 0) and np.all(weights[:, 5] == 0)
+
+
+@pytest.mark.parametrize("mode, guidance", [("replace", False), ("blend", False), ("rtc", False), ("rtc", True)])
+def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, guidance, checkpoint, node_process,
                                                                           ros_node):
     max_step = 0.05
     proc = node_process(NODE, params={"checkpoint": str(checkpoint), "nfe": 1, "rate_hz": 10.0,
                                       "instruction": "pick up the red cube", "handoff": mode,
-                                      "max_step": max_step})
+                                      "rtc_guidance": guidance, "max_step": max_step})
     probe = PolicyProbe(ros_node, height=64, width=64)
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 5, START_TIMEOUT), proc.output()

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from so101_common.handoff import CommandStream, HandoffError, hand_off, limit_steps
+from so101_common.handoff import CommandStream, HandoffError, hand_off, limit_steps, rtc_guide
 
 J = 6
 
@@ -145,3 +145,21 @@ def test_command_stream_holds_at_the_end_and_executes_a_hand_off():
     stream.truncate()  # synchronous inference: stop where the arm is
     assert stream.remaining == 0
     np.testing.assert_allclose(stream.advance(), 0.01)
+
+
+def test_rtc_guide_asks_for_the_rows_executed_while_the_chunk_is_computed():
+    seq = np.arange(30, dtype=float)[:, None] * np.ones((1, 6))
+    target, weights = rtc_guide(seq, reached=12, delay=6, chunk_size=20, execute=10, exempt=[5])
+    # Row k is the target of the step chunk row k is for; past the sequence's end the arm holds its last row.
+    assert np.array_equal(target[:, 0], np.r_[12:30, 29, 29])
+    rows = weights[:, 0]
+    assert np.array_equal(rows[:6], np.ones(6)) and np.all(rows[10:] == 0)
+    assert np.all(np.diff(rows[5:11]) < 0) and 0 < rows[9] < rows[6] < 1
+    assert np.all(weights[:, :5] == rows[:, None]) and np.all(weights[:, 5] == 0)  # the exempt gripper: free
+    # A delay past the free rows: only the committed ones count. A used-up sequence: its held row.
+    _, w = rtc_guide(seq, 12, delay=15, chunk_size=20, execute=10)
+    assert np.array_equal(w[:, 0], np.r_[np.ones(15), np.zeros(5)])
+    held, _ = rtc_guide(seq[:1], 1, 6, 20, 10)
+    assert np.array_equal(held, np.zeros((20, 6)))
+    with pytest.raises(HandoffError, match="rtc_guide needs"):
+        rtc_guide(seq, 0, 6, 20, 0)

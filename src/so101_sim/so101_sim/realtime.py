@@ -32,7 +32,8 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream
+from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON, HANDOFF_MODES,
+                                  CommandStream, rtc_guide)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
@@ -115,8 +116,13 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                          handoff: str, latency_ms: float | None, max_step: float = DEFAULT_MAX_STEP,
                          rtc_horizon: int = DEFAULT_RTC_HORIZON, instruction: str | None = None,
                          on_frame: FrameSink | None = None,
-                         latency_of: Callable[[], float | None] | None = None) -> RealtimeEpisode:
-    """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk."""
+                         latency_of: Callable[[], float | None] | None = None,
+                         rtc_guidance: bool = DEFAULT_RTC_GUIDANCE) -> RealtimeEpisode:
+    """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk.
+
+    ``rtc_guidance`` (``rtc`` only): each observation carries ``guide`` (so101_common.handoff.rtc_guide: the
+    rows the arm will execute while the chunk is computed, at the latency expected), which a checkpoint policy
+    steers its chunk onto; the hand-off then corrects what is left of the offset."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -131,7 +137,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
     boundaries: list[int] = []
     pending: tuple[np.ndarray, int, int] | None = None  # chunk, observation step, step it is ready at
     last_start: int | None = None
-    last_delay = last_handoff = taken = 0
+    last_delay = last_handoff = taken = chunk_len = 0
     steps = 0
     success = False
     while steps < max_steps and not success:
@@ -153,8 +159,12 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                                                action_steps, last_delay):
                 break
             obs = env.observation(instruction)
+            if rtc_guidance and handoff == "rtc" and chunk_len:
+                expected = last_delay if latency_ms is None else latency_steps(latency_ms, dt)
+                obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
             started = time.perf_counter()
             chunk = check_chunk(policy(obs))
+            chunk_len = len(chunk)
             wall_ms = (time.perf_counter() - started) * 1e3
             reported = latency_of() if latency_of is not None else None
             measured = float(reported) if reported is not None else wall_ms
@@ -189,14 +199,15 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
                       handoff: str, latency_ms: float | None, max_step: float = DEFAULT_MAX_STEP,
                       rtc_horizon: int = DEFAULT_RTC_HORIZON, reseed: Callable[[int], None] | None = None,
                       latency_of: Callable[[], float | None] | None = None,
-                      log: Callable[[str], None] = lambda message: None) -> dict:
+                      log: Callable[[str], None] = lambda message: None,
+                      rtc_guidance: bool = DEFAULT_RTC_GUIDANCE) -> dict:
     """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
     episodes: list[RealtimeEpisode] = []
     for seed in seeds:
         if reseed is not None:
             reseed(seed)
         ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
-                                  rtc_horizon, latency_of=latency_of)
+                                  rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance)
         episodes.append(ep)
         log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
             f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
@@ -314,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="largest commanded change per joint and control step (rad)")
     parser.add_argument("--rtc-horizon", type=int, default=DEFAULT_RTC_HORIZON,
                         help="steps over which rtc pulls the new chunk onto the old plan")
+    parser.add_argument("--rtc-guidance", action=argparse.BooleanOptionalAction, default=DEFAULT_RTC_GUIDANCE,
+                        help="rtc: steer each chunk onto the rows the arm executes while it is computed (noise-space "
+                             "guidance of a checkpoint policy) before the hand-off corrects what is left (default: "
+                             "%(default)s)")
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
     parser.add_argument("--device", default="cpu")
@@ -356,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
                     report = evaluate_realtime(env, policy, seeds, max_steps, args.action_steps, handoff, latency,
                                                args.max_step, args.rtc_horizon, reseed=policy.reseed,
                                                latency_of=policy.last_latency_ms,
-                                               log=lambda m: print(m, flush=True))
+                                               log=lambda m: print(m, flush=True),
+                                               rtc_guidance=args.rtc_guidance)
                     row = {"latency_ms": MEASURED if latency is None else latency, "policy": label,
                            "handoff": handoff, "success_rate": report["success_rate"],
                            "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"]}
@@ -366,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                     name = f"{label}_{row['latency_ms']}ms_{handoff}.json"
                     (args.out / name).write_text(json.dumps({**row, **report, "task": args.task,
                                                              "seed": args.seed, "max_step": args.max_step,
+                                                             "rtc_guidance": args.rtc_guidance,
                                                              "action_steps": args.action_steps}, indent=2))
     except KeyboardInterrupt:
         print("so101-eval-realtime: interrupted", file=sys.stderr)

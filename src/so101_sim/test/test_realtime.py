@@ -134,3 +134,28 @@ def test_cli_with_a_checkpoint_at_its_measured_latency(tmp_path, capsys):
     assert row["latency_ms"] == "measured" and row["policy"] == "meanflow_nfe1"
     cell = json.loads((tmp_path / "rt" / "meanflow_nfe1_measuredms_blend.json").read_text())
     assert cell["chunk_latency"]["count"] >= 1 and cell["chunk_latency"]["median_ms"] > 0
+
+
+def test_rtc_guidance_hands_the_policy_the_rows_the_arm_executes_meanwhile(env, expert):
+    """With rtc guidance every observation after the first carries the next rows of the executed sequence, weighted
+    1 over the injected delay; without it (or for another hand-off) no observation does."""
+    seen: list[dict] = []
+    executed: list[np.ndarray] = []
+
+    def recording(obs: dict) -> np.ndarray:
+        seen.append(obs)
+        return expert(obs)
+
+    ep = run_realtime_episode(env, recording, 5, 80, 10, "rtc", 200, rtc_guidance=True)
+    executed = np.asarray(ep.commanded)
+    guides = [obs.get("guide") for obs in seen]
+    assert guides[0] is None and all(g is not None for g in guides[1:]) and len(guides) >= 4
+    for k, (target, weights) in enumerate(guides[1:], start=1):
+        observed = 10 * k  # inference starts every action_steps (10) steps
+        np.testing.assert_allclose(target[:6], executed[observed + 1:observed + 7], atol=1e-12)
+        assert np.all(weights[:6, :5] == 1) and np.all(weights[10:] == 0)
+        assert np.all(weights[:, 5] == 0)  # the gripper is the new chunk's to decide
+    for handoff, guidance in (("rtc", False), ("replace", True)):
+        seen.clear()
+        run_realtime_episode(env, recording, 5, 40, 10, handoff, 200, rtc_guidance=guidance)
+        assert all("guide" not in obs for obs in seen)

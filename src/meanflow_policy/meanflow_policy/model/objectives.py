@@ -20,6 +20,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from meanflow_policy.model.configuration import OBJECTIVES, MeanFlowConfig
 
 UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Noise-space guidance (Objective.guided_sample): descent steps per chunk, and how far (per value, in standard
+# deviations) the guided noise may move from the drawn one.
+GUIDE_STEPS = 3
+GUIDE_MAX_SHIFT = 3.0
 
 
 def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
@@ -188,6 +192,55 @@ class Objective(ABC):
     def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
         """Normalised actions from ``noise`` in ``nfe`` expert evaluations."""
 
+    @property
+    def deterministic(self) -> bool:
+        """Whether ``sample`` is a function of its noise alone (guidance needs one to differentiate)."""
+        return True
+
+    def guided_sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, target: torch.Tensor, weights: torch.Tensor,
+                      steps: int = GUIDE_STEPS) -> torch.Tensor:
+        """Real-time chunking by noise-space guidance: a chunk whose values follow ``target`` (B, T, D) where
+        ``weights`` (T, D) is > 0 (the committed prefix), the rest the model's own continuation from there.
+
+        ``steps`` steepest-descent steps on the noise of the weighted squared error between the sampled chunk and
+        the target, each length found by a probe along the gradient (the error is near quadratic in the noise:
+        the step lands on the minimum of the parabola through the two values; no step size to tune, whatever the
+        scale of the model's noise-to-chunk map). A step costs one backpropagation through the sampler and one
+        more sample (with a one-step sampler: three expert passes); one that does not lower the error ends the
+        search. The noise stays within ``GUIDE_MAX_SHIFT`` of the drawn one per value (a plausible draw). This
+        is the RTC paper's prefix inpainting where a one-step model has no intermediate denoising states to
+        guide: only the noise it starts from.
+        """
+        if not self.deterministic:
+            raise ValueError(f"guidance needs a deterministic sampler; {self.name} draws noise at every step")
+
+        def error(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            actions = self.sample(u_fn, z, nfe, None)
+            return (weights[None] * (actions - target) ** 2).sum(), actions
+
+        def with_grad(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            with torch.enable_grad():
+                z = z.detach().requires_grad_(True)
+                loss, actions = error(z)
+                (grad,) = torch.autograd.grad(loss, z)
+            return loss.detach(), actions.detach(), grad
+
+        z = noise.detach()
+        loss, actions, grad = with_grad(z)
+        for _ in range(steps):
+            gg = float((grad * grad).sum())
+            if gg <= 0.0:
+                break
+            probe = 1.0 / math.sqrt(gg)  # a unit step in noise space along the gradient
+            curvature = (float(error(z - probe * grad)[0]) - float(loss) + probe * gg) / probe**2
+            length = gg / (2 * curvature) if curvature > 0 else probe
+            candidate = noise + (z - length * grad - noise).clamp(-GUIDE_MAX_SHIFT, GUIDE_MAX_SHIFT)
+            c_loss, c_actions, c_grad = with_grad(candidate)
+            if not c_loss < loss:
+                break
+            z, loss, actions, grad = candidate, c_loss, c_actions, c_grad
+        return actions
+
 
 _REGISTRY: dict[str, type[Objective]] = {}
 
@@ -279,6 +332,10 @@ class DDPMObjective(Objective):
             t = torch.randint(0, self.schedule.steps, (actions.shape[0],), generator=generator, device=gen_device)
         loss, per = ddpm_loss(u_fn, actions, noise, t.to(dev), valid, self.schedule)
         return loss, per, {}
+
+    @property
+    def deterministic(self) -> bool:
+        return self.eta == 0.0
 
     def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
         return ddpm_sample(u_fn, noise, nfe, self.schedule, self.eta, generator)

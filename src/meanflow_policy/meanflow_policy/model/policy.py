@@ -36,6 +36,8 @@ PREFIX_FEATURES, PREFIX_MASK = "prefix_features", "prefix_mask"
 PLAUSIBLE_LIMIT_MARGIN_RAD = 0.1
 MAX_OUTSIDE_FRACTION = 0.5
 NEUTRAL_INSTRUCTION = "pick up the cube"
+# Real-time chunking's request to the sampler: target rows (n, action_dim) in joint units and a weight per value.
+ChunkGuide = tuple[np.ndarray, np.ndarray]
 
 
 class InstructionFilm(nn.Module):
@@ -268,14 +270,37 @@ class MeanFlowPolicy(nn.Module):
         return img, torch.from_numpy(state)[None].to(self.device), instruction
 
     def _sample_normalized(self, ctx: ActionExpertContext, batch: int, nfe: int,
-                           generator: torch.Generator | None) -> torch.Tensor:
-        """The expert's part of a chunk: noise, then nfe evaluations with the configured sampler -> (B, T, D)."""
+                           generator: torch.Generator | None,
+                           guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The expert's part of a chunk: noise, then nfe evaluations with the configured sampler -> (B, T, D);
+        with ``guide`` (normalised target rows, weights) the noise is first steered onto them."""
         cfg = self.config
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
         noise = objectives.draw_normal((batch, cfg.chunk_size, cfg.action_dim), generator, self.device,
                                   self.state_proj.weight.dtype)
+        if guide is not None:
+            return self.objective.guided_sample(self._u_fn(ctx), noise, nfe, *guide)
         return self.objective.sample(self._u_fn(ctx), noise, nfe, generator)
+
+    def _guide_tensors(self, guide: ChunkGuide) -> tuple[torch.Tensor, torch.Tensor]:
+        """A guide in joint units -> (1, T, D) normalised target and (T, D) weights, rows past it weighted 0."""
+        cfg = self.config
+        target = np.asarray(guide[0], dtype=np.float32)
+        weights = np.asarray(guide[1], dtype=np.float32)
+        n = len(target)
+        if target.ndim != 2 or target.shape[1] != cfg.action_dim or not 1 <= n <= cfg.chunk_size:
+            raise ValueError(f"guide target must have shape (1..{cfg.chunk_size}, {cfg.action_dim}), got "
+                             f"{target.shape}")
+        if weights.shape != target.shape:
+            raise ValueError(f"guide weights must have the target's shape {target.shape}, got {weights.shape}")
+        if not (np.all(np.isfinite(target)) and np.all(np.isfinite(weights)) and np.all(weights >= 0)):
+            raise ValueError("guide target and weights must be finite, the weights >= 0")
+        full = np.concatenate([target, np.repeat(target[-1:], cfg.chunk_size - n, axis=0)])
+        w = np.concatenate([weights, np.zeros((cfg.chunk_size - n, cfg.action_dim), dtype=np.float32)])
+        dtype = self.state_proj.weight.dtype
+        target_n = self.normalize_actions(torch.from_numpy(full).to(self.device)).to(dtype)[None]
+        return target_n, torch.from_numpy(w).to(self.device, dtype)
 
     def _check_eval_mode(self) -> None:
         if self.training:
@@ -286,27 +311,31 @@ class MeanFlowPolicy(nn.Module):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    @torch.inference_mode()
     def sample(self, observation: Mapping[str, Any], nfe: int | None = None,
-               generator: torch.Generator | None = None) -> np.ndarray:
+               generator: torch.Generator | None = None, guide: ChunkGuide | None = None) -> np.ndarray:
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
+        ``guide`` (target rows in joint units, a weight per value; real-time chunking: the rows the arm executes
+        while this chunk is computed) steers the chunk onto those rows (``Objective.guided_sample``).
         ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe
-        expert evaluations), post_ms (un-normalise, copy to host), total_ms, nfe.
+        expert evaluations, the guidance included), post_ms (un-normalise, copy to host), total_ms, nfe.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
-        start = time.perf_counter()
-        images, state, instruction = self._observation_tensors(observation)
-        features, mask = self.backbone.encode_one(images, instruction)
-        ctx = self._context(features, mask, state)
-        self._sync()
-        prefix_end = time.perf_counter()
-        z = self._sample_normalized(ctx, 1, nfe, generator)
-        self._sync()
-        expert_end = time.perf_counter()
-        chunk = self.unnormalize_actions(z[0].float()).cpu().numpy()
-        end = time.perf_counter()
+        # Guidance differentiates through the expert (never its weights), which inference mode forbids.
+        with torch.inference_mode(guide is None), torch.no_grad():
+            start = time.perf_counter()
+            guide_t = None if guide is None else self._guide_tensors(guide)
+            images, state, instruction = self._observation_tensors(observation)
+            features, mask = self.backbone.encode_one(images, instruction)
+            ctx = self._context(features, mask, state)
+            self._sync()
+            prefix_end = time.perf_counter()
+            z = self._sample_normalized(ctx, 1, nfe, generator, guide_t)
+            self._sync()
+            expert_end = time.perf_counter()
+            chunk = self.unnormalize_actions(z[0].float()).cpu().numpy()
+            end = time.perf_counter()
         self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
                             "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe}
         return chunk

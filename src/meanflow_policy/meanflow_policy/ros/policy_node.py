@@ -56,7 +56,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from so101_common.handoff import DEFAULT_MAX_STEP
+from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -337,6 +337,9 @@ class PolicyNode(LifecycleNode):
                 "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a "
                 "hand-off the next chunk also starts early enough to arrive before the published trajectory runs "
                 "out.")
+        declare("rtc_guidance", DEFAULT_RTC_GUIDANCE, "With handoff rtc: steer each chunk onto the trajectory the "
+                "arm executes while it is computed (noise-space guidance: a few more expert passes per chunk), so "
+                "the correction at the hand-off is small; false: the correction alone.", read_only=False)
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])
@@ -562,7 +565,13 @@ class PolicyNode(LifecycleNode):
             self._report(DiagnosticStatus.WARN, "stale", text)
             return
         nfe = int(self._param("nfe"))
-        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe)
+        guide = None
+        if self._handoff_mode == "rtc" and bool(self._param("rtc_guidance")):
+            # The chunk replaces the next one about when the timer starts another: that many steps of it run.
+            execute = max(1, round(1.0 / (float(self._param("rate_hz")) * self._dt)))
+            with self._lock:
+                guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute)
+        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide)
         timing = dict(self._policy.last_timing)
         publish_ns = self._now_ns()
         handoff = None

@@ -54,7 +54,10 @@ class SimCheckpointPolicy:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, observation: dict) -> np.ndarray:
-        return self.policy.sample(observation, nfe=self.nfe, generator=self.generator)
+        """The chunk for ``observation``; its optional ``guide`` (target rows, weights) steers it (real-time
+        chunking, so101_sim.realtime)."""
+        return self.policy.sample(observation, nfe=self.nfe, generator=self.generator,
+                                  guide=observation.get("guide"))
 
     def last_latency_ms(self) -> float | None:
         return self.policy.last_timing.get("total_ms")
