@@ -45,6 +45,21 @@ def load_run(label: str, directory: Path, wording: bool = False) -> dict:
             "seed": data.get("seed"), "image_size": data.get("image_size")}
 
 
+def runs_from_table(data: dict, path: Path) -> list[dict]:
+    """The runs behind an earlier OUT.json's columns (for --keep: their eval directories may be gone)."""
+    try:
+        sources = {src["label"]: src for src in data["sources"]}
+        runs: dict[str, dict] = {}
+        for column in data["columns"]:
+            label = column["label"]
+            run = runs.setdefault(label, {"label": label, "by_nfe": {}, "instructions": None,
+                                          **{k: sources[label].get(k) for k in _SOURCE_KEYS}})
+            run["by_nfe"][str(column["nfe"])] = {k: v for k, v in column.items() if k not in ("label", "nfe")}
+    except (KeyError, TypeError) as exc:
+        raise ResultsError(f"--keep: {path} is not a results table's JSON ({exc!r})") from None
+    return list(runs.values())
+
+
 def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.0f} %"
 
@@ -161,12 +176,24 @@ def main(argv: list[str] | None = None) -> int:
                         "tables (repeat)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output path without suffix: writes OUT.md and OUT.json (e.g. docs/results/multitask)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the columns already in OUT.json (from runs whose directories may be gone, e.g. on "
+                             "a fresh machine) and add the --eval runs after them; an --eval label that is already "
+                             "there replaces its column")
     args = parser.parse_args(argv)
     if not args.runs and not args.wording:
         parser.error("give at least one --eval or --wording run")
     try:
         runs = [load_run(label, directory) for label, directory in args.runs]
         wording = [load_run(label, directory, wording=True) for label, directory in args.wording]
+        if args.keep and args.out.with_suffix(".json").exists():
+            path = args.out.with_suffix(".json")
+            try:
+                earlier = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ResultsError(f"--keep: {path} cannot be read ({exc})") from None
+            given = {run["label"] for run in runs}
+            runs = [run for run in runs_from_table(earlier, path) if run["label"] not in given] + runs
     except ResultsError as exc:
         print(f"so101-results-table: {exc}", file=sys.stderr)
         return 2

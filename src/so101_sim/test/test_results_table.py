@@ -41,6 +41,31 @@ def test_table_has_a_column_per_run_and_nfe_and_names_its_sources(tmp_path, caps
     assert [(c["label"], c["nfe"]) for c in data["columns"]] == [("MeanFlow", 1), ("MeanFlow", 10), ("FM", 10)]
 
 
+def test_keep_adds_columns_to_a_table_whose_runs_are_gone(tmp_path, capsys):
+    """A fresh machine has the committed JSON but not the eval directories behind it: --keep carries those columns
+    over (figures and sources), appends the new run and replaces a column given again."""
+    _write(tmp_path / "old", {**_summary(0.7, 0.6, 0.8, 12.0), "nfe": 1})
+    _write(tmp_path / "mid", {**_summary(0.75, 0.7, 0.85, 13.0), "nfe": 1})
+    out = tmp_path / "multitask"
+    assert results_table.main(["--eval", f"round 1={tmp_path / 'old'}", "--eval", f"round 2={tmp_path / 'mid'}",
+                               "--out", str(out)]) == 0
+    before = json.loads(out.with_suffix(".json").read_text())
+    (tmp_path / "old" / "summary.json").unlink()
+    _write(tmp_path / "new", {**_summary(0.6, 0.5, 0.7, 11.0), "nfe": 1}, commit="def456")
+    _write(tmp_path / "mid2", {**_summary(0.8, 0.75, 0.9, 13.0), "nfe": 1})
+    assert results_table.main(["--keep", "--eval", f"round 2={tmp_path / 'mid2'}",
+                               "--eval", f"round 3={tmp_path / 'new'}", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert [c["label"] for c in data["columns"]] == ["round 1", "round 2", "round 3"]
+    assert data["columns"][0] == before["columns"][0] and data["sources"][0] == before["sources"][0]
+    assert data["columns"][1]["mean_score"] == 0.8 and data["sources"][2]["commit"] == "def456"
+    md = out.with_suffix(".md").read_text()
+    assert md.splitlines()[0] == "| task | round 1 NFE 1 | round 2 NFE 1 | round 3 NFE 1 |"
+    out.with_suffix(".json").write_text("{not json")
+    assert results_table.main(["--keep", "--eval", f"round 3={tmp_path / 'new'}", "--out", str(out)]) == 2
+    assert "--keep:" in capsys.readouterr().err
+
+
 def test_a_directory_without_a_summary_is_one_clear_error(tmp_path, capsys):
     assert results_table.main(["--eval", f"X={tmp_path}", "--out", str(tmp_path / "o")]) == 2
     assert "no summary.json (run so101-eval --tasks" in capsys.readouterr().err
