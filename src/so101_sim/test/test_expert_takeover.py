@@ -1,5 +1,6 @@
 """The scripted expert taking over mid-task, for every task (recovery demos): what is left is planned, what cannot
-be handled is named, and plans from reset states are exactly the demos' plans.
+be handled is named, and plans from reset states are the demos' plans
+(to the last bits a CPU's arithmetic may move).
 
 The fixture data/expert_plans_from_home.json holds digests of plans from reset states (seeds 0 and 1 of every
 task). It was written by running this file as a script (``python src/so101_sim/test/test_expert_takeover.py``
@@ -8,7 +9,9 @@ existed; its plans differ from 4a0d4b8's by at most 2.2e-7 rad, the URDF's round
 takeover support left every demonstration plan unchanged, bit for bit. Rewritten once since, for an intended change:
 the top-down IK stops when it stalls against a joint limit (so101_common.kinematics.STALL_STEP_RAD), which moved the
 stacking plans by less than 1e-9 rad (every other task's stayed bit-identical) and made stacking planning ~6x
-faster. Rewrite it only for an intended change of the demos (and say so in the commit).
+faster. Rewritten again (2026-12-02, the same expert) to add fixed random projections of each plan, compared within
+1e-10: another CPU moved the plans' last bits (sums by 1e-14) and the SHA-256 alone failed there. Rewrite it only
+for an intended change of the demos (and say so in the commit).
 """
 from __future__ import annotations
 
@@ -30,10 +33,20 @@ FIXTURE = Path(__file__).with_name("data") / "expert_plans_from_home.json"
 DIGEST_SEEDS = (0, 1)
 
 
+# Plans agree to the last bit on one CPU, not across CPUs (another SIMD path in numpy / MuJoCo moves the last bits,
+# measured 1e-14 in the sums): the digests compare the plan's shape exactly and PROJECTIONS fixed random
+# projections of its values within PROJECTION_ATOL, far below any intended change (the smallest so far: 1e-9 rad).
+PROJECTIONS = 8
+PROJECTION_ATOL = 1e-10
+
+
 def plan_digest(plan: np.ndarray) -> dict:
-    """SHA-256 of the plan's float64 bytes, with its shape and sum (to tell a last-bit change from a real one)."""
+    """Shape, sum, fixed random projections (compared within PROJECTION_ATOL) and the SHA-256 of the float64 bytes
+    (bit-identical on the machine that wrote the fixture)."""
     arr = np.ascontiguousarray(plan, dtype=np.float64)
-    return {"shape": list(arr.shape), "sum": float(arr.sum()), "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
+    weights = np.random.default_rng(arr.size).standard_normal((arr.size, PROJECTIONS))
+    return {"shape": list(arr.shape), "sum": float(arr.sum()), "projections": (arr.ravel() @ weights).tolist(),
+            "sha256": hashlib.sha256(arr.tobytes()).hexdigest()}
 
 
 def digests(tasks: list[str]) -> dict[str, dict[str, dict]]:
@@ -72,10 +85,16 @@ def _execute(env: SimEnv, plan: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
-def test_plans_from_reset_states_are_bit_identical_to_the_frozen_demo_plans(task):
+def test_plans_from_reset_states_are_the_frozen_demo_plans(task):
     expected = json.loads(FIXTURE.read_text())["plans"]
     assert set(expected) == set(TASKS), "the fixture must cover every registered task"
-    assert digests([task]) == {task: expected[task]}
+    got = digests([task])[task]
+    assert set(got) == set(expected[task]), "the fixture must cover every digest seed"
+    for seed, digest in got.items():
+        want = expected[task][seed]
+        assert digest["shape"] == want["shape"], f"{task} seed {seed}: plan shape changed"
+        np.testing.assert_allclose(digest["projections"], want["projections"], rtol=0, atol=PROJECTION_ATOL,
+                                   err_msg=f"{task} seed {seed}: the plan changed")
 
 
 @pytest.mark.parametrize("task,placed,other", [("sorting", CUBE_BODY, GREEN_CUBE_BODY),
@@ -158,7 +177,8 @@ def test_a_cube_turned_on_the_table_is_grasped_across_its_faces():
 
 if __name__ == "__main__":
     FIXTURE.parent.mkdir(exist_ok=True)
-    made_by = "python src/so101_sim/test/test_expert_takeover.py (expert with the IK stall stop)"
+    made_by = ("python src/so101_sim/test/test_expert_takeover.py (expert with the IK stall stop; projections added "
+               "2026-12-02 on an AVX-512 CPU, sums within 1e-13 of the earlier fixture's)")
     FIXTURE.write_text(json.dumps({"made_by": made_by,
                                    "plans": digests(sorted(TASKS))}, indent=1) + "\n")
     print(f"wrote {FIXTURE}")
