@@ -39,10 +39,16 @@ def load_run(label: str, directory: Path, wording: bool = False) -> dict:
         raise ResultsError(f"{flag} {label}={directory}: {path} has no paraphrase results (run so101-eval "
                            "--tasks ... --paraphrases N --unrelated)")
     by_nfe = summary["by_nfe"] if "by_nfe" in summary else {str(summary["nfe"]): summary}
-    return {"label": label, "dir": str(directory), "by_nfe": by_nfe, "instructions": summary.get("instructions"),
-            "checkpoint": data.get("checkpoint"),
-            "commit": data.get("commit", "unknown"), "machine": data.get("machine", "unknown"),
-            "seed": data.get("seed"), "image_size": data.get("image_size")}
+    run = {"label": label, "dir": str(directory), "by_nfe": by_nfe, "instructions": summary.get("instructions"),
+           "checkpoint": data.get("checkpoint"),
+           "commit": data.get("commit", "unknown"), "machine": data.get("machine", "unknown"),
+           "seed": data.get("seed"), "image_size": data.get("image_size")}
+    if wording:
+        # With the own sentences, at the run's first NFE: kept in the JSON so that --keep can rebuild the row.
+        first = by_nfe[min(by_nfe, key=int)]["tasks"]
+        run["following_own"] = _mean([first[t]["instruction_followed_rate"] for t in run["instructions"]
+                                      if t in LANGUAGE_DECIDED])
+    return run
 
 
 def runs_from_table(data: dict, path: Path) -> list[dict]:
@@ -58,6 +64,15 @@ def runs_from_table(data: dict, path: Path) -> list[dict]:
     except (KeyError, TypeError) as exc:
         raise ResultsError(f"--keep: {path} is not a results table's JSON ({exc!r})") from None
     return list(runs.values())
+
+
+def wording_runs_from_table(data: dict, path: Path) -> list[dict]:
+    """The wording runs behind an earlier OUT.json (for --keep, as runs_from_table)."""
+    try:
+        return [{"label": run["label"], "instructions": run["instructions"], "following_own": run["following_own"],
+                 **{k: run.get(k) for k in _SOURCE_KEYS}} for run in data["wording"]["runs"]]
+    except (KeyError, TypeError) as exc:
+        raise ResultsError(f"--keep: {path} is not a wording table's JSON ({exc!r})") from None
 
 
 def _percent(rate: float | None) -> str:
@@ -108,13 +123,11 @@ def wording_row(run: dict) -> dict:
     unrelated = _mean([t["by_kind"]["unrelated"]["success_rate"] for t in tasks.values()
                        if "unrelated" in t["by_kind"]])
     decided = [t for t in tasks if t in LANGUAGE_DECIDED]
-    nfe = min(run["by_nfe"], key=int)
-    following_own = _mean([run["by_nfe"][nfe]["tasks"][t]["instruction_followed_rate"] for t in decided])
     following_para = _mean([r["instruction_followed_rate"] for t in decided
                             for kind, r in tasks[t]["by_kind"].items() if kind != "unrelated"])
     return {"label": run["label"], "own_success": own, "paraphrase_success": para,
             "paraphrase_relative": para / own if para is not None and own else None, "unrelated_success": unrelated,
-            "following_own": following_own, "following_paraphrases": following_para}
+            "following_own": run["following_own"], "following_paraphrases": following_para}
 
 
 def build_wording(runs: list[dict]) -> tuple[str, dict]:
@@ -147,7 +160,8 @@ def build_wording(runs: list[dict]) -> tuple[str, dict]:
                   f"{said} (every task's sentences are in the JSON)."]
     lines += ["", "Sources:"] + [_source_line(run) for run in runs]
     data = {"rows": rows, "runs": [{"label": run["label"], "instructions": run["instructions"],
-                                    **{k: run[k] for k in _SOURCE_KEYS}} for run in runs]}
+                                    "following_own": run["following_own"], **{k: run[k] for k in _SOURCE_KEYS}}
+                                   for run in runs]}
     return "\n".join(lines) + "\n", data
 
 
@@ -177,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True,
                         help="output path without suffix: writes OUT.md and OUT.json (e.g. docs/results/multitask)")
     parser.add_argument("--keep", action="store_true",
-                        help="keep the columns already in OUT.json (from runs whose directories may be gone, e.g. on "
-                             "a fresh machine) and add the --eval runs after them; an --eval label that is already "
-                             "there replaces its column")
+                        help="keep the columns and wording runs already in OUT.json (from runs whose directories may "
+                             "be gone, e.g. on a fresh machine) and add the --eval / --wording runs after them; a "
+                             "label that is already there is replaced")
     args = parser.parse_args(argv)
     if not args.runs and not args.wording:
         parser.error("give at least one --eval or --wording run")
@@ -193,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError) as exc:
                 raise ResultsError(f"--keep: {path} cannot be read ({exc})") from None
             given = {run["label"] for run in runs}
-            runs = [run for run in runs_from_table(earlier, path) if run["label"] not in given] + runs
+            if "columns" in earlier:
+                runs = [run for run in runs_from_table(earlier, path) if run["label"] not in given] + runs
+            if "wording" in earlier:
+                said = {run["label"] for run in wording}
+                wording = [run for run in wording_runs_from_table(earlier, path) if run["label"] not in said] + wording
     except ResultsError as exc:
         print(f"so101-results-table: {exc}", file=sys.stderr)
         return 2

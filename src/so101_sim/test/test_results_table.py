@@ -98,3 +98,21 @@ def test_wording_tables_compare_runs_and_pool_following_over_the_language_decide
     assert data["wording"]["rows"][0]["paraphrase_relative"] == 0.625
     assert results_table.main(["--wording", f"plain={tmp_path / 'plain'}", "--out", str(out)]) == 2
     assert "--wording plain=" in capsys.readouterr().err
+
+
+def test_keep_carries_wording_runs_whose_directories_are_gone(tmp_path):
+    summary = _summary(0.8, 0.8, 0.9, 10.0)
+    summary["instructions"] = {"pick_place": _wording(0.8, 0.4, 0.1, None),
+                               "sorting_swapped": _wording(0.8, 0.6, 0.0, 0.5)}
+    _write(tmp_path / "smollm2", {**summary, "nfe": 1})
+    out = tmp_path / "language"
+    assert results_table.main(["--wording", f"SmolLM2={tmp_path / 'smollm2'}", "--out", str(out)]) == 0
+    (tmp_path / "smollm2" / "summary.json").unlink()
+    tiny = _summary(0.6, 0.6, 0.7, 10.0)
+    tiny["instructions"] = {"pick_place": _wording(0.6, 0.3, 0.2, None)}
+    _write(tmp_path / "tiny", {**tiny, "nfe": 1}, commit="def456")
+    assert results_table.main(["--keep", "--wording", f"tiny={tmp_path / 'tiny'}", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    # The kept row is rebuilt as it was (following with the own sentences included); the new one follows it.
+    assert "| SmolLM2 | 80 % | 50 % | 0.62 | 5 % | 90 % | 50 % |\n| tiny | 60 % | 30 % | 0.50 | 20 % | - | - |" in md
+    assert "### SmolLM2" in md and "commit abc123" in md and "commit def456" in md
