@@ -25,6 +25,7 @@ setup(
             "policy_node = meanflow_policy.ros.policy_node:main",
             "meanflow-train = meanflow_policy.tools.train:main",
             "meanflow-eval-bag = meanflow_policy.tools.eval_bag:main",
+            "meanflow-average = meanflow_policy.tools.average:main",
             "meanflow-bench = meanflow_policy.tools.bench:main",
             "meanflow-bench-node = meanflow_policy.tools.bench_node:main",
             "so101-export-lerobot = meanflow_policy.tools.export_lerobot:main",
