@@ -85,8 +85,9 @@ def test_take_names_missing_inputs():
     store = ObservationStore(CAMS, JOINT_NAMES)
     store.put_image("wrist", _image(), NOW, NOW)
     store.put_joint_state(["shoulder_pan"], [0.0], NOW, NOW)
-    with pytest.raises(ObservationNotReady, match="camera:top, shoulder_lift, elbow_flex"):
+    with pytest.raises(ObservationNotReady, match="camera:top, shoulder_lift, elbow_flex") as err:
         store.take(NOW, 0.5, "pick")
+    assert err.value.reason == "missing"
 
 
 def test_take_builds_policy_input_with_stamps():
@@ -143,8 +144,9 @@ def test_staleness_also_judged_by_receive_time():
 def test_take_never_reuses_frames_of_an_earlier_observation():
     store = _full_store(NOW)
     store.take(NOW, 10.0, "x")
-    with pytest.raises(ObservationNotReady, match="no new frame from camera wrist, top since the last chunk"):
+    with pytest.raises(ObservationNotReady, match="no new frame from camera wrist, top since the last chunk") as err:
         store.take(NOW + NS_PER_S, 10.0, "x")
+    assert err.value.reason == "used"
     store.put_image("top", _image(3), NOW + NS_PER_S, NOW + NS_PER_S)
     with pytest.raises(ObservationNotReady, match="no new frame from camera wrist since"):
         store.take(NOW + NS_PER_S, 10.0, "x")

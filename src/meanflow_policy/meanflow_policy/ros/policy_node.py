@@ -280,6 +280,7 @@ class PolicyNode(LifecycleNode):
         self._latency_s = 0.0  # observation -> publish of the last chunk: when to start the next one
         self._epoch = 0  # bumped on enable/disable/activate/deactivate: an older chunk must not be published
         self._last_report: dict[str, float] = {}  # problem kind -> monotonic time of its last report
+        self._not_ready = ""  # the last reason no chunk could start: a new reason is logged at once
 
         self._traj_pub = self.create_lifecycle_publisher(JointTrajectory, self._param("output_topic"), OUTPUT_QOS)
         self._timing_pub = self.create_lifecycle_publisher(ChunkTiming, graph.POLICY_TIMING_TOPIC, OUTPUT_QOS)
@@ -556,8 +557,12 @@ class PolicyNode(LifecycleNode):
         try:
             obs = self._store.take(now_ns, max_age, instruction)
         except ObservationNotReady as exc:
-            self.get_logger().warning(f"no chunk yet, {exc} (cameras {self._camera_topics}, joints on "
-                                      f"{self._joint_topic})", throttle_duration_sec=5.0)
+            text = f"no chunk yet, {exc} (cameras {self._camera_topics}, joints on {self._joint_topic})"
+            if exc.reason != self._not_ready:  # e.g. the cameras stopped after the node had waited for joints
+                self._not_ready = exc.reason
+                self.get_logger().warning(text)
+            else:
+                self.get_logger().warning(text, throttle_duration_sec=5.0)
             return
         except ObservationStale as exc:
             self._stats.count("stale_observations")

@@ -29,7 +29,15 @@ CLAMP_ERROR_FRACTION = 0.25
 
 
 class ObservationNotReady(RuntimeError):
-    """Some input has never arrived (a camera, some joints): the node waits and says what it waits for."""
+    """Some input has never arrived (a camera, some joints): the node waits and says what it waits for.
+
+    `reason` is "missing" (never arrived) or "used" (no new camera frame since the last chunk), so that a log can
+    say a new kind of wait at once and throttle repeats of the same kind.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class ObservationStale(RuntimeError):
@@ -175,7 +183,7 @@ class ObservationStore:
         """
         missing = self.missing()
         if missing:
-            raise ObservationNotReady(f"waiting for {', '.join(missing)}")
+            raise ObservationNotReady("missing", f"waiting for {', '.join(missing)}")
         with self._cond:
             images = {k: self._images[k] for k in self.camera_keys}
             positions = self._positions.copy()
@@ -189,7 +197,7 @@ class ObservationStore:
                 raise ObservationStale("; ".join(stale) + f" (max_obs_age_s {max_age_s:g})")
             used = [k for k, (_, _, _, seq) in images.items() if seq <= self._used_seq[k]]
             if used:
-                raise ObservationNotReady(f"no new frame from camera {', '.join(used)} since the last chunk")
+                raise ObservationNotReady("used", f"no new frame from camera {', '.join(used)} since the last chunk")
             for k, (_, _, _, seq) in images.items():
                 self._used_seq[k] = seq
         stamps = [s for _, s, _, _ in images.values()] + [int(s) for s in joint_stamps]
