@@ -15,7 +15,7 @@ from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
 from meanflow_policy.data.bag_reader import BagError
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.data.cache import load_episodes
-from meanflow_policy.data.samples import SampleSet, idle_start
+from meanflow_policy.data.samples import SampleSet, idle_horizon, idle_start
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.data.prefetch import Prefetcher
@@ -298,3 +298,10 @@ def test_idle_starts_are_left_out_and_the_start_window_counts_from_the_first_kep
     assert np.all(counts[start] == 3) and np.all(counts[~start] == 1)
     with pytest.raises(ValueError, match="idle_start_rad"):
         SampleSet(idle, sync, idle_start_rad=-1.0)
+    # One-step chunks (Table IV's chunk size 1): the next command alone decides, and moving samples are kept.
+    single = SampleSet(idle, dataclasses.replace(sync, chunk_size=1), idle_start_rad=0.02)
+    assert idle_horizon(1, sync.fps) == 9 and idle_horizon(sync.chunk_size, sync.fps) == half
+    assert 0 < single.idle_samples < len(every) and all(
+        single.sample_step[single.sample_episode == i].min() == idle_start(e, 9, 0.02) for i, e in enumerate(idle))
+    with pytest.raises(ValueError, match="horizon must be >= 1"):
+        idle_start(idle[0], 0, 0.02)

@@ -41,6 +41,17 @@ def compute_stats(episodes: Sequence[Episode]) -> dict:
     return {"state": moments(states), "action": moments(actions)}
 
 
+# Shortest window over which an idle start is judged: over one or two steps even a real, slow start (0.02 rad per
+# step is 0.6 rad/s) looks idle, and every sample of a one-step-chunk run (ablation Table IV) would be left out.
+IDLE_MIN_WINDOW_S = 0.3
+
+
+def idle_horizon(chunk_size: int, fps: float) -> int:
+    """Steps ahead over which ``idle_start`` judges motion: half a chunk (what so101-eval executes per
+    observation), at least ``IDLE_MIN_WINDOW_S``."""
+    return max(chunk_size // 2, round(IDLE_MIN_WINDOW_S * fps), 1)
+
+
 def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
     """First step whose next ``horizon`` commands move some joint more than ``tolerance_rad`` (the episode's length
     when none does): the steps before it are an idle start.
@@ -48,7 +59,9 @@ def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
     Why: an episode that begins at rest (an operator who has not moved yet, or a scripted expert taking over a
     recovery episode with a slow re-alignment) labels its first states "stay here"; the state holds no velocity, so
     a policy that reaches such a state again is told to stay, observes the same state and stalls for good.
-    ``horizon`` is the part of a chunk executed before the next observation (half a chunk in so101-eval)."""
+    ``horizon``: ``idle_horizon``."""
+    if horizon < 1:
+        raise ValueError(f"idle_start: horizon must be >= 1 step, got {horizon} (a window of one command never moves)")
     action = np.asarray(episode.action)
     n = len(action)
     for k in range(n):
@@ -66,7 +79,7 @@ class SampleSet:
     same phrasings, so a resumed run sees exactly the data the uninterrupted one would have.
 
     ``idle_start_rad`` > 0 leaves out each episode's idle start (``idle_start``): the leading samples whose next
-    half chunk of commands stays within that many radians."""
+    ``idle_horizon`` commands stay within that many radians."""
 
     def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None,
                  idle_start_rad: float = 0.0) -> None:
@@ -88,7 +101,8 @@ class SampleSet:
         steps = [e.sample_steps for e in self.episodes]
         every = sum(s.size for s in steps)
         if idle_start_rad > 0:
-            steps = [s[s >= idle_start(e, self.chunk_size // 2, idle_start_rad)] for e, s in zip(self.episodes, steps)]
+            horizon = idle_horizon(self.chunk_size, cfg.fps)
+            steps = [s[s >= idle_start(e, horizon, idle_start_rad)] for e, s in zip(self.episodes, steps)]
         self.sample_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(steps)]).astype(np.int64)
         self.sample_step = np.concatenate(steps).astype(np.int64)
         self.idle_samples = int(every - self.sample_step.size)  # left out as idle starts

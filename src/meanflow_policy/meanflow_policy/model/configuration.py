@@ -253,8 +253,8 @@ class TrainConfig:
     # the start is where the instruction decides (SampleSet.start_weighted_rows).
     start_repeat: int = 1
     start_window_s: float = 1.0
-    # Leave out each episode's idle start: leading samples whose next half chunk of commands stays within this many
-    # radians (SampleSet / idle_start: a state with a "stay" label becomes a stall). 0 keeps every sample.
+    # Leave out each episode's idle start: leading samples whose next half chunk (>= 0.3 s) of commands stays within
+    # this many radians (SampleSet / idle_start: a state with a "stay" label becomes a stall). 0 keeps every sample.
     idle_start_rad: float = 0.02
     progress: bool = True
 

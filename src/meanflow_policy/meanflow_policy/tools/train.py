@@ -129,8 +129,9 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
                                            "(1: every sample once)"),
     ("--start-window", "start_window_s", float, "seconds from an episode's start that --start-repeat favours"),
     ("--idle-start", "idle_start_rad", float, "leave out each episode's idle start: the leading samples whose next "
-                                              "half chunk of commands stays within this many radians (a 'stay' "
-                                              "label there teaches the policy to stall; 0: keep every sample)"),
+                                              "half chunk (at least 0.3 s) of commands stays within this many "
+                                              "radians (a 'stay' label there teaches the policy to stall; 0: keep "
+                                              "every sample)"),
     ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
                                         "checkpoint as at the end (0: run to --steps)"),
 )
