@@ -37,6 +37,7 @@ RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
 RECOVERY_EPISODES_FOR=${RECOVERY_EPISODES_FOR:-}
 ROUND_STEPS=${ROUND_STEPS:-6000}
 LR=${LR:-}                    # peak learning rate of each new stage (empty: meanflow-train's default)
+ANCHOR_DECAY=${ANCHOR_DECAY:-0}   # meanflow-train --anchor-decay of each new stage: pull back to its start weights
 FROM=${FROM:-}                # a checkpoint to start the recovery rounds from instead of stage A
 START_ROUND=${START_ROUND:-1}
 OBJECTIVE=${OBJECTIVE:-meanflow}
@@ -109,7 +110,7 @@ train_stage() {  # train_stage OUT STEPS INIT BAGS...: train OUT to STEPS (resum
   else
     python -m meanflow_policy.tools.train "${common[@]}" --init-from "$init" --objective "$OBJECTIVE" "${film[@]}" \
       --start-repeat "$START_REPEAT" --start-window "$START_WINDOW" --batch-size 32 --ema-decay 0.999 --seed 0 \
-      ${LR:+--lr "$LR"}
+      --anchor-decay "$ANCHOR_DECAY" ${LR:+--lr "$LR"}
   fi
   if ! done_at "$out" "$steps"; then
     echo "train_multitask: $out stopped before step $steps (TIME_LIMIT); run again to continue"

@@ -182,3 +182,19 @@ def test_favoured_episode_starts_are_drawn_more_and_resume_exactly(bags: Path, t
     _assert_same_run(tmp_path / "go", tmp_path / "split")
     saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "last" / STATE_FILE).read_text())["train_config"])
     assert (saved.start_repeat, saved.start_window_s) == (3, 0.2)
+
+
+def test_anchored_fine_tune_resumes_pulling_to_its_own_start_weights(bags: Path, one_go: Path,
+                                                                      tmp_path: Path) -> None:
+    """The start weights of --anchor-decay are part of the training state: a resumed fine-tune pulls towards the
+    weights it started from (not towards its own last checkpoint) and equals the run in one go."""
+    anchored = ("--init-from", str(one_go / "last"), "--anchor-decay", "100")
+    assert _train(bags, tmp_path / "go", "--steps", "12", *anchored) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--stop-after", "6", *anchored) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--resume") == 0
+    _assert_same_run(tmp_path / "go", tmp_path / "split")
+    state = load_file(str(tmp_path / "split" / "last" / STATE_TENSORS_FILE))
+    start = MeanFlowPolicy.load(one_go / "last").trainable_parameters()
+    assert len(start) == sum(k.startswith("anchor.") for k in state) > 0
+    for i, weight in enumerate(start):
+        assert torch.equal(state[f"anchor.{i}"], weight.detach()), f"anchor.{i} is not the start weight"

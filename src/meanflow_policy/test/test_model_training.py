@@ -130,3 +130,31 @@ def test_train_with_trainable_backbone_updates_it(tmp_path):
     assert not torch.equal(before, policy.backbone.vlm.connector.modality_projection.proj.weight)
     with pytest.raises(ValueError, match="empty"):
         train(policy, [], TrainConfig(steps=2, progress=False), tmp_path / "empty")
+
+
+def test_anchor_decay_keeps_a_fine_tune_near_its_start_weights(tmp_path):
+    """--anchor-decay pulls trainable weights back to the start: at lr x decay = 1 every step ends on the start
+    weights; at 0.2 a run drifts less than the same run without it, and still learns (the loss falls)."""
+    config = MeanFlowConfig.tiny(num_vlm_layers=1, expert_width=32, expert_depth=1, expert_heads=2)
+    batch = random_batch(config, 8, seed=0)
+
+    def run(decay: float, name: str) -> tuple[float, list[dict]]:
+        torch.manual_seed(0)
+        policy = MeanFlowPolicy(config)
+        start = [p.detach().clone() for p in policy.trainable_parameters()]
+        cfg = TrainConfig(steps=30, lr=1e-2, warmup_steps=0, min_lr_ratio=1.0, log_every=1, anchor_decay=decay,
+                          progress=False)
+        history = train(policy, [batch], cfg, tmp_path / name)
+        drift = sum(float((p.detach() - s).abs().sum()) for p, s in zip(policy.trainable_parameters(), start))
+        return drift / sum(s.numel() for s in start), history
+
+    free, free_history = run(0.0, "free")
+    anchored, history = run(20.0, "anchored")
+    snapped, _ = run(100.0, "snapped")
+    assert snapped < 1e-7 < anchored < 0.5 * free
+    assert history[-1]["anchor_dist"] == pytest.approx(anchored, rel=1e-4) and "anchor_dist" not in free_history[-1]
+    assert history[-1]["loss"] < history[0]["loss"]
+    with pytest.raises(ValueError, match="anchor_decay"):
+        TrainConfig(lr=1e-2, anchor_decay=101.0)
+    with pytest.raises(ValueError, match="anchor_decay"):
+        TrainConfig(anchor_decay=-1.0)

@@ -37,7 +37,11 @@ def _sorting(left: str, right: str) -> tuple[str, ...]:
             f"{left} cube into the left box, {right} cube into the right box",
             f"sort the cubes: {left} to the left box, {right} to the right box",
             f"put the {left} block in the left box and the {right} block in the right box",
-            f"move the {left} cube to the left box and the {right} cube to the right box")
+            f"move the {left} cube to the left box and the {right} cube to the right box",
+            # Right side first: the colour goes with the box named beside it, whichever is said first (the twin of
+            # round 11 read a right-first paraphrase as the other order).
+            f"the right box gets the {right} cube and the left box gets the {left} cube",
+            f"{right} cube to the right box, {left} cube to the left box")
 
 
 # The task's own sentence first; every entry is a complete instruction for that task.

@@ -237,6 +237,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.0  # 0 disables EMA; checkpoints and validation use the EMA weights when enabled
+    # Decoupled weight decay towards the run's start weights instead of zero (L2-SP, decoupled as in AdamW): each
+    # step moves every trainable weight lr * anchor_decay of the way back to where it started. A fine-tune keeps
+    # what its start checkpoint could do; steady gradients still move a weight about 1 / anchor_decay, noise far
+    # less. 0: off.
+    anchor_decay: float = 0.0
     log_every: int = 10
     val_every: int = 200  # 0: validate only at the end (when a validation function is given)
     val_fraction: float = 0.1
@@ -272,6 +277,9 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.anchor_decay < 0 or self.anchor_decay * self.lr > 1.0:
+            raise ValueError(f"anchor_decay must be >= 0 with lr * anchor_decay <= 1 (a step cannot pull a weight "
+                             f"past its start), got {self.anchor_decay} at lr {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.time_limit_s < 0:

@@ -117,6 +117,9 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--warmup-steps", "warmup_steps", int, "linear warm-up steps before the cosine decay (default: 5%% of --steps, "
                                             "at most 200)"),
     ("--ema-decay", "ema_decay", float, "EMA of the weights for validation and checkpoints (0: off)"),
+    ("--anchor-decay", "anchor_decay", float, "pull every trainable weight back towards the run's start weights by "
+                                              "lr x this per step (L2-SP, decoupled as AdamW's decay): a fine-tune "
+                                              "from --init-from keeps what the start could do (0: off)"),
     ("--val-every", "val_every", int, "validate and checkpoint every K steps"),
     ("--val-fraction", "val_fraction", float, "share of episodes held out for validation"),
     ("--val-batches", "val_batches", int, "validation batches per evaluation (at most)"),

@@ -208,6 +208,8 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = make_scheduler(self.opt, cfg)
         self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        # The start weights that cfg.anchor_decay pulls back to (a resumed run restores them from its state).
+        self.anchor = [p.detach().clone() for p in self.params] if cfg.anchor_decay > 0 else None
         self.generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
         self.step = 0
         self.data_position = 0  # batches consumed: where make_loader must start to continue the data order
@@ -233,6 +235,14 @@ class Trainer:
         trained_backbone = self.policy.config.train_backbone
         return [k for k in self.policy.state_dict() if (trained_backbone or not k.startswith(BACKBONE_PREFIX))
                 and not k.startswith(LANGUAGE_PREFIX)]
+
+    @torch.no_grad()
+    def _anchor_distance(self) -> dict[str, float]:
+        """Mean absolute distance of the trainable weights from the start weights (logged when anchored)."""
+        if not self.anchor:
+            return {}
+        total = sum(float((p - a).abs().sum()) for p, a in zip(self.params, self.anchor))
+        return {"anchor_dist": total / sum(a.numel() for a in self.anchor)}
 
     # ---- state ------------------------------------------------------------------------------------------------
     def _rng_state(self) -> dict[str, Any]:
@@ -260,6 +270,8 @@ class Trainer:
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value)
         if self.ema:
             tensors.update({f"ema.{k}": v for k, v in self.ema.averaged.state_dict().items()})
+        if self.anchor:
+            tensors.update({f"anchor.{i}": a for i, a in enumerate(self.anchor)})
         rng = self._rng_state()
         _, keys, pos, has_gauss, cached_gaussian = rng["numpy"]
         tensors["rng.torch"], tensors["rng.generator"] = rng["torch"], rng["generator"]
@@ -319,6 +331,12 @@ class Trainer:
             if not ema:
                 raise ValueError("the run uses an EMA but the saved state has no EMA weights")
             self.ema.averaged.load_state_dict(ema)
+        if self.anchor:
+            anchor = [tensors.get(f"anchor.{i}") for i in range(len(self.anchor))]
+            if any(a is None for a in anchor):
+                raise ValueError("the run uses anchor_decay but the saved state has no start weights to pull to")
+            for mine, saved in zip(self.anchor, anchor):
+                mine.copy_(saved)  # type: ignore[arg-type]
         np_rng = meta["numpy_rng"]
         rng = {"torch": tensors["rng.torch"], "generator": tensors["rng.generator"],
                "numpy": ("MT19937", tensors["rng.numpy_keys"].numpy().astype(np.uint32), int(np_rng["pos"]),
@@ -388,6 +406,10 @@ class Trainer:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip))
             lr = self.opt.param_groups[0]["lr"]
             self.opt.step()
+            if self.anchor:
+                with torch.no_grad():
+                    for param, origin in zip(self.params, self.anchor):
+                        param.lerp_(origin, lr * cfg.anchor_decay)
             self.sched.step()
             if self.ema:
                 self.ema.update()
@@ -396,7 +418,7 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 self.history.append({"step": self.step, **info, "lr": lr, "grad_norm": grad_norm,
-                                     "step_s": time.perf_counter() - start})
+                                     "step_s": time.perf_counter() - start, **self._anchor_distance()})
                 bar.set_postfix(loss=f"{info['loss']:.4f}")
                 if not cfg.progress:  # a log file (background run) still shows that training moves
                     LOG.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", self.step, cfg.steps, info["loss"], lr,
