@@ -421,8 +421,9 @@ class Trainer:
                                      "step_s": time.perf_counter() - start, **self._anchor_distance()})
                 bar.set_postfix(loss=f"{info['loss']:.4f}")
                 if not cfg.progress:  # a log file (background run) still shows that training moves
-                    LOG.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step", self.step, cfg.steps, info["loss"], lr,
-                             self.history[-1]["step_s"])
+                    drift = self.history[-1].get("anchor_dist")
+                    LOG.info("step %d/%d: loss %.4f, lr %.2e, %.2f s/step%s", self.step, cfg.steps, info["loss"], lr,
+                             self.history[-1]["step_s"], "" if drift is None else f", {drift:.2e} from start")
             if self.step >= cfg.steps:
                 break
             if cfg.stop_after and self.step - first >= cfg.stop_after:
