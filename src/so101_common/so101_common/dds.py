@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO
 
@@ -12,6 +13,12 @@ REQUIRED_RANGE = "LOCALHOST"
 # 101 stay below Linux's ephemeral port range; 42 (build/env.sh's default) and 0 (ROS's default) are left to users.
 PRIVATE_DOMAINS = range(60, 102)
 DOMAIN_LOCK_DIR = Path(tempfile.gettempdir()) / "so101-ros-domains"
+# Fast DDS's shared-memory transport: one segment per participant (16 MiB in the loopback profile) and one per port,
+# each beside an "<name>_el" file that its live users hold locked (flock). A process killed (SIGKILL, a crash, a
+# forked child's os._exit) leaves both behind in RAM-backed /dev/shm until reboot.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "fastdds_"
+SHM_LOCK_SUFFIX = "_el"
 _held_domain_lock: IO[bytes] | None = None
 
 
@@ -36,6 +43,49 @@ def loopback_problems(env: dict[str, str] | None = None) -> list[str]:
     if env.get("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp") != "rmw_fastrtps_cpp":
         problems.append(f"RMW_IMPLEMENTATION is {env['RMW_IMPLEMENTATION']!r}; the loopback profile is Fast DDS's")
     return problems
+
+
+def _lock_is_free(path: Path) -> bool:
+    """True when no process holds ``path`` locked: the Fast DDS segment it guards has no live user."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    finally:
+        os.close(fd)
+
+
+def remove_stale_shm(directory: Path = SHM_DIR, min_age_s: float = 5.0) -> int:
+    """Delete Fast DDS shared-memory segments whose users are all gone; return the bytes freed.
+
+    A segment counts as stale when its ``_el`` lock file is older than ``min_age_s`` (a participant being created
+    may not have locked it yet; Fast DDS does so at once) and nobody holds its lock; a port segment takes its
+    semaphore along. Live participants, ours or another workspace's, keep theirs.
+    """
+    freed = 0
+    now = time.time()
+    for lock in directory.glob(f"{SHM_PREFIX}*{SHM_LOCK_SUFFIX}"):
+        try:
+            if now - lock.stat().st_mtime < min_age_s or not _lock_is_free(lock):
+                continue
+        except OSError:
+            continue
+        name = lock.name[:-len(SHM_LOCK_SUFFIX)]
+        for path in (directory / name, directory / f"sem.{name}_mutex", lock):
+            try:
+                size = path.stat().st_size
+                path.unlink()
+                freed += size
+            except OSError:
+                pass
+    return freed
 
 
 def require_loopback() -> None:

@@ -38,3 +38,43 @@ def test_each_run_gets_its_own_domain():
     bad = subprocess.run([sys.executable, "-c", code], env={**env, "SO101_ROS_DOMAIN_ID": "x"},
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "SO101_ROS_DOMAIN_ID must be a number" in bad.stderr
+
+
+def test_segments_of_killed_participants_are_freed_and_live_ones_kept():
+    """A node killed with SIGKILL leaves its Fast DDS shared-memory segment (16 MiB of RAM) in /dev/shm; the
+    cleaner frees it and leaves a live node's segment, which the live node keeps using."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from so101_common.dds import SHM_DIR, remove_stale_shm
+
+    node = ("import rclpy, sys, time; from std_msgs.msg import String; rclpy.init(); n = rclpy.create_node('shm');"
+            "p = n.create_publisher(String, 'shm_probe', 1); print('up', flush=True); sys.stdin.read()")
+
+    def start() -> tuple[subprocess.Popen, set[str]]:
+        before = set(os.listdir(SHM_DIR))
+        proc = subprocess.Popen([sys.executable, "-c", node], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
+        time.sleep(0.5)
+        return proc, {f for f in set(os.listdir(SHM_DIR)) - before
+                      if f.startswith("fastdds_") and not f.startswith("fastdds_port")}
+
+    killed, killed_files = start()
+    live, live_files = start()
+    try:
+        assert killed_files and live_files and not killed_files & live_files
+        killed.send_signal(signal.SIGKILL)
+        killed.wait(10)
+        assert all((SHM_DIR / f).exists() for f in killed_files)  # the leak this guards against
+        time.sleep(2.5)
+        assert remove_stale_shm(min_age_s=2.0) >= 16 * 2**20
+        assert not any((SHM_DIR / f).exists() for f in killed_files)
+        assert all((SHM_DIR / f).exists() for f in live_files)
+        assert live.poll() is None
+    finally:
+        for proc in (killed, live):
+            if proc.poll() is None:
+                proc.communicate("", timeout=10)
+    assert live.returncode == 0 and not any((SHM_DIR / f).exists() for f in live_files)  # a clean exit frees its own
