@@ -1,5 +1,6 @@
 """The test environment itself must keep DDS on loopback: this fails if it does not."""
 import os
+from pathlib import Path
 
 from so101_common.dds import loopback_problems
 
@@ -54,12 +55,15 @@ def test_segments_of_killed_participants_are_freed_and_live_ones_kept():
             "p = n.create_publisher(String, 'shm_probe', 1); print('up', flush=True); sys.stdin.read()")
 
     def start() -> tuple[subprocess.Popen, set[str]]:
-        before = set(os.listdir(SHM_DIR))
         proc = subprocess.Popen([sys.executable, "-c", node], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None and proc.stdout.readline().strip() == "up"
         time.sleep(0.5)
-        return proc, {f for f in set(os.listdir(SHM_DIR)) - before
-                      if f.startswith("fastdds_") and not f.startswith("fastdds_port")}
+        # A participant's own segments are those whose lock file it holds (/proc/locks: pid, then device:inode);
+        # it also maps the segments of the participants it talks to, and port segments are shared.
+        held = {line.split()[5].rsplit(":", 1)[1] for line in Path("/proc/locks").read_text().splitlines()
+                if line.split()[4] == str(proc.pid)}
+        return proc, {f.name[:-3] for f in SHM_DIR.glob("fastdds_*_el")
+                      if not f.name.startswith("fastdds_port") and str(f.stat().st_ino) in held}
 
     killed, killed_files = start()
     live, live_files = start()
