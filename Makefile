@@ -92,8 +92,10 @@ train-multitask: setup
 bench-policy: setup
 	@$(ENV) python -m meanflow_policy.tools.bench --preset $(PRESET) --device cpu --threads 1
 
+# PRESET=smolvlm2-500m: the real architecture (random weights); BACKBONE_PRECISION=auto: its fastest path here.
+BACKBONE_PRECISION ?= float32
 bench-node: setup
-	@$(ENV) python -m meanflow_policy.tools.bench_node
+	@$(ENV) python -m meanflow_policy.tools.bench_node --preset $(PRESET) --backbone-precision $(BACKBONE_PRECISION)
 
 bench-data: setup
 	@$(ENV) python -m meanflow_policy.tools.bench_data --cpu-threads 1

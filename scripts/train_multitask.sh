@@ -29,7 +29,7 @@ DEMOS_PER_TASK=${DEMOS_PER_TASK:-100}
 STAGE_A_STEPS=${STAGE_A_STEPS:-14000}
 TIME_LIMIT=${TIME_LIMIT:-0}   # seconds per invocation (0: none)
 THREADS=${THREADS:-2}
-JOBS=${JOBS:-2}               # recovery sets collected at once (one core each)
+JOBS=${JOBS:-2}               # demo and recovery sets made at once (one core each)
 RECOVERY_ROUNDS=${RECOVERY_ROUNDS:-2}
 RECOVERY_EPISODES=${RECOVERY_EPISODES:-50}   # per task variant per round
 # Per-variant counts that replace RECOVERY_EPISODES for the variants named ("stacking=100 sorting=100"): a round can
@@ -82,16 +82,36 @@ for task in "${TASK_VARIANTS[@]}"; do
   fi
 done
 
+# The sets of one stage (demos, a round's recovery) are independent (own seeds, own folders): JOBS at a time, one
+# core each, each logging to its own file; the first that failed ends the recipe, naming its log.
+declare -A job_logs
+start_job() {  # start_job LOG CMD...: CMD in the background once fewer than JOBS jobs run
+  while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
+  "${@:2}" > "$1" 2>&1 &
+  job_logs[$!]=$1
+}
+wait_jobs() {  # wait_jobs WHAT: wait for every started job
+  local pid
+  for pid in "${!job_logs[@]}"; do
+    wait "$pid" || { echo "train_multitask: $1 failed, see ${job_logs[$pid]}" >&2; exit 1; }
+  done
+  job_logs=()
+}
+
+demos_done() {  # demos_done DIR: DIR holds DEMOS_PER_TASK episodes and its index
+  [[ -f "$1/index.json" ]] && (( $(find "$1" -mindepth 1 -maxdepth 1 -type d | wc -l) >= DEMOS_PER_TASK ))
+}
+demo_set() {  # demo_set TASK: the task's demos, written anew
+  rm -rf "$DATA/sim_$1"
+  OMP_NUM_THREADS=1 python -m so101_sim.demos --task "$1" --episodes "$DEMOS_PER_TASK" --seed 0 --image-size 64 \
+    --out "$DATA/sim_$1"
+}
 bags=()
 for task in "${TASK_VARIANTS[@]}"; do
-  out="$DATA/sim_$task"
-  if [[ ! -f "$out/index.json" ]] || (( $(find "$out" -mindepth 1 -maxdepth 1 -type d | wc -l) < DEMOS_PER_TASK )); then
-    rm -rf "$out"
-    OMP_NUM_THREADS=1 python -m so101_sim.demos --task "$task" --episodes "$DEMOS_PER_TASK" --seed 0 \
-      --image-size 64 --out "$out"
-  fi
-  bags+=("$out")
+  demos_done "$DATA/sim_$task" || start_job "$RUNS/demos_$task.log" demo_set "$task"
+  bags+=("$DATA/sim_$task")
 done
+wait_jobs "a demo set"
 
 done_at() {  # done_at RUN_DIR STEPS: the run's last/ checkpoint has reached STEPS
   [[ -f "$1/progress.json" ]] && python -c 'import json,sys; sys.exit(json.load(open(sys.argv[1]))["step"] < int(sys.argv[2]))' \
@@ -154,19 +174,12 @@ for round in $(seq 1 $(( START_ROUND - 1 ))); do
 done
 
 for round in $(seq "$START_ROUND" "$RECOVERY_ROUNDS"); do
-  # JOBS variants at a time, one core each (the sets are independent: own seeds, own folders).
-  pids=()
   for i in "${!TASK_VARIANTS[@]}"; do
     # A finished set is not started again (nor its collection log truncated).
     [[ -f "$DATA/multitask_recovery_r${round}_${TASK_VARIANTS[$i]}/recovery.json" ]] && continue
-    while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n || true; done
-    recovery_set "$round" "$i" "$previous" > "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" 2>&1 &
-    pids[$i]=$!
+    start_job "$RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" recovery_set "$round" "$i" "$previous"
   done
-  for i in "${!pids[@]}"; do
-    wait "${pids[$i]}" || { echo "train_multitask: recovery set ${TASK_VARIANTS[$i]} of round $round failed," \
-                                  "see $RUNS/recovery_r${round}_${TASK_VARIANTS[$i]}.log" >&2; exit 1; }
-  done
+  wait_jobs "a recovery set of round $round"
   for task in "${TASK_VARIANTS[@]}"; do
     out="$DATA/multitask_recovery_r${round}_$task"
     compgen -G "$out/episode_*" > /dev/null && bags+=("$out")

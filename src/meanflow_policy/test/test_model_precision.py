@@ -5,7 +5,7 @@ import torch
 from ament_index_python.packages import get_package_share_directory
 from torch import nn
 
-from meanflow_policy.model.configuration import BACKBONE_PRECISIONS, PRECISION_PARITY_RAD
+from meanflow_policy.model.configuration import BACKBONE_PRECISIONS, PRECISION_PARITY_RAD, fastest_precision
 from meanflow_policy.tools.bench import build_policy, parity, parity_observations, parity_outputs
 
 SHIPPED = get_package_share_directory("meanflow_policy") + "/checkpoints/sim_pick_place"
@@ -45,3 +45,24 @@ def test_misuse_is_refused_with_a_clear_error():
     policy.backbone.train()
     with pytest.raises(ValueError, match="int8 is for inference"):
         policy.backbone.set_precision("int8")
+
+
+@pytest.mark.parametrize("device, capabilities, cuda_bf16, expected", [
+    ("cpu", {"amx_bf16": True, "avx512_bf16": True, "avx512_vnni": True}, False, "bfloat16"),  # AMX: bf16 3.4x
+    ("cpu", {"amx_bf16": False, "avx512_bf16": True, "avx512_vnni": True}, False, "int8"),  # bf16 1.8x, int8 2.7x
+    ("cpu", {"avx2": True}, False, "int8"),  # bf16 slower than float32 there
+    ("cuda", {}, True, "bfloat16"),
+    ("cuda", {}, False, "float16"),
+])
+def test_auto_is_the_fastest_measured_precision_of_the_hardware(device, capabilities, cuda_bf16, expected):
+    assert fastest_precision(device, capabilities, cuda_bf16) == expected
+
+
+def test_auto_applies_the_fastest_precision_of_this_cpu_and_says_which():
+    policy = build_policy("tiny", "cpu", None, "float32", SHIPPED)
+    applied = policy.backbone.set_precision("auto")
+    assert applied == fastest_precision("cpu", torch.cpu.get_capabilities())
+    if applied == "int8":
+        assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in policy.backbone.vlm.modules())
+    else:
+        assert {p.dtype for p in policy.backbone.vlm.parameters()} == {getattr(torch, applied)}

@@ -5,11 +5,12 @@ states (PolicyProbe) and checks what comes back.
 """
 import numpy as np
 import pytest
+import torch
 from rclpy.parameter import Parameter
 from rclpy.parameter_client import AsyncParameterClient
 
 from meanflow_policy.ros.probe import PolicyProbe
-from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.configuration import MeanFlowConfig, fastest_precision
 from so101_common import graph
 from so101_common.images import stamp_to_ns
 from so101_common.instruction import MAX_INSTRUCTION_CHARS
@@ -111,3 +112,14 @@ def test_int8_backbone_publishes_chunks_and_a_bad_precision_is_refused(checkpoin
     bad.proc.wait(timeout=60)
     assert bad.proc.returncode == 2, bad.output()
     assert "parameter backbone_precision: backbone precision must be one of" in bad.output()
+
+
+def test_auto_backbone_runs_in_the_fastest_precision_for_this_cpu(checkpoint, node_process, ros_node):
+    expected = fastest_precision("cpu", torch.cpu.get_capabilities())
+    proc = node_process(NODE, params={"checkpoint": str(checkpoint), "rate_hz": 10.0, "backbone_precision": "auto",
+                                      "instruction": "put the cube in the box"})
+    probe = PolicyProbe(ros_node, height=48, width=64)
+    probe.start_streams(image_hz=15.0)
+    assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()
+    assert f"in {expected}," in proc.output()
+    assert proc.stop() == 0

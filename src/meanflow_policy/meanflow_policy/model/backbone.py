@@ -28,8 +28,9 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from so101_common.phrasings import TRAIN_TEMPLATES
-from meanflow_policy.model.configuration import (BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET, TINY_BACKBONE,
-                                                 TINY_SMOLLM2_PRESET, MeanFlowConfig)
+from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET,
+                                                 TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig,
+                                                 fastest_precision)
 from meanflow_policy.model.language import FrozenLanguageModel
 
 _TINY_VOCAB = 512
@@ -187,19 +188,25 @@ class VLMBackbone(nn.Module):
     def trainable(self) -> bool:
         return self.config.train_backbone
 
-    def set_precision(self, precision: str) -> None:
+    def set_precision(self, precision: str) -> str:
         """Run the SmolVLM (vision encoder, connector, LM layers) in ``precision`` for inference (one of
-        BACKBONE_PRECISIONS). int8 replaces every Linear by a dynamically quantised one (int8 weights with one
+        BACKBONE_PRECISIONS, or ``auto``: the fastest measured for this device, ``fastest_precision``); returns
+        the precision applied. int8 replaces every Linear by a dynamically quantised one (int8 weights with one
         scale per tensor, activations quantised per call): on a CPU its matrix products run on int8 kernels (fbgemm /
         oneDNN, AVX2 is enough; the real backbone's vision encoder ran 1.5x faster on an AVX2 CPU). It cannot be
         undone (load the checkpoint again) and leaves no gradients, so a training backbone refuses it."""
+        device = self.pixel_scale.device
+        if precision == AUTO_PRECISION:
+            precision = fastest_precision(device.type, torch.cpu.get_capabilities(),
+                                          device.type == "cuda" and torch.cuda.is_bf16_supported())
         if precision not in BACKBONE_PRECISIONS:
-            raise ValueError(f"backbone precision must be one of {BACKBONE_PRECISIONS}, got {precision!r}")
+            raise ValueError(f"backbone precision must be one of {BACKBONE_PRECISIONS} or {AUTO_PRECISION!r}, "
+                             f"got {precision!r}")
         self.clear_cache()
         if precision != "int8":
             self.vlm.to(getattr(torch, precision))
-            return
-        if self.pixel_scale.device.type != "cpu":
+            return precision
+        if device.type != "cpu":
             raise ValueError("backbone precision int8 runs on the CPU only (use bfloat16 or float16 on a GPU)")
         if self.training:
             raise ValueError("backbone precision int8 is for inference (policy.eval()), not training")
@@ -209,6 +216,7 @@ class VLMBackbone(nn.Module):
             # the pinned torch still ships and tests it.
             warnings.simplefilter("ignore", (DeprecationWarning, UserWarning))
             torch.ao.quantization.quantize_dynamic(self.vlm, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        return precision
 
     def clear_cache(self) -> None:
         """Forget the cached instruction features (weights or mode changed)."""

@@ -6,6 +6,7 @@ how to rebuild it (the backbone by preset name or local directory).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 from pathlib import Path
@@ -32,6 +33,18 @@ BACKBONE_PRECISIONS: tuple[str, ...] = ("float32", "int8", "bfloat16", "float16"
 # same weights, observation and noise (measured on the shipped checkpoints: int8 0.009, bfloat16 0.002, float16
 # 0.0004; tested in test_precision.py, reported by meanflow-bench).
 PRECISION_PARITY_RAD: dict[str, float] = {"int8": 0.02, "bfloat16": 0.01, "float16": 0.002}
+# A backbone precision that names no dtype: the fastest one measured for the hardware (fastest_precision).
+AUTO_PRECISION = "auto"
+
+
+def fastest_precision(device_type: str, capabilities: Mapping[str, Any], cuda_bf16: bool = True) -> str:
+    """The backbone precision that ran the real SmolVLM2-500M chunk fastest on such hardware (docs/method.md,
+    Backbone precision): on a GPU bfloat16 (float16 where it has no bf16); on a CPU with AMX bf16 tiles bfloat16
+    (3.4x float32, int8 1.7x); on any other CPU int8 (AVX-512 bf16 + VNNI: 2.7x, bfloat16 1.8x; AVX2: 1.4x,
+    bfloat16 slower than float32). ``capabilities`` as ``torch.cpu.get_capabilities()`` names them."""
+    if device_type == "cuda":
+        return "bfloat16" if cuda_bf16 else "float16"
+    return "bfloat16" if capabilities.get("amx_bf16") else "int8"
 _DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
 # Fields stored as tuples (JSON gives lists back).
 _TUPLE_FIELDS = ("camera_keys", "joint_names")

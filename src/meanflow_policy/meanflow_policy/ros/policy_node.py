@@ -38,7 +38,7 @@ from sensor_msgs.msg import Image, JointState
 from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from meanflow_policy.model.configuration import BACKBONE_PRECISIONS
+from meanflow_policy.model.configuration import AUTO_PRECISION, BACKBONE_PRECISIONS
 from meanflow_policy.ros.runtime import (
     DEFAULT_MAX_FUTURE_STAMP_S,
     HANDOFF_CHOICES,
@@ -347,9 +347,10 @@ class PolicyNode(LifecycleNode):
         declare("instruction", "", "Initial instruction (empty: wait for the set_instruction service).")
         declare("start_enabled", True, "Act as soon as an instruction is there; false: wait for ~/enable.")
         declare("backbone_precision", "float32", f"Inference precision of the backbone, one of "
-                f"{', '.join(BACKBONE_PRECISIONS)}: int8 (CPU only) quantises its Linear layers (1.4x faster chunks "
-                "for the real SmolVLM2 on an AVX2 CPU), bfloat16/float16 are for GPUs; the action expert always "
-                "runs in float32 (docs/method.md, Backbone precision).")
+                f"{', '.join(BACKBONE_PRECISIONS)} or {AUTO_PRECISION}: int8 (CPU only) quantises its Linear layers "
+                "(real SmolVLM2 chunks 1.4x faster on an AVX2 CPU, 2.7x with AVX-512 VNNI), bfloat16 casts it "
+                "(GPUs; 3.4x on a CPU with AMX); auto picks the fastest measured for the device. The action expert "
+                "always runs in float32 (docs/method.md, Backbone precision).")
         declare("torch_threads", 0, "Torch intra-op threads for inference (0: torch's default, one per core). "
                 "On a busy CPU, 1 avoids threads waiting on each other.",
                 integer_range=[IntegerRange(from_value=0, to_value=256, step=1)])
@@ -381,9 +382,8 @@ class PolicyNode(LifecycleNode):
             policy = MeanFlowPolicy.load(checkpoint, device=device, check_outputs=True)
         except (CheckpointError, RuntimeError) as exc:  # RuntimeError: the device (e.g. CUDA out of memory)
             raise PolicyNodeError(f"cannot load checkpoint {checkpoint!r}: {exc}") from exc
-        precision = str(self._param("backbone_precision"))
         try:
-            policy.backbone.set_precision(precision)
+            precision = policy.backbone.set_precision(str(self._param("backbone_precision")))
         except ValueError as exc:
             raise PolicyNodeError(f"parameter backbone_precision: {exc}") from exc
         self.get_logger().info(f"loaded {checkpoint} on {device} in {time.perf_counter() - t0:.1f} s "

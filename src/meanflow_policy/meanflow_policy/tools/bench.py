@@ -27,8 +27,9 @@ import torch
 from so101_common.joints import home_vector
 from so101_common.provenance import provenance
 
-from meanflow_policy.model.configuration import (BACKBONE_PRECISIONS, PRECISION_PARITY_RAD, SMOLVLM2_500M_PRESET,
-                                                 TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig)
+from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECISIONS, PRECISION_PARITY_RAD,
+                                                 SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
+                                                 MeanFlowConfig, fastest_precision)
 from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
 
@@ -270,19 +271,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--camera-width", type=int, default=640, help="raw camera frame width")
     p.add_argument("--checkpoint", default="", help="benchmark this checkpoint directory instead of a preset with "
                    "random weights (--preset and --image-size are then ignored)")
-    p.add_argument("--precisions", default="auto",
-                   help=f"comma list of backbone precisions from {', '.join(BACKBONE_PRECISIONS)}; the first is the "
-                        "reference the others' parity and speed-up are measured against. auto: bfloat16 on CUDA, "
-                        "float32,int8 on CPU. The expert always runs in float32")
+    p.add_argument("--precisions", default="default",
+                   help=f"comma list of backbone precisions from {', '.join(BACKBONE_PRECISIONS)} or auto (the "
+                        "fastest measured for this device: bfloat16 on CUDA and on CPUs with AMX, int8 on other "
+                        "CPUs); the first is the reference the others' parity and speed-up are measured against. "
+                        "default: auto on CUDA, float32,auto on CPU. The expert always runs in float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch sees no CUDA device")
-    if args.precisions == "auto":
-        args.precisions = "bfloat16" if args.device.startswith("cuda") else "float32,int8"
-    args.precisions = list(dict.fromkeys(x.strip() for x in args.precisions.split(",") if x.strip()))
+    cuda = args.device.startswith("cuda")
+    if args.precisions == "default":
+        args.precisions = "auto" if cuda else "float32,auto"
+    fastest = fastest_precision("cuda" if cuda else "cpu", torch.cpu.get_capabilities(),
+                                cuda and torch.cuda.is_bf16_supported())
+    args.precisions = list(dict.fromkeys(fastest if x.strip() == AUTO_PRECISION else x.strip()
+                                         for x in args.precisions.split(",") if x.strip()))
     unknown = [x for x in args.precisions if x not in BACKBONE_PRECISIONS]
     if unknown or not args.precisions:
         p.error(f"--precisions: {unknown or 'none'} not in {', '.join(BACKBONE_PRECISIONS)}")

@@ -33,12 +33,21 @@ from so101_common.images import stamp_to_ns
 from so101_common.joints import home_vector
 from so101_common.process import NodeProcess
 
+from meanflow_policy.model.configuration import AUTO_PRECISION, BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET, TINY_BACKBONE
 from meanflow_policy.ros.probe import PolicyProbe
 from so101_common.stamps import NS_PER_S
 
 
-def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int) -> list[float]:
-    """Wall time of ``policy.sample`` in this process on the same input the node gets (after one warm-up)."""
+# Chunks from the streamed images before the timed ones (warm-up, and the gaps that size the quiet before them).
+STREAMED_CHUNKS = 3
+# Untimed policy.sample calls first: a bfloat16 or int8 backbone's first calls build its CPU kernels.
+WARMUP_CALLS = 3
+
+
+def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int,
+                  precision: str) -> list[float]:
+    """Wall time of ``policy.sample`` in this process on the same input the node gets, the
+    backbone in ``precision`` as the node's ``backbone_precision``; after ``WARMUP_CALLS`` untimed calls."""
     import torch
 
     from meanflow_policy.model.policy import MeanFlowPolicy
@@ -46,11 +55,13 @@ def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: 
     if threads:
         torch.set_num_threads(threads)
     policy = MeanFlowPolicy.load(checkpoint, device="cpu")
+    policy.backbone.set_precision(precision)
     rng = np.random.default_rng(0)
     obs = {"images": {k: rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
                       for k in policy.config.camera_keys},
            "state": home_vector().astype(np.float32), "instruction": "pick up the cube"}
-    policy.sample(obs, nfe=nfe)
+    for _ in range(WARMUP_CALLS):
+        policy.sample(obs, nfe=nfe)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -87,7 +98,7 @@ class RobotSide:
 
 
 def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int, image_hz: float,
-                threads: int, image_reliability: str, log_dir: Path) -> dict[str, list[float]]:
+                threads: int, image_reliability: str, precision: str, log_dir: Path) -> dict[str, list[float]]:
     """Start the policy node and time ``chunks`` chunks, each from the stamp of the image set that caused it.
 
     Lock-step: one image set, wait for its chunk, a pause of 1 / image_hz, the next set. The node starts a chunk
@@ -97,17 +108,22 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
     node = NodeProcess("meanflow_policy.ros.policy_node", ["--ros-args", "-p", f"checkpoint:={checkpoint}",
                    "-p", f"nfe:={nfe}", "-p", "rate_hz:=1000.0", "-p", "max_obs_age_s:=2.0",
                    "-p", "instruction:=pick up the cube", "-p", "log_period_s:=0.0",
-                   "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}"], log_path)
+                   "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}",
+                   "-p", f"backbone_precision:={precision}"], log_path)
     proc = node.proc
     robot = RobotSide(height, width, image_hz)
     probe = robot.probe
     received, timings = probe.trajectories, probe.timings
     sets: list[int] = []
     try:
-        robot.spin_until(lambda: bool(received), proc, log_path, 120.0)  # model load, warm-up, discovery
+        # Model load, warm-up, discovery; then a few chunks from the stream show how long one takes.
+        robot.spin_until(lambda: len(received) >= STREAMED_CHUNKS, proc, log_path, 600.0)
         probe.images_on = False
-        # chunks still computed from the streamed sets arrive before the timed ones start
-        robot.spin_until(lambda: time.time_ns() - received[-1][1] > NS_PER_S // 2, proc, log_path, 30.0)
+        # A chunk still computed from the last streamed set arrives before the timed ones start: quiet for twice
+        # the longest gap between streamed chunks (a slow backbone's chunk takes longer than any fixed pause).
+        gap_ns = max(b[1] - a[1] for a, b in zip(received, received[1:]))
+        quiet_ns = max(NS_PER_S // 2, 2 * gap_ns)
+        robot.spin_until(lambda: time.time_ns() - received[-1][1] > quiet_ns, proc, log_path, 120.0)
         received.clear()
         timings.clear()
         for _ in range(chunks):
@@ -133,6 +149,19 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
             "node_nfe": [float(t.nfe) for t in timings]}
 
 
+def preset_checkpoint(preset: str, path: Path) -> Path:
+    """A checkpoint of random weights of ``preset`` saved to ``path`` (the tiny one as the tests make it; the real
+    architecture as ``meanflow-bench`` builds it)."""
+    from meanflow_policy.testing import make_tiny_checkpoint, plausible_stats
+    from meanflow_policy.tools.bench import build_policy
+
+    if preset == TINY_BACKBONE:
+        return make_tiny_checkpoint(path, seed=0)
+    policy = build_policy(preset, "cpu", None, "float32")
+    policy.set_stats(plausible_stats(policy.config.joint_names))
+    return policy.save(path)
+
+
 def _stats(values: Sequence[float]) -> str:
     if not values:
         return "n 0"
@@ -142,7 +171,13 @@ def _stats(values: Sequence[float]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: a fresh tiny-preset one)")
+    parser.add_argument("--checkpoint", type=Path, help="checkpoint dir (default: a fresh one of --preset)")
+    parser.add_argument("--preset", choices=(TINY_BACKBONE, SMOLVLM2_500M_PRESET), default=TINY_BACKBONE,
+                        help="without --checkpoint: random weights of this backbone preset (smolvlm2-500m: the real "
+                             "architecture, 512 px; its checkpoint takes ~1.3 GB in a temporary directory)")
+    parser.add_argument("--backbone-precision", default="float32",
+                        help=f"the node's backbone_precision, bare model alike: one of {', '.join(BACKBONE_PRECISIONS)}"
+                             f" or {AUTO_PRECISION} (the fastest measured for this device)")
     parser.add_argument("--height", type=int, default=480, help="camera image height (default 480)")
     parser.add_argument("--width", type=int, default=640, help="camera image width (default 640)")
     parser.add_argument("--chunks", type=int, default=30, help="chunks timed per nfe (default 30)")
@@ -158,22 +193,23 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("sizes, --chunks, --image-hz and --nfe must be positive")
     if args.torch_threads < 0:
         parser.error("--torch-threads must be >= 0")
+    if args.backbone_precision not in (*BACKBONE_PRECISIONS, AUTO_PRECISION):
+        parser.error(f"--backbone-precision must be one of {', '.join(BACKBONE_PRECISIONS)} or {AUTO_PRECISION}")
     require_loopback()
     claim_private_domain()
 
     with tempfile.TemporaryDirectory(prefix="meanflow_bench_node_") as tmp:
         checkpoint = args.checkpoint
         if checkpoint is None:
-            from meanflow_policy.testing import make_tiny_checkpoint
-
-            checkpoint = make_tiny_checkpoint(Path(tmp) / "tiny", seed=0)
+            checkpoint = preset_checkpoint(args.preset, Path(tmp) / args.preset)
         print(f"checkpoint {checkpoint}; images 2 x {args.width}x{args.height} rgb8, one set at a time, "
               f"{1 / args.image_hz:g} s apart; {args.chunks} chunks per nfe", flush=True)
         result: dict[str, float] = {}
         for nfe in args.nfe:
-            bare = bare_model_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.torch_threads)
+            bare = bare_model_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.torch_threads,
+                                 args.backbone_precision)
             e2e = node_e2e_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.image_hz,
-                              args.torch_threads, args.image_reliability, Path(tmp))
+                              args.torch_threads, args.image_reliability, args.backbone_precision, Path(tmp))
             print(f"nfe {nfe:3d}  bare policy.sample ms     {_stats(bare)}")
             print(f"nfe {nfe:3d}  e2e stamp->publish ms     {_stats(e2e['publish_ms'])}")
             print(f"nfe {nfe:3d}  e2e stamp->receipt ms     {_stats(e2e['receipt_ms'])}")
@@ -191,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         result["image_size"] = f"{args.width}x{args.height}"
         result["torch_threads"] = args.torch_threads
         result["image_reliability"] = args.image_reliability
+        result["backbone_precision"] = args.backbone_precision
+        result["preset"] = args.preset if args.checkpoint is None else str(args.checkpoint)
         print(json.dumps(result))
 
 
