@@ -222,8 +222,12 @@ class PrefixFeatureSet:
         if len(features) != len(samples.episodes):
             raise ValueError(f"{len(features)} feature entries for {len(samples.episodes)} episodes")
         self.samples, self.features = samples, features
-        counts = np.array([len(e.sample_steps) for e in samples.episodes])
-        self._first_row = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # An entry holds a row per step of its episode's sample_steps (ascending); the SampleSet may keep only some
+        # of them (idle starts left out), so a sample's row in the entry is found from its step, not its index.
+        self._steps = [np.asarray(e.sample_steps, dtype=np.int64) for e in samples.episodes]
+        for e, steps in zip(samples.episodes, self._steps):
+            if np.any(np.diff(steps) <= 0):
+                raise ValueError(f"episode {e.name}: sample steps must be ascending to index its cached features")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -232,7 +236,7 @@ class PrefixFeatureSet:
         rows = np.asarray(rows, dtype=np.int64)
         out = self.samples.batch(rows, images=False)
         episodes = self.samples.sample_episode[rows]
-        local = rows - self._first_row[episodes]
+        steps = self.samples.sample_step[rows]
         n_text = max(self.features[e].text.shape[0] for e in np.unique(episodes))
         n_img, dim = self.features[0].image_mean.shape
         feats = np.zeros((len(rows), n_text + n_img, dim), dtype=np.float32)
@@ -244,8 +248,9 @@ class PrefixFeatureSet:
             lt = entry.text.shape[0]
             feats[idx, :lt] = entry.text
             mask[idx, :lt] = True
-            order = np.argsort(local[idx])  # memory-mapped rows read in ascending order
-            feats[idx[order], n_text:] = entry.image(local[idx][order])
+            local = np.searchsorted(self._steps[e], steps[idx])
+            order = np.argsort(local)  # memory-mapped rows read in ascending order
+            feats[idx[order], n_text:] = entry.image(local[order])
         out[PREFIX_FEATURES] = torch.from_numpy(feats)
         out[PREFIX_MASK] = torch.from_numpy(mask)
         return out
