@@ -120,6 +120,14 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
     film = MeanFlowPolicy.load(tmp_path / "film" / "last")
     assert film.config.instruction_film and not source.config.instruction_film
     assert film.instruction_film is not None and film.instruction_film.image.weight.abs().sum() > 0
+    # --action-prefix-rows likewise adds the committed-rows input; the fine-tune trains it.
+    assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "prefix"), "--init-from",
+                           str(trained / "last"), "--action-prefix-rows", "6", "--steps", "2", "--batch-size", "4",
+                           "--val-fraction", "0.34", "--cache-dir", str(trained / "cache"), "--device", "cpu",
+                           "--no-progress"]) == 0
+    prefix = MeanFlowPolicy.load(tmp_path / "prefix" / "last")
+    assert prefix.config.action_prefix_rows == 6 and not source.config.action_prefix_rows
+    assert prefix.expert.known_in is not None and prefix.expert.known_in.weight.abs().sum() > 0
     # ddpm predicts the noise, not a velocity: a meanflow checkpoint is no start for it.
     assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "ddpm"), "--init-from", str(trained / "last"),
                            "--objective", "ddpm", "--steps", "2", "--cache-dir", str(trained / "cache"),

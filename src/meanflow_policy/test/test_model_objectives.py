@@ -1,4 +1,6 @@
 """Expert and objectives: JVP correctness, flow ratio, adaptive weight, r = t equivalence, masking, samplers."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -246,3 +248,39 @@ def test_guidance_steers_the_weighted_rows_and_leaves_a_free_chunk_alone():
     ddpm = O.make_objective(MeanFlowConfig(objective="ddpm", ddpm_sampler="ddpm"))
     with pytest.raises(ValueError, match="deterministic sampler"):
         ddpm.guided_sample(u_fn, noise, 2, target, weights)
+
+
+@pytest.mark.parametrize("objective", ["meanflow", "flow_matching"])
+def test_the_expert_learns_to_continue_committed_rows(objective):
+    """Ramps whose slope nothing in the prefix tells: given the first rows as committed (clean) actions, the
+    trained expert's one-step chunk continues the ramp; without them it can only guess the mean slope."""
+    torch.manual_seed(0)
+    T, D, B = 8, 2, 64
+    expert = ActionExpert(action_dim=D, chunk_size=T, width=32, depth=2, heads=4, known_rows=True)
+    prefix = torch.randn(1, 3, 32).expand(B, 3, 32)
+    obj = O.make_objective(MeanFlowConfig(objective=objective))
+    ramp = (torch.arange(T) + 1.0)[None, :, None] / T
+    optim = torch.optim.Adam(expert.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(1)
+    valid = torch.ones(B, T, dtype=torch.bool)
+
+    for _ in range(400):
+        actions = torch.randn(B, 1, D, generator=g) * ramp
+        rows = torch.randint(0, 4, (B,), generator=g)
+        mask = (torch.arange(T)[None] < rows[:, None])[..., None].float()
+        c = dataclasses.replace(expert.prepare(prefix), known=actions, known_mask=mask)
+        loss, _, _ = obj.loss(lambda z, r, t, c=c: expert(z, r, t, c), actions,
+                              torch.randn(B, T, D, generator=g), valid, g)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+    with torch.no_grad():
+        actions = torch.randn(B, 1, D, generator=g) * ramp
+        noise = torch.randn(B, T, D, generator=g)
+        errors = []
+        for rows in (0, 2):
+            mask = (torch.arange(T)[None] < rows)[..., None].float().expand(B, T, 1)
+            c = dataclasses.replace(expert.prepare(prefix), known=actions, known_mask=mask)
+            chunk = obj.sample(lambda z, r, t, c=c: expert(z, r, t, c), noise, 1, None)
+            errors.append(float(((chunk - actions)[:, 2:] ** 2).mean()))
+    assert errors[1] < 0.25 * errors[0], errors

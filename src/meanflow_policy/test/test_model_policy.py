@@ -19,7 +19,7 @@ from meanflow_policy.testing import (
     random_observation,
     torch_threads,
 )
-from meanflow_policy.tools.train import with_instruction_film
+from meanflow_policy.tools.train import with_new_path
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -284,20 +284,71 @@ def test_pretrained_backbone_is_stored_by_reference(tmp_path):
 def test_instruction_film_starts_as_the_policy_it_is_added_to(ckpt, tmp_path):
     """Added to a trained policy, the zero-initialised FiLM path changes no chunk; it is saved and loaded."""
     source = MeanFlowPolicy.load(ckpt)
-    policy = with_instruction_film(source).eval()
+    policy = with_new_path(source, "instruction_film", True).eval()
     assert policy.config.instruction_film and not source.config.instruction_film
     for instruction in ("grasp the red block", "grasp the green block"):
         obs = random_observation(source.config, seed=3, instruction=instruction)
         expected = source.sample(obs, generator=torch.Generator().manual_seed(0))
         assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0)), expected)
-    assert with_instruction_film(policy) is policy
+    assert with_new_path(policy, "instruction_film", True) is policy
     policy.save(tmp_path / "film")
     assert MeanFlowPolicy.load(tmp_path / "film").config.instruction_film
 
 
+def test_committed_rows_start_as_the_policy_they_are_added_to(ckpt, tmp_path):
+    """Added to a trained policy, the zero-initialised committed-rows input changes no chunk, a guide is read as
+    committed rows (no noise-space guidance), and the setting is saved, changed and never silently dropped."""
+    source = MeanFlowPolicy.load(ckpt)
+    policy = with_new_path(source, "action_prefix_rows", 8).eval()
+    assert policy.config.action_prefix_rows == 8 and not source.config.action_prefix_rows
+    obs = random_observation(source.config, seed=4)
+    expected = source.sample(obs, generator=torch.Generator().manual_seed(0))
+    guide = (expected[:5] + 0.3, np.ones((5, 6), np.float32))
+    assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=guide), expected)
+    policy.save(tmp_path / "prefix")
+    loaded = MeanFlowPolicy.load(tmp_path / "prefix")
+    assert loaded.config.action_prefix_rows == 8
+    assert with_new_path(loaded, "action_prefix_rows", 4).config.action_prefix_rows == 4
+    with pytest.raises(ValueError, match="cannot be removed"):
+        with_new_path(loaded, "action_prefix_rows", 0)
+    with pytest.raises(ValueError, match="action_prefix_rows must be in"):
+        MeanFlowConfig.tiny(action_prefix_rows=20)
+
+
+def test_a_guide_gives_the_policy_exactly_its_committed_rows(ckpt):
+    """Once the input is trained (here: random weights), a chunk depends on the rows weighted 1 (at most
+    action_prefix_rows of them) and on nothing past them: the softly weighted rows are for guidance only."""
+    policy = with_new_path(MeanFlowPolicy.load(ckpt), "action_prefix_rows", 3).eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(policy.expert.known_in.weight, std=0.5)
+        torch.nn.init.normal_(policy.expert.known_flag, std=0.5)
+    obs = random_observation(policy.config, seed=5)
+
+    def chunk(target: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        return policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=(target, weights))
+
+    target = np.tile(np.linspace(-0.5, 0.5, 6, dtype=np.float32), (6, 1))
+    weights = np.ones((6, 6), np.float32)
+    weights[2:] = 0.5  # two committed rows, then soft ones
+    base = chunk(target, weights)
+    free = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    assert not np.allclose(base, free)
+    moved = target.copy()
+    moved[2:] += 0.4  # past the committed rows
+    assert np.array_equal(chunk(moved, weights), base)
+    moved = target.copy()
+    moved[1] += 0.4  # a committed row
+    assert not np.allclose(chunk(moved, weights), base)
+    # More committed rows than the policy reads: the ones past action_prefix_rows are ignored.
+    weights[:] = 1.0
+    moved = target.copy()
+    moved[3:] += 0.4
+    assert np.array_equal(chunk(moved, weights), chunk(target, weights))
+
+
 def test_instruction_film_learns_and_then_gates_by_the_instruction(ckpt):
     """The FiLM weights get gradients; once trained, the image-token gate differs between two instructions."""
-    policy = with_instruction_film(MeanFlowPolicy.load(ckpt)).train()
+    policy = with_new_path(MeanFlowPolicy.load(ckpt), "instruction_film", True).train()
     film = policy.instruction_film
     loss, _ = policy.compute_loss(random_batch(policy.config), generator=torch.Generator().manual_seed(0))
     loss.backward()

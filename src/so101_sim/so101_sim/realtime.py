@@ -122,7 +122,8 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
 
     ``rtc_guidance`` (``rtc`` only): each observation carries ``guide`` (so101_common.handoff.rtc_guide: the
     rows the arm will execute while the chunk is computed, at the latency expected), which a checkpoint policy
-    steers its chunk onto; the hand-off then corrects what is left of the offset."""
+    continues (trained with committed rows) or steers its chunk onto; the hand-off then corrects what is left of
+    the offset."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -326,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtc-horizon", type=int, default=DEFAULT_RTC_HORIZON,
                         help="steps over which rtc pulls the new chunk onto the old plan")
     parser.add_argument("--rtc-guidance", action=argparse.BooleanOptionalAction, default=DEFAULT_RTC_GUIDANCE,
-                        help="rtc: steer each chunk onto the rows the arm executes while it is computed (noise-space "
-                             "guidance of a checkpoint policy) before the hand-off corrects what is left (default: "
-                             "%(default)s)")
+                        help="rtc: give each chunk the rows the arm executes while it is computed (a checkpoint "
+                             "trained with --action-prefix-rows continues them; any other is steered onto them by "
+                             "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
     parser.add_argument("--device", default="cpu")

@@ -3,7 +3,9 @@
 It predicts the mean velocity u(z, r, t) (the instantaneous velocity when r = t, the noise for DDPM), conditioned
 on t and t - r through sinusoidal embeddings and an MLP, applied with adaLN-Zero modulation. The prefix's
 cross-attention keys/values are computed once per chunk (``prepare``) and reused by every sampling step; inside a
-JVP they are constants, exactly as the MeanFlow identity requires.
+JVP they are constants, exactly as the MeanFlow identity requires. An expert built with ``known_rows`` also reads
+committed rows of its chunk as clean actions (``ActionExpertContext.known``, real-time chunking by training): a
+per-row input added to those rows' tokens, constant inside the JVP as the prefix is.
 
 ("Action expert" is the paper's name for this network; so101_sim's scripted expert is the demonstrator.)
 """
@@ -41,6 +43,9 @@ class ActionExpertContext:
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     attn_mask: torch.Tensor | None
     cond: torch.Tensor | None = None
+    # Committed rows: (B, T, D) normalised actions and (B, T, 1) 1.0 where a row is committed, 0.0 elsewhere.
+    known: torch.Tensor | None = None
+    known_mask: torch.Tensor | None = None
 
 
 class ExpertBlock(nn.Module):
@@ -88,7 +93,7 @@ class ActionExpert(nn.Module):
     """u_theta(z, r, t | prefix) for a (B, chunk_size, action_dim) noisy chunk z."""
 
     def __init__(self, action_dim: int, chunk_size: int, width: int, depth: int, heads: int,
-                 mlp_ratio: float = 4.0, time_dim: int = 128) -> None:
+                 mlp_ratio: float = 4.0, time_dim: int = 128, known_rows: bool = False) -> None:
         super().__init__()
         self.chunk_size = chunk_size
         self.action_dim = action_dim
@@ -103,6 +108,15 @@ class ActionExpert(nn.Module):
         for layer in (self.final_ada, self.out):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+        # Committed rows in: their actions and a "committed" flag, added to those rows' tokens. Zero-initialised, so
+        # a trained expert given this path acts exactly as before until it is trained with it.
+        self.known_in: nn.Linear | None = None
+        self.known_flag: nn.Parameter | None = None
+        if known_rows:
+            self.known_in = nn.Linear(action_dim, width)
+            nn.init.zeros_(self.known_in.weight)
+            nn.init.zeros_(self.known_in.bias)
+            self.known_flag = nn.Parameter(torch.zeros(width))
 
     def prepare(self, prefix: torch.Tensor, prefix_mask: torch.Tensor | None = None,
                 cond: torch.Tensor | None = None) -> ActionExpertContext:
@@ -122,6 +136,10 @@ class ActionExpert(nn.Module):
         if ctx.cond is not None:
             cond = cond + ctx.cond
         x = self.in_proj(z) + self.pos
+        if ctx.known is not None and ctx.known_mask is not None:
+            if self.known_in is None or self.known_flag is None:
+                raise ValueError("this expert reads no committed rows (built without known_rows)")
+            x = x + ctx.known_mask * (self.known_in(ctx.known) + self.known_flag)
         for block, kv in zip(self.blocks, ctx.kv):
             x = block(x, cond, kv, ctx.attn_mask)
         shift, scale = self.final_ada(F.silu(cond)).chunk(2, dim=-1)

@@ -88,6 +88,10 @@ class MeanFlowConfig:
     # The instruction also modulates the image tokens channel-wise and joins the expert's adaLN conditioning (FiLM,
     # model/policy.py InstructionFilm). Off in checkpoints made before it existed (they load unchanged).
     instruction_film: bool = False
+    # Real-time chunking by training (issue 18): the expert also reads up to this many committed rows (the first rows
+    # of its chunk, which the arm executes while the chunk is computed) as clean actions, and continues them. Trained
+    # with a random number of them (0..this) per sample; 0: no such input (checkpoints made before it load unchanged).
+    action_prefix_rows: int = 0
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -171,6 +175,9 @@ class MeanFlowConfig:
                      "tiny_patch_size", "language_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.action_prefix_rows < self.chunk_size:
+            raise ValueError(f"action_prefix_rows must be in [0, chunk_size {self.chunk_size}), got "
+                             f"{self.action_prefix_rows}")
         if self.expert_width % self.expert_heads:
             raise ValueError(f"expert_width {self.expert_width} is not divisible by expert_heads {self.expert_heads}")
         if (self.expert_width // self.expert_heads) % 2:

@@ -6,6 +6,7 @@ nfe times on it. Normalisation stats live inside the policy and its checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -105,7 +106,8 @@ class MeanFlowPolicy(nn.Module):
         self.instruction_film = InstructionFilm(feature_dim, width) if config.instruction_film else None
         # The attribute keeps its name: checkpoints store the action expert's weights under "expert.".
         self.expert = ActionExpert(config.action_dim, config.chunk_size, width, config.expert_depth,
-                                   config.expert_heads, config.expert_mlp_ratio)
+                                   config.expert_heads, config.expert_mlp_ratio,
+                                   known_rows=config.action_prefix_rows > 0)
         self.register_buffer("state_mean", torch.zeros(config.state_dim), persistent=False)
         self.register_buffer("state_std", torch.ones(config.state_dim), persistent=False)
         self.register_buffer("action_mean", torch.zeros(config.action_dim), persistent=False)
@@ -176,6 +178,15 @@ class MeanFlowPolicy(nn.Module):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return self.expert.prepare(prefix, mask, cond)
 
+    @staticmethod
+    def _with_known(ctx: ActionExpertContext, actions: torch.Tensor, rows: torch.Tensor,
+                    valid: torch.Tensor | None = None) -> ActionExpertContext:
+        """``ctx`` whose first ``rows[b]`` rows of sample b are committed to ``actions`` (B, T, D), normalised."""
+        mask = torch.arange(actions.shape[1], device=actions.device)[None] < rows[:, None]
+        if valid is not None:
+            mask = mask & valid
+        return dataclasses.replace(ctx, known=actions, known_mask=mask[..., None].to(actions.dtype))
+
     def _u_fn(self, ctx: ActionExpertContext) -> objectives.UFn:
         return lambda z, r, t: self.expert(z, r, t, ctx)
 
@@ -237,6 +248,13 @@ class MeanFlowPolicy(nn.Module):
         if noise is None:
             noise = objectives.draw_normal(tuple(actions.shape), generator, dev)
         noise = noise.to(dev)
+        if cfg.action_prefix_rows:
+            # Each sample continues a random number of committed rows (0 included: a chunk from rest), given as
+            # its own clean actions; the loss stays over every row.
+            gen_device = generator.device if generator is not None else dev
+            rows = torch.randint(0, cfg.action_prefix_rows + 1, (actions.shape[0],), generator=generator,
+                                 device=gen_device).to(dev)
+            ctx = self._with_known(ctx, actions, rows, valid)
         loss, per, info = self.objective.loss(self._u_fn(ctx), actions, noise, valid, generator, t, r)
         info["loss"] = float(loss.detach())
         info["mse"] = float(per.detach().mean())
@@ -316,19 +334,27 @@ class MeanFlowPolicy(nn.Module):
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
         ``guide`` (target rows in joint units, a weight per value; real-time chunking: the rows the arm executes
-        while this chunk is computed) steers the chunk onto those rows (``Objective.guided_sample``).
+        while this chunk is computed) steers the chunk onto those rows. A policy trained with committed rows
+        (``action_prefix_rows``) is given the rows weighted 1 (at most that many) and continues them in the
+        usual nfe passes; any other steers its noise onto the weighted rows (``Objective.guided_sample``).
         ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe
         expert evaluations, the guidance included), post_ms (un-normalise, copy to host), total_ms, nfe.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
+        conditioned = guide is not None and self.config.action_prefix_rows > 0
         # Guidance differentiates through the expert (never its weights), which inference mode forbids.
-        with torch.inference_mode(guide is None), torch.no_grad():
+        with torch.inference_mode(guide is None or conditioned), torch.no_grad():
             start = time.perf_counter()
             guide_t = None if guide is None else self._guide_tensors(guide)
             images, state, instruction = self._observation_tensors(observation)
             features, mask = self.backbone.encode_one(images, instruction)
             ctx = self._context(features, mask, state)
+            if guide_t is not None and conditioned:
+                target, weights = guide_t
+                committed = int((weights.max(dim=1).values >= 1.0).long().cumprod(0).sum())
+                rows = torch.tensor([min(committed, self.config.action_prefix_rows)], device=self.device)
+                ctx, guide_t = self._with_known(ctx, target, rows), None
             self._sync()
             prefix_end = time.perf_counter()
             z = self._sample_normalized(ctx, 1, nfe, generator, guide_t)

@@ -338,9 +338,11 @@ class PolicyNode(LifecycleNode):
                 "the new chunk pulled onto the old one's position, fading out (the gripper switches). With a "
                 "hand-off the next chunk also starts early enough to arrive before the published trajectory runs "
                 "out.")
-        declare("rtc_guidance", DEFAULT_RTC_GUIDANCE, "With handoff rtc: steer each chunk onto the trajectory the "
-                "arm executes while it is computed (noise-space guidance: a few more expert passes per chunk), so "
-                "the correction at the hand-off is small; false: the correction alone.", read_only=False)
+        declare("rtc_guidance", DEFAULT_RTC_GUIDANCE, "With handoff rtc: give each chunk the trajectory the arm "
+                "executes while it is computed, so the correction at the hand-off is small: a checkpoint trained "
+                "with committed rows (meanflow-train --action-prefix-rows) continues them at no extra cost, any "
+                "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
+                "correction alone.", read_only=False)
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])

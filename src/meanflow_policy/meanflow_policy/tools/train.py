@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction-film", action="store_true",
                    help="the instruction also scales and shifts the image tokens and conditions the expert (FiLM); "
                         "with --init-from it adds this path, zero-initialised, to a checkpoint without it")
+    p.add_argument("--action-prefix-rows", type=int, default=None, metavar="N",
+                   help="real-time chunking by training: the expert also reads up to N committed rows of its chunk "
+                        "(a random number 0..N per sample) and learns to continue them; with --init-from it adds "
+                        "this input, zero-initialised, to a checkpoint without it (default: the checkpoint's, 0 for "
+                        "a new model)")
     p.add_argument("--adaptive-gamma", type=float, default=MeanFlowConfig.adaptive_gamma,
                    help="adaptive loss weight 1 / (err + c)^(1 - gamma): 1 is the plain squared error")
     add_train_arguments(p)
@@ -184,7 +189,7 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     common = dict(objective=args.objective or MeanFlowConfig.objective, fps=args.fps, chunk_size=args.chunk_size,
                   backbone_seed=seed, train_backbone=args.train_backbone, image_shift_px=args.image_shift,
                   flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma,
-                  instruction_film=args.instruction_film)
+                  instruction_film=args.instruction_film, action_prefix_rows=args.action_prefix_rows or 0)
     preset = args.preset or TINY_BACKBONE
     if preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         if args.backbone:
@@ -224,19 +229,31 @@ def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
     return policy
 
 
-def with_instruction_film(source: MeanFlowPolicy) -> MeanFlowPolicy:
-    """``source`` with the instruction's FiLM path added (zero-initialised, so it acts exactly as before), for
-    fine-tuning a policy that learned to ignore its instruction; a policy that has the path is returned as is."""
-    if source.config.instruction_film:
+# Inputs a trained checkpoint can be given for fine-tuning: the option, the config field and value that add it,
+# and the weights (name prefixes) that are new, all zero-initialised so that the policy acts exactly as before.
+_ADDABLE_PATHS = {"instruction_film": ("--instruction-film", ("instruction_film.",)),
+                  "action_prefix_rows": ("--action-prefix-rows", ("expert.known_in.", "expert.known_flag"))}
+
+
+def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlowPolicy:
+    """``source`` with the input of config ``field`` set to ``value`` (_ADDABLE_PATHS: the instruction's FiLM for a
+    policy that learned to ignore its instruction, committed rows for real-time chunking), its new weights
+    zero-initialised; a policy whose config already has the value is returned as is. Raises ValueError if the
+    checkpoint has the input with another setting, or if its weights do not fit."""
+    option, prefixes = _ADDABLE_PATHS[field]
+    current = getattr(source.config, field)
+    if current == value:
         return source
-    config = MeanFlowConfig.from_dict({**source.config.to_dict(), "instruction_film": True})
+    if current and not value:
+        raise ValueError(f"{option} {value}: the checkpoint has {field} = {current}, an input that cannot be removed")
+    config = MeanFlowConfig.from_dict({**source.config.to_dict(), field: value})
     policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer).to(source.device)
     missing, unexpected = policy.load_state_dict(source.state_dict(), strict=False)
-    if unexpected or any(not k.startswith("instruction_film.") for k in missing):
-        raise ValueError(f"--instruction-film: the checkpoint's weights do not fit (missing {missing[:3]}, "
+    if unexpected or any(not k.startswith(prefixes) for k in missing):
+        raise ValueError(f"{option}: the checkpoint's weights do not fit (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
     policy.set_stats(source.get_stats())
-    LOG.info("instruction FiLM added (zero-initialised: %d new tensors)", len(missing))
+    LOG.info("%s = %s added (zero-initialised: %d new tensors)", field, value, len(missing))
     return policy
 
 
@@ -411,7 +428,9 @@ def run(args: argparse.Namespace) -> dict:
         if args.preset and args.preset != policy.config.backbone:
             policy = onto_language_model(policy, args.preset)
         if args.instruction_film:
-            policy = with_instruction_film(policy)
+            policy = with_new_path(policy, "instruction_film", True)
+        if args.action_prefix_rows is not None:
+            policy = with_new_path(policy, "action_prefix_rows", args.action_prefix_rows)
         config = policy.config
         if args.objective and args.objective != config.objective:
             switch_objective(policy, args.objective)
