@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from so101_sim.tasks import LANGUAGE_DECIDED, TASKS
+from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
 
 class ResultsError(ValueError):
@@ -79,6 +79,14 @@ def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{100 * rate:.0f} %"
 
 
+def _mean_label(columns: list[tuple[dict, str]]) -> str:
+    """What the mean-score row averages: the paper's three tasks, or the ones the runs had (named)."""
+    over = {tuple(run["by_nfe"][n].get("mean_score_over", PAPER_TASKS)) for run, n in columns}
+    if over == {PAPER_TASKS}:
+        return "paper tasks"
+    return ", ".join(sorted(over)[0]) if len(over) == 1 else "the paper tasks each run had"
+
+
 def build(runs: list[dict]) -> tuple[str, dict]:
     """Markdown table and its JSON (columns in the order given, each run's NFEs ascending)."""
     columns = [(run, nfe) for run in runs for nfe in sorted(run["by_nfe"], key=int)]
@@ -92,10 +100,12 @@ def build(runs: list[dict]) -> tuple[str, dict]:
             cells.append("-" if cell is None else
                          f"{cell['score']:.2f} ({_percent(cell['success_rate'])} of {cell['episodes']})")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-    lines.append("| **mean score (paper tasks)** | " + " | ".join(
-        f"**{run['by_nfe'][n]['mean_score']:.2f}**" for run, n in columns) + " |")
-    lines.append("| instruction following | " + " | ".join(
-        _percent(run["by_nfe"][n]["instruction_following"]) for run, n in columns) + " |")
+    if len(tasks) > 1:
+        lines.append(f"| **mean score ({_mean_label(columns)})** | " + " | ".join(
+            f"**{run['by_nfe'][n]['mean_score']:.2f}**" for run, n in columns) + " |")
+    if any(run["by_nfe"][n]["instruction_following"] is not None for run, n in columns):
+        lines.append("| instruction following | " + " | ".join(
+            _percent(run["by_nfe"][n]["instruction_following"]) for run, n in columns) + " |")
     lines.append("| chunk latency median (ms) | " + " | ".join(
         "-" if run["by_nfe"][n]["chunk_ms_median"] is None else f"{run['by_nfe'][n]['chunk_ms_median']:.1f}"
         for run, n in columns) + " |")

@@ -32,13 +32,26 @@ def test_table_has_a_column_per_run_and_nfe_and_names_its_sources(tmp_path, caps
     assert md.splitlines()[0] == "| task | MeanFlow NFE 1 | MeanFlow NFE 10 | FM NFE 10 |"
     # Registered task order, then the mean, following and latency rows.
     rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[2:7]]
-    assert rows == ["pick_place", "sorting_swapped", "**mean score (paper tasks)**", "instruction following",
+    # The mean row names what it averages (here the one paper task the runs had).
+    assert rows == ["pick_place", "sorting_swapped", "**mean score (pick_place)**", "instruction following",
                     "chunk latency median (ms)"]
     assert "| pick_place | 0.95 (90 % of 50) | 0.90 (80 % of 50) | 0.50 (40 % of 50) |" in md
     assert "| instruction following | 96 % | 100 % | 50 % |" in md
     assert "commit abc123, CPU X, 2 cores" in md
     data = json.loads((tmp_path / "res" / "multitask.json").read_text())
     assert [(c["label"], c["nfe"]) for c in data["columns"]] == [("MeanFlow", 1), ("MeanFlow", 10), ("FM", 10)]
+
+
+def test_a_single_task_table_has_no_mean_nor_following_row(tmp_path, capsys):
+    """One task, nothing the instruction decides (e.g. objectives compared on pick-place): the table is that task's
+    row and the latencies; a mean of one cell or a row of dashes would only repeat or say nothing."""
+    cell = {"score": 0.9, "success_rate": 0.8, "episodes": 50, "ci95": [0.0, 1.0], "instruction_followed_rate": None,
+            "chunk_ms_median": 5.0}
+    _write(tmp_path / "one", {"tasks": {"pick_place": cell}, "mean_score": 0.9, "mean_score_over": ["pick_place"],
+                              "instruction_following": None, "chunk_ms_median": 5.0, "nfe": 1})
+    assert results_table.main(["--eval", f"MF={tmp_path / 'one'}", "--out", str(tmp_path / "t")]) == 0
+    rows = [line.split(" | ")[0].lstrip("| ") for line in (tmp_path / "t.md").read_text().splitlines()[2:4]]
+    assert rows == ["pick_place", "chunk latency median (ms)"]
 
 
 def test_keep_adds_columns_to_a_table_whose_runs_are_gone(tmp_path, capsys):
