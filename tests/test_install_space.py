@@ -48,9 +48,12 @@ def install_space(tmp_path_factory) -> Path:
 
 def test_plain_install_space_alone_finds_checkpoint_urdf_and_policy_node(install_space):
     tmp = install_space.parent
-    # Installed copies, not links into the source tree.
-    installed = install_space / "meanflow_policy" / "share" / "meanflow_policy" / "checkpoints" / "sim_pick_place"
-    assert (installed / "model.safetensors").is_file() and not (installed / "model.safetensors").is_symlink()
+    # Installed copies, not links into the source tree, of every shipped checkpoint; the default one is the probe's.
+    shipped = install_space / "meanflow_policy" / "share" / "meanflow_policy" / "checkpoints"
+    for name in ("sim_multitask", "sim_pick_place"):
+        weights = shipped / name / "model.safetensors"
+        assert weights.is_file() and not weights.is_symlink(), weights
+    installed = shipped / "sim_multitask"
     probe = tmp / "probe"
     probe.mkdir()
     shutil.copy(ROOT / "tests" / "nodes" / "install_space_probe.py", probe / "probe.py")
