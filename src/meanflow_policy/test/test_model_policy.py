@@ -19,7 +19,7 @@ from meanflow_policy.testing import (
     random_observation,
     torch_threads,
 )
-from meanflow_policy.tools.train import with_new_path
+from meanflow_policy.tools.train import at_image_size, with_new_path
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -413,3 +413,19 @@ def test_guided_chunk_follows_the_committed_rows(policy):
         policy.sample(obs, guide=(other[:8], weights[:3]))
     with pytest.raises(ValueError, match="finite"):
         policy.sample(obs, guide=(other[:8], -weights))
+
+
+def test_a_policy_moved_to_twice_the_image_size_acts_as_on_the_downscaled_views(ckpt):
+    """at_image_size: on 128 px cameras the converted policy gives the chunk the source gives on the same views at
+    64 px (here exactly: each 64 px pixel repeated 2 x 2), so a fine-tune at the higher resolution starts from the
+    policy it was; sizes that are no whole multiple are refused, naming the option."""
+    source = MeanFlowPolicy.load(ckpt).eval()
+    policy = at_image_size(source, 2 * source.config.image_size).eval()
+    assert policy.config.tiny_patch_size == 2 * source.config.tiny_patch_size
+    small = random_observation(source.config, seed=6, size=(source.config.image_size,) * 2)
+    large = {**small, "images": {cam: image.repeat(2, 0).repeat(2, 1) for cam, image in small["images"].items()}}
+    expected = source.sample(small, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(policy.sample(large, generator=torch.Generator().manual_seed(0)), expected, atol=1e-4)
+    assert at_image_size(source, source.config.image_size) is source
+    with pytest.raises(ValueError, match="--image-size 96 .*whole multiple"):
+        at_image_size(source, 96)

@@ -87,34 +87,61 @@ def _mean_label(columns: list[tuple[dict, str]]) -> str:
     return ", ".join(sorted(over)[0]) if len(over) == 1 else "the paper tasks each run had"
 
 
-def build(runs: list[dict]) -> tuple[str, dict]:
-    """Markdown table and its JSON (columns in the order given, each run's NFEs ascending)."""
-    columns = [(run, nfe) for run in runs for nfe in sorted(run["by_nfe"], key=int)]
-    tasks = [t for t in TASKS if any(t in run["by_nfe"][n]["tasks"] for run, n in columns)]
-    header = "| task | " + " | ".join(f"{run['label']} NFE {n}" for run, n in columns) + " |"
-    lines = [header, "|---|" + "---|" * len(columns)]
-    for task in tasks:
-        cells = []
-        for run, n in columns:
-            cell = run["by_nfe"][n]["tasks"].get(task)
-            cells.append("-" if cell is None else
-                         f"{cell['score']:.2f} ({_percent(cell['success_rate'])} of {cell['episodes']})")
-        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+def _cell(entry: dict | None) -> str:
+    return "-" if entry is None else f"{entry['score']:.2f} ({_percent(entry['success_rate'])} of {entry['episodes']})"
+
+
+def _latency(summary: dict) -> str:
+    return "-" if summary["chunk_ms_median"] is None else f"{summary['chunk_ms_median']:.1f}"
+
+
+def _task_rows(columns: list[tuple[dict, str]], tasks: list[str]) -> list[str]:
+    """Rows = tasks (+ mean, following, latency), a column per run and NFE: the paper's Table V layout."""
+    lines = ["| task | " + " | ".join(f"{run['label']} NFE {n}" for run, n in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| {task} | " + " | ".join(_cell(run["by_nfe"][n]["tasks"].get(task)) for run, n in columns) + " |"
+              for task in tasks]
     if len(tasks) > 1:
         lines.append(f"| **mean score ({_mean_label(columns)})** | " + " | ".join(
             f"**{run['by_nfe'][n]['mean_score']:.2f}**" for run, n in columns) + " |")
     if any(run["by_nfe"][n]["instruction_following"] is not None for run, n in columns):
         lines.append("| instruction following | " + " | ".join(
             _percent(run["by_nfe"][n]["instruction_following"]) for run, n in columns) + " |")
-    lines.append("| chunk latency median (ms) | " + " | ".join(
-        "-" if run["by_nfe"][n]["chunk_ms_median"] is None else f"{run['by_nfe'][n]['chunk_ms_median']:.1f}"
-        for run, n in columns) + " |")
+    lines.append("| chunk latency median (ms) | " + " | ".join(_latency(run["by_nfe"][n]) for run, n in columns)
+                 + " |")
+    return lines
+
+
+def _run_rows(columns: list[tuple[dict, str]], tasks: list[str]) -> list[str]:
+    """Rows = runs and NFEs, columns = tasks: the layout that stays readable for many runs."""
+    lines = [f"| run | NFE | {' | '.join(tasks)} | mean score ({_mean_label(columns)}) | instruction following | "
+             "chunk ms |", "|---|---|" + "---|" * (len(tasks) + 3)]
+    for run, n in columns:
+        summary = run["by_nfe"][n]
+        lines.append(f"| {run['label']} | {n} | " + " | ".join(_cell(summary["tasks"].get(t)) for t in tasks)
+                     + f" | **{summary['mean_score']:.2f}** | {_percent(summary['instruction_following'])} | "
+                     f"{_latency(summary)} |")
+    return lines
+
+
+def build(runs: list[dict], headline: list[str] | None = None) -> tuple[str, dict]:
+    """Markdown and its JSON (columns in the order given, each run's NFEs ascending). Without ``headline`` one
+    table, rows = tasks, with a column per run and NFE; with it, that table for the ``headline`` runs, then
+    every run as a row (rows = runs and NFEs, columns = tasks)."""
+    columns = [(run, nfe) for run in runs for nfe in sorted(run["by_nfe"], key=int)]
+    tasks = [t for t in TASKS if any(t in run["by_nfe"][n]["tasks"] for run, n in columns)]
+    shown = [(run, n) for run, n in columns if not headline or run["label"] in headline]
+    lines = _task_rows(shown, tasks)
+    if headline and len(shown) < len(columns):
+        lines += ["", "Every run:", ""] + _run_rows(columns, tasks)
     lines.append("")
     lines.append("Cells: mean partial-credit score (full-success rate of N episodes). Sources:")
     lines += [_source_line(run) for run in runs]
     table = "\n".join(lines) + "\n"
     data = {"columns": [{"label": run["label"], "nfe": int(n), **run["by_nfe"][n]} for run, n in columns],
             "sources": [{"label": run["label"], **{k: run[k] for k in _SOURCE_KEYS}} for run in runs]}
+    if headline:
+        data["headline"] = headline
     return table, data
 
 
@@ -200,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
                         "tables (repeat)")
     parser.add_argument("--out", type=Path, required=True,
                         help="output path without suffix: writes OUT.md and OUT.json (e.g. docs/results/multitask)")
+    parser.add_argument("--headline", action="append", default=[], metavar="LABEL",
+                        help="a run (its --eval label) of the first table, rows = tasks (repeat; kept in OUT.json): "
+                             "every run then also gets a row of its own in a second table (default: one table of "
+                             "every run)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the columns and wording runs already in OUT.json (from runs whose directories may "
                              "be gone, e.g. on a fresh machine) and add the --eval / --wording runs after them; a "
                              "label that is already there is replaced")
     args = parser.parse_args(argv)
-    if not args.runs and not args.wording:
-        parser.error("give at least one --eval or --wording run")
+    if not args.runs and not args.wording and not args.keep:
+        parser.error("give at least one --eval or --wording run, or --keep to rewrite OUT from its JSON")
     try:
         runs = [load_run(label, directory) for label, directory in args.runs]
         wording = [load_run(label, directory, wording=True) for label, directory in args.wording]
@@ -217,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             except (OSError, ValueError) as exc:
                 raise ResultsError(f"--keep: {path} cannot be read ({exc})") from None
             given = {run["label"] for run in runs}
+            args.headline = args.headline or earlier.get("headline", [])
             if "columns" in earlier:
                 runs = [run for run in runs_from_table(earlier, path) if run["label"] not in given] + runs
             if "wording" in earlier:
@@ -225,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     except ResultsError as exc:
         print(f"so101-results-table: {exc}", file=sys.stderr)
         return 2
-    table, data = build(runs) if runs else ("", {})
+    unknown = sorted(set(args.headline) - {run["label"] for run in runs})
+    if unknown:
+        print(f"so101-results-table: --headline {unknown[0]!r} is not the label of a run", file=sys.stderr)
+        return 2
+    table, data = build(runs, args.headline) if runs else ("", {})
     if wording:
         text, data["wording"] = build_wording(wording)
         table += ("\n" if table else "") + text

@@ -129,3 +129,25 @@ def test_keep_carries_wording_runs_whose_directories_are_gone(tmp_path):
     # The kept row is rebuilt as it was (following with the own sentences included); the new one follows it.
     assert "| SmolLM2 | 80 % | 50 % | 0.62 | 5 % | 90 % | 50 % |\n| tiny | 60 % | 30 % | 0.50 | 20 % | - | - |" in md
     assert "### SmolLM2" in md and "commit abc123" in md and "commit def456" in md
+
+
+def test_headline_runs_make_the_task_table_and_every_run_gets_a_row(tmp_path, capsys):
+    """With --headline the first table (rows = tasks) holds only the named runs, every run follows as a row of
+    its own, and the choice is kept in the JSON for the next --keep; an unknown label is one clear error."""
+    for name, score in (("r1", 0.6), ("ship", 0.8), ("fm", 0.7)):
+        _write(tmp_path / name, {**_summary(score, score - 0.1, 0.9, 10.0), "nfe": 1})
+    out = tmp_path / "multitask"
+    evals = [f"round 1={tmp_path / 'r1'}", f"shipped={tmp_path / 'ship'}", f"FM={tmp_path / 'fm'}"]
+    assert results_table.main([a for e in evals for a in ("--eval", e)]
+                              + ["--headline", "shipped", "--headline", "FM", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text().splitlines()
+    assert md[0] == "| task | shipped NFE 1 | FM NFE 1 |"
+    assert "| round 1 | 1 | 0.60 (50 % of 50) | 0.60 (50 % of 50) | **0.60** | 90 % | 10.0 |" in md
+    assert json.loads(out.with_suffix(".json").read_text())["headline"] == ["shipped", "FM"]
+    _write(tmp_path / "r2", {**_summary(0.5, 0.4, 0.8, 10.0), "nfe": 1})
+    assert results_table.main(["--keep", "--eval", f"round 2={tmp_path / 'r2'}", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text().splitlines()
+    assert md[0] == "| task | shipped NFE 1 | FM NFE 1 |" and any(line.startswith("| round 2 | 1 |") for line in md)
+    assert results_table.main(["--keep", "--headline", "nope", "--eval", f"round 2={tmp_path / 'r2'}",
+                               "--out", str(out)]) == 2
+    assert "--headline 'nope' is not the label of a run" in capsys.readouterr().err

@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"training objective (default {MeanFlowConfig.objective}); with --init-from it switches a "
                         "meanflow checkpoint to flow_matching or back on the same weights (the baseline of a "
                         "comparison that starts both objectives from one checkpoint)")
-    p.add_argument("--image-size", type=int, default=None, help="override the preset's image size (pixels)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="override the preset's image size (pixels); with --init-from a tiny checkpoint, a whole "
+                        "multiple of its size: patches grow by the same factor, so the token grid is unchanged")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
                         "SmolVLM2)")
@@ -257,6 +259,39 @@ def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlow
     return policy
 
 
+_PATCH_EMBEDDING = "backbone.vlm.vision_model.embeddings.patch_embedding.weight"
+
+
+def at_image_size(source: MeanFlowPolicy, image_size: int) -> MeanFlowPolicy:
+    """A tiny-vision ``source`` that reads cameras of ``image_size`` pixels, k times its own, with patches k times
+    as wide: the same token grid (position embeddings, LM and expert unchanged), each patch embedding kernel spread
+    over k x k pixels at 1/k^2 the weight. On an image the policy acts as on its k x k average-pooled version, so
+    the fine-tune starts from exactly the source's behaviour on the downscaled views and can learn the detail.
+    Raises ValueError if the preset has no in-code vision or the size is not a whole multiple."""
+    config = source.config
+    if config.image_size == image_size:
+        return source
+    if config.backbone not in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
+        raise ValueError(f"--image-size {image_size} with --init-from: only the tiny presets' vision can change "
+                         f"resolution (the checkpoint's backbone is {config.backbone!r})")
+    factor, rest = divmod(image_size, config.image_size)
+    if rest or factor < 2:
+        raise ValueError(f"--image-size {image_size} with --init-from: must be a whole multiple (2x, 3x, ...) of the "
+                         f"checkpoint's {config.image_size} px")
+    values = {**config.to_dict(), "image_size": image_size, "tiny_patch_size": config.tiny_patch_size * factor,
+              "backbone_config_hash": ""}
+    policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values), tokenizer=source.backbone.tokenizer).to(source.device)
+    state = source.state_dict()
+    kernel = state[_PATCH_EMBEDDING]
+    state[_PATCH_EMBEDDING] = kernel.repeat_interleave(factor, 2).repeat_interleave(factor, 3) / factor**2
+    policy.load_state_dict(state)
+    policy.set_stats(source.get_stats())
+    LOG.info("cameras %d -> %d px: patches %d -> %d px, the same %d tokens per camera before pixel shuffle",
+             config.image_size, image_size, config.tiny_patch_size, policy.config.tiny_patch_size,
+             (image_size // policy.config.tiny_patch_size) ** 2)
+    return policy
+
+
 # Objectives whose network predicts the same quantity at r = t (the instantaneous velocity), so one's weights are a
 # sound start for the other; ddpm predicts the noise.
 _VELOCITY_OBJECTIVES = ("meanflow", "flow_matching")
@@ -431,6 +466,8 @@ def run(args: argparse.Namespace) -> dict:
             policy = with_new_path(policy, "instruction_film", True)
         if args.action_prefix_rows is not None:
             policy = with_new_path(policy, "action_prefix_rows", args.action_prefix_rows)
+        if args.image_size:
+            policy = at_image_size(policy, args.image_size)
         config = policy.config
         if args.objective and args.objective != config.objective:
             switch_objective(policy, args.objective)
