@@ -136,8 +136,8 @@ def test_init_from_fine_tunes_a_checkpoint_in_a_new_run(trained: Path, bags: Pat
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints" / "sim_pick_place"
 
 
-def test_backbone_from_trains_a_new_expert_on_a_checkpoints_backbone(trained: Path, bags: Path,
-                                                                     tmp_path: Path) -> None:
+def test_backbone_from_trains_a_new_expert_on_a_checkpoints_backbone(trained: Path, bags: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
     """The ablations' start: the shipped checkpoint's frozen backbone, a fresh expert of another shape and objective
     settings, the stats of the new data; the backbone is unchanged after training on its cached features."""
     out = tmp_path / "on_shipped"
@@ -164,6 +164,12 @@ def test_backbone_from_trains_a_new_expert_on_a_checkpoints_backbone(trained: Pa
     for start in (["--resume"], ["--init-from", str(trained / "last")]):
         assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "x"), "--backbone-from", str(SHIPPED),
                                *start, "--cache-dir", str(trained / "cache")]) == 2
+    # An image size the start cannot take is one clear error, never silently ignored.
+    for start in (["--backbone-from", str(SHIPPED)], ["--resume"]):
+        out = tmp_path / "size" if start[0] != "--resume" else trained
+        assert train_cli.main(["--bags", str(bags), "--out", str(out), *start, "--image-size", "128",
+                               "--steps", "3", "--cache-dir", str(trained / "cache"), "--no-progress"]) == 2
+    assert "--image-size 128 with --backbone-from" in caplog.text and "--image-size 128 with --resume" in caplog.text
 
 
 def test_eval_bag_nfe_sweep(trained: Path, bags: Path, tmp_path: Path) -> None:

@@ -451,6 +451,9 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args, resumed=saved)
         policy = MeanFlowPolicy.load(out / LAST_DIR, device=device)
         config = policy.config
+        if args.image_size and args.image_size != config.image_size:
+            raise ValueError(f"--image-size {args.image_size} with --resume: the run trains at {config.image_size} px "
+                             "(a resumed run keeps its model; start a new one with --init-from to change it)")
         if state["step"] >= cfg.steps:
             LOG.info("nothing to do: %s already trained %d of %d steps", out, state["step"], cfg.steps)
             return {"steps": state["step"], "out": str(out)}
@@ -478,6 +481,9 @@ def run(args: argparse.Namespace) -> dict:
         policy = None
         if args.backbone_from is not None:
             source = MeanFlowPolicy.load(args.backbone_from)
+            if args.image_size and args.image_size != source.config.image_size:
+                raise ValueError(f"--image-size {args.image_size} with --backbone-from: the backbone reads "
+                                 f"{source.config.image_size} px images (its image size comes with it)")
             torch.manual_seed(cfg.seed)
             policy = on_backbone_of(config, source).to(device)
             config = policy.config
