@@ -56,7 +56,8 @@ def test_sample_contract(policy, nfe):
     chunk = policy.sample(obs, nfe=nfe, generator=torch.Generator().manual_seed(0))
     assert chunk.shape == (20, 6) and chunk.dtype == np.float32 and np.all(np.isfinite(chunk))
     timing = policy.last_timing
-    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe"} and timing["nfe"] == nfe
+    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe", "candidates"}
+    assert timing["nfe"] == nfe and timing["candidates"] == 1
     assert 0 < timing["prefix_ms"] < timing["total_ms"] and timing["expert_ms"] > 0 and timing["post_ms"] > 0
     parts = timing["prefix_ms"] + timing["expert_ms"] + timing["post_ms"]
     assert timing["total_ms"] == pytest.approx(parts, rel=1e-6)
@@ -413,6 +414,37 @@ def test_guided_chunk_follows_the_committed_rows(policy):
         policy.sample(obs, guide=(other[:8], weights[:3]))
     with pytest.raises(ValueError, match="finite"):
         policy.sample(obs, guide=(other[:8], -weights))
+
+
+def test_candidates_keep_the_draw_that_continues_the_guide(policy):
+    """Coherent sampling: of K chunks drawn in one batched pass, the one closest to the guide is returned. The first
+    candidate is the single draw of the same seed (so K >= 1 candidates can only come closer), over seeds the
+    chosen chunk is closer than a single draw, and without a guide (or with all weights 0) nothing changes."""
+    obs = random_observation(policy.config, seed=4)
+    other = policy.sample(obs, generator=torch.Generator().manual_seed(99))  # another draw: a plan to continue
+    weights = np.repeat(np.linspace(1.0, 0.1, 10)[:, None], 6, axis=1)
+    guide = (other[:10], weights)
+
+    def error(chunk: np.ndarray) -> float:
+        scale = policy.action_std.clamp(min=1e-6).numpy()  # the selection compares normalised actions
+        return float((weights * ((chunk[:10] - other[:10]) / scale) ** 2).sum())
+
+    single, chosen = [], []
+    for seed in range(6):
+        plain = policy.sample(obs, generator=torch.Generator().manual_seed(seed))
+        best = policy.sample(obs, generator=torch.Generator().manual_seed(seed), guide=guide, candidates=16)
+        assert error(best) <= error(plain) + 1e-6
+        single.append(error(plain))
+        chosen.append(error(best))
+    assert np.mean(chosen) < 0.8 * np.mean(single)
+    assert policy.last_timing["candidates"] == 16
+    zero = (other[:10], np.zeros_like(weights))
+    plain = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=zero,
+                                             candidates=8), plain, atol=1e-5)
+    assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0), candidates=8), plain)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        policy.sample(obs, guide=guide, candidates=0)
 
 
 def test_a_policy_moved_to_twice_the_image_size_acts_as_on_the_downscaled_views(ckpt):

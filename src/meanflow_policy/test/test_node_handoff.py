@@ -80,13 +80,14 @@ def test_rtc_guide_is_the_published_trajectory_on_the_new_chunks_time_line():
     assert np.all(weights[15:] == 0) and np.all(weights[:, 5] == 0)
 
 
-@pytest.mark.parametrize("mode, guidance", [("replace", False), ("blend", False), ("rtc", False), ("rtc", True)])
-def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, guidance, checkpoint, node_process,
-                                                                          ros_node):
+@pytest.mark.parametrize("mode, guidance, candidates", [("replace", False, 8), ("blend", False, 1),
+                                                        ("rtc", False, 1), ("rtc", True, 1), ("rtc", False, 8)])
+def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, guidance, candidates, checkpoint,
+                                                                          node_process, ros_node):
     max_step = 0.05
     proc = node_process(NODE, params={"checkpoint": str(checkpoint), "nfe": 1, "rate_hz": 10.0,
                                       "instruction": "pick up the red cube", "handoff": mode,
-                                      "rtc_guidance": guidance, "max_step": max_step})
+                                      "rtc_guidance": guidance, "candidates": candidates, "max_step": max_step})
     probe = PolicyProbe(ros_node, height=64, width=64)
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 5, START_TIMEOUT), proc.output()
@@ -117,3 +118,4 @@ def test_unknown_handoff_stops_the_node_with_one_clear_line(checkpoint, node_pro
     assert proc.proc.returncode == 2, proc.output()
     assert "parameter handoff is 'smooth'; expected one of ['off', 'replace', 'blend', 'rtc']" in proc.output()
     assert "Traceback" not in proc.output()
+

@@ -27,6 +27,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES
+from so101_common.handoff import DEFAULT_CANDIDATES
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
@@ -38,9 +39,10 @@ from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
 
 class ExpertEvalPolicy(ExpertChunkPolicy):
-    """The scripted expert with the evaluator's policy interface (NFE and noise seed do not apply)."""
+    """The scripted expert with the evaluator's policy interface (NFE, candidates and noise seed do not apply)."""
 
     nfe = 1
+    candidates = 1
 
     def reseed(self, seed: int) -> None:
         """Deterministic: nothing to seed."""
@@ -72,10 +74,11 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
              video_dir: Path | None = None, video_episodes: int = 0, label: str = "",
              reseed: Callable[[int], None] | None = None, latency_of: Callable[[], float | None] | None = None,
              log: Callable[[str], None] = lambda message: print(message, flush=True),
-             instruction: str | None = None) -> dict:
+             instruction: str | None = None, guide_plan: bool = False) -> dict:
     """Run one closed-loop episode per seed; returns the report (rate, Wilson 95 % interval, latency).
 
     ``instruction`` replaces the task's own sentence (e.g. a paraphrase); the task still scores the episode.
+    ``guide_plan``: observations carry the rest of the last chunk (so101_sim.rollout.run_episode).
     """
     results: list[EpisodeResult] = []
     videos: list[str] = []
@@ -86,7 +89,7 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
-                             on_frame=recorder, latency_of=latency_of)
+                             on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan)
         if recorder is not None:
             videos.append(str(recorder.write()))
         results.append(result)
@@ -125,6 +128,7 @@ class EvalJob:
     instruction: str | None
     video_dir: str | None
     video_episodes: int
+    candidates: int = 1
 
 
 # Per process: the loaded policy and one env per task, reused by every job the process runs.
@@ -145,11 +149,12 @@ def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
         if pkey not in _POLICIES:
             _POLICIES[pkey] = load_checkpoint_policy(Path(job.checkpoint), job.device)
         policy = _POLICIES[pkey]
-    policy.nfe = job.nfe
+    policy.nfe, policy.candidates = job.nfe, job.candidates
     video_dir = None if job.video_dir is None else Path(job.video_dir)
     report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
                       label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
-                      log=lambda message: print(f"[{job.task}] {message}", flush=True), instruction=job.instruction)
+                      log=lambda message: print(f"[{job.task}] {message}", flush=True), instruction=job.instruction,
+                      guide_plan=policy.candidates > 1)
     return [EpisodeResult(**r) for r in report["results"]], report["videos"]
 
 
@@ -237,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--expert", action="store_true",
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="chunks the policy draws per inference, keeping the one that best continues the rest "
+                        "of the last chunk (1: a single draw per chunk; default %(default)s)")
     parser.add_argument("--sweep-nfe", type=_parse_nfe_list, default=None, help="evaluate each NFE, e.g. 1,2,5,10")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task and NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
@@ -271,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.candidates < 1:
+        parser.error(f"--candidates must be >= 1, got {args.candidates}")
     if not 0 <= args.paraphrases <= 4:
         parser.error(f"--paraphrases must be 0..4 (held-out paraphrases per task), got {args.paraphrases}")
     if args.instruction is not None and (args.tasks is not None or not args.instruction.strip()):
@@ -298,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [EvalJob(task=t, nfe=n, seeds=seeds, checkpoint=checkpoint, device=args.device,
                     image_size=args.image_size, max_steps=args.max_steps or TASKS[t].max_steps,
                     action_steps=args.action_steps, instruction=args.instruction,
-                    video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes)
+                    video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes,
+                    candidates=1 if args.expert else args.candidates)
             for t in tasks for n in nfes]
     variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
     variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))
@@ -318,14 +329,15 @@ def main(argv: list[str] | None = None) -> int:
     variant_reports: dict[str, dict[str, dict]] = {t: {} for t in tasks}
     for (kind, job), (results, videos) in zip(variant_jobs, outputs[len(jobs):]):
         report = {**summarize(results, videos, job.max_steps, job.action_steps), "task": job.task, "kind": kind,
-                  "instruction": job.instruction, "nfe": job.nfe, "seed": args.seed}
+                  "instruction": job.instruction, "nfe": job.nfe, "candidates": job.candidates, "seed": args.seed}
         (task_dir[job.task] / f"instruction_{kind}_nfe{job.nfe}.json").write_text(json.dumps(report, indent=2))
         variant_reports[job.task][kind] = report
         print(f"{job.task} said {kind} ({job.instruction!r}): success {report['successes']}/{report['episodes']}, "
               f"mean score {report['score']:.3f}{_followed_text(report)}")
     for job, (results, videos) in zip(jobs, outputs[:len(jobs)]):
         report = summarize(results, videos, job.max_steps, job.action_steps)
-        report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe, "task": job.task,
+        report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe,
+                       "candidates": job.candidates, "task": job.task,
                        "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
                        "image_size": args.image_size})
         path = task_dir[job.task] / f"eval_nfe{job.nfe}.json"
@@ -348,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "summary.md").write_text(table + "\n")
         (args.out / "summary.json").write_text(json.dumps(
             {"summary": last, "checkpoint": reports[tasks[0]][nfes[0]]["checkpoint"], "seed": args.seed,
-             "image_size": args.image_size, "workers": args.workers, "wall_seconds": wall, **provenance(),
+             "image_size": args.image_size, "candidates": jobs[0].candidates, "workers": args.workers,
+             "wall_seconds": wall, **provenance(),
              "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}
                          for t, by_nfe in reports.items()}}, indent=2))
         from so101_sim.eval_plot import plot_summary  # matplotlib: only here, not in every worker process

@@ -22,9 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,19 +35,20 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON, HANDOFF_MODES,
-                                  CommandStream, rtc_guide)
+from so101_common.handoff import (DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON,
+                                  HANDOFF_MODES, CommandStream, rtc_guide)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy
-from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import DEFAULT_ACTION_STEPS, FrameSink, Policy, check_chunk, latency_summary, wilson_interval
+from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
+                                      resolve_checkpoint)
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, check_chunk, latency_summary,
+                               wilson_interval)
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
 
 HANDOFFS = ("sync", *HANDOFF_MODES)
 MEASURED = "measured"
 ARM = [i for i, name in enumerate(JOINT_NAMES) if name != GRIPPER_JOINT_NAME]
-GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # rtc does not correct it (so101_common.handoff)
 ACCEL_WINDOW = 3  # control steps after a hand-off in which the measured acceleration is attributed to it
 
 
@@ -117,13 +121,14 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                          rtc_horizon: int = DEFAULT_RTC_HORIZON, instruction: str | None = None,
                          on_frame: FrameSink | None = None,
                          latency_of: Callable[[], float | None] | None = None,
-                         rtc_guidance: bool = DEFAULT_RTC_GUIDANCE) -> RealtimeEpisode:
+                         rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False) -> RealtimeEpisode:
     """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk.
 
-    ``rtc_guidance`` (``rtc`` only): each observation carries ``guide`` (so101_common.handoff.rtc_guide: the
-    rows the arm will execute while the chunk is computed, at the latency expected), which a checkpoint policy
-    continues (trained with committed rows) or steers its chunk onto; the hand-off then corrects what is left of
-    the offset."""
+    ``rtc_guidance`` (``rtc`` only) or ``guide_plan`` (any hand-off): each observation carries ``guide``
+    (so101_common.handoff.rtc_guide: the rows the arm will execute while the chunk is computed, at the latency
+    expected, then the rest of the plan), which a checkpoint policy continues (trained with committed rows), steers
+    its chunk onto (one candidate) or picks the closest of its candidates to; the hand-off then corrects what is
+    left of the offset."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -160,8 +165,11 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                                                action_steps, last_delay):
                 break
             obs = env.observation(instruction)
-            if rtc_guidance and handoff == "rtc" and chunk_len:
+            if chunk_len and (guide_plan or (rtc_guidance and handoff == "rtc")):
+                # sync: the arm stops at the observation, so nothing runs while the chunk is computed.
                 expected = last_delay if latency_ms is None else latency_steps(latency_ms, dt)
+                if handoff == "sync":
+                    expected = 0
                 obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
             started = time.perf_counter()
             chunk = check_chunk(policy(obs))
@@ -201,14 +209,15 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
                       rtc_horizon: int = DEFAULT_RTC_HORIZON, reseed: Callable[[int], None] | None = None,
                       latency_of: Callable[[], float | None] | None = None,
                       log: Callable[[str], None] = lambda message: None,
-                      rtc_guidance: bool = DEFAULT_RTC_GUIDANCE) -> dict:
+                      rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False) -> dict:
     """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
     episodes: list[RealtimeEpisode] = []
     for seed in seeds:
         if reseed is not None:
             reseed(seed)
         ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
-                                  rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance)
+                                  rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance,
+                                  guide_plan=guide_plan)
         episodes.append(ep)
         log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
             f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
@@ -229,6 +238,76 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
             "limited": sum(e.limited for e in episodes), "stale_chunks": sum(e.stale_chunks for e in episodes),
             "chunk_latency": latency_summary([ms for e in episodes for ms in e.chunk_latency_ms]),
             "results": [e.to_dict() for e in episodes]}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One table cell: a policy at one latency with one hand-off over the seeds (picklable, for worker
+    processes)."""
+
+    checkpoint: str | None  # None: the scripted expert
+    nfe: int
+    candidates: int
+    latency_ms: float | None  # None: each chunk's measured latency
+    handoff: str
+    task: str
+    seeds: tuple[int, ...]
+    max_steps: int
+    action_steps: int
+    max_step: float
+    rtc_horizon: int
+    rtc_guidance: bool
+    image_size: int
+    device: str
+    label: str
+
+
+# Per process: one env per (task, image size) and one loaded policy per (checkpoint, device), reused by its cells.
+_ENVS: dict[tuple[str, int], SimEnv] = {}
+_POLICIES: dict[tuple[str, str], CheckpointPolicy] = {}
+
+
+def _policy(checkpoint: str, device: str) -> CheckpointPolicy:
+    if (checkpoint, device) not in _POLICIES:
+        _POLICIES[(checkpoint, device)] = load_checkpoint_policy(Path(checkpoint), device)
+    return _POLICIES[(checkpoint, device)]
+
+
+def _close() -> None:
+    for env in _ENVS.values():
+        env.close()
+    _ENVS.clear()
+
+
+def run_cell(cell: Cell) -> dict:
+    """Evaluate one cell in this process (the main one or a pool worker); returns its report."""
+    key = (cell.task, cell.image_size)
+    if key not in _ENVS:
+        _ENVS[key] = SimEnv(SceneConfig(image_height=cell.image_size, image_width=cell.image_size), task=cell.task)
+    env = _ENVS[key]
+    policy: ExpertEvalPolicy | CheckpointPolicy
+    if cell.checkpoint is None:
+        policy = ExpertEvalPolicy(env)
+    else:
+        policy = _policy(cell.checkpoint, cell.device)
+        policy.nfe, policy.candidates = cell.nfe, cell.candidates
+    return evaluate_realtime(env, policy, list(cell.seeds), cell.max_steps, cell.action_steps, cell.handoff,
+                             cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
+                             latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
+                             rtc_guidance=cell.rtc_guidance, guide_plan=cell.candidates > 1)
+
+
+def _run_cells(cells: list[Cell], workers: int) -> Iterator[tuple[Cell, dict]]:
+    """The cells' reports in cell order, computed here (workers 1) or by a pool of one-thread processes."""
+    if workers <= 1:
+        for cell in cells:
+            yield cell, run_cell(cell)
+        return
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(run_cell, cell) for cell in cells]
+        for cell, future in zip(cells, futures):
+            yield cell, future.result()
 
 
 @dataclass
@@ -330,11 +409,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtc: give each chunk the rows the arm executes while it is computed (a checkpoint "
                              "trained with --action-prefix-rows continues them; any other is steered onto them by "
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="chunks a checkpoint policy draws per inference, keeping the one closest to the plan "
+                             "being executed (1: a single draw; default %(default)s)")
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes evaluating cells in parallel, one torch thread each (injected-latency "
+                             "results do not depend on it; measured latencies do, when workers share cores)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for name in ("episodes", "action_steps", "rtc_horizon", "image_size"):
+    for name in ("episodes", "action_steps", "rtc_horizon", "image_size", "candidates", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.max_step > 0:
@@ -349,47 +434,41 @@ def main(argv: list[str] | None = None) -> int:
             if not spec.checkpoint.is_dir():
                 parser.error(f"--policy {spec.text}: {spec.checkpoint} is not a directory")
     max_steps = args.max_steps or TASKS[args.task].max_steps
-    seeds = list(range(args.seed, args.seed + args.episodes))
-    env = SimEnv(SceneConfig(image_height=args.image_size, image_width=args.image_size), task=args.task)
+    seeds = tuple(range(args.seed, args.seed + args.episodes))
+    labels: dict[str, str] = {}
+    for spec in specs:
+        if spec.checkpoint is not None:
+            try:  # load once here: a bad checkpoint is one error before any episode (and cached for workers=1)
+                _policy(str(spec.checkpoint), args.device)
+            except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
+                print(f"so101-eval-realtime: --policy {spec.text}: cannot load checkpoint: {exc}", file=sys.stderr)
+                return 2
+        labels[spec.text] = policy_label(spec)
+    cells = [Cell(None if spec.checkpoint is None else str(spec.checkpoint), spec.nfe,
+                  1 if spec.checkpoint is None else args.candidates, latency, handoff, args.task, seeds, max_steps,
+                  args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.image_size,
+                  args.device, labels[spec.text])
+             for spec in specs for latency in args.latencies for handoff in args.handoffs]
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     lines: list[str] = []
     try:
-        for spec in specs:
-            if spec.checkpoint is None:
-                policy = ExpertEvalPolicy(env)
-            else:
-                try:
-                    policy = load_checkpoint_policy(spec.checkpoint, args.device)
-                except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
-                    print(f"so101-eval-realtime: --policy {spec.text}: cannot load checkpoint: {exc}",
-                          file=sys.stderr)
-                    return 2
-                policy.nfe = spec.nfe
-            label = policy_label(spec)
-            for latency in args.latencies:
-                for handoff in args.handoffs:
-                    report = evaluate_realtime(env, policy, seeds, max_steps, args.action_steps, handoff, latency,
-                                               args.max_step, args.rtc_horizon, reseed=policy.reseed,
-                                               latency_of=policy.last_latency_ms,
-                                               log=lambda m: print(m, flush=True),
-                                               rtc_guidance=args.rtc_guidance)
-                    row = {"latency_ms": MEASURED if latency is None else latency, "policy": label,
-                           "handoff": handoff, "success_rate": report["success_rate"],
-                           "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"]}
-                    rows.append(row)
-                    lines.append(table_line(row, report))
-                    print(lines[-1], flush=True)
-                    name = f"{label}_{row['latency_ms']}ms_{handoff}.json"
-                    (args.out / name).write_text(json.dumps({**row, **report, "task": args.task,
-                                                             "seed": args.seed, "max_step": args.max_step,
-                                                             "rtc_guidance": args.rtc_guidance,
-                                                             "action_steps": args.action_steps}, indent=2))
+        for cell, report in _run_cells(cells, args.workers):
+            row = {"latency_ms": MEASURED if cell.latency_ms is None else cell.latency_ms, "policy": cell.label,
+                   "handoff": cell.handoff, "candidates": cell.candidates, "success_rate": report["success_rate"],
+                   "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"]}
+            rows.append(row)
+            lines.append(table_line(row, report))
+            print(lines[-1], flush=True)
+            name = f"{cell.label}_{row['latency_ms']}ms_{cell.handoff}.json"
+            (args.out / name).write_text(json.dumps({**row, **report, "task": args.task, "seed": args.seed,
+                                                     "max_step": args.max_step, "rtc_guidance": args.rtc_guidance,
+                                                     "action_steps": args.action_steps}, indent=2))
     except KeyboardInterrupt:
         print("so101-eval-realtime: interrupted", file=sys.stderr)
         return 130
     finally:
-        env.close()
+        _close()
     table = "\n".join([TABLE_HEADER, *lines])
     source = provenance()
     footer = (f"\n{args.task}, {args.episodes} episodes per cell from seed {args.seed}; commit {source['commit']}, "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from so101_common.handoff import DEFAULT_CANDIDATES
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
@@ -54,8 +55,9 @@ class RecoveryRecorder:
     """Records one recovery episode per seed with ``policy``; keeps the handover step of each written episode."""
 
     def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = DEFAULT_ACTION_STEPS,
-                 reseed: Callable[[int], None] | None = None) -> None:
+                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
         self.policy = policy
+        self.guide_plan = guide_plan  # as so101-eval: a policy drawing several candidates sees the last chunk
         self.handover = handover
         self.action_steps = action_steps
         self.reseed = reseed
@@ -66,7 +68,8 @@ class RecoveryRecorder:
         step = self.handover.draw(seed)
         if self.reseed is not None:
             self.reseed(seed)
-        result = run_episode(env, self.policy, seed, max_steps=step, action_steps=self.action_steps)
+        result = run_episode(env, self.policy, seed, max_steps=step, action_steps=self.action_steps,
+                             guide_plan=self.guide_plan)
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
         try:
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3000,
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="chunks the policy draws per inference, keeping the one that continues the last "
+                             "(as so101-eval; default %(default)s)")
     parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
@@ -101,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1:
-        parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1 or args.candidates < 1:
+        parser.error("--episodes, --nfe, --candidates and --action-steps must be >= 1")
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     except (PolicyPluginError, LookupError) as exc:
@@ -115,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         last = default_handover_last(args.task) if args.handover_last is None else args.handover_last
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
-        policy.nfe = args.nfe
-        recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed)
+        policy.nfe, policy.candidates = args.nfe, args.candidates
+        recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed,
+                                    guide_plan=args.candidates > 1)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
                            record=recorder, max_tries=args.max_tries or 4 * args.episodes)
     except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:
@@ -126,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         print("so101-sim-recovery: interrupted; finished episodes are kept and indexed", file=sys.stderr)
         return 130
     (args.out / RECOVERY_FILE).write_text(json.dumps({
-        "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "action_steps": args.action_steps,
-        "handover_range": [handover.first, handover.last], "first_seed": args.seed,
+        "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
+        "action_steps": args.action_steps, "handover_range": [handover.first, handover.last], "first_seed": args.seed,
         "handover_step": recorder.handovers}, indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "

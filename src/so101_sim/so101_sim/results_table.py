@@ -42,7 +42,9 @@ def load_run(label: str, directory: Path, wording: bool = False) -> dict:
     run = {"label": label, "dir": str(directory), "by_nfe": by_nfe, "instructions": summary.get("instructions"),
            "checkpoint": data.get("checkpoint"),
            "commit": data.get("commit", "unknown"), "machine": data.get("machine", "unknown"),
-           "seed": data.get("seed"), "image_size": data.get("image_size")}
+           "seed": data.get("seed"), "image_size": data.get("image_size"),
+           # runs before coherent sampling drew one chunk per inference
+           "candidates": data.get("candidates", 1)}
     if wording:
         # With the own sentences, at the run's first NFE: kept in the JSON so that --keep can rebuild the row.
         first = by_nfe[min(by_nfe, key=int)]["tasks"]
@@ -130,7 +132,9 @@ def build(runs: list[dict], headline: list[str] | None = None) -> tuple[str, dic
     every run as a row (rows = runs and NFEs, columns = tasks)."""
     columns = [(run, nfe) for run in runs for nfe in sorted(run["by_nfe"], key=int)]
     tasks = [t for t in TASKS if any(t in run["by_nfe"][n]["tasks"] for run, n in columns)]
-    shown = [(run, n) for run, n in columns if not headline or run["label"] in headline]
+    shown = columns
+    if headline:  # in the order the headline names them (the shipped inference first)
+        shown = sorted((c for c in columns if c[0]["label"] in headline), key=lambda c: headline.index(c[0]["label"]))
     lines = _task_rows(shown, tasks)
     if headline and len(shown) < len(columns):
         lines += ["", "Every run:", ""] + _run_rows(columns, tasks)
@@ -202,12 +206,14 @@ def build_wording(runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", data
 
 
-_SOURCE_KEYS = ("dir", "checkpoint", "commit", "machine", "seed", "image_size")
+_SOURCE_KEYS = ("dir", "checkpoint", "commit", "machine", "seed", "image_size", "candidates")
 
 
 def _source_line(run: dict) -> str:
+    candidates = run.get("candidates") or 1  # runs kept from before coherent sampling have none
+    drawn = "one draw per chunk" if candidates == 1 else f"the closest of {candidates} draws per chunk"
     return (f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {run['seed']}, "
-            f"{run['image_size']} px), commit {run['commit']}, {run['machine']}")
+            f"{run['image_size']} px, {drawn}), commit {run['commit']}, {run['machine']}")
 
 
 def _parse_eval(text: str) -> tuple[str, Path]:
@@ -228,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True,
                         help="output path without suffix: writes OUT.md and OUT.json (e.g. docs/results/multitask)")
     parser.add_argument("--headline", action="append", default=[], metavar="LABEL",
-                        help="a run (its --eval label) of the first table, rows = tasks (repeat; kept in OUT.json): "
+                        help="a run (its --eval label) of the first table, rows = tasks, in the order given (repeat; "
+                             "kept in OUT.json): "
                              "every run then also gets a row of its own in a second table (default: one table of "
                              "every run)")
     parser.add_argument("--keep", action="store_true",

@@ -15,8 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
+from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
+from so101_common.handoff import rtc_guide
 from so101_sim.env import SimEnv
+
+GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # a guide leaves it free (so101_common.handoff)
 
 Policy = Callable[[dict], np.ndarray]
 # Control steps executed from each chunk before the next observation (half of a 20-step chunk), everywhere the sim
@@ -58,12 +61,14 @@ def check_chunk(chunk: object) -> np.ndarray:
 
 def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_steps: int,
                 instruction: str | None = None, on_frame: FrameSink | None = None,
-                latency_of: Callable[[], float | None] | None = None) -> EpisodeResult:
+                latency_of: Callable[[], float | None] | None = None, guide_plan: bool = False) -> EpisodeResult:
     """Reset to ``seed`` and run until success or ``max_steps`` control steps.
 
     ``on_frame`` receives the rendered camera images after every control step (for videos).
     ``latency_of`` returns the policy's own latency figure for the last call (e.g. from
-    ``policy.last_timing``); without it the wall time of the call is used.
+    ``policy.last_timing``); without it the wall time of the call is used. ``guide_plan``: every observation
+    after the first carries ``guide``, the unexecuted rest of the last chunk (so101_common.handoff.rtc_guide), for
+    a policy that draws several chunks and keeps the one that continues it.
     """
     if max_steps < 1 or action_steps < 1:
         raise ValueError(f"max_steps and action_steps must be >= 1, got {max_steps}, {action_steps}")
@@ -75,8 +80,11 @@ def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_s
     obs = env.observation(instruction)
     if on_frame is not None:
         on_frame(obs["images"])
+    chunk = None
     while steps < max_steps and not success:
         started = time.perf_counter()
+        if guide_plan and chunk is not None:
+            obs["guide"] = rtc_guide(chunk, action_steps, 0, len(chunk), action_steps, GRIPPER)
         chunk = check_chunk(policy(obs))
         wall_ms = (time.perf_counter() - started) * 1e3
         reported = latency_of() if latency_of is not None else None

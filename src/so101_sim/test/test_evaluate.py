@@ -8,6 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+from so101_common.handoff import DEFAULT_CANDIDATES
 from so101_sim import evaluate
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
@@ -62,6 +63,28 @@ def test_runner_executes_chunks_and_observes_every_action_steps(env):
     assert abs(env.joint_positions()[0] - (home[0] + 0.3)) < 0.05
 
 
+def test_with_guide_plan_each_observation_carries_the_rest_of_the_last_chunk(env):
+    """Coherent sampling in the sim: from the second observation on, ``guide`` holds the last chunk's unexecuted
+    rows (row k continues where execution stopped), weighted over the rows the next chunk replaces, gripper free."""
+    chunks, guides = [], []
+
+    def ramp(obs):
+        guides.append(obs.get("guide"))
+        chunk = obs["state"][None] + 0.01 * (np.arange(20) + 1)[:, None]
+        chunks.append(chunk)
+        return chunk
+
+    run_episode(env, ramp, seed=0, max_steps=25, action_steps=10, guide_plan=True)
+    assert guides[0] is None and len(guides) == 3
+    target, weights = guides[1]
+    np.testing.assert_array_equal(target[:10], chunks[0][10:])
+    np.testing.assert_array_equal(target[10:], np.repeat(chunks[0][-1:], 10, axis=0))  # held after its end
+    assert np.all(weights[:10, :5] > 0) and np.all(weights[10:] == 0) and np.all(weights[:, 5] == 0)
+    assert np.all(np.diff(weights[:10, 0]) < 0)  # the nearest rows count most
+    run_episode(env, ramp, seed=0, max_steps=15, action_steps=10)
+    assert guides[-1] is None  # off by default: a policy sees exactly the observation
+
+
 def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     from meanflow_policy import testing
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
@@ -78,6 +101,7 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     for nfe in (1, 2):
         report = json.loads((out / f"eval_nfe{nfe}.json").read_text())
         assert report["nfe"] == nfe and report["episodes"] == 2 and len(report["results"]) == 2
+        assert report["candidates"] == DEFAULT_CANDIDATES  # the default inference: coherent sampling
         assert 0.0 <= report["ci95"][0] <= report["success_rate"] <= report["ci95"][1] <= 1.0
         # 30 steps at 10 per chunk: 3 chunks per episode, each timed by the policy.
         assert report["chunk_latency"]["count"] == 6 and report["chunk_latency"]["median_ms"] > 0

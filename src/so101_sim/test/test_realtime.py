@@ -106,6 +106,12 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     assert cell["handoff"] == "rtc" and len(cell["results"]) == 1 and cell["results"][0]["seed"] == 3
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == last["rows"] and saved["commit"] and saved["machine"] and saved["episodes"] == 1
+    # Cells in two worker processes: the same rows, in the same order (injected latency is deterministic).
+    rc = realtime.main(["--policy", "expert", "--latencies", "0,400", "--handoffs", "replace,rtc", "--episodes", "1",
+                        "--seed", "3", "--max-steps", "90", "--image-size", "32", "--workers", "2",
+                        "--out", str(tmp_path / "rt2")])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"] == last["rows"]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -159,3 +165,11 @@ def test_rtc_guidance_hands_the_policy_the_rows_the_arm_executes_meanwhile(env, 
         seen.clear()
         run_realtime_episode(env, recording, 5, 40, 10, handoff, 200, rtc_guidance=guidance)
         assert all("guide" not in obs for obs in seen)
+    # guide_plan (a policy drawing several candidates): every hand-off gets the guide; sync, where the arm stops
+    # while the chunk is computed, with nothing committed.
+    for handoff, committed in (("replace", 6), ("sync", 0)):
+        seen.clear()
+        run_realtime_episode(env, recording, 5, 40, 10, handoff, 200, guide_plan=True)
+        guides = [obs.get("guide") for obs in seen]
+        assert guides[0] is None and all(g is not None for g in guides[1:]) and len(guides) >= 2
+        assert all(int((g[1][:, 0] == 1).sum()) == committed for g in guides[1:])

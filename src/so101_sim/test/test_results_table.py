@@ -151,3 +151,6 @@ def test_headline_runs_make_the_task_table_and_every_run_gets_a_row(tmp_path, ca
     assert results_table.main(["--keep", "--headline", "nope", "--eval", f"round 2={tmp_path / 'r2'}",
                                "--out", str(out)]) == 2
     assert "--headline 'nope' is not the label of a run" in capsys.readouterr().err
+    # The headline table follows the order of --headline, not that of the runs (a new shipped run goes first).
+    assert results_table.main(["--keep", "--headline", "round 2", "--headline", "shipped", "--out", str(out)]) == 0
+    assert out.with_suffix(".md").read_text().splitlines()[0] == "| task | round 2 NFE 1 | shipped NFE 1 |"

@@ -41,6 +41,15 @@ NEUTRAL_INSTRUCTION = "pick up the cube"
 ChunkGuide = tuple[np.ndarray, np.ndarray]
 
 
+def _repeat(ctx: ActionExpertContext, n: int) -> ActionExpertContext:
+    """A one-observation context for ``n`` samples at once (views: the prefix's K/V are not copied)."""
+    def rep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.expand(n, *t.shape[1:])
+    return dataclasses.replace(ctx, kv=[(k.expand(n, *k.shape[1:]), v.expand(n, *v.shape[1:])) for k, v in ctx.kv],
+                               attn_mask=rep(ctx.attn_mask), cond=rep(ctx.cond), known=rep(ctx.known),
+                               known_mask=rep(ctx.known_mask))
+
+
 class InstructionFilm(nn.Module):
     """The instruction as FiLM: its pooled token features scale and shift every image-token channel and add a term
     to the expert's adaLN conditioning.
@@ -295,11 +304,19 @@ class MeanFlowPolicy(nn.Module):
         cfg = self.config
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
-        noise = objectives.draw_normal((batch, cfg.chunk_size, cfg.action_dim), generator, self.device,
-                                  self.state_proj.weight.dtype)
+        # One draw per sample, so sample b of a batch is the b-th single draw of the generator (torch fills a
+        # larger tensor differently): the first of several candidates is the chunk one candidate would give.
+        noise = torch.cat([objectives.draw_normal((1, cfg.chunk_size, cfg.action_dim), generator, self.device,
+                                                  self.state_proj.weight.dtype) for _ in range(batch)])
         if guide is not None:
             return self.objective.guided_sample(self._u_fn(ctx), noise, nfe, *guide)
         return self.objective.sample(self._u_fn(ctx), noise, nfe, generator)
+
+    @staticmethod
+    def _closest(chunks: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The one of ``chunks`` (K, T, D) with the least weighted squared distance to ``target`` -> (1, T, D)."""
+        error = (weights[None] * (chunks - target) ** 2).sum(dim=(1, 2))
+        return chunks[int(error.argmin())][None]
 
     def _guide_tensors(self, guide: ChunkGuide) -> tuple[torch.Tensor, torch.Tensor]:
         """A guide in joint units -> (1, T, D) normalised target and (T, D) weights, rows past it weighted 0."""
@@ -330,21 +347,28 @@ class MeanFlowPolicy(nn.Module):
             torch.cuda.synchronize(self.device)
 
     def sample(self, observation: Mapping[str, Any], nfe: int | None = None,
-               generator: torch.Generator | None = None, guide: ChunkGuide | None = None) -> np.ndarray:
+               generator: torch.Generator | None = None, guide: ChunkGuide | None = None,
+               candidates: int = 1) -> np.ndarray:
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
-        ``guide`` (target rows in joint units, a weight per value; real-time chunking: the rows the arm executes
-        while this chunk is computed) steers the chunk onto those rows. A policy trained with committed rows
-        (``action_prefix_rows``) is given the rows weighted 1 (at most that many) and continues them in the
-        usual nfe passes; any other steers its noise onto the weighted rows (``Objective.guided_sample``).
+        ``guide`` (target rows in joint units, a weight per value: the rest of the plan being executed, so101_common
+        .handoff.rtc_guide) asks for a chunk that continues those rows. With ``candidates`` > 1 the expert draws that
+        many chunks in one batched pass (the prefix is computed once) and the one closest to the guide is returned
+        (coherent sampling: consecutive chunks agree instead of each being an independent draw). With one candidate,
+        a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most that
+        many) and continues them in the usual nfe passes (with several, each candidate does); any other steers its
+        noise onto the weighted rows (``Objective.guided_sample``). Without a guide ``candidates`` has no effect.
         ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe
         expert evaluations, the guidance included), post_ms (un-normalise, copy to host), total_ms, nfe.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
         conditioned = guide is not None and self.config.action_prefix_rows > 0
+        select = guide is not None and candidates > 1
         # Guidance differentiates through the expert (never its weights), which inference mode forbids.
-        with torch.inference_mode(guide is None or conditioned), torch.no_grad():
+        with torch.inference_mode(guide is None or conditioned or select), torch.no_grad():
             start = time.perf_counter()
             guide_t = None if guide is None else self._guide_tensors(guide)
             images, state, instruction = self._observation_tensors(observation)
@@ -354,16 +378,22 @@ class MeanFlowPolicy(nn.Module):
                 target, weights = guide_t
                 committed = int((weights.max(dim=1).values >= 1.0).long().cumprod(0).sum())
                 rows = torch.tensor([min(committed, self.config.action_prefix_rows)], device=self.device)
-                ctx, guide_t = self._with_known(ctx, target, rows), None
+                ctx = self._with_known(ctx, target, rows)
             self._sync()
             prefix_end = time.perf_counter()
-            z = self._sample_normalized(ctx, 1, nfe, generator, guide_t)
+            if select:
+                assert guide_t is not None
+                z = self._closest(self._sample_normalized(_repeat(ctx, candidates), candidates, nfe, generator),
+                                  *guide_t)
+            else:
+                z = self._sample_normalized(ctx, 1, nfe, generator, None if conditioned else guide_t)
             self._sync()
             expert_end = time.perf_counter()
             chunk = self.unnormalize_actions(z[0].float()).cpu().numpy()
             end = time.perf_counter()
         self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
-                            "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe}
+                            "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe,
+                            "candidates": candidates if select else 1}
         return chunk
 
     @torch.inference_mode()

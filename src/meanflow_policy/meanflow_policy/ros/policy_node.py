@@ -47,6 +47,7 @@ from meanflow_policy.ros.runtime import (
     ChunkStats,
     ClampMonitor,
     FutureStamp,
+    HandoffPlan,
     Handoffs,
     ObservationNotReady,
     ObservationStale,
@@ -56,7 +57,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from so101_common.handoff import DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
+from so101_common.handoff import DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -343,6 +344,11 @@ class PolicyNode(LifecycleNode):
                 "with committed rows (meanflow-train --action-prefix-rows) continues them at no extra cost, any "
                 "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
                 "correction alone.", read_only=False)
+        declare("candidates", DEFAULT_CANDIDATES, "Chunks drawn per inference (one batched expert pass, the "
+                "backbone run once), of which the one that best continues the published trajectory is used, so "
+                "consecutive chunks agree (coherent sampling); 1: a single draw (then rtc_guidance applies).",
+                read_only=False,
+                integer_range=[IntegerRange(from_value=1, to_value=64, step=1)])
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])
@@ -572,13 +578,14 @@ class PolicyNode(LifecycleNode):
             self._report(DiagnosticStatus.WARN, "stale", text)
             return
         nfe = int(self._param("nfe"))
+        candidates = int(self._param("candidates"))
         guide = None
-        if self._handoff_mode == "rtc" and bool(self._param("rtc_guidance")):
+        if candidates > 1 or (self._handoff_mode == "rtc" and bool(self._param("rtc_guidance"))):
             # The chunk replaces the next one about when the timer starts another: that many steps of it run.
             execute = max(1, round(1.0 / (float(self._param("rate_hz")) * self._dt)))
             with self._lock:
                 guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute)
-        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide)
+        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide, candidates=candidates)
         timing = dict(self._policy.last_timing)
         publish_ns = self._now_ns()
         handoff = None
@@ -586,8 +593,12 @@ class PolicyNode(LifecycleNode):
             if np.shape(chunk)[0] != self._chunk_size:
                 raise ChunkError(f"model returned {np.shape(chunk)[0]} steps, the checkpoint says {self._chunk_size}")
             if self._handoff_mode == HANDOFF_OFF:
-                plan = chunk_to_plan(chunk, self._limits, self._dt, age_s(publish_ns, obs.newest_image_stamp_ns),
+                self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
+                plan = chunk_to_plan(chunk, self._limits, self._dt, self._latency_s,
                                      bool(self._param("latency_compensation")))
+                start = self._store.current_positions()
+                if candidates > 1 and start is not None:  # the plan the next chunk's candidates continue
+                    handoff = HandoffPlan(plan, start, delay_steps=0, limited=0, stale=False)
             else:
                 with self._lock:  # against enable/deactivate, which reset the published trajectory
                     publish_ns = self._now_ns()

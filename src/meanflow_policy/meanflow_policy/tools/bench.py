@@ -24,6 +24,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+from so101_common.handoff import DEFAULT_CANDIDATES
 from so101_common.joints import home_vector
 from so101_common.provenance import provenance
 
@@ -75,15 +76,21 @@ def make_observation(config: MeanFlowConfig, height: int, width: int, seed: int 
 
 
 def time_variant(policy: MeanFlowPolicy, obs: dict[str, object], objective: str, nfe: int, runs: int,
-                 warmup: int) -> dict[str, list[float]]:
-    """Sample ``warmup + runs`` chunks with ``objective``'s sampler on the same weights; keep the warm timings."""
+                 warmup: int, candidates: int = 1) -> dict[str, list[float]]:
+    """Sample ``warmup + runs`` chunks with ``objective``'s sampler on the same weights; keep the warm timings.
+    With ``candidates`` > 1 each chunk is the closest of that many draws to a guide (coherent sampling: the node
+    guides every chunk after the first by the trajectory it published)."""
     saved = policy.objective
     policy.objective = make_objective(replace(policy.config, objective=objective))
     try:
         torch.manual_seed(0)  # noise drawn on the policy's device, as the node does (no generator)
+        guide = None
+        if candidates > 1:
+            previous = policy.sample(obs, nfe=nfe)
+            guide = (previous, np.ones_like(previous))
         timings: dict[str, list[float]] = {"prefix_ms": [], "expert_ms": [], "post_ms": [], "total_ms": []}
         for i in range(warmup + runs):
-            policy.sample(obs, nfe=nfe)
+            policy.sample(obs, nfe=nfe, guide=guide, candidates=candidates)
             if i >= warmup:
                 for key in timings:
                     timings[key].append(policy.last_timing[key])
@@ -193,6 +200,14 @@ def bench_precision(policy: MeanFlowPolicy, obs: dict[str, object], args: argpar
               f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
               f"{statistics.median(t['total_ms']):>11.2f}"
               f"{_percentile(t['total_ms'], 95):>11.2f}", flush=True)
+    for k in args.candidates:
+        key = f"meanflow_1_candidates_{k}"
+        t = time_variant(policy, obs, "meanflow", 1, args.runs, args.warmup, candidates=k)
+        results[key] = t
+        print(f"{key:<18}{statistics.median(t['prefix_ms']):>11.2f}{statistics.median(t['expert_ms']):>11.2f}"
+              f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
+              f"{statistics.median(t['total_ms']):>11.2f}"
+              f"{_percentile(t['total_ms'], 95):>11.2f}", flush=True)
     breakdown = prefix_breakdown(policy, obs, max(3, args.runs // 2))
     print("prefix breakdown (median ms per stage):")
     for name, ms in breakdown.items():
@@ -277,9 +292,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "CPUs); the first is the reference the others' parity and speed-up are measured against. "
                         "default: auto on CUDA, float32,auto on CPU. The expert always runs in float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--candidates", default=str(DEFAULT_CANDIDATES),
+                   help="comma list of candidate counts timed for MeanFlow NFE 1 with a guide (coherent sampling: "
+                        "the closest of K draws), beside the single-draw variants; empty: none")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
+    try:
+        args.candidates = [int(x) for x in args.candidates.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--candidates: {args.candidates!r} is not a comma list of integers")
+    if any(k < 2 for k in args.candidates):
+        p.error("--candidates: each count must be >= 2 (1 is the plain meanflow_1 variant)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch sees no CUDA device")
     cuda = args.device.startswith("cuda")

@@ -44,6 +44,7 @@ class SimCheckpointPolicy:
         if unknown:
             raise ValueError(f"checkpoint {checkpoint} wants cameras {unknown}; the sim has {list(CAMERA_NAMES)}")
         self.nfe = 1
+        self.candidates = 1
         self.generator = torch.Generator().manual_seed(0)
 
     @property
@@ -54,10 +55,10 @@ class SimCheckpointPolicy:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, observation: dict) -> np.ndarray:
-        """The chunk for ``observation``; its optional ``guide`` (target rows, weights) steers it (real-time
-        chunking, so101_sim.realtime)."""
+        """The chunk for ``observation``; its optional ``guide`` (target rows, weights: the plan being executed)
+        picks the closest of ``candidates`` draws, or with one candidate steers the draw (rtc guidance)."""
         return self.policy.sample(observation, nfe=self.nfe, generator=self.generator,
-                                  guide=observation.get("guide"))
+                                  guide=observation.get("guide"), candidates=self.candidates)
 
     def last_latency_ms(self) -> float | None:
         return self.policy.last_timing.get("total_ms")
