@@ -370,7 +370,9 @@ def evaluate(grid: Grid, run: str, nfes: list[int], commit: str, where: str) -> 
     started = time.monotonic()
     command([sys.executable, "-m", "so101_sim.evaluate", "--checkpoint", str(run_dir / "last"),
              "--sweep-nfe", ",".join(str(n) for n in nfes), "--episodes", str(grid.episodes), "--seed", str(EVAL_SEED),
-             "--image-size", str(IMAGE_SIZE), "--workers", "1", "--video-episodes", "0", "--out", str(out)],
+             "--image-size", str(IMAGE_SIZE), "--workers", "1", "--video-episodes", "0",
+             # the paper's sampler, one draw per chunk, as every recorded cell (not coherent sampling)
+             "--candidates", "1", "--out", str(out)],
             f"{run}: evaluation at NFE {','.join(str(n) for n in nfes)}", log_file=run_dir / "eval.log")
     seconds = round(time.monotonic() - started, 1)
     when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
