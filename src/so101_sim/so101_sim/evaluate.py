@@ -32,7 +32,8 @@ from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
-from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
+from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
+                                      resolve_checkpoint)
 from so101_sim.rollout import DEFAULT_ACTION_STEPS, EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
@@ -131,24 +132,31 @@ class EvalJob:
     candidates: int = 1
 
 
-# Per process: the loaded policy and one env per task, reused by every job the process runs.
-_POLICIES: dict[tuple[str, str], object] = {}
+# Per process: the loaded policies and one env per (task, image size), reused by every job or cell the process
+# runs (so101-eval here, so101-eval-realtime's cells too).
+_POLICIES: dict[tuple[str, str], CheckpointPolicy] = {}
 _ENVS: dict[tuple[str, int], SimEnv] = {}
+
+
+def cached_env(task: str, image_size: int) -> SimEnv:
+    """This process's env for ``task`` at ``image_size`` px (built on first use)."""
+    if (task, image_size) not in _ENVS:
+        _ENVS[(task, image_size)] = SimEnv(SceneConfig(image_height=image_size, image_width=image_size), task=task)
+    return _ENVS[(task, image_size)]
+
+
+def cached_policy(checkpoint: str, device: str) -> CheckpointPolicy:
+    """This process's loaded ``checkpoint`` (loaded on first use: a bad one raises here, before any episode)."""
+    if (checkpoint, device) not in _POLICIES:
+        _POLICIES[(checkpoint, device)] = load_checkpoint_policy(Path(checkpoint), device)
+    return _POLICIES[(checkpoint, device)]
 
 
 def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
     """Run a job's episodes in this process (the main one or a pool worker); returns results and GIF paths."""
-    key = (job.task, job.image_size)
-    if key not in _ENVS:
-        _ENVS[key] = SimEnv(SceneConfig(image_height=job.image_size, image_width=job.image_size), task=job.task)
-    env = _ENVS[key]
-    if job.checkpoint is None:
-        policy = ExpertEvalPolicy(env)
-    else:
-        pkey = (job.checkpoint, job.device)
-        if pkey not in _POLICIES:
-            _POLICIES[pkey] = load_checkpoint_policy(Path(job.checkpoint), job.device)
-        policy = _POLICIES[pkey]
+    env = cached_env(job.task, job.image_size)
+    policy: ExpertEvalPolicy | CheckpointPolicy
+    policy = ExpertEvalPolicy(env) if job.checkpoint is None else cached_policy(job.checkpoint, job.device)
     policy.nfe, policy.candidates = job.nfe, job.candidates
     video_dir = None if job.video_dir is None else Path(job.video_dir)
     report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
@@ -299,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint is not None:
         # Load once here: a bad checkpoint is one error before any episode, and a single process reuses it.
         try:
-            _POLICIES[(checkpoint, args.device)] = load_checkpoint_policy(args.checkpoint, args.device)
+            cached_policy(checkpoint, args.device)
         except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
             print(f"so101-eval: cannot load checkpoint: {exc}", file=sys.stderr)
             return 2

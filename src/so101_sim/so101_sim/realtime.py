@@ -38,12 +38,10 @@ from so101_common.provenance import provenance
 from so101_common.handoff import (DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON,
                                   HANDOFF_MODES, CommandStream, rtc_guide)
 from so101_sim.env import SimEnv
-from so101_sim.evaluate import ExpertEvalPolicy
-from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
-                                      resolve_checkpoint)
+from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
+from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
 from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, check_chunk, latency_summary,
                                wilson_interval)
-from so101_sim.scene import SceneConfig
 from so101_sim.tasks import TASKS
 
 HANDOFFS = ("sync", *HANDOFF_MODES)
@@ -262,35 +260,12 @@ class Cell:
     label: str
 
 
-# Per process: one env per (task, image size) and one loaded policy per (checkpoint, device), reused by its cells.
-_ENVS: dict[tuple[str, int], SimEnv] = {}
-_POLICIES: dict[tuple[str, str], CheckpointPolicy] = {}
-
-
-def _policy(checkpoint: str, device: str) -> CheckpointPolicy:
-    if (checkpoint, device) not in _POLICIES:
-        _POLICIES[(checkpoint, device)] = load_checkpoint_policy(Path(checkpoint), device)
-    return _POLICIES[(checkpoint, device)]
-
-
-def _close() -> None:
-    for env in _ENVS.values():
-        env.close()
-    _ENVS.clear()
-
-
 def run_cell(cell: Cell) -> dict:
     """Evaluate one cell in this process (the main one or a pool worker); returns its report."""
-    key = (cell.task, cell.image_size)
-    if key not in _ENVS:
-        _ENVS[key] = SimEnv(SceneConfig(image_height=cell.image_size, image_width=cell.image_size), task=cell.task)
-    env = _ENVS[key]
+    env = cached_env(cell.task, cell.image_size)
     policy: ExpertEvalPolicy | CheckpointPolicy
-    if cell.checkpoint is None:
-        policy = ExpertEvalPolicy(env)
-    else:
-        policy = _policy(cell.checkpoint, cell.device)
-        policy.nfe, policy.candidates = cell.nfe, cell.candidates
+    policy = ExpertEvalPolicy(env) if cell.checkpoint is None else cached_policy(cell.checkpoint, cell.device)
+    policy.nfe, policy.candidates = cell.nfe, cell.candidates
     return evaluate_realtime(env, policy, list(cell.seeds), cell.max_steps, cell.action_steps, cell.handoff,
                              cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
                              latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
@@ -439,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         if spec.checkpoint is not None:
             try:  # load once here: a bad checkpoint is one error before any episode (and cached for workers=1)
-                _policy(str(spec.checkpoint), args.device)
+                cached_policy(str(spec.checkpoint), args.device)
             except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
                 print(f"so101-eval-realtime: --policy {spec.text}: cannot load checkpoint: {exc}", file=sys.stderr)
                 return 2
@@ -468,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         print("so101-eval-realtime: interrupted", file=sys.stderr)
         return 130
     finally:
-        _close()
+        close_envs()
     table = "\n".join([TABLE_HEADER, *lines])
     source = provenance()
     footer = (f"\n{args.task}, {args.episodes} episodes per cell from seed {args.seed}; commit {source['commit']}, "
