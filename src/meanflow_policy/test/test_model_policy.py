@@ -56,8 +56,8 @@ def test_sample_contract(policy, nfe):
     chunk = policy.sample(obs, nfe=nfe, generator=torch.Generator().manual_seed(0))
     assert chunk.shape == (20, 6) and chunk.dtype == np.float32 and np.all(np.isfinite(chunk))
     timing = policy.last_timing
-    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe", "candidates"}
-    assert timing["nfe"] == nfe and timing["candidates"] == 1
+    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe", "candidates", "average"}
+    assert timing["nfe"] == nfe and timing["candidates"] == 1 and timing["average"] == 1
     assert 0 < timing["prefix_ms"] < timing["total_ms"] and timing["expert_ms"] > 0 and timing["post_ms"] > 0
     parts = timing["prefix_ms"] + timing["expert_ms"] + timing["post_ms"]
     assert timing["total_ms"] == pytest.approx(parts, rel=1e-6)
@@ -445,6 +445,25 @@ def test_candidates_keep_the_draw_that_continues_the_guide(policy):
     assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0), candidates=8), plain)
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         policy.sample(obs, guide=guide, candidates=0)
+    with pytest.raises(ValueError, match="average within 1..candidates"):
+        policy.sample(obs, guide=guide, candidates=4, average=5)
+
+
+def test_average_is_the_mean_of_the_closest_candidates(policy):
+    """With ``average`` = K every candidate is averaged: the chunk is the mean of the K single draws the same
+    generator gives one after another (candidate k is the k-th draw); with 2 of 6, the mean of two of them."""
+    obs = random_observation(policy.config, seed=5)
+    plan = policy.sample(obs, generator=torch.Generator().manual_seed(7))
+    guide = (plan[:10], np.ones((10, 6), np.float32))
+    g = torch.Generator().manual_seed(1)
+    draws = np.stack([policy.sample(obs, generator=g) for _ in range(6)])
+    every = policy.sample(obs, generator=torch.Generator().manual_seed(1), guide=guide, candidates=6, average=6)
+    np.testing.assert_allclose(every, draws.mean(axis=0), atol=1e-5)
+    two = policy.sample(obs, generator=torch.Generator().manual_seed(1), guide=guide, candidates=6, average=2)
+    assert policy.last_timing["average"] == 2
+    error = ((draws[:, :10] - plan[:10]) / policy.action_std.clamp(min=1e-6).numpy()) ** 2
+    closest = np.argsort(error.sum(axis=(1, 2)))[:2]
+    np.testing.assert_allclose(two, draws[closest].mean(axis=0), atol=1e-5)
 
 
 def test_a_policy_moved_to_twice_the_image_size_acts_as_on_the_downscaled_views(ckpt):

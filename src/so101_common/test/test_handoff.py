@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from so101_common.handoff import CommandStream, HandoffError, hand_off, limit_steps, rtc_guide
+from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, CommandStream, HandoffError, hand_off,
+                                  limit_steps, resolve_average, rtc_guide)
 
 J = 6
 
@@ -163,3 +164,14 @@ def test_rtc_guide_asks_for_the_rows_executed_while_the_chunk_is_computed():
     assert np.array_equal(held, np.zeros((20, 6)))
     with pytest.raises(HandoffError, match="rtc_guide needs"):
         rtc_guide(seq, 0, 6, 20, 0)
+
+
+def test_resolve_average_defaults_within_the_candidates_and_refuses_a_count_outside_them():
+    assert resolve_average(None, DEFAULT_CANDIDATES) == DEFAULT_AVERAGE
+    assert resolve_average(None, 1) == 1  # one candidate: a plain draw, whatever the default
+    assert resolve_average(3, 8) == 3
+    for average, candidates in ((9, 8), (0, 4)):
+        with pytest.raises(ValueError, match=r"average must be within 1..candidates"):
+            resolve_average(average, candidates)
+    with pytest.raises(ValueError, match="candidates must be >= 1"):
+        resolve_average(None, 0)

@@ -27,7 +27,7 @@ import imageio.v3 as iio
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES
-from so101_common.handoff import DEFAULT_CANDIDATES
+from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
@@ -44,6 +44,7 @@ class ExpertEvalPolicy(ExpertChunkPolicy):
 
     nfe = 1
     candidates = 1
+    average = 1
 
     def reseed(self, seed: int) -> None:
         """Deterministic: nothing to seed."""
@@ -130,6 +131,7 @@ class EvalJob:
     video_dir: str | None
     video_episodes: int
     candidates: int = 1
+    average: int = 1
 
 
 # Per process: the loaded policies and one env per (task, image size), reused by every job or cell the process
@@ -157,7 +159,7 @@ def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
     env = cached_env(job.task, job.image_size)
     policy: ExpertEvalPolicy | CheckpointPolicy
     policy = ExpertEvalPolicy(env) if job.checkpoint is None else cached_policy(job.checkpoint, job.device)
-    policy.nfe, policy.candidates = job.nfe, job.candidates
+    policy.nfe, policy.candidates, policy.average = job.nfe, job.candidates, job.average
     video_dir = None if job.video_dir is None else Path(job.video_dir)
     report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
                       label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
@@ -251,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks the policy draws per inference, keeping the one that best continues the rest "
-                        "of the last chunk (1: a single draw per chunk; default %(default)s)")
+                        help="chunks the policy draws per inference, keeping those that best continue the rest of "
+                        "the last chunk (1: a single draw per chunk; default %(default)s)")
+    parser.add_argument("--average", type=int, default=None,
+                        help="how many of the candidates closest to the last chunk are averaged into the chunk "
+                        f"used (1: the closest alone; default {DEFAULT_AVERAGE}, at most --candidates)")
     parser.add_argument("--sweep-nfe", type=_parse_nfe_list, default=None, help="evaluate each NFE, e.g. 1,2,5,10")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task and NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
@@ -287,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    if args.candidates < 1:
-        parser.error(f"--candidates must be >= 1, got {args.candidates}")
+    try:
+        args.average = resolve_average(args.average, args.candidates)
+    except ValueError as exc:
+        parser.error(f"--candidates / --average: {exc}")
     if not 0 <= args.paraphrases <= 4:
         parser.error(f"--paraphrases must be 0..4 (held-out paraphrases per task), got {args.paraphrases}")
     if args.instruction is not None and (args.tasks is not None or not args.instruction.strip()):
@@ -317,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
                     image_size=args.image_size, max_steps=args.max_steps or TASKS[t].max_steps,
                     action_steps=args.action_steps, instruction=args.instruction,
                     video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes,
-                    candidates=1 if args.expert else args.candidates)
+                    candidates=1 if args.expert else args.candidates, average=1 if args.expert else args.average)
             for t in tasks for n in nfes]
     variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
     variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))
@@ -337,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     variant_reports: dict[str, dict[str, dict]] = {t: {} for t in tasks}
     for (kind, job), (results, videos) in zip(variant_jobs, outputs[len(jobs):]):
         report = {**summarize(results, videos, job.max_steps, job.action_steps), "task": job.task, "kind": kind,
-                  "instruction": job.instruction, "nfe": job.nfe, "candidates": job.candidates, "seed": args.seed}
+                  "instruction": job.instruction, "nfe": job.nfe, "candidates": job.candidates,
+                  "average": job.average, "seed": args.seed}
         (task_dir[job.task] / f"instruction_{kind}_nfe{job.nfe}.json").write_text(json.dumps(report, indent=2))
         variant_reports[job.task][kind] = report
         print(f"{job.task} said {kind} ({job.instruction!r}): success {report['successes']}/{report['episodes']}, "
@@ -345,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     for job, (results, videos) in zip(jobs, outputs[:len(jobs)]):
         report = summarize(results, videos, job.max_steps, job.action_steps)
         report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe,
-                       "candidates": job.candidates, "task": job.task,
+                       "candidates": job.candidates, "average": job.average, "task": job.task,
                        "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
                        "image_size": args.image_size})
         path = task_dir[job.task] / f"eval_nfe{job.nfe}.json"
@@ -368,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "summary.md").write_text(table + "\n")
         (args.out / "summary.json").write_text(json.dumps(
             {"summary": last, "checkpoint": reports[tasks[0]][nfes[0]]["checkpoint"], "seed": args.seed,
-             "image_size": args.image_size, "candidates": jobs[0].candidates, "workers": args.workers,
+             "image_size": args.image_size, "candidates": jobs[0].candidates,
+             "average": jobs[0].average, "workers": args.workers,
              "wall_seconds": wall, **provenance(),
              "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}
                          for t, by_nfe in reports.items()}}, indent=2))

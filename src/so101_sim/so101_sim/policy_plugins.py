@@ -29,6 +29,7 @@ class CheckpointPolicy(Protocol):
 
     nfe: int
     candidates: int
+    average: int
 
     @property
     def chunk_size(self) -> int: ...

@@ -35,8 +35,8 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import (DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON,
-                                  HANDOFF_MODES, CommandStream, rtc_guide)
+from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE,
+                                  DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream, resolve_average, rtc_guide)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
@@ -246,6 +246,7 @@ class Cell:
     checkpoint: str | None  # None: the scripted expert
     nfe: int
     candidates: int
+    average: int
     latency_ms: float | None  # None: each chunk's measured latency
     handoff: str
     task: str
@@ -265,7 +266,7 @@ def run_cell(cell: Cell) -> dict:
     env = cached_env(cell.task, cell.image_size)
     policy: ExpertEvalPolicy | CheckpointPolicy
     policy = ExpertEvalPolicy(env) if cell.checkpoint is None else cached_policy(cell.checkpoint, cell.device)
-    policy.nfe, policy.candidates = cell.nfe, cell.candidates
+    policy.nfe, policy.candidates, policy.average = cell.nfe, cell.candidates, cell.average
     return evaluate_realtime(env, policy, list(cell.seeds), cell.max_steps, cell.action_steps, cell.handoff,
                              cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
                              latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
@@ -385,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
                              "trained with --action-prefix-rows continues them; any other is steered onto them by "
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks a checkpoint policy draws per inference, keeping the one closest to the plan "
+                        help="chunks a checkpoint policy draws per inference, keeping those closest to the plan "
                              "being executed (1: a single draw; default %(default)s)")
+    parser.add_argument("--average", type=int, default=None,
+                        help="candidates closest to the plan averaged into the chunk used (1: the closest alone; "
+                             f"default {DEFAULT_AVERAGE}, at most --candidates)")
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
     parser.add_argument("--workers", type=int, default=1,
@@ -394,9 +398,13 @@ def main(argv: list[str] | None = None) -> int:
                              "results do not depend on it; measured latencies do, when workers share cores)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    for name in ("episodes", "action_steps", "rtc_horizon", "image_size", "candidates", "workers"):
+    for name in ("episodes", "action_steps", "rtc_horizon", "image_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        args.average = resolve_average(args.average, args.candidates)
+    except ValueError as exc:
+        parser.error(f"--candidates / --average: {exc}")
     if not args.max_step > 0:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
     specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]
@@ -420,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         labels[spec.text] = policy_label(spec)
     cells = [Cell(None if spec.checkpoint is None else str(spec.checkpoint), spec.nfe,
-                  1 if spec.checkpoint is None else args.candidates, latency, handoff, args.task, seeds, max_steps,
+                  1 if spec.checkpoint is None else args.candidates, 1 if spec.checkpoint is None else args.average,
+                  latency, handoff, args.task, seeds, max_steps,
                   args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.image_size,
                   args.device, labels[spec.text])
              for spec in specs for latency in args.latencies for handoff in args.handoffs]
@@ -430,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for cell, report in _run_cells(cells, args.workers):
             row = {"latency_ms": MEASURED if cell.latency_ms is None else cell.latency_ms, "policy": cell.label,
-                   "handoff": cell.handoff, "candidates": cell.candidates, "success_rate": report["success_rate"],
+                   "handoff": cell.handoff, "candidates": cell.candidates, "average": cell.average,
+                   "success_rate": report["success_rate"],
                    "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"]}
             rows.append(row)
             lines.append(table_line(row, report))

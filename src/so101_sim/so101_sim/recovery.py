@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from so101_common.handoff import DEFAULT_CANDIDATES
+from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks the policy draws per inference, keeping the one that continues the last "
+                        help="chunks the policy draws per inference, keeping those that continue the last "
                              "(as so101-eval; default %(default)s)")
+    parser.add_argument("--average", type=int, default=None,
+                        help="candidates closest to the last chunk averaged into the one used (as so101-eval; "
+                             f"default {DEFAULT_AVERAGE}, at most --candidates)")
     parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
@@ -107,8 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.episodes < 1 or args.nfe < 1 or args.action_steps < 1 or args.candidates < 1:
-        parser.error("--episodes, --nfe, --candidates and --action-steps must be >= 1")
+    if min(args.episodes, args.nfe, args.action_steps) < 1:
+        parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    try:
+        args.average = resolve_average(args.average, args.candidates)
+    except ValueError as exc:
+        parser.error(f"--candidates / --average: {exc}")
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     except (PolicyPluginError, LookupError) as exc:
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         last = default_handover_last(args.task) if args.handover_last is None else args.handover_last
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
-        policy.nfe, policy.candidates = args.nfe, args.candidates
+        policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
         recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed,
                                     guide_plan=args.candidates > 1)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     (args.out / RECOVERY_FILE).write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
-        "action_steps": args.action_steps, "handover_range": [handover.first, handover.last], "first_seed": args.seed,
+        "average": args.average, "action_steps": args.action_steps,
+        "handover_range": [handover.first, handover.last], "first_seed": args.seed,
         "handover_step": recorder.handovers}, indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "

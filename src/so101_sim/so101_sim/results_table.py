@@ -44,7 +44,7 @@ def load_run(label: str, directory: Path, wording: bool = False) -> dict:
            "commit": data.get("commit", "unknown"), "machine": data.get("machine", "unknown"),
            "seed": data.get("seed"), "image_size": data.get("image_size"),
            # runs before coherent sampling drew one chunk per inference
-           "candidates": data.get("candidates", 1)}
+           "candidates": data.get("candidates", 1), "average": data.get("average", 1)}
     if wording:
         # With the own sentences, at the run's first NFE: kept in the JSON so that --keep can rebuild the row.
         first = by_nfe[min(by_nfe, key=int)]["tasks"]
@@ -206,12 +206,14 @@ def build_wording(runs: list[dict]) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", data
 
 
-_SOURCE_KEYS = ("dir", "checkpoint", "commit", "machine", "seed", "image_size", "candidates")
+_SOURCE_KEYS = ("dir", "checkpoint", "commit", "machine", "seed", "image_size", "candidates", "average")
 
 
 def _source_line(run: dict) -> str:
     candidates = run.get("candidates") or 1  # runs kept from before coherent sampling have none
-    drawn = "one draw per chunk" if candidates == 1 else f"the closest of {candidates} draws per chunk"
+    average = run.get("average") or 1
+    drawn = ("one draw per chunk" if candidates == 1 else f"the closest of {candidates} draws per chunk" if average == 1
+             else f"the mean of the {average} closest of {candidates} draws per chunk")
     return (f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {run['seed']}, "
             f"{run['image_size']} px, {drawn}), commit {run['commit']}, {run['machine']}")
 

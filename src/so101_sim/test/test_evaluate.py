@@ -8,7 +8,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from so101_common.handoff import DEFAULT_CANDIDATES
+from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES
 from so101_sim import evaluate
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert
@@ -101,7 +101,8 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     for nfe in (1, 2):
         report = json.loads((out / f"eval_nfe{nfe}.json").read_text())
         assert report["nfe"] == nfe and report["episodes"] == 2 and len(report["results"]) == 2
-        assert report["candidates"] == DEFAULT_CANDIDATES  # the default inference: coherent sampling
+        # the default inference: coherent sampling
+        assert report["candidates"] == DEFAULT_CANDIDATES and report["average"] == DEFAULT_AVERAGE
         assert 0.0 <= report["ci95"][0] <= report["success_rate"] <= report["ci95"][1] <= 1.0
         # 30 steps at 10 per chunk: 3 chunks per episode, each timed by the policy.
         assert report["chunk_latency"]["count"] == 6 and report["chunk_latency"]["median_ms"] > 0
@@ -230,6 +231,13 @@ def test_tasks_argument_names_unknown_tasks(capsys):
     with pytest.raises(SystemExit):
         evaluate.main(["--expert", "--tasks", "pick_place,juggling"])
     assert "unknown task(s) ['juggling']" in capsys.readouterr().err
+
+
+def test_more_averaged_than_drawn_candidates_is_one_clear_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--expert", "--candidates", "4", "--average", "5"])
+    assert exc.value.code == 2
+    assert "--candidates / --average: average must be within 1..candidates (4), got 5" in capsys.readouterr().err
 
 
 def test_paraphrases_and_an_unrelated_instruction_are_evaluated_on_the_same_seeds(tmp_path, capsys):

@@ -313,10 +313,11 @@ class MeanFlowPolicy(nn.Module):
         return self.objective.sample(self._u_fn(ctx), noise, nfe, generator)
 
     @staticmethod
-    def _closest(chunks: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The one of ``chunks`` (K, T, D) with the least weighted squared distance to ``target`` -> (1, T, D)."""
+    def _closest(chunks: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, average: int) -> torch.Tensor:
+        """The mean of the ``average`` of ``chunks`` (K, T, D) with the least weighted squared distance to ``target``
+        -> (1, T, D): with 1 the closest draw itself."""
         error = (weights[None] * (chunks - target) ** 2).sum(dim=(1, 2))
-        return chunks[int(error.argmin())][None]
+        return chunks[error.argsort()[:average]].mean(dim=0, keepdim=True)
 
     def _guide_tensors(self, guide: ChunkGuide) -> tuple[torch.Tensor, torch.Tensor]:
         """A guide in joint units -> (1, T, D) normalised target and (T, D) weights, rows past it weighted 0."""
@@ -348,13 +349,14 @@ class MeanFlowPolicy(nn.Module):
 
     def sample(self, observation: Mapping[str, Any], nfe: int | None = None,
                generator: torch.Generator | None = None, guide: ChunkGuide | None = None,
-               candidates: int = 1) -> np.ndarray:
+               candidates: int = 1, average: int = 1) -> np.ndarray:
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
         ``guide`` (target rows in joint units, a weight per value: the rest of the plan being executed, so101_common
         .handoff.rtc_guide) asks for a chunk that continues those rows. With ``candidates`` > 1 the expert draws that
         many chunks in one batched pass (the prefix is computed once) and the one closest to the guide is returned
-        (coherent sampling: consecutive chunks agree instead of each being an independent draw). With one candidate,
+        (coherent sampling: consecutive chunks agree instead of each being an independent draw), or the mean of the
+        ``average`` closest (draws of one mode: averaging them removes their jitter, not a choice). With one candidate,
         a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most that
         many) and continues them in the usual nfe passes (with several, each candidate does); any other steers its
         noise onto the weighted rows (``Objective.guided_sample``). Without a guide ``candidates`` has no effect.
@@ -363,8 +365,9 @@ class MeanFlowPolicy(nn.Module):
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
-        if candidates < 1:
-            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        if candidates < 1 or not 1 <= average <= candidates:
+            raise ValueError(f"candidates must be >= 1 and average within 1..candidates, got {candidates} and "
+                             f"{average}")
         conditioned = guide is not None and self.config.action_prefix_rows > 0
         select = guide is not None and candidates > 1
         # Guidance differentiates through the expert (never its weights), which inference mode forbids.
@@ -384,7 +387,7 @@ class MeanFlowPolicy(nn.Module):
             if select:
                 assert guide_t is not None
                 z = self._closest(self._sample_normalized(_repeat(ctx, candidates), candidates, nfe, generator),
-                                  *guide_t)
+                                  *guide_t, average)
             else:
                 z = self._sample_normalized(ctx, 1, nfe, generator, None if conditioned else guide_t)
             self._sync()
@@ -393,7 +396,7 @@ class MeanFlowPolicy(nn.Module):
             end = time.perf_counter()
         self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
                             "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe,
-                            "candidates": candidates if select else 1}
+                            "candidates": candidates if select else 1, "average": average if select else 1}
         return chunk
 
     @torch.inference_mode()

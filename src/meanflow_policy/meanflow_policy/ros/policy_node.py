@@ -57,7 +57,7 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from so101_common.handoff import DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
+from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -345,9 +345,12 @@ class PolicyNode(LifecycleNode):
                 "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
                 "correction alone.", read_only=False)
         declare("candidates", DEFAULT_CANDIDATES, "Chunks drawn per inference (one batched expert pass, the "
-                "backbone run once), of which the one that best continues the published trajectory is used, so "
+                "backbone run once), of which those that best continue the published trajectory are used, so "
                 "consecutive chunks agree (coherent sampling); 1: a single draw (then rtc_guidance applies).",
                 read_only=False,
+                integer_range=[IntegerRange(from_value=1, to_value=64, step=1)])
+        declare("average", DEFAULT_AVERAGE, "How many of the candidates closest to the published trajectory are "
+                "averaged into the chunk (1: the closest alone; at most candidates).", read_only=False,
                 integer_range=[IntegerRange(from_value=1, to_value=64, step=1)])
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
@@ -579,13 +582,15 @@ class PolicyNode(LifecycleNode):
             return
         nfe = int(self._param("nfe"))
         candidates = int(self._param("candidates"))
+        average = min(int(self._param("average")), candidates)
         guide = None
         if candidates > 1 or (self._handoff_mode == "rtc" and bool(self._param("rtc_guidance"))):
             # The chunk replaces the next one about when the timer starts another: that many steps of it run.
             execute = max(1, round(1.0 / (float(self._param("rate_hz")) * self._dt)))
             with self._lock:
                 guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute)
-        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide, candidates=candidates)
+        chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide, candidates=candidates,
+                                    average=average)
         timing = dict(self._policy.last_timing)
         publish_ns = self._now_ns()
         handoff = None

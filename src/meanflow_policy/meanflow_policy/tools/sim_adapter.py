@@ -45,6 +45,7 @@ class SimCheckpointPolicy:
             raise ValueError(f"checkpoint {checkpoint} wants cameras {unknown}; the sim has {list(CAMERA_NAMES)}")
         self.nfe = 1
         self.candidates = 1
+        self.average = 1
         self.generator = torch.Generator().manual_seed(0)
 
     @property
@@ -56,9 +57,11 @@ class SimCheckpointPolicy:
 
     def __call__(self, observation: dict) -> np.ndarray:
         """The chunk for ``observation``; its optional ``guide`` (target rows, weights: the plan being executed)
-        picks the closest of ``candidates`` draws, or with one candidate steers the draw (rtc guidance)."""
+        picks the mean of the ``average`` closest of ``candidates`` draws, or with one candidate steers the draw
+        (rtc guidance)."""
         return self.policy.sample(observation, nfe=self.nfe, generator=self.generator,
-                                  guide=observation.get("guide"), candidates=self.candidates)
+                                  guide=observation.get("guide"), candidates=self.candidates,
+                                  average=self.average)
 
     def last_latency_ms(self) -> float | None:
         return self.policy.last_timing.get("total_ms")
