@@ -359,9 +359,10 @@ class MeanFlowPolicy(nn.Module):
         ``average`` closest (draws of one mode: averaging them removes their jitter, not a choice). With one candidate,
         a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most that
         many) and continues them in the usual nfe passes (with several, each candidate does); any other steers its
-        noise onto the weighted rows (``Objective.guided_sample``). Without a guide ``candidates`` has no effect.
-        ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe
-        expert evaluations, the guidance included), post_ms (un-normalise, copy to host), total_ms, nfe.
+        noise onto the weighted rows (``Objective.guided_sample``). Without a guide ``candidates`` and ``average``
+        have no effect. ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms
+        (noise + nfe expert evaluations, the guidance or the candidates included), post_ms (un-normalise, copy to
+        host), total_ms; and nfe, candidates, average as used.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
