@@ -27,14 +27,14 @@ import imageio.v3 as iio
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES
-from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
                                       resolve_checkpoint)
-from so101_sim.rollout import DEFAULT_ACTION_STEPS, EpisodeResult, Policy, latency_summary, run_episode, wilson_interval
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments, latency_summary,
+                               resolve_sampling_arguments, run_episode, wilson_interval)
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
@@ -252,12 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--expert", action="store_true",
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
-    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks the policy draws per inference, keeping those that best continue the rest of "
-                        "the last chunk (1: a single draw per chunk; default %(default)s)")
-    parser.add_argument("--average", type=int, default=None,
-                        help="how many of the candidates closest to the last chunk are averaged into the chunk "
-                        f"used (1: the closest alone; default {DEFAULT_AVERAGE}, at most --candidates)")
+    add_sampling_arguments(parser)
     parser.add_argument("--sweep-nfe", type=_parse_nfe_list, default=None, help="evaluate each NFE, e.g. 1,2,5,10")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task and NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
@@ -292,10 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--nfe must be >= 1, got {args.nfe}")
     if args.workers < 1:
         parser.error(f"--workers must be >= 1, got {args.workers}")
-    try:
-        args.average = resolve_average(args.average, args.candidates)
-    except ValueError as exc:
-        parser.error(f"--candidates / --average: {exc}")
+    resolve_sampling_arguments(parser, args)
     if not 0 <= args.paraphrases <= 4:
         parser.error(f"--paraphrases must be 0..4 (held-out paraphrases per task), got {args.paraphrases}")
     if args.instruction is not None and (args.tasks is not None or not args.instruction.strip()):

@@ -35,13 +35,13 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE,
-                                  DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream, resolve_average, rtc_guide)
+from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON, HANDOFF_MODES,
+                                  CommandStream, rtc_guide)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, check_chunk, latency_summary,
-                               wilson_interval)
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, add_sampling_arguments, check_chunk,
+                               latency_summary, resolve_sampling_arguments, wilson_interval)
 from so101_sim.tasks import TASKS
 
 HANDOFFS = ("sync", *HANDOFF_MODES)
@@ -385,12 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtc: give each chunk the rows the arm executes while it is computed (a checkpoint "
                              "trained with --action-prefix-rows continues them; any other is steered onto them by "
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
-    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks a checkpoint policy draws per inference, keeping those closest to the plan "
-                             "being executed (1: a single draw; default %(default)s)")
-    parser.add_argument("--average", type=int, default=None,
-                        help="candidates closest to the plan averaged into the chunk used (1: the closest alone; "
-                             f"default {DEFAULT_AVERAGE}, at most --candidates)")
+    add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
     parser.add_argument("--workers", type=int, default=1,
@@ -401,10 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("episodes", "action_steps", "rtc_horizon", "image_size", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    try:
-        args.average = resolve_average(args.average, args.candidates)
-    except ValueError as exc:
-        parser.error(f"--candidates / --average: {exc}")
+    resolve_sampling_arguments(parser, args)
     if not args.max_step > 0:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
     specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]

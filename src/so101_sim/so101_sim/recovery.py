@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import DEFAULT_ACTION_STEPS, Policy, run_episode
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, Policy, add_sampling_arguments, resolve_sampling_arguments,
+                               run_episode)
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=3000,
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
-    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
-                        help="chunks the policy draws per inference, keeping those that continue the last "
-                             "(as so101-eval; default %(default)s)")
-    parser.add_argument("--average", type=int, default=None,
-                        help="candidates closest to the last chunk averaged into the one used (as so101-eval; "
-                             f"default {DEFAULT_AVERAGE}, at most --candidates)")
+    add_sampling_arguments(parser)
     parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
@@ -112,10 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
-    try:
-        args.average = resolve_average(args.average, args.candidates)
-    except ValueError as exc:
-        parser.error(f"--candidates / --average: {exc}")
+    resolve_sampling_arguments(parser, args)
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
     except (PolicyPluginError, LookupError) as exc:

@@ -8,6 +8,7 @@ not simulated.
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
-from so101_common.handoff import rtc_guide
+from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average, rtc_guide
 from so101_sim.env import SimEnv
 
 GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # a guide leaves it free (so101_common.handoff)
@@ -27,6 +28,25 @@ Policy = Callable[[dict], np.ndarray]
 # those the evaluation reaches. Other values measured no better (docs/simulation.md, "Executed steps per chunk").
 DEFAULT_ACTION_STEPS = 10
 FrameSink = Callable[[dict[str, np.ndarray]], None]
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--candidates`` / ``--average`` (coherent sampling), the same in every tool that runs a checkpoint policy in
+    the sim; resolve them with :func:`resolve_sampling_arguments`."""
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help="chunks a checkpoint policy draws per inference, keeping those that best continue the "
+                        "plan being executed (1: a single draw per chunk; default %(default)s)")
+    parser.add_argument("--average", type=int, default=None,
+                        help="how many of the candidates closest to the plan are averaged into the chunk used "
+                        f"(1: the closest alone; default {DEFAULT_AVERAGE}, at most --candidates)")
+
+
+def resolve_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``args.average`` resolved against ``args.candidates``; a bad pair is one parser error (exit 2)."""
+    try:
+        args.average = resolve_average(args.average, args.candidates)
+    except ValueError as exc:
+        parser.error(f"--candidates / --average: {exc}")
 
 
 class PolicyOutputError(ValueError):
