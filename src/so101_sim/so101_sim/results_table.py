@@ -1,13 +1,15 @@
 """so101-results-table: the multi-task results table (markdown + JSON) from multi-task so101-eval runs.
 
 Each ``--eval LABEL=DIR`` names a directory written by ``so101-eval --tasks ...`` (its summary.json); every NFE it
-evaluated becomes a column ``LABEL NFE n``. Rows are the tasks, the mean score over the paper's three tasks and
-the instruction-following rate. Cells show the mean score and the full-success rate; the JSON keeps the Wilson
-intervals, episode counts and chunk latencies. Each ``--wording LABEL=DIR`` names a run of
-``so101-eval --tasks ... --paraphrases N --unrelated``: a table per run of success with the task's own sentence,
-each held-out paraphrase and an unrelated instruction, and one comparison table of all of them. The commit and
-machine of every run are named under the tables, so the numbers in docs/ always come from files, never from hand
-editing.
+evaluated becomes a column ``LABEL NFE n``. ``LABEL=DIR1+DIR2+...`` pools runs of one checkpoint and sampling on
+other seed blocks into one column: their episodes are put together per task and every figure is recomputed as one
+evaluation of all of them gives it (one block of 50 episodes per task spreads by several points). Rows are the
+tasks, the mean score over the paper's three tasks and the instruction-following rate. Cells show the mean score
+and the full-success rate; the JSON keeps the Wilson intervals, episode counts and chunk latencies. Each
+``--wording LABEL=DIR`` names a run of ``so101-eval --tasks ... --paraphrases N --unrelated``: a table per run of
+success with the task's own sentence, each held-out paraphrase and an unrelated instruction, and one comparison
+table of all of them. The commit and machine of every run are named under the tables, so the numbers in docs/
+always come from files, never from hand editing.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from so101_sim.evaluate import multitask_summary, summarize
+from so101_sim.rollout import EpisodeResult
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
 
 
@@ -51,6 +55,57 @@ def load_run(label: str, directory: Path, wording: bool = False) -> dict:
         run["following_own"] = _mean([first[t]["instruction_followed_rate"] for t in run["instructions"]
                                       if t in LANGUAGE_DECIDED])
     return run
+
+
+# What runs must share to be pooled into one column.
+_POOLED_ALIKE = ("checkpoint", "image_size", "candidates", "average")
+
+
+def _task_report(label: str, path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResultsError(f"--eval {label}=...: {path} cannot be read ({exc})") from None
+
+
+def pool_runs(label: str, directories: list[Path]) -> dict:
+    """One run from several ``so101-eval --tasks`` runs of one checkpoint and sampling on other seeds: per task and
+    NFE their episodes (DIR/<task>/eval_nfe<n>.json) pooled and summarised as so101-eval summarises one run."""
+    parts = [load_run(label, directory) for directory in directories]
+    first = parts[0]
+    for part in parts[1:]:
+        for key in _POOLED_ALIKE:
+            if part[key] != first[key]:
+                raise ResultsError(f"--eval {label}=...: {part['dir']} has {key} {part[key]!r}, {first['dir']} "
+                                   f"{first[key]!r}; only runs of one checkpoint and sampling pool")
+        if part["by_nfe"].keys() != first["by_nfe"].keys() or any(
+                part["by_nfe"][n]["tasks"].keys() != first["by_nfe"][n]["tasks"].keys() for n in first["by_nfe"]):
+            raise ResultsError(f"--eval {label}=...: {part['dir']} evaluated other tasks or NFEs than "
+                               f"{first['dir']}")
+    nfes = sorted(int(n) for n in first["by_nfe"])
+    reports: dict[str, dict[int, dict]] = {}
+    for task in first["by_nfe"][str(nfes[0])]["tasks"]:
+        for nfe in nfes:
+            episodes: list[EpisodeResult] = []
+            limits: set[tuple[int, int]] = set()
+            for directory in directories:
+                report = _task_report(label, directory / task / f"eval_nfe{nfe}.json")
+                episodes += [EpisodeResult(**episode) for episode in report["results"]]
+                limits.add((report["max_steps"], report["action_steps"]))
+            seeds = [e.seed for e in episodes]
+            if len(set(seeds)) < len(seeds):
+                raise ResultsError(f"--eval {label}=...: {task} has episodes of the same seed in two runs; pool "
+                                   "runs of other seeds")
+            if len(limits) > 1:
+                raise ResultsError(f"--eval {label}=...: {task} ran with other max/action steps in the runs "
+                                   f"({sorted(limits)})")
+            reports.setdefault(task, {})[nfe] = summarize(episodes, [], *limits.pop())
+    summary = multitask_summary(reports, nfes)
+    return {**first, "dir": " + ".join(str(d) for d in directories),
+            "by_nfe": summary["by_nfe"] if "by_nfe" in summary else {str(summary["nfe"]): summary},
+            "seed": [part["seed"] for part in parts],
+            "commit": ", ".join(dict.fromkeys(part["commit"] for part in parts)),
+            "machine": ", ".join(dict.fromkeys(part["machine"] for part in parts))}
 
 
 def runs_from_table(data: dict, path: Path) -> list[dict]:
@@ -214,22 +269,26 @@ def _source_line(run: dict) -> str:
     average = run.get("average") or 1
     drawn = ("one draw per chunk" if candidates == 1 else f"the closest of {candidates} draws per chunk" if average == 1
              else f"the mean of the {average} closest of {candidates} draws per chunk")
-    return (f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {run['seed']}, "
+    seeds = run["seed"]
+    start = ", ".join(map(str, seeds)) if isinstance(seeds, list) else seeds  # a pooled run: each block's first
+    return (f"- {run['label']}: `{run['dir']}` (checkpoint `{run['checkpoint']}`, seeds from {start}, "
             f"{run['image_size']} px, {drawn}), commit {run['commit']}, {run['machine']}")
 
 
-def _parse_eval(text: str) -> tuple[str, Path]:
-    label, sep, directory = text.partition("=")
-    if not sep or not label.strip() or not directory.strip():
-        raise argparse.ArgumentTypeError(f"--eval expects LABEL=DIR, got {text!r}")
-    return label.strip(), Path(directory.strip())
+def _parse_eval(text: str) -> tuple[str, list[Path]]:
+    label, sep, directories = text.partition("=")
+    parts = [d.strip() for d in directories.split("+")]
+    if not sep or not label.strip() or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected LABEL=DIR or LABEL=DIR+DIR+..., got {text!r}")
+    return label.strip(), [Path(d) for d in parts]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="so101-results-table", description=__doc__.splitlines()[0])
     parser.add_argument("--eval", dest="runs", type=_parse_eval, action="append", default=[],
                         metavar="LABEL=DIR", help="a multi-task so101-eval output directory and its column label "
-                        "(repeat; e.g. MeanFlow=runs/eval_meanflow)")
+                        "(repeat; e.g. MeanFlow=runs/eval_meanflow); LABEL=DIR+DIR+... pools runs of one checkpoint "
+                        "and sampling on other seeds into one column")
     parser.add_argument("--wording", type=_parse_eval, action="append", default=[], metavar="LABEL=DIR",
                         help="a so101-eval --tasks ... --paraphrases N --unrelated output directory: the wording "
                         "tables (repeat)")
@@ -248,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs and not args.wording and not args.keep:
         parser.error("give at least one --eval or --wording run, or --keep to rewrite OUT from its JSON")
     try:
-        runs = [load_run(label, directory) for label, directory in args.runs]
-        wording = [load_run(label, directory, wording=True) for label, directory in args.wording]
+        runs = [load_run(label, dirs[0]) if len(dirs) == 1 else pool_runs(label, dirs) for label, dirs in args.runs]
+        if any(len(dirs) > 1 for _, dirs in args.wording):
+            parser.error("--wording takes one directory per label (pooling is for --eval)")
+        wording = [load_run(label, dirs[0], wording=True) for label, dirs in args.wording]
         if args.keep and args.out.with_suffix(".json").exists():
             path = args.out.with_suffix(".json")
             try:

@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from so101_sim import results_table
+from so101_sim.evaluate import multitask_summary, summarize
+from so101_sim.rollout import EpisodeResult
 
 
 def _summary(score: float, rate: float, followed: float | None, ms: float) -> dict:
@@ -154,3 +158,44 @@ def test_headline_runs_make_the_task_table_and_every_run_gets_a_row(tmp_path, ca
     # The headline table follows the order of --headline, not that of the runs (a new shipped run goes first).
     assert results_table.main(["--keep", "--headline", "round 2", "--headline", "shipped", "--out", str(out)]) == 0
     assert out.with_suffix(".md").read_text().splitlines()[0] == "| task | round 2 NFE 1 | shipped NFE 1 |"
+
+
+def _block(directory, seeds: range, succeeded: int, latency_ms: float, checkpoint: str = "ck") -> None:
+    """An so101-eval --tasks pick_place,pick_place_red output: per task a report of episodes with ``succeeded``
+    successes (the red block followed exactly when successful) and the summary so101-eval writes."""
+    reports = {}
+    directory.mkdir()
+    for task in ("pick_place", "pick_place_red"):
+        episodes = [EpisodeResult(seed=s, success=i < succeeded, steps=200, sim_seconds=6.7, chunks=20,
+                                  chunk_latency_ms=[latency_ms] * 20, score=1.0 if i < succeeded else 0.5,
+                                  instruction_followed=(i < succeeded) if task == "pick_place_red" else None)
+                    for i, s in enumerate(seeds)]
+        report = summarize(episodes, [], 360, 10)
+        (directory / task).mkdir()
+        (directory / task / "eval_nfe1.json").write_text(json.dumps(report))
+        reports[task] = {1: report}
+    (directory / "summary.json").write_text(json.dumps(
+        {"summary": multitask_summary(reports, [1]), "checkpoint": checkpoint, "seed": seeds[0], "image_size": 64,
+         "candidates": 8, "average": 2, "commit": "abc123", "machine": "CPU X, 2 cores"}))
+
+
+def test_runs_on_other_seed_blocks_pool_into_one_column_recomputed_from_their_episodes(tmp_path, capsys):
+    """DIR+DIR pools two blocks of one checkpoint: 10 + 4 of 10 + 10 episodes is 70 %, with the Wilson interval,
+    following and latency median of the 20 episodes, and both blocks named; runs of another checkpoint or the
+    same seeds do not pool (one clear error each)."""
+    _block(tmp_path / "a", range(1000, 1010), 10, 8.0)
+    _block(tmp_path / "b", range(2000, 2010), 4, 12.0)
+    out = tmp_path / "pooled"
+    assert results_table.main(["--eval", f"both={tmp_path / 'a'}+{tmp_path / 'b'}", "--out", str(out)]) == 0
+    column = json.loads(out.with_suffix(".json").read_text())["columns"][0]
+    red = column["tasks"]["pick_place_red"]
+    assert (red["episodes"], red["success_rate"], red["score"]) == (20, 0.7, 0.85)
+    assert red["ci95"] == pytest.approx([0.481, 0.855], abs=1e-3)  # Wilson's, of 14 in 20
+    assert column["instruction_following"] == 0.7 and column["chunk_ms_median"] == 10.0
+    md = out.with_suffix(".md").read_text()
+    assert "| pick_place | 0.85 (70 % of 20) |" in md and "seeds from 1000, 2000" in md
+    _block(tmp_path / "c", range(3000, 3010), 5, 9.0, checkpoint="other")
+    assert results_table.main(["--eval", f"x={tmp_path / 'a'}+{tmp_path / 'c'}", "--out", str(out)]) == 2
+    assert "has checkpoint 'other'" in capsys.readouterr().err
+    assert results_table.main(["--eval", f"x={tmp_path / 'a'}+{tmp_path / 'a'}", "--out", str(out)]) == 2
+    assert "episodes of the same seed in two runs" in capsys.readouterr().err
