@@ -48,8 +48,9 @@ DEFAULT_RTC_GUIDANCE = False
 # Chunks a policy draws per inference when it is given the plan being executed (rtc_guide), and how many of those
 # closest to it are averaged into the chunk used (coherent sampling). One-step sampling makes the extra draws
 # nearly free: one batched expert pass on a prefix computed once. Measured on the shipped multi-task policy (mean
-# score; docs/simulation.md, "Coherent sampling"): one draw 0.79; the closest of 4 0.86, of 8 0.83, of 32 0.76;
-# the mean of the 2 closest of 8 0.89 (the closest draws share a mode; their mean keeps it and loses their jitter).
+# score, seeds 1000-1049; docs/results.md, "Coherent sampling"): one draw 0.79; the closest of 4 0.86, of 8 0.83, of
+# 32 0.76; the mean of the 2 closest of 8 0.89 (the closest draws share a mode; their mean keeps it and loses their
+# jitter); over three seed blocks one draw 0.81, the mean of the 2 closest of 8 0.85.
 DEFAULT_CANDIDATES = 8
 DEFAULT_AVERAGE = 2
 
