@@ -89,9 +89,14 @@ def pool_runs(label: str, directories: list[Path]) -> dict:
             episodes: list[EpisodeResult] = []
             limits: set[tuple[int, int]] = set()
             for directory in directories:
-                report = _task_report(label, directory / task / f"eval_nfe{nfe}.json")
-                episodes += [EpisodeResult(**episode) for episode in report["results"]]
-                limits.add((report["max_steps"], report["action_steps"]))
+                path = directory / task / f"eval_nfe{nfe}.json"
+                report = _task_report(label, path)
+                try:
+                    episodes += [EpisodeResult(**episode) for episode in report["results"]]
+                    limits.add((report["max_steps"], report["action_steps"]))
+                except (KeyError, TypeError) as exc:
+                    raise ResultsError(f"--eval {label}=...: {path} is not a so101-eval task report ({exc!r})") \
+                        from None
             seeds = [e.seed for e in episodes]
             if len(set(seeds)) < len(seeds):
                 raise ResultsError(f"--eval {label}=...: {task} has episodes of the same seed in two runs; pool "

@@ -199,3 +199,6 @@ def test_runs_on_other_seed_blocks_pool_into_one_column_recomputed_from_their_ep
     assert "has checkpoint 'other'" in capsys.readouterr().err
     assert results_table.main(["--eval", f"x={tmp_path / 'a'}+{tmp_path / 'a'}", "--out", str(out)]) == 2
     assert "episodes of the same seed in two runs" in capsys.readouterr().err
+    (tmp_path / "b" / "pick_place_red" / "eval_nfe1.json").write_text(json.dumps({"results": [{"seed": 1}]}))
+    assert results_table.main(["--eval", f"x={tmp_path / 'a'}+{tmp_path / 'b'}", "--out", str(out)]) == 2
+    assert "pick_place_red/eval_nfe1.json is not a so101-eval task report" in capsys.readouterr().err
