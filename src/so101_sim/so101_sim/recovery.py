@@ -7,6 +7,11 @@ cloning from start-state demos never shows the policy how to get out of a state 
 the cube, closing too high, one cube sorted and the other forgotten); these episodes do. A seed is skipped when the
 policy already succeeded or left a state the expert cannot handle (ScriptedExpert.takeover_problem: an object in
 the wrong box, fallen or tipped over, ...); episodes the expert fails are dropped, like demos.
+
+``--mode rollout`` records the policy's own successful episodes instead (self-imitation: filtered behaviour
+cloning): the policy runs the whole episode; when it succeeds, the commands it sent are replayed from the same
+reset and recorded as an episode, kept if the replay succeeds too. Training on them keeps what the policy already
+does well (its retries that worked, the chunks coherent sampling chose) in the data that a fine-tune sees.
 """
 from __future__ import annotations
 
@@ -24,11 +29,12 @@ from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
 from so101_sim.expert import ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, Policy, add_sampling_arguments, resolve_sampling_arguments,
-                               run_episode)
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments,
+                               resolve_sampling_arguments, run_episode)
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
+MODES = ("takeover", "rollout")
 
 
 @dataclass(frozen=True)
@@ -51,25 +57,37 @@ def default_handover_last(task: str) -> int:
     return task_class(task).max_steps * 5 // 6
 
 
-class RecoveryRecorder:
+class _PolicyRecorder:
+    """How a recorder runs the policy closed loop: as so101-eval does (with several candidates it sees the last
+    chunk), reseeded per seed."""
+
+    def __init__(self, policy: Policy, action_steps: int = DEFAULT_ACTION_STEPS,
+                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
+        self.policy = policy
+        self.action_steps = action_steps
+        self.reseed = reseed
+        self.guide_plan = guide_plan
+
+    def _run(self, env: SimEnv, seed: int, max_steps: int) -> EpisodeResult:
+        if self.reseed is not None:
+            self.reseed(seed)
+        return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
+                           guide_plan=self.guide_plan)
+
+
+class RecoveryRecorder(_PolicyRecorder):
     """Records one recovery episode per seed with ``policy``; keeps the handover step of each written episode."""
 
     def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = DEFAULT_ACTION_STEPS,
                  reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
-        self.policy = policy
-        self.guide_plan = guide_plan  # as so101-eval: a policy drawing several candidates sees the last chunk
+        super().__init__(policy, action_steps, reseed, guide_plan)
         self.handover = handover
-        self.action_steps = action_steps
-        self.reseed = reseed
         self.handovers: dict[str, int] = {}
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
         step = self.handover.draw(seed)
-        if self.reseed is not None:
-            self.reseed(seed)
-        result = run_episode(env, self.policy, seed, max_steps=step, action_steps=self.action_steps,
-                             guide_plan=self.guide_plan)
+        result = self._run(env, seed, step)
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
         try:
@@ -78,6 +96,38 @@ class RecoveryRecorder:
             raise SeedSkipped(f"no recovery at step {step}: {exc}") from None
         demo = record_plan(env, plan, seed, path, started)
         self.handovers[path.name] = step
+        return demo
+
+
+class RolloutRecorder(_PolicyRecorder):
+    """Records the policy's own successful episodes: the commands of a closed-loop success, replayed and recorded."""
+
+    def __init__(self, policy: Policy, max_steps: int, action_steps: int = DEFAULT_ACTION_STEPS,
+                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
+        super().__init__(policy, action_steps, reseed, guide_plan)
+        self.max_steps = max_steps
+        self.steps: dict[str, int] = {}
+
+    def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
+        started = time.perf_counter()
+        commands: list[np.ndarray] = []
+        step = env.step
+
+        def record_step() -> None:  # the target each control step ends at, as env.command sends it
+            step()
+            commands.append(env.commanded())
+
+        env.step = record_step  # type: ignore[method-assign]
+        try:
+            result = self._run(env, seed, self.max_steps)
+        finally:
+            del env.step
+        if not result.success:
+            raise SeedSkipped(f"the policy did not succeed in {result.steps} steps (score {result.score:.2f})")
+        env.reset(seed)
+        # The last ``steps`` targets are the episode's (reset's settling steps come first).
+        demo = record_plan(env, np.asarray(commands[-result.steps:]), seed, path, started)
+        self.steps[path.name] = result.steps
         return demo
 
 
@@ -103,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                              "evaluation steps: 300, sorting 600)")
     parser.add_argument("--image-size", type=int, default=128, help="camera images are SIZE x SIZE pixels")
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
+    parser.add_argument("--mode", choices=MODES, default="takeover",
+                        help="takeover: the expert finishes from where the policy is (recovery); rollout: record "
+                             "the policy's own successful episodes (self-imitation)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
@@ -121,8 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed,
-                                    guide_plan=args.candidates > 1)
+        recorder: RecoveryRecorder | RolloutRecorder
+        if args.mode == "rollout":
+            recorder = RolloutRecorder(policy, task_class(args.task).max_steps, args.action_steps,
+                                       reseed=policy.reseed, guide_plan=args.candidates > 1)
+        else:
+            recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed,
+                                        guide_plan=args.candidates > 1)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
                            record=recorder, max_tries=args.max_tries or 4 * args.episodes)
     except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:
@@ -134,8 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / RECOVERY_FILE).write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
         "average": args.average, "action_steps": args.action_steps,
-        "handover_range": [handover.first, handover.last], "first_seed": args.seed,
-        "handover_step": recorder.handovers}, indent=2) + "\n")
+        "handover_range": [handover.first, handover.last], "first_seed": args.seed, "mode": args.mode,
+        **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
+           else {"handover_step": recorder.handovers})}, indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "
           f"({wall / max(1, len(results)):.2f} s/episode)")

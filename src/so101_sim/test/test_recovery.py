@@ -84,6 +84,45 @@ def test_no_recovery_once_the_policy_succeeded(tmp_path):
     assert not (tmp_path / "episode_0000").exists() and recorder.handovers == {}
 
 
+def _commands(path) -> np.ndarray:
+    """Every trajectory command of the episode (one target per control step), in order."""
+    with Reader(path) as reader:
+        raws = [raw for c, _, raw in reader.messages() if c.topic == TRAJECTORY_TOPIC]
+    return np.array([deserialize_message(bytes(r), JointTrajectory).points[0].positions for r in raws])
+
+
+def test_rollout_mode_records_what_a_successful_policy_commanded(tmp_path):
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
+    try:
+        recorder = recovery.RolloutRecorder(ExpertChunkPolicy(env), max_steps=360)
+        demo = recorder(env, 5, tmp_path / "episode_0000")
+        # The same policy closed loop from the same reset: the targets it sent, step by step.
+        sent: list[np.ndarray] = []
+        step = env.step
+        env.step = lambda: (step(), sent.append(env.commanded()))  # type: ignore[method-assign]
+        closed_loop = run_episode(env, ExpertChunkPolicy(env), 5, max_steps=360, action_steps=10)
+        del env.step
+    finally:
+        env.close()
+    assert demo.success and recorder.steps == {"episode_0000": closed_loop.steps}
+    recorded = _commands(demo.path)
+    assert recorded.shape == (closed_loop.steps, 6)
+    np.testing.assert_allclose(recorded, np.asarray(sent[-closed_loop.steps:]), atol=1e-9)
+    assert read_episode_metadata(demo.path).success is True
+
+
+def test_rollout_mode_skips_a_policy_that_fails(tmp_path):
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
+    try:
+        recorder = recovery.RolloutRecorder(hovering_policy, max_steps=30)
+        with pytest.raises(recovery.SeedSkipped, match="did not succeed in 30 steps"):
+            recorder(env, 3, tmp_path / "episode_0000")
+        env.step()  # the env's own step is back
+    finally:
+        env.close()
+    assert not (tmp_path / "episode_0000").exists() and recorder.steps == {}
+
+
 class ExpertThenDrift:
     """A scripted perturbation standing in for a policy that goes wrong mid-task: the expert's own plan for the
     first ``k`` control steps, then that step's target held, the base turning by ``pan`` rad over 1 s."""
@@ -162,6 +201,7 @@ def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
     assert prov["handover_step"] == {"episode_0000": 5} and prov["nfe"] == 1 and prov["first_seed"] == 11
     assert read_episode_metadata(out / "episode_0000").success is True
     assert "wrote 1 recovery episodes" in capsys.readouterr().out
+    assert prov["mode"] == "takeover"
 
 
 def test_cli_records_the_named_task_with_its_instruction(tmp_path, capsys):
