@@ -40,7 +40,14 @@ def machine() -> str:
     return f"{cpu_model()}, {cores} cores, {platform.machine()}"
 
 
+def code_commit() -> str:
+    """The commit of the checkout this code runs from (its build or install space lies inside it), whatever the
+    working directory: an evaluation run from a scratch folder still names its code; ``unknown`` for code that
+    lives outside any checkout (a wheel installed elsewhere)."""
+    return git_commit(os.path.dirname(os.path.abspath(__file__)))
+
+
 def provenance() -> dict[str, str]:
     """Commit, machine and UTC time, for the JSON a benchmark or evaluation writes."""
-    return {"commit": git_commit(), "machine": machine(),
+    return {"commit": code_commit(), "machine": machine(),
             "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
