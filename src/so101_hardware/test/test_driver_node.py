@@ -26,7 +26,7 @@ EXAMPLE = Path(__file__).resolve().parents[3] / "config" / "calibration" / "so10
 MODULE = "so101_hardware.driver_node"
 # The emulator answers from a thread of the test process: on a loaded 2-core CI machine its replies can take longer
 # than a real bus's 10 ms deadline, which would fail configure for reasons that have nothing to do with the test.
-EMULATED_BUS = {"reply_timeout_ms": 50.0}
+EMULATED_BUS = {"reply_timeout_ms": 100.0}  # the pty emulator is a thread of the loaded test process
 MOVING_ADDRESS = 66  # STS3215 Moving flag (1 while the shaft travels)
 
 
