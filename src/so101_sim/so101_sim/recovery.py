@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +57,16 @@ def default_handover_last(task: str) -> int:
     return task_class(task).max_steps * 5 // 6
 
 
+@dataclass
 class _PolicyRecorder:
     """How a recorder runs the policy closed loop: as so101-eval does (with several candidates it sees the last
     chunk), reseeded per seed."""
 
-    def __init__(self, policy: Policy, action_steps: int = DEFAULT_ACTION_STEPS,
-                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
-        self.policy = policy
-        self.action_steps = action_steps
-        self.reseed = reseed
-        self.guide_plan = guide_plan
+    policy: Policy
+    _: KW_ONLY
+    action_steps: int = DEFAULT_ACTION_STEPS
+    reseed: Callable[[int], None] | None = None
+    guide_plan: bool = False
 
     def _run(self, env: SimEnv, seed: int, max_steps: int) -> EpisodeResult:
         if self.reseed is not None:
@@ -75,14 +75,12 @@ class _PolicyRecorder:
                            guide_plan=self.guide_plan)
 
 
+@dataclass
 class RecoveryRecorder(_PolicyRecorder):
     """Records one recovery episode per seed with ``policy``; keeps the handover step of each written episode."""
 
-    def __init__(self, policy: Policy, handover: HandoverRange, action_steps: int = DEFAULT_ACTION_STEPS,
-                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
-        super().__init__(policy, action_steps, reseed, guide_plan)
-        self.handover = handover
-        self.handovers: dict[str, int] = {}
+    handover: HandoverRange
+    handovers: dict[str, int] = field(default_factory=dict, init=False)
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
@@ -99,14 +97,12 @@ class RecoveryRecorder(_PolicyRecorder):
         return demo
 
 
+@dataclass
 class RolloutRecorder(_PolicyRecorder):
     """Records the policy's own successful episodes: the commands of a closed-loop success, replayed and recorded."""
 
-    def __init__(self, policy: Policy, max_steps: int, action_steps: int = DEFAULT_ACTION_STEPS,
-                 reseed: Callable[[int], None] | None = None, guide_plan: bool = False) -> None:
-        super().__init__(policy, action_steps, reseed, guide_plan)
-        self.max_steps = max_steps
-        self.steps: dict[str, int] = {}
+    max_steps: int
+    steps: dict[str, int] = field(default_factory=dict, init=False)
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
@@ -176,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
         recorder: RecoveryRecorder | RolloutRecorder
         if args.mode == "rollout":
-            recorder = RolloutRecorder(policy, task_class(args.task).max_steps, args.action_steps,
+            recorder = RolloutRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
                                        reseed=policy.reseed, guide_plan=args.candidates > 1)
         else:
-            recorder = RecoveryRecorder(policy, handover, args.action_steps, reseed=policy.reseed,
+            recorder = RecoveryRecorder(policy, handover, action_steps=args.action_steps, reseed=policy.reseed,
                                         guide_plan=args.candidates > 1)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
                            record=recorder, max_tries=args.max_tries or 4 * args.episodes)
