@@ -8,6 +8,11 @@ the cube, closing too high, one cube sorted and the other forgotten); these epis
 policy already succeeded or left a state the expert cannot handle (ScriptedExpert.takeover_problem: an object in
 the wrong box, fallen or tipped over, ...); episodes the expert fails are dropped, like demos.
 
+``--mode dwell`` hands over only where the policy dwells at a grasp: the grasp point has stayed within a small ball
+for a while, near the object the task needs next, below carry height, nothing in the jaws (the failures of the
+multi-task policy: hovering over a cube, each chunk planning a slow start that the next one postpones again, or
+descending onto it off-centre and rising again). The expert's part from there says "align and go on down".
+
 ``--mode rollout`` records the policy's own successful episodes instead (self-imitation: filtered behaviour
 cloning): the policy runs the whole episode; when it succeeds, the commands it sent are replayed from the same
 reset and recorded as an episode, kept if the replay succeeds too. Training on them keeps what the policy already
@@ -20,21 +25,21 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import KW_ONLY, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
 from so101_sim.env import SimEnv
-from so101_sim.expert import ScriptedExpert, TakeoverError
+from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments,
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, EpisodeResult, Policy, add_sampling_arguments,
                                resolve_sampling_arguments, run_episode)
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
-MODES = ("takeover", "rollout")
+MODES = ("takeover", "dwell", "rollout")
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,90 @@ class RecoveryRecorder(_PolicyRecorder):
         return demo
 
 
+@dataclass(frozen=True)
+class Dwell:
+    """A policy stuck at a grasp: for ``steps`` control steps the grasp point stayed within ``radius`` m of where it
+    was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within ``reach``
+    m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height,
+    with nothing in the jaws."""
+
+    steps: int = 20
+    radius: float = 0.01
+    grip_rad: float = 0.05
+    reach: float = 0.04
+    margin: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or min(self.radius, self.reach, self.grip_rad) <= 0 or self.margin < 0:
+            raise ValueError(f"dwell needs steps >= 1, radius and reach > 0, margin >= 0; got {self}")
+
+    def dwelling(self, window: np.ndarray) -> bool:
+        """Whether ``window`` (rows: grasp point x, y, z in m, gripper in rad; the latest last) is a dwell."""
+        if len(window) < self.steps:
+            return False
+        recent = window[-self.steps:]
+        return bool(np.linalg.norm(recent[:, :3] - recent[0, :3], axis=1).max() <= self.radius
+                    and np.ptp(recent[:, 3]) <= self.grip_rad)
+
+    def near_grasp(self, env: SimEnv) -> bool:
+        """Whether the grasp point is where a grasp of the next object begins, nothing held."""
+        task, data = env.task, env.data
+        goals = task.remaining_goals(data)
+        if not goals or any(task.in_jaws(data, name) for name in env.scene.objects):
+            return False
+        point = data.site_xpos[env.scene.site]
+        obj = task.position(data, goals[0].obj)
+        return (float(np.linalg.norm(point[:2] - obj[:2])) <= self.reach
+                and float(point[2]) <= ExpertConfig.carry_height + self.margin)
+
+
+class _Dwelt(Exception):
+    """Raised from a control step to end the policy's run where it dwells (DwellRecorder)."""
+
+
+@dataclass
+class DwellRecorder(_PolicyRecorder):
+    """Records a recovery episode per seed where the policy dwells at a grasp (``Dwell``): the expert takes over at
+    the step the dwell is recognised; seeds without one are skipped. Keeps that step of each written episode."""
+
+    max_steps: int
+    dwell: Dwell = field(default_factory=Dwell)
+    handovers: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
+        started = time.perf_counter()
+        window: list[np.ndarray] = []
+        step = env.step
+
+        def watched_step() -> None:
+            step()
+            if not self.dwell.near_grasp(env):
+                window.clear()
+                return
+            window.append(np.append(env.data.site_xpos[env.scene.site], env.joint_positions()[GRIPPER]))
+            if self.dwell.dwelling(np.asarray(window)):
+                raise _Dwelt
+
+        env.step = watched_step  # type: ignore[method-assign]
+        try:
+            result = self._run(env, seed, self.max_steps)
+        except _Dwelt:
+            result = None
+        finally:
+            del env.step
+        if result is not None:
+            raise SeedSkipped(f"the policy never dwelt at a grasp ({'succeeded' if result.success else 'failed'} "
+                              f"after {result.steps} steps)")
+        handover = env.steps
+        try:
+            plan = ScriptedExpert(env).plan()
+        except TakeoverError as exc:
+            raise SeedSkipped(f"no recovery at the dwell (step {handover}): {exc}") from None
+        demo = record_plan(env, plan, seed, path, started)
+        self.handovers[path.name] = handover
+        return demo
+
+
 @dataclass
 class RolloutRecorder(_PolicyRecorder):
     """Records the policy's own successful episodes: the commands of a closed-loop success, replayed and recorded."""
@@ -150,12 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128, help="camera images are SIZE x SIZE pixels")
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
     parser.add_argument("--mode", choices=MODES, default="takeover",
-                        help="takeover: the expert finishes from where the policy is (recovery); rollout: record "
+                        help="takeover: the expert finishes from where the policy is at a random step (recovery); "
+                             "dwell: only where the policy dwells at a grasp (see --dwell-steps); rollout: record "
                              "the policy's own successful episodes (self-imitation)")
+    parser.add_argument("--dwell-steps", type=int, default=Dwell.steps,
+                        help=f"--mode dwell: control steps the grasp point stays within {Dwell.radius * 100:g} cm and "
+                             f"the gripper within {Dwell.grip_rad:g} rad, within {Dwell.reach * 100:g} cm of the next "
+                             "object, nothing held, before the expert takes over")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
+    if args.dwell_steps < 1:
+        parser.error(f"--dwell-steps must be >= 1, got {args.dwell_steps}")
     resolve_sampling_arguments(parser, args)
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
@@ -170,10 +266,14 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder: RecoveryRecorder | RolloutRecorder
+        recorder: RecoveryRecorder | DwellRecorder | RolloutRecorder
         if args.mode == "rollout":
             recorder = RolloutRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
                                        reseed=policy.reseed, guide_plan=args.candidates > 1)
+        elif args.mode == "dwell":
+            recorder = DwellRecorder(policy, task_class(args.task).max_steps, Dwell(steps=args.dwell_steps),
+                                     action_steps=args.action_steps, reseed=policy.reseed,
+                                     guide_plan=args.candidates > 1)
         else:
             recorder = RecoveryRecorder(policy, handover, action_steps=args.action_steps, reseed=policy.reseed,
                                         guide_plan=args.candidates > 1)
@@ -188,9 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / RECOVERY_FILE).write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
         "average": args.average, "action_steps": args.action_steps,
-        "handover_range": [handover.first, handover.last], "first_seed": args.seed, "mode": args.mode,
+        "first_seed": args.seed, "mode": args.mode,
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
-           else {"handover_step": recorder.handovers})}, indent=2) + "\n")
+           else {"handover_step": recorder.handovers}),
+        **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),
+        **({"dwell": asdict(recorder.dwell)} if isinstance(recorder, DwellRecorder) else {})}, indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "
           f"({wall / max(1, len(results)):.2f} s/episode)")

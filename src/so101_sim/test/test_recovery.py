@@ -16,7 +16,7 @@ from so101_common.joints import home_vector
 from so101_sim import recovery
 from so101_sim.demos import generate
 from so101_sim.env import SimEnv
-from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert
+from so101_sim.expert import ExpertChunkPolicy, ExpertConfig, ScriptedExpert
 from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY, SceneConfig
 from so101_sim.rollout import run_episode
 from so101_sim.tasks import TASKS
@@ -140,6 +140,44 @@ class ExpertThenDrift:
         return rows
 
 
+def test_dwell_is_a_still_grasp_point_and_a_still_gripper_for_the_whole_window():
+    dwell = recovery.Dwell(steps=5, radius=0.01, grip_rad=0.05)
+    still = np.tile([0.2, 0.0, 0.06, 0.6], (5, 1))
+    assert dwell.dwelling(still)
+    assert not dwell.dwelling(still[:4])  # not yet long enough
+    drifting = still.copy()
+    drifting[:, 0] += np.linspace(0.0, 0.02, 5)
+    assert not dwell.dwelling(drifting) and dwell.dwelling(np.vstack([drifting, still]))  # the latest rows count
+    closing = still.copy()
+    closing[:, 3] = np.linspace(0.6, 0.3, 5)
+    assert not dwell.dwelling(closing)  # a grasp being closed is no dwell
+    with pytest.raises(ValueError, match="steps >= 1"):
+        recovery.Dwell(steps=0)
+
+
+def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
+    """A policy that stops at the expert's hover point above the cube (gripper open) and stays: the expert takes
+    over once it has stayed ``steps``, from that state, and succeeds; a policy that never dwells leaves nothing."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
+    try:
+        hover = ExpertThenDrift(env, k=round(ExpertConfig.t_reach * env.cfg.fps) - 1, pan=0.0)  # reach ends
+        recorder = recovery.DwellRecorder(hover, max_steps=360, dwell=recovery.Dwell(steps=30))
+        demo = recorder(env, 4, tmp_path / "episode_0000")
+        never = recovery.DwellRecorder(ExpertChunkPolicy(env), max_steps=360, dwell=recovery.Dwell(steps=30))
+        with pytest.raises(recovery.SeedSkipped, match="never dwelt"):
+            never(env, 4, tmp_path / "episode_0001")
+        env.step()  # the env's own step is back
+    finally:
+        env.close()
+    assert demo.success
+    handover = recorder.handovers["episode_0000"]
+    # Once the hover has lasted the window (the reach's slow last centimetre counts towards it).
+    assert hover.k + 15 <= handover <= hover.k + 31
+    first, _ = _first_state_and_command_count(demo.path)
+    np.testing.assert_allclose(first[:5], hover.plan[hover.k][:5], atol=0.05)  # it starts at the hover
+    assert not (tmp_path / "episode_0001").exists()
+
+
 def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:
     """(in the jaws, in a box or on the stack) for object ``name`` now."""
     task = env.task
@@ -235,3 +273,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"),
                        "--task", "juggling"])
     assert exc.value.code == 2 and "argument --task: invalid choice: 'juggling'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", "dwell",
+                       "--dwell-steps", "0"])
+    assert exc.value.code == 2 and "--dwell-steps must be >= 1" in capsys.readouterr().err
