@@ -75,6 +75,12 @@ class ExpertConfig:
     # plans from reset states stay exactly those of the demos.
     cube_square_deg: float = 2.0
 
+    def release_and_carry(self, goal: Goal, rest: float) -> tuple[float, float]:
+        """Heights (m) of the grasp point where an object resting ``rest`` above its base is let go for ``goal``,
+        and where it is carried: high enough that it clears what it is set down on."""
+        release_z = goal.surface_z + rest + self.release_clearance
+        return release_z, max(self.carry_height, release_z + self.carry_clearance)
+
 
 def min_jerk(n: int) -> np.ndarray:
     """Progress s(t) in (0, 1] at n evenly spaced instants ending at 1 (zero velocity/acceleration ends)."""
@@ -205,9 +211,7 @@ class ScriptedExpert:
         task = env.task
         obj = task.position(env.data, goal.obj)
         rest = task.rest_height(goal.obj)
-        release_z = goal.surface_z + rest + cfg.release_clearance
-        # High enough that the carried object clears what it is set down on.
-        carry = max(cfg.carry_height, release_z + cfg.carry_clearance)
+        release_z, carry = cfg.release_and_carry(goal, rest)
 
         above_obj = np.array([obj[0], obj[1], carry])
         grasp = np.array([obj[0], obj[1], rest + cfg.grasp_offset])
@@ -260,8 +264,7 @@ class ScriptedExpert:
         task = env.task
         obj = task.position(env.data, goal.obj)
         rest = task.rest_height(goal.obj)
-        release_z = goal.surface_z + rest + cfg.release_clearance
-        carry = max(cfg.carry_height, release_z + cfg.carry_clearance)
+        release_z, carry = cfg.release_and_carry(goal, rest)
         point_now, rot = self.ik.forward(arm0)
         offset = obj - point_now
         jaw_axis = rot[:, 2].copy()

@@ -106,8 +106,8 @@ class RecoveryRecorder(_PolicyRecorder):
 class Dwell:
     """A policy stuck at a grasp: for ``steps`` control steps the grasp point stayed within ``radius`` m of where it
     was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within ``reach``
-    m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height,
-    with nothing in the jaws."""
+    m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height
+    for it (higher over the stack), with nothing in the jaws."""
 
     steps: int = 20
     radius: float = 0.01
@@ -135,8 +135,9 @@ class Dwell:
             return False
         point = data.site_xpos[env.scene.site]
         obj = task.position(data, goals[0].obj)
+        _, carry = ExpertConfig().release_and_carry(goals[0], task.rest_height(goals[0].obj))
         return (float(np.linalg.norm(point[:2] - obj[:2])) <= self.reach
-                and float(point[2]) <= ExpertConfig.carry_height + self.margin)
+                and float(point[2]) <= carry + self.margin)
 
 
 class _Dwelt(Exception):
