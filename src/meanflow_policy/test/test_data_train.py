@@ -15,7 +15,7 @@ from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
 from meanflow_policy.data.bag_reader import BagError
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.data.cache import load_episodes
-from meanflow_policy.data.samples import SampleSet, idle_horizon, idle_start
+from meanflow_policy.data.samples import SampleSet, idle_horizon, idle_start, idle_steps
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.data.prefetch import Prefetcher
@@ -319,3 +319,29 @@ def test_idle_starts_are_left_out_and_the_start_window_counts_from_the_first_kep
         single.sample_step[single.sample_episode == i].min() == idle_start(e, 9, 0.02) for i, e in enumerate(idle))
     with pytest.raises(ValueError, match="horizon must be >= 1"):
         idle_start(idle[0], 0, 0.02)
+
+
+def test_idle_anywhere_leaves_out_a_pause_in_the_middle_of_an_episode_too(trained: Path, bags: Path) -> None:
+    """A policy's own pause mid-episode (self-imitation data: hovering over the cube before descending) labels a
+    still state "stay here" just as an idle start does; ``idle_anywhere`` leaves out those samples as well, and
+    only those: every kept sample's next half chunk moves."""
+    policy = MeanFlowPolicy.load(trained / "last")
+    sync = SyncConfig.from_policy_config(policy.config)
+    episodes, _ = load_episodes([bags], sync, trained / "cache")
+    half = sync.chunk_size // 2
+    paused = []
+    P0, P1 = 10, 25
+    for e in episodes:
+        action = np.array(e.action)
+        action[P0:P1] = action[P0]  # held for half a second mid-episode
+        paused.append(dataclasses.replace(e, action=action))
+    starts = SampleSet(paused, sync, idle_start_rad=0.02)
+    anywhere = SampleSet(paused, sync, idle_start_rad=0.02, idle_anywhere=True)
+    for i, episode in enumerate(paused):
+        idle = idle_steps(episode, half, 0.02)
+        pause = np.arange(P0, P1 - half)  # samples whose next half chunk lies within the pause
+        assert idle[pause].all()
+        kept = anywhere.sample_step[anywhere.sample_episode == i]
+        assert not np.isin(pause, kept).any() and not idle[kept].any()
+        assert np.isin(pause, starts.sample_step[starts.sample_episode == i]).all()  # kept by the start filter
+    assert anywhere.idle_samples >= starts.idle_samples + len(paused) * (P1 - half - P0)

@@ -52,6 +52,19 @@ def idle_horizon(chunk_size: int, fps: float) -> int:
     return max(chunk_size // 2, round(IDLE_MIN_WINDOW_S * fps), 1)
 
 
+def idle_steps(episode: Episode, horizon: int, tolerance_rad: float) -> np.ndarray:
+    """(steps,) bool: whether the step's next ``horizon`` commands keep every joint within ``tolerance_rad`` of the
+    step's own command (a "stay here" label). ``horizon``: ``idle_horizon``."""
+    if horizon < 1:
+        raise ValueError(f"idle_start: horizon must be >= 1 step, got {horizon} (a window of one command never moves)")
+    action = np.asarray(episode.action)
+    n = len(action)
+    idle = np.ones(n, dtype=bool)
+    for k in range(1, horizon + 1):  # window row k against row 0, for every start at once
+        idle[:n - k] &= np.abs(action[k:] - action[:n - k]).max(axis=1) <= tolerance_rad
+    return idle
+
+
 def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
     """First step whose next ``horizon`` commands move some joint more than ``tolerance_rad`` (the episode's length
     when none does): the steps before it are an idle start.
@@ -60,15 +73,8 @@ def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
     recovery episode with a slow re-alignment) labels its first states "stay here"; the state holds no velocity, so
     a policy that reaches such a state again is told to stay, observes the same state and stalls for good.
     ``horizon``: ``idle_horizon``."""
-    if horizon < 1:
-        raise ValueError(f"idle_start: horizon must be >= 1 step, got {horizon} (a window of one command never moves)")
-    action = np.asarray(episode.action)
-    n = len(action)
-    for k in range(n):
-        window = action[k:k + horizon + 1]
-        if np.abs(window - window[0]).max() > tolerance_rad:
-            return k
-    return n
+    idle = idle_steps(episode, horizon, tolerance_rad)
+    return int(np.argmin(idle)) if not idle.all() else len(idle)
 
 
 class SampleSet:
@@ -79,10 +85,11 @@ class SampleSet:
     same phrasings, so a resumed run sees exactly the data the uninterrupted one would have.
 
     ``idle_start_rad`` > 0 leaves out each episode's idle start (``idle_start``): the leading samples whose next
-    ``idle_horizon`` commands stay within that many radians."""
+    ``idle_horizon`` commands stay within that many radians; with ``idle_anywhere`` every such sample, wherever it
+    is in the episode (a policy's own pauses in self-imitation episodes, a demo's still end)."""
 
     def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None,
-                 idle_start_rad: float = 0.0) -> None:
+                 idle_start_rad: float = 0.0, idle_anywhere: bool = False) -> None:
         if not episodes:
             raise DatasetError("no episodes given")
         if idle_start_rad < 0:
@@ -102,10 +109,13 @@ class SampleSet:
         every = sum(s.size for s in steps)
         if idle_start_rad > 0:
             horizon = idle_horizon(self.chunk_size, cfg.fps)
-            steps = [s[s >= idle_start(e, horizon, idle_start_rad)] for e, s in zip(self.episodes, steps)]
+            if idle_anywhere:
+                steps = [s[~idle_steps(e, horizon, idle_start_rad)[s]] for e, s in zip(self.episodes, steps)]
+            else:
+                steps = [s[s >= idle_start(e, horizon, idle_start_rad)] for e, s in zip(self.episodes, steps)]
         self.sample_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(steps)]).astype(np.int64)
         self.sample_step = np.concatenate(steps).astype(np.int64)
-        self.idle_samples = int(every - self.sample_step.size)  # left out as idle starts
+        self.idle_samples = int(every - self.sample_step.size)  # left out as idle
         # Each episode's first kept step: where its start (start_weighted_rows) begins.
         self._first_step = np.array([s[0] if s.size else 0 for s in steps], dtype=np.int64)
         if len(self) == 0:

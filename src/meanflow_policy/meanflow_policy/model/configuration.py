@@ -281,6 +281,8 @@ class TrainConfig:
     # Leave out each episode's idle start: leading samples whose next half chunk (>= 0.3 s) of commands stays within
     # this many radians (SampleSet / idle_start: a state with a "stay" label becomes a stall). 0 keeps every sample.
     idle_start_rad: float = 0.02
+    # Leave out every idle sample (within idle_start_rad), not only the leading ones.
+    idle_anywhere: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -329,4 +331,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         # A run saved before idle starts were left out trained on every sample: resuming it keeps doing so.
-        return _strict_from_dict(cls, {"idle_start_rad": 0.0, **d})
+        return _strict_from_dict(cls, {"idle_start_rad": 0.0, "idle_anywhere": False, **d})

@@ -162,13 +162,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    default=argparse.SUPPRESS,
                    help="each training sample's instruction becomes one of its task's phrasings "
                         "(so101_common/phrasings.py); validation keeps the recorded sentences")
+    p.add_argument("--idle-anywhere", dest="idle_anywhere", action="store_true", default=argparse.SUPPRESS,
+                   help="leave out every sample whose next half chunk of commands stays within --idle-start, "
+                        "wherever it is in the episode (a policy's own pauses in self-imitation episodes)")
 
 
 def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -> TrainConfig:
     """The run's TrainConfig: TrainConfig's defaults overridden by the options given; for a resumed run its saved
     config, of which only the per-invocation settings, --steps, --val-every and --log-every may change."""
     given = {field: getattr(args, field) for _, field, _, _ in _TRAIN_OPTIONS if hasattr(args, field)}
-    for flag in ("freeze_backbone", "instruction_variety"):
+    for flag in ("freeze_backbone", "instruction_variety", "idle_anywhere"):
         if hasattr(args, flag):
             given[flag] = True
     given["progress"] = not args.no_progress
@@ -510,8 +513,9 @@ def run(args: argparse.Namespace) -> dict:
     if not val_eps:
         LOG.warning("only %d episode(s): no held-out episode, validation metrics are skipped", len(episodes))
     train_set = SampleSet(train_eps, sync, phrasing_seed=cfg.seed if cfg.instruction_variety else None,
-                          idle_start_rad=cfg.idle_start_rad)
-    val_set = SampleSet(val_eps, sync, idle_start_rad=cfg.idle_start_rad) if val_eps else None
+                          idle_start_rad=cfg.idle_start_rad, idle_anywhere=cfg.idle_anywhere)
+    val_set = SampleSet(val_eps, sync, idle_start_rad=cfg.idle_start_rad,
+                        idle_anywhere=cfg.idle_anywhere) if val_eps else None
     stats = compute_stats(train_eps)
     if policy is None:
         torch.manual_seed(cfg.seed)
@@ -527,8 +531,8 @@ def run(args: argparse.Namespace) -> dict:
         "stats": stats, "sync": sync.cache_key(), "load_report": report.__dict__,
     }, indent=2, default=str) + "\n")
     if train_set.idle_samples:
-        LOG.info("idle starts left out (--idle-start %.3f rad): %d training samples", cfg.idle_start_rad,
-                 train_set.idle_samples)
+        LOG.info("idle %s left out (--idle-start %.3f rad): %d training samples",
+                 "samples" if cfg.idle_anywhere else "starts", cfg.idle_start_rad, train_set.idle_samples)
     LOG.info("train: %d episodes / %d samples; val: %d episodes / %d samples; device %s", len(train_eps),
              len(train_set), len(val_eps), len(val_set) if val_set else 0, device)
 
