@@ -324,7 +324,7 @@ def test_idle_starts_are_left_out_and_the_start_window_counts_from_the_first_kep
 def test_idle_anywhere_leaves_out_a_pause_in_the_middle_of_an_episode_too(trained: Path, bags: Path) -> None:
     """A policy's own pause mid-episode (self-imitation data: hovering over the cube before descending) labels a
     still state "stay here" just as an idle start does; ``idle_anywhere`` leaves out those samples as well, and
-    only those: every kept sample's next half chunk moves."""
+    keeps the still end (once the task is done, staying is right)."""
     policy = MeanFlowPolicy.load(trained / "last")
     sync = SyncConfig.from_policy_config(policy.config)
     episodes, _ = load_episodes([bags], sync, trained / "cache")
@@ -334,6 +334,7 @@ def test_idle_anywhere_leaves_out_a_pause_in_the_middle_of_an_episode_too(traine
     for e in episodes:
         action = np.array(e.action)
         action[P0:P1] = action[P0]  # held for half a second mid-episode
+        action[-15:] = action[-15]  # and still at the end
         paused.append(dataclasses.replace(e, action=action))
     starts = SampleSet(paused, sync, idle_start_rad=0.02)
     anywhere = SampleSet(paused, sync, idle_start_rad=0.02, idle_anywhere=True)
@@ -342,6 +343,10 @@ def test_idle_anywhere_leaves_out_a_pause_in_the_middle_of_an_episode_too(traine
         pause = np.arange(P0, P1 - half)  # samples whose next half chunk lies within the pause
         assert idle[pause].all()
         kept = anywhere.sample_step[anywhere.sample_episode == i]
-        assert not np.isin(pause, kept).any() and not idle[kept].any()
+        assert not np.isin(pause, kept).any()
+        last_move = np.flatnonzero(~idle)[-1]
+        assert not idle[kept[kept < last_move]].any()  # before the last move every kept sample moves
+        end = np.flatnonzero(idle[last_move:]) + last_move
+        assert end.size and np.isin(end[np.isin(end, episode.sample_steps)], kept).all()  # the still end is kept
         assert np.isin(pause, starts.sample_step[starts.sample_episode == i]).all()  # kept by the start filter
     assert anywhere.idle_samples >= starts.idle_samples + len(paused) * (P1 - half - P0)

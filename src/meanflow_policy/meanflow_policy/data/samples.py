@@ -65,6 +65,14 @@ def idle_steps(episode: Episode, horizon: int, tolerance_rad: float) -> np.ndarr
     return idle
 
 
+def idle_pauses(episode: Episode, horizon: int, tolerance_rad: float) -> np.ndarray:
+    """(steps,) bool: the idle steps (``idle_steps``) before the episode's last move: its idle start and its
+    pauses, not its still end (once the task is done, "stay" is the right label: a stacked toy must rest 0.5 s)."""
+    idle = idle_steps(episode, horizon, tolerance_rad)
+    moving = np.flatnonzero(~idle)
+    return idle & (np.arange(len(idle)) < (moving[-1] if moving.size else 0))
+
+
 def idle_start(episode: Episode, horizon: int, tolerance_rad: float) -> int:
     """First step whose next ``horizon`` commands move some joint more than ``tolerance_rad`` (the episode's length
     when none does): the steps before it are an idle start.
@@ -85,8 +93,8 @@ class SampleSet:
     same phrasings, so a resumed run sees exactly the data the uninterrupted one would have.
 
     ``idle_start_rad`` > 0 leaves out each episode's idle start (``idle_start``): the leading samples whose next
-    ``idle_horizon`` commands stay within that many radians; with ``idle_anywhere`` every such sample, wherever it
-    is in the episode (a policy's own pauses in self-imitation episodes, a demo's still end)."""
+    ``idle_horizon`` commands stay within that many radians; with ``idle_anywhere`` every such sample before the
+    episode's last move (``idle_pauses``: a policy's own pauses in self-imitation episodes too)."""
 
     def __init__(self, episodes: Sequence[Episode], cfg: SyncConfig, phrasing_seed: int | None = None,
                  idle_start_rad: float = 0.0, idle_anywhere: bool = False) -> None:
@@ -110,7 +118,7 @@ class SampleSet:
         if idle_start_rad > 0:
             horizon = idle_horizon(self.chunk_size, cfg.fps)
             if idle_anywhere:
-                steps = [s[~idle_steps(e, horizon, idle_start_rad)[s]] for e, s in zip(self.episodes, steps)]
+                steps = [s[~idle_pauses(e, horizon, idle_start_rad)[s]] for e, s in zip(self.episodes, steps)]
             else:
                 steps = [s[s >= idle_start(e, horizon, idle_start_rad)] for e, s in zip(self.episodes, steps)]
         self.sample_episode = np.concatenate([np.full(len(s), i) for i, s in enumerate(steps)]).astype(np.int64)

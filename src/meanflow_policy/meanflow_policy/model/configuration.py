@@ -281,7 +281,7 @@ class TrainConfig:
     # Leave out each episode's idle start: leading samples whose next half chunk (>= 0.3 s) of commands stays within
     # this many radians (SampleSet / idle_start: a state with a "stay" label becomes a stall). 0 keeps every sample.
     idle_start_rad: float = 0.02
-    # Leave out every idle sample (within idle_start_rad), not only the leading ones.
+    # Leave out every idle sample (within idle_start_rad) before the episode's last move, not only the leading ones.
     idle_anywhere: bool = False
     progress: bool = True
 

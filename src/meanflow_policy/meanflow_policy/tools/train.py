@@ -163,8 +163,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="each training sample's instruction becomes one of its task's phrasings "
                         "(so101_common/phrasings.py); validation keeps the recorded sentences")
     p.add_argument("--idle-anywhere", dest="idle_anywhere", action="store_true", default=argparse.SUPPRESS,
-                   help="leave out every sample whose next half chunk of commands stays within --idle-start, "
-                        "wherever it is in the episode (a policy's own pauses in self-imitation episodes)")
+                   help="leave out every sample whose next half chunk of commands stays within --idle-start "
+                        "before the episode's last move, not only the leading ones (a policy's own pauses in "
+                        "self-imitation episodes); the still end is kept")
 
 
 def train_config(args: argparse.Namespace, resumed: TrainConfig | None = None) -> TrainConfig:
