@@ -109,7 +109,8 @@ class Dwell:
     m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height
     for it (higher over the stack), with nothing in the jaws."""
 
-    steps: int = 20
+    # 1.5 s: the shipped multi-task policy pauses ~0.7 s over a cube before descending even when it succeeds.
+    steps: int = 45
     radius: float = 0.01
     grip_rad: float = 0.05
     reach: float = 0.04
