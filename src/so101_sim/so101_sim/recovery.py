@@ -73,11 +73,35 @@ class _PolicyRecorder:
     reseed: Callable[[int], None] | None = None
     guide_plan: bool = False
 
-    def _run(self, env: SimEnv, seed: int, max_steps: int) -> EpisodeResult:
+    def _run(self, env: SimEnv, seed: int, max_steps: int,
+             after_step: Callable[[], None] | None = None) -> EpisodeResult:
+        """The closed-loop run; ``after_step`` is called after every control step (it may raise to end the run
+        there), and the env's own step is back afterwards, however the run ended."""
         if self.reseed is not None:
             self.reseed(seed)
-        return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
-                           guide_plan=self.guide_plan)
+        if after_step is not None:
+            step = env.step
+
+            def watched_step() -> None:
+                step()
+                after_step()
+
+            env.step = watched_step  # type: ignore[method-assign]
+        try:
+            return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
+                               guide_plan=self.guide_plan)
+        finally:
+            if after_step is not None:
+                del env.step
+
+    @staticmethod
+    def _expert_from_here(env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
+        """The scripted expert finishes the task from the env's state; its part is recorded as the episode."""
+        try:
+            plan = ScriptedExpert(env).plan()
+        except TakeoverError as exc:
+            raise SeedSkipped(f"no recovery {where}: {exc}") from None
+        return record_plan(env, plan, seed, path, started)
 
 
 @dataclass
@@ -93,11 +117,7 @@ class RecoveryRecorder(_PolicyRecorder):
         result = self._run(env, seed, step)
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
-        try:
-            plan = ScriptedExpert(env).plan()
-        except TakeoverError as exc:
-            raise SeedSkipped(f"no recovery at step {step}: {exc}") from None
-        demo = record_plan(env, plan, seed, path, started)
+        demo = self._expert_from_here(env, seed, path, started, f"at step {step}")
         self.handovers[path.name] = step
         return demo
 
@@ -157,10 +177,8 @@ class DwellRecorder(_PolicyRecorder):
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
         window: list[np.ndarray] = []
-        step = env.step
 
-        def watched_step() -> None:
-            step()
+        def watch() -> None:
             if not self.dwell.near_grasp(env):
                 window.clear()
                 return
@@ -168,22 +186,14 @@ class DwellRecorder(_PolicyRecorder):
             if self.dwell.dwelling(np.asarray(window)):
                 raise _Dwelt
 
-        env.step = watched_step  # type: ignore[method-assign]
         try:
-            result = self._run(env, seed, self.max_steps)
+            result = self._run(env, seed, self.max_steps, after_step=watch)
         except _Dwelt:
-            result = None
-        finally:
-            del env.step
-        if result is not None:
+            handover = env.steps
+        else:
             raise SeedSkipped(f"the policy never dwelt at a grasp ({'succeeded' if result.success else 'failed'} "
                               f"after {result.steps} steps)")
-        handover = env.steps
-        try:
-            plan = ScriptedExpert(env).plan()
-        except TakeoverError as exc:
-            raise SeedSkipped(f"no recovery at the dwell (step {handover}): {exc}") from None
-        demo = record_plan(env, plan, seed, path, started)
+        demo = self._expert_from_here(env, seed, path, started, f"at the dwell (step {handover})")
         self.handovers[path.name] = handover
         return demo
 
@@ -198,17 +208,8 @@ class RolloutRecorder(_PolicyRecorder):
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
         commands: list[np.ndarray] = []
-        step = env.step
-
-        def record_step() -> None:  # the target each control step ends at, as env.command sends it
-            step()
-            commands.append(env.commanded())
-
-        env.step = record_step  # type: ignore[method-assign]
-        try:
-            result = self._run(env, seed, self.max_steps)
-        finally:
-            del env.step
+        # The target each control step ends at, as env.command sends it.
+        result = self._run(env, seed, self.max_steps, after_step=lambda: commands.append(env.commanded()))
         if not result.success:
             raise SeedSkipped(f"the policy did not succeed in {result.steps} steps (score {result.score:.2f})")
         env.reset(seed)
