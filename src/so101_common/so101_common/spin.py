@@ -38,10 +38,23 @@ class ShutdownRequest:
     def _record(self, signum: int, _frame: object) -> None:
         self.signals.append(signum)
 
-    @staticmethod
-    def ignore_from_now_on() -> None:
+    def ignore_from_now_on(self) -> None:
         """For the last steps before exit: Python's finalisation puts a handler of ours back to the default
-        (a late signal would then kill the process: exit -2), but it leaves an ignored signal ignored."""
+        (a late signal would then kill the process: exit -2), but it leaves an ignored signal ignored.
+
+        A signal that another thread's C handler caught just before the switch reaches the main thread after it,
+        and CPython then prints it as an unraisable ``OSError: Signal N ignored due to race condition`` with a
+        traceback (bpo-43406). Ignoring that signal is exactly what was asked for: it is recorded, not printed."""
+        previous = sys.unraisablehook
+
+        def drop_ignored_signals(unraisable: Any) -> None:
+            signum = _signal_lost_to_race(unraisable.exc_value)
+            if signum is None:
+                previous(unraisable)
+            else:
+                self.signals.append(signum)
+
+        sys.unraisablehook = drop_ignored_signals
         for signum in SHUTDOWN_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
 
@@ -58,6 +71,16 @@ class ShutdownRequest:
             name = signal.Signals(signum).name
             counts[name] = counts.get(name, 0) + 1
         return ", ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+
+
+def _signal_lost_to_race(exc: BaseException | None) -> int | None:
+    """The shutdown signal that CPython reports as 'Signal N ignored due to race condition', else None."""
+    if not isinstance(exc, OSError):
+        return None
+    for signum in SHUTDOWN_SIGNALS:
+        if str(exc) == f"Signal {int(signum)} ignored due to race condition":
+            return int(signum)
+    return None
 
 
 def init_ros(args: Sequence[str] | None) -> ShutdownRequest:
