@@ -48,6 +48,11 @@ class ExpertConfig:
     t_open: float = 0.4
     t_retreat: float = 0.6
     t_hold: float = 0.5
+    # Consecutive moves overlap by this long (at most a third of either): the next move starts while the last
+    # one slows down, so the arm never comes to rest between reach and descent, lift and carry, carry and lower.
+    # A state holds no velocity: where the demos creep at a junction, a policy replanning from there sees "creep,
+    # then go" again and again, and hovers over the object for good. Gripper moves never overlap.
+    t_blend: float = 0.3
     # Taking over mid-episode (recovery demos): a grasp point within this horizontal distance (m) of the cube and
     # below carry height + margin aligns over the cube at its current height and goes on down, instead of going
     # back up to carry height (which would contradict the demos' own descent); within grasp_band of the grasp
@@ -103,12 +108,17 @@ class ScriptedExpert:
     def _steps(self, seconds: float) -> int:
         return max(1, int(round(seconds * self.env.cfg.fps)))
 
-    def _align(self, arm0: np.ndarray, grip0: float, arm1: np.ndarray, grip1: float,
-               targets: list[np.ndarray]) -> None:
+    def _align(self, arm0: np.ndarray, grip0: float, arm1: np.ndarray, grip1: float, targets: "_Targets") -> None:
         """Append a takeover's joint-space re-alignment, its duration in proportion to how far it moves."""
         move = max(float(np.abs(arm1 - arm0).max()), abs(grip1 - grip0))
-        for a in min_jerk(self._steps(self.cfg.t_align * min(1.0, move / self.cfg.align_full_rad))):
-            targets.append(np.append((1 - a) * arm0 + a * arm1, (1 - a) * grip0 + a * grip1))
+        self._joint_move(arm0, grip0, arm1, grip1, self.cfg.t_align * min(1.0, move / self.cfg.align_full_rad),
+                         targets)
+
+    def _joint_move(self, arm0: np.ndarray, grip0: float, arm1: np.ndarray, grip1: float, seconds: float,
+                    targets: "_Targets") -> None:
+        """Append a minimum-jerk move in joint space (the reach from home, a takeover's re-alignment)."""
+        targets.move([np.append((1 - a) * arm0 + a * arm1, (1 - a) * grip0 + a * grip1)
+                      for a in min_jerk(self._steps(seconds))])
 
     def _solve_from(self, point: np.ndarray, axis: np.ndarray, arm0: np.ndarray) -> np.ndarray:
         """IK from the arm's current joints; from home when that fails (a plan taking over from a contorted
@@ -193,19 +203,18 @@ class ScriptedExpert:
             raise TakeoverError(problem)
         q_start = env.joint_positions()
         q_start[self.gripper_index] = env.commanded()[self.gripper_index]
-        targets: list[np.ndarray] = []
+        targets = _Targets(self._steps(cfg.t_blend))
         arm, grip = q_start[:self.gripper_index], q_start[self.gripper_index]
         for i, goal in enumerate(env.task.remaining_goals(data)):
             if i == 0 and (env.task.held(data, goal.obj) or env.task.at_goal(data, goal)):
                 arm, grip = self._carry_on(goal, arm, grip, targets)
             else:
                 arm, grip = self._pick_place(goal, arm, grip, first=i == 0, targets=targets)
-        for _ in range(self._steps(cfg.t_hold)):
-            targets.append(targets[-1].copy())
-        return np.asarray(targets)
+        targets.hold([targets.rows[-1].copy() for _ in range(self._steps(cfg.t_hold))])
+        return np.asarray(targets.rows)
 
     def _pick_place(self, goal: Goal, arm0: np.ndarray, grip0: float, first: bool,
-                    targets: list[np.ndarray]) -> tuple[np.ndarray, float]:
+                    targets: "_Targets") -> tuple[np.ndarray, float]:
         """Append one pick-and-place to ``targets`` from arm joints ``arm0``, gripper ``grip0``; returns the end."""
         env, cfg = self.env, self.cfg
         task = env.task
@@ -239,8 +248,7 @@ class ScriptedExpert:
         if near:
             self._align(arm0, grip0, arm_start, grip_goal, targets)
         else:
-            for a in min_jerk(self._steps(cfg.t_reach if first else cfg.t_carry)):
-                targets.append(np.append((1 - a) * arm0 + a * arm_start, (1 - a) * grip0 + a * grip_goal))
+            self._joint_move(arm0, grip0, arm_start, grip_goal, cfg.t_reach if first else cfg.t_carry, targets)
 
         path = _Path(self, jaw_axis, arm_start, start_point, grip_goal, targets)
         descent = (height - grasp[2]) / (carry - grasp[2])
@@ -255,7 +263,7 @@ class ScriptedExpert:
         return path.arm, path.grip
 
     def _carry_on(self, goal: Goal, arm0: np.ndarray, grip0: float,
-                  targets: list[np.ndarray]) -> tuple[np.ndarray, float]:
+                  targets: "_Targets") -> tuple[np.ndarray, float]:
         """Append the rest of a pick-and-place whose object is already in the jaws (mid-episode takeover):
         point the gripper down where it is and close, lift to carry height, carry, lower, open, retreat, the
         object's centre on the demos' path (it hangs in the jaws where it was caught); over its place already
@@ -292,12 +300,37 @@ class ScriptedExpert:
         return path.arm, path.grip
 
 
+class _Targets:
+    """The plan's joint targets, one row per control step. A move appended right after another move overlaps
+    its last rows (``ExpertConfig.t_blend``): the new move's displacements are added onto them, so the joints
+    end where the new move ends and never stop in between."""
+
+    def __init__(self, blend_steps: int) -> None:
+        self.rows: list[np.ndarray] = []
+        self.blend_steps = blend_steps
+        self._last_move = 0  # rows at the end that belong to a move (0 after a gripper move or a hold)
+
+    def move(self, rows: list[np.ndarray]) -> None:
+        overlap = min(self.blend_steps, self._last_move // 3, len(rows) // 3)
+        if overlap:
+            start = self.rows[-1]
+            for i in range(overlap):
+                self.rows[len(self.rows) - overlap + i] = self.rows[len(self.rows) - overlap + i] + rows[i] - start
+        self.rows.extend(rows[overlap:])
+        self._last_move = len(rows) - overlap
+
+    def hold(self, rows: list[np.ndarray]) -> None:
+        """Rows that no later move may overlap (the gripper closing or opening, the final hold)."""
+        self.rows.extend(rows)
+        self._last_move = 0
+
+
 class _Path:
     """The grasp point's minimum-jerk segments (IK each control step, jaws along ``jaw_axis``) and gripper
     moves, appended to ``targets`` one control step at a time."""
 
     def __init__(self, expert: ScriptedExpert, jaw_axis: np.ndarray, arm: np.ndarray, point: np.ndarray,
-                 grip: float, targets: list[np.ndarray]) -> None:
+                 grip: float, targets: _Targets) -> None:
         self.expert = expert
         self.jaw_axis = jaw_axis
         self.arm = arm
@@ -307,16 +340,18 @@ class _Path:
 
     def cartesian(self, goal_point: np.ndarray, seconds: float) -> None:
         start = self.point
+        rows = []
         for a in min_jerk(self.expert._steps(seconds)):
             self.arm = self.expert.ik.solve((1 - a) * start + a * goal_point, self.jaw_axis, self.arm,
                                             max_error=self.expert.cfg.ik_max_error)
-            self.targets.append(np.append(self.arm, self.grip))
+            rows.append(np.append(self.arm, self.grip))
+        self.targets.move(rows)
         self.point = goal_point
 
     def gripper(self, goal_opening: float, seconds: float) -> None:
         start = self.grip
-        for a in min_jerk(self.expert._steps(seconds)):
-            self.targets.append(np.append(self.arm, (1 - a) * start + a * goal_opening))
+        self.targets.hold([np.append(self.arm, (1 - a) * start + a * goal_opening)
+                           for a in min_jerk(self.expert._steps(seconds))])
         self.grip = goal_opening
 
 
