@@ -29,6 +29,7 @@ import numpy as np
 from so101_common.graph import CAMERA_NAMES
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
+from so101_sim.dwell import DwellWatch
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
@@ -90,15 +91,18 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         recorder = None
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
+        watch = DwellWatch(env)
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
-                             on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan)
+                             on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan, after_step=watch)
+        result.dwell_watched, result.dwell_step = True, watch.first_step
         if recorder is not None:
             videos.append(str(recorder.write()))
         results.append(result)
         followed = "" if result.instruction_followed is None else \
             f", instruction {'followed' if result.instruction_followed else 'NOT followed'}"
+        dwelt = "" if result.dwell_step is None else f", dwelt at a grasp by step {result.dwell_step}"
         log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} (score {result.score:.2f}"
-            f"{followed}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
+            f"{followed}{dwelt}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
     return summarize(results, videos, max_steps, action_steps)
 
 
@@ -111,6 +115,8 @@ def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, a
     return {"episodes": len(results), "successes": successes, "success_rate": successes / len(results),
             "ci95": [low, high], "score": float(np.mean([r.score for r in results])),
             "instruction_followed_rate": sum(judged) / len(judged) if judged else None,
+            # None for episodes evaluated before dwells were watched (pooled by so101-results-table)
+            "dwelt": sum(r.dwell_step is not None for r in results) if all(r.dwell_watched for r in results) else None,
             "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
             "action_steps": action_steps, "videos": videos, "results": [r.to_dict() for r in results]}
 
@@ -356,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job.task + ' ' if multi else ''}NFE {job.nfe}: success {report['successes']}/{report['episodes']} = "
               f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
               f"mean score {report['score']:.3f}{_followed_text(report)}, "
+              f"dwelt at a grasp in {report['dwelt']} episodes, "
               f"chunk latency median {lat.get('median_ms', float('nan')):.1f} ms, "
               f"p90 {lat.get('p90_ms', float('nan')):.1f} ms -> {path}")
     wording = wording_summary(reports, variant_reports, nfes[0]) if variant_jobs else None
@@ -452,13 +459,16 @@ def _one_nfe_summary(reports: dict[str, dict[int, dict]], nfe: int) -> dict:
     cells = {t: by_nfe[nfe] for t, by_nfe in reports.items()}
     tasks = {t: {"score": r["score"], "success_rate": r["success_rate"], "episodes": r["episodes"],
                  "ci95": r["ci95"], "instruction_followed_rate": r["instruction_followed_rate"],
-                 "chunk_ms_median": r["chunk_latency"].get("median_ms")} for t, r in cells.items()}
+                 "dwelt": r["dwelt"], "chunk_ms_median": r["chunk_latency"].get("median_ms")}
+             for t, r in cells.items()}
     paper = [t for t in PAPER_TASKS if t in cells] or list(cells)
     judged = [e["instruction_followed"] for t, r in cells.items() if t in LANGUAGE_DECIDED for e in r["results"]
               if e["instruction_followed"] is not None]
     latencies = [ms for r in cells.values() for e in r["results"] for ms in e["chunk_latency_ms"]]
+    dwelt = [r["dwelt"] for r in cells.values()]
     return {"tasks": tasks, "mean_score": float(np.mean([cells[t]["score"] for t in paper])),
             "mean_score_over": paper, "instruction_following": sum(judged) / len(judged) if judged else None,
+            "dwelt": None if None in dwelt else sum(dwelt),
             "chunk_ms_median": float(np.median(latencies)) if latencies else None}
 
 

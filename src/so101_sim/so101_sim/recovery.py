@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 
 from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
+from so101_sim.dwell import Dwell, DwellWatch
 from so101_sim.env import SimEnv
-from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
+from so101_sim.expert import ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, EpisodeResult, Policy, add_sampling_arguments,
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments,
                                resolve_sampling_arguments, run_episode)
 from so101_sim.tasks import TASKS, task_class
 
@@ -76,23 +77,11 @@ class _PolicyRecorder:
     def _run(self, env: SimEnv, seed: int, max_steps: int,
              after_step: Callable[[], None] | None = None) -> EpisodeResult:
         """The closed-loop run; ``after_step`` is called after every control step (it may raise to end the run
-        there), and the env's own step is back afterwards, however the run ended."""
+        there)."""
         if self.reseed is not None:
             self.reseed(seed)
-        if after_step is not None:
-            step = env.step
-
-            def watched_step() -> None:
-                step()
-                after_step()
-
-            env.step = watched_step  # type: ignore[method-assign]
-        try:
-            return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
-                               guide_plan=self.guide_plan)
-        finally:
-            if after_step is not None:
-                del env.step
+        return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
+                           guide_plan=self.guide_plan, after_step=after_step)
 
     @staticmethod
     def _expert_from_here(env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
@@ -122,45 +111,6 @@ class RecoveryRecorder(_PolicyRecorder):
         return demo
 
 
-@dataclass(frozen=True)
-class Dwell:
-    """A policy stuck at a grasp: for ``steps`` control steps the grasp point stayed within ``radius`` m of where it
-    was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within ``reach``
-    m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height
-    for it (higher over the stack), with nothing in the jaws."""
-
-    # 1.5 s: the shipped multi-task policy pauses ~0.7 s over a cube before descending even when it succeeds.
-    steps: int = 45
-    radius: float = 0.01
-    grip_rad: float = 0.05
-    reach: float = 0.04
-    margin: float = 0.01
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or min(self.radius, self.reach, self.grip_rad) <= 0 or self.margin < 0:
-            raise ValueError(f"dwell needs steps >= 1, radius and reach > 0, margin >= 0; got {self}")
-
-    def dwelling(self, window: np.ndarray) -> bool:
-        """Whether ``window`` (rows: grasp point x, y, z in m, gripper in rad; the latest last) is a dwell."""
-        if len(window) < self.steps:
-            return False
-        recent = window[-self.steps:]
-        return bool(np.linalg.norm(recent[:, :3] - recent[0, :3], axis=1).max() <= self.radius
-                    and np.ptp(recent[:, 3]) <= self.grip_rad)
-
-    def near_grasp(self, env: SimEnv) -> bool:
-        """Whether the grasp point is where a grasp of the next object begins, nothing held."""
-        task, data = env.task, env.data
-        goals = task.remaining_goals(data)
-        if not goals or any(task.in_jaws(data, name) for name in env.scene.objects):
-            return False
-        point = data.site_xpos[env.scene.site]
-        obj = task.position(data, goals[0].obj)
-        _, carry = ExpertConfig().release_and_carry(goals[0], task.rest_height(goals[0].obj))
-        return (float(np.linalg.norm(point[:2] - obj[:2])) <= self.reach
-                and float(point[2]) <= carry + self.margin)
-
-
 class _Dwelt(Exception):
     """Raised from a control step to end the policy's run where it dwells (DwellRecorder)."""
 
@@ -176,18 +126,14 @@ class DwellRecorder(_PolicyRecorder):
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
-        window: list[np.ndarray] = []
+        watch = DwellWatch(env, self.dwell)
 
-        def watch() -> None:
-            if not self.dwell.near_grasp(env):
-                window.clear()
-                return
-            window.append(np.append(env.data.site_xpos[env.scene.site], env.joint_positions()[GRIPPER]))
-            if self.dwell.dwelling(np.asarray(window)):
+        def stop_at_a_dwell() -> None:
+            if watch():
                 raise _Dwelt
 
         try:
-            result = self._run(env, seed, self.max_steps, after_step=watch)
+            result = self._run(env, seed, self.max_steps, after_step=stop_at_a_dwell)
         except _Dwelt:
             handover = env.steps
         else:

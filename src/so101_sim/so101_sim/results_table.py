@@ -169,9 +169,20 @@ def _task_rows(columns: list[tuple[dict, str]], tasks: list[str]) -> list[str]:
     if any(run["by_nfe"][n]["instruction_following"] is not None for run, n in columns):
         lines.append("| instruction following | " + " | ".join(
             _percent(run["by_nfe"][n]["instruction_following"]) for run, n in columns) + " |")
+    if any(run["by_nfe"][n].get("dwelt") is not None for run, n in columns):
+        lines.append("| episodes that dwelt at a grasp | " + " | ".join(_dwelt(run["by_nfe"][n]) for run, n in columns)
+                     + " |")
     lines.append("| chunk latency median (ms) | " + " | ".join(_latency(run["by_nfe"][n]) for run, n in columns)
                  + " |")
     return lines
+
+
+def _dwelt(summary: dict) -> str:
+    """'12 of 300': episodes, over every task, where so101-eval saw the policy dwell at a grasp ('-': not watched,
+    evaluations made before 2026-12-03)."""
+    if summary.get("dwelt") is None:
+        return "-"
+    return f"{summary['dwelt']} of {sum(t['episodes'] for t in summary['tasks'].values())}"
 
 
 def _run_rows(columns: list[tuple[dict, str]], tasks: list[str]) -> list[str]:

@@ -65,6 +65,10 @@ class EpisodeResult:
     # whether the policy moved the object(s) the instruction names (None where it does not apply).
     score: float = 0.0
     instruction_followed: bool | None = None
+    # Whether a DwellWatch (so101_sim.dwell) watched the run, and the control step at which it first saw the policy
+    # dwell at a grasp (None: never).
+    dwell_watched: bool = False
+    dwell_step: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,14 +85,16 @@ def check_chunk(chunk: object) -> np.ndarray:
 
 def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_steps: int,
                 instruction: str | None = None, on_frame: FrameSink | None = None,
-                latency_of: Callable[[], float | None] | None = None, guide_plan: bool = False) -> EpisodeResult:
+                latency_of: Callable[[], float | None] | None = None, guide_plan: bool = False,
+                after_step: Callable[[], None] | None = None) -> EpisodeResult:
     """Reset to ``seed`` and run until success or ``max_steps`` control steps.
 
     ``on_frame`` receives the rendered camera images after every control step (for videos).
     ``latency_of`` returns the policy's own latency figure for the last call (e.g. from
     ``policy.last_timing``); without it the wall time of the call is used. ``guide_plan``: every observation
     after the first carries ``guide``, the unexecuted rest of the last chunk (so101_common.handoff.rtc_guide), for
-    a policy that draws several chunks and keeps the one that continues it.
+    a policy that draws several chunks and keeps the one that continues it. ``after_step`` is called after every
+    control step (a watch such as so101_sim.dwell.DwellWatch; it may raise to end the run there).
     """
     if max_steps < 1 or action_steps < 1:
         raise ValueError(f"max_steps and action_steps must be >= 1, got {max_steps}, {action_steps}")
@@ -113,6 +119,8 @@ def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_s
         for _ in range(min(action_steps, len(chunk), max_steps - steps)):
             env.step()
             steps += 1
+            if after_step is not None:
+                after_step()
             success = env.success()
             if on_frame is not None:
                 on_frame(env.render(CAMERA_NAMES))

@@ -14,8 +14,10 @@ from so101_common.episode_bag import read_episode_metadata
 from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.joints import home_vector
 from so101_sim import recovery
+from so101_sim.dwell import Dwell
 from so101_sim.demos import generate
 from so101_sim.env import SimEnv
+from so101_sim.evaluate import evaluate
 from so101_sim.expert import ExpertChunkPolicy, ExpertConfig, ScriptedExpert
 from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY, SceneConfig
 from so101_sim.rollout import run_episode
@@ -141,7 +143,7 @@ class ExpertThenDrift:
 
 
 def test_dwell_is_a_still_grasp_point_and_a_still_gripper_for_the_whole_window():
-    dwell = recovery.Dwell(steps=5, radius=0.01, grip_rad=0.05)
+    dwell = Dwell(steps=5, radius=0.01, grip_rad=0.05)
     still = np.tile([0.2, 0.0, 0.06, 0.6], (5, 1))
     assert dwell.dwelling(still)
     assert not dwell.dwelling(still[:4])  # not yet long enough
@@ -152,7 +154,7 @@ def test_dwell_is_a_still_grasp_point_and_a_still_gripper_for_the_whole_window()
     closing[:, 3] = np.linspace(0.6, 0.3, 5)
     assert not dwell.dwelling(closing)  # a grasp being closed is no dwell
     with pytest.raises(ValueError, match="steps >= 1"):
-        recovery.Dwell(steps=0)
+        Dwell(steps=0)
 
 
 def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
@@ -161,9 +163,9 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
     try:
         hover = ExpertThenDrift(env, k=round(ExpertConfig.t_reach * env.cfg.fps) - 1, pan=0.0)  # reach ends
-        recorder = recovery.DwellRecorder(hover, max_steps=360, dwell=recovery.Dwell(steps=30))
+        recorder = recovery.DwellRecorder(hover, max_steps=360, dwell=Dwell(steps=30))
         demo = recorder(env, 4, tmp_path / "episode_0000")
-        never = recovery.DwellRecorder(ExpertChunkPolicy(env), max_steps=360, dwell=recovery.Dwell(steps=30))
+        never = recovery.DwellRecorder(ExpertChunkPolicy(env), max_steps=360, dwell=Dwell(steps=30))
         with pytest.raises(recovery.SeedSkipped, match="never dwelt"):
             never(env, 4, tmp_path / "episode_0001")
         env.step()  # the env's own step is back
@@ -176,6 +178,21 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     first, _ = _first_state_and_command_count(demo.path)
     np.testing.assert_allclose(first[:5], hover.plan[hover.k][:5], atol=0.05)  # it starts at the hover
     assert not (tmp_path / "episode_0001").exists()
+
+
+def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp():
+    """so101-eval's dwell count: the policy parked over the cube is counted (the step the 1.5 s window filled),
+    the expert, which never stops there, is not."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
+    try:
+        hover = ExpertThenDrift(env, k=round(ExpertConfig.t_reach * env.cfg.fps) - 1, pan=0.0)
+        stuck = evaluate(env, hover, [4], max_steps=120, action_steps=10, log=lambda _: None)
+        expert = evaluate(env, ExpertChunkPolicy(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
+    finally:
+        env.close()
+    assert stuck["dwelt"] == 1 and stuck["successes"] == 0
+    assert hover.k <= stuck["results"][0]["dwell_step"] <= hover.k + Dwell().steps + 1
+    assert expert["dwelt"] == 0 and expert["successes"] == 1 and expert["results"][0]["dwell_step"] is None
 
 
 def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:

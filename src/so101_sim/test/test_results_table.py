@@ -160,15 +160,19 @@ def test_headline_runs_make_the_task_table_and_every_run_gets_a_row(tmp_path, ca
     assert out.with_suffix(".md").read_text().splitlines()[0] == "| task | round 2 NFE 1 | shipped NFE 1 |"
 
 
-def _block(directory, seeds: range, succeeded: int, latency_ms: float, checkpoint: str = "ck") -> None:
+def _block(directory, seeds: range, succeeded: int, latency_ms: float, checkpoint: str = "ck",
+           dwelt: int | None = None) -> None:
     """An so101-eval --tasks pick_place,pick_place_red output: per task a report of episodes with ``succeeded``
-    successes (the red block followed exactly when successful) and the summary so101-eval writes."""
+    successes (the red block followed exactly when successful), the last ``dwelt`` of them seen dwelling at a grasp
+    (None: made before dwells were watched), and the summary so101-eval writes."""
     reports = {}
     directory.mkdir()
     for task in ("pick_place", "pick_place_red"):
         episodes = [EpisodeResult(seed=s, success=i < succeeded, steps=200, sim_seconds=6.7, chunks=20,
                                   chunk_latency_ms=[latency_ms] * 20, score=1.0 if i < succeeded else 0.5,
-                                  instruction_followed=(i < succeeded) if task == "pick_place_red" else None)
+                                  instruction_followed=(i < succeeded) if task == "pick_place_red" else None,
+                                  dwell_watched=dwelt is not None,
+                                  dwell_step=90 if dwelt is not None and i >= len(seeds) - dwelt else None)
                     for i, s in enumerate(seeds)]
         report = summarize(episodes, [], 360, 10)
         (directory / task).mkdir()
@@ -202,3 +206,15 @@ def test_runs_on_other_seed_blocks_pool_into_one_column_recomputed_from_their_ep
     (tmp_path / "b" / "pick_place_red" / "eval_nfe1.json").write_text(json.dumps({"results": [{"seed": 1}]}))
     assert results_table.main(["--eval", f"x={tmp_path / 'a'}+{tmp_path / 'b'}", "--out", str(out)]) == 2
     assert "pick_place_red/eval_nfe1.json is not a so101-eval task report" in capsys.readouterr().err
+
+
+def test_episodes_that_dwelt_are_counted_where_every_pooled_run_watched_for_them(tmp_path):
+    _block(tmp_path / "a", range(1000, 1010), 8, 8.0, dwelt=2)
+    _block(tmp_path / "b", range(2000, 2010), 9, 8.0, dwelt=1)
+    _block(tmp_path / "old", range(3000, 3010), 9, 8.0)
+    out = tmp_path / "t"
+    assert results_table.main(["--eval", f"watched={tmp_path / 'a'}+{tmp_path / 'b'}",
+                               "--eval", f"mixed={tmp_path / 'a'}+{tmp_path / 'old'}", "--out", str(out)]) == 0
+    columns = json.loads(out.with_suffix(".json").read_text())["columns"]
+    assert [c["dwelt"] for c in columns] == [6, None]  # 3 per task, two tasks
+    assert "| episodes that dwelt at a grasp | 6 of 40 | - |" in out.with_suffix(".md").read_text()
