@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from rclpy.serialization import serialize_message
 from so101_common.episode_bag import EpisodeMetadata, EpisodeWriter, update_index
 from so101_common.graph import CAMERA_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
 from so101_sim.env import SimEnv
-from so101_sim.expert import ScriptedExpert
+from so101_sim.expert import ExpertConfig, ScriptedExpert
 from so101_sim.ik import IKError
 from so101_common.stamps import NS_PER_S
 from so101_sim.messages import image_msg, joint_state_msg, trajectory_msg
@@ -54,11 +55,26 @@ def _write_observation(writer: EpisodeWriter, env: SimEnv, stamp_ns: int) -> Non
     writer.write(JOINT_STATES_TOPIC, stamp_ns, serialize_message(msg))
 
 
-def record_demo(env: SimEnv, seed: int, path: Path) -> DemoResult:
+def record_demo(env: SimEnv, seed: int, path: Path, expert: ExpertConfig | None = None) -> DemoResult:
     """Run the expert for ``seed`` and write the episode to ``path`` (a new directory)."""
     started = time.perf_counter()
     env.reset(seed)
-    return record_plan(env, ScriptedExpert(env).plan(), seed, path, started)
+    return record_plan(env, ScriptedExpert(env, expert).plan(), seed, path, started)
+
+
+def add_expert_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--expert-blend``, the same in every tool that records the scripted expert; read it with
+    :func:`expert_config`."""
+    parser.add_argument("--expert-blend", type=float, default=ExpertConfig.t_blend, metavar="S",
+                        help="seconds by which the expert's consecutive moves overlap (0: each move comes to rest "
+                        "before the next, as in every demo until 2026-12-03; default %(default)s)")
+
+
+def expert_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ExpertConfig:
+    """The expert's configuration from :func:`add_expert_arguments`' options; a bad value is one parser error."""
+    if not args.expert_blend >= 0.0:
+        parser.error(f"--expert-blend must be >= 0 seconds, got {args.expert_blend}")
+    return ExpertConfig(t_blend=args.expert_blend)
 
 
 def record_plan(env: SimEnv, plan: np.ndarray, seed: int, path: Path, started: float) -> DemoResult:
@@ -154,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=128, help="camera images are SIZE x SIZE pixels")
     parser.add_argument("--keep-failures", action="store_true",
                         help="keep episodes the expert failed (metadata success=false) instead of dropping them")
+    add_expert_arguments(parser)
     args = parser.parse_args(argv)
+    expert = expert_config(parser, args)
     started = time.perf_counter()
     try:
-        results = generate(args.out, args.episodes, args.seed, args.task, args.image_size, args.keep_failures)
+        results = generate(args.out, args.episodes, args.seed, args.task, args.image_size, args.keep_failures,
+                           record=partial(record_demo, expert=expert))
     except (ValueError, FileExistsError) as exc:
         print(f"so101-sim-demos: {exc}", file=sys.stderr)
         return 2

@@ -48,11 +48,12 @@ class ExpertConfig:
     t_open: float = 0.4
     t_retreat: float = 0.6
     t_hold: float = 0.5
-    # Consecutive moves overlap by this long (at most a third of either): the next move starts while the last
-    # one slows down, so the arm never comes to rest between reach and descent, lift and carry, carry and lower.
-    # A state holds no velocity: where the demos creep at a junction, a policy replanning from there sees "creep,
-    # then go" again and again, and hovers over the object for good. Gripper moves never overlap.
-    t_blend: float = 0.3
+    # Consecutive moves may overlap by this long (at most a third of either; gripper moves never do): the next
+    # move starts while the last one slows down, so the arm never comes to rest between reach and descent, lift
+    # and carry, carry and lower (--expert-blend). 0, each move coming to rest first, is how every demo the shipped
+    # checkpoint learned from was made; a fine-tune of it on overlapped demos and recovery (round 19,
+    # docs/simulation.md) dwelt less over the objects but lost more elsewhere.
+    t_blend: float = 0.0
     # Taking over mid-episode (recovery demos): a grasp point within this horizontal distance (m) of the cube and
     # below carry height + margin aligns over the cube at its current height and goes on down, instead of going
     # back up to carry height (which would contradict the demos' own descent); within grasp_band of the grasp
@@ -203,7 +204,7 @@ class ScriptedExpert:
             raise TakeoverError(problem)
         q_start = env.joint_positions()
         q_start[self.gripper_index] = env.commanded()[self.gripper_index]
-        targets = _Targets(self._steps(cfg.t_blend))
+        targets = _Targets(int(round(cfg.t_blend * env.cfg.fps)))  # 0: no overlap (_steps is at least 1)
         arm, grip = q_start[:self.gripper_index], q_start[self.gripper_index]
         for i, goal in enumerate(env.task.remaining_goals(data)):
             if i == 0 and (env.task.held(data, goal.obj) or env.task.at_goal(data, goal)):

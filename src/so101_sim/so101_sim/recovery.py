@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
-from so101_sim.demos import DemoResult, SeedSkipped, generate, record_plan
+from so101_sim.demos import DemoResult, SeedSkipped, add_expert_arguments, expert_config, generate, record_plan
 from so101_sim.dwell import Dwell, DwellWatch
 from so101_sim.env import SimEnv
-from so101_sim.expert import ScriptedExpert, TakeoverError
+from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
 from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments,
                                resolve_sampling_arguments, run_episode)
@@ -73,6 +73,7 @@ class _PolicyRecorder:
     action_steps: int = DEFAULT_ACTION_STEPS
     reseed: Callable[[int], None] | None = None
     guide_plan: bool = False
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
 
     def _run(self, env: SimEnv, seed: int, max_steps: int,
              after_step: Callable[[], None] | None = None) -> EpisodeResult:
@@ -83,11 +84,10 @@ class _PolicyRecorder:
         return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
                            guide_plan=self.guide_plan, after_step=after_step)
 
-    @staticmethod
-    def _expert_from_here(env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
+    def _expert_from_here(self, env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
         """The scripted expert finishes the task from the env's state; its part is recorded as the episode."""
         try:
-            plan = ScriptedExpert(env).plan()
+            plan = ScriptedExpert(env, self.expert).plan()
         except TakeoverError as exc:
             raise SeedSkipped(f"no recovery {where}: {exc}") from None
         return record_plan(env, plan, seed, path, started)
@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"the gripper within {Dwell.grip_rad:g} rad, within {Dwell.reach * 100:g} cm of the next "
                              "object, nothing held, before the expert takes over")
     parser.add_argument("--device", default="cpu")
+    add_expert_arguments(parser)
     args = parser.parse_args(argv)
+    expert = expert_config(parser, args)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
     if args.dwell_steps < 1:
@@ -222,10 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.mode == "dwell":
             recorder = DwellRecorder(policy, task_class(args.task).max_steps, Dwell(steps=args.dwell_steps),
                                      action_steps=args.action_steps, reseed=policy.reseed,
-                                     guide_plan=args.candidates > 1)
+                                     guide_plan=args.candidates > 1, expert=expert)
         else:
             recorder = RecoveryRecorder(policy, handover, action_steps=args.action_steps, reseed=policy.reseed,
-                                        guide_plan=args.candidates > 1)
+                                        guide_plan=args.candidates > 1, expert=expert)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
                            record=recorder, max_tries=args.max_tries or 4 * args.episodes)
     except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:
@@ -238,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
         "average": args.average, "action_steps": args.action_steps,
         "first_seed": args.seed, "mode": args.mode,
+        **({} if isinstance(recorder, RolloutRecorder) else {"expert_blend_s": expert.t_blend}),
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
            else {"handover_step": recorder.handovers}),
         **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),

@@ -281,7 +281,7 @@ class SortingTask(Task):
     instruction = phrasings.SORTING
     layout = Layout(cubes=("red", "green"), boxes=("left", "right"), top_camera_xy=(0.34, 0.0),
                     top_camera_look_at=(0.21, 0.0))
-    # Two pick-and-places: the expert needs 369 steps (423 before its moves overlapped).
+    # Two pick-and-places: the expert needs 423 steps.
     max_steps = 720
     # Which box each cube belongs in, in the order the instruction names them.
     assignment: tuple[tuple[str, str], ...] = ((CUBE_BODY, "left"), (GREEN_CUBE_BODY, "right"))

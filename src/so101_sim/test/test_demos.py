@@ -17,7 +17,7 @@ from so101_common.joints import JointLimits
 from so101_common.trajectory import TrajectoryFollower
 from so101_sim import demos
 from so101_sim.env import SimEnv
-from so101_sim.expert import ScriptedExpert
+from so101_sim.expert import ExpertConfig, ScriptedExpert
 from so101_sim.scene import SceneConfig
 
 SIZE = 48
@@ -112,6 +112,29 @@ def test_cli_refuses_a_non_empty_directory(dataset, capsys):
 def test_cli_rejects_zero_episodes(tmp_path, capsys):
     assert demos.main(["--episodes", "0", "--out", str(tmp_path / "x")]) == 2
     assert "--episodes must be >= 1" in capsys.readouterr().err
+
+
+def test_expert_blend_option_sets_the_overlap_of_the_demos_moves(tmp_path, capsys):
+    """--expert-blend 0.3 records the overlapped plan (~20 steps shorter for pick-place), 0 the plan whose moves
+    come to rest in between; a negative overlap is one parser error."""
+    steps = {}
+    for blend in ("0.3", "0"):
+        out = tmp_path / blend
+        assert demos.main(["--episodes", "1", "--out", str(out), "--seed", "2", "--image-size", "32",
+                           "--expert-blend", blend]) == 0
+        _, rows = _messages(out / "episode_0000")
+        steps[blend] = sum(topic == TRAJECTORY_TOPIC for topic, _, _ in rows)
+        assert read_episode_metadata(out / "episode_0000").success is True
+    env = SimEnv(SceneConfig(image_height=32, image_width=32))
+    plans = {}
+    for blend in ("0.3", "0"):
+        env.reset(2)
+        plans[blend] = len(ScriptedExpert(env, ExpertConfig(t_blend=float(blend))).plan())
+    env.close()
+    assert steps == plans and steps["0"] - steps["0.3"] >= 20
+    with pytest.raises(SystemExit) as exc:
+        demos.main(["--episodes", "1", "--out", str(tmp_path / "bad"), "--expert-blend", "-0.1"])
+    assert exc.value.code == 2 and "--expert-blend must be >= 0 seconds" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("task", ["sorting_swapped", "stacking"])

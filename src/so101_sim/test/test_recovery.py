@@ -256,7 +256,17 @@ def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
     assert prov["handover_step"] == {"episode_0000": 5} and prov["nfe"] == 1 and prov["first_seed"] == 11
     assert read_episode_metadata(out / "episode_0000").success is True
     assert "wrote 1 recovery episodes" in capsys.readouterr().out
-    assert prov["mode"] == "takeover"
+    assert prov["mode"] == "takeover" and prov["expert_blend_s"] == ExpertConfig.t_blend
+    # The expert's moves overlap as --expert-blend says: the same takeover, rest between moves -> a longer episode.
+    lengths = {}
+    for blend in (0.0, 0.3):
+        again = tmp_path / f"rec_{blend}"
+        assert recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(again), "--seed", "11",
+                              "--handover-first", "5", "--handover-last", "5", "--image-size", str(SIZE),
+                              "--expert-blend", str(blend)]) == 0
+        assert json.loads((again / recovery.RECOVERY_FILE).read_text())["expert_blend_s"] == blend
+        lengths[blend] = _first_state_and_command_count(again / "episode_0000")[1]
+    assert lengths[0.0] - lengths[0.3] >= 20
 
 
 def test_cli_records_the_named_task_with_its_instruction(tmp_path, capsys):
