@@ -188,12 +188,12 @@ def _dwelt(summary: dict) -> str:
 def _run_rows(columns: list[tuple[dict, str]], tasks: list[str]) -> list[str]:
     """Rows = runs and NFEs, columns = tasks: the layout that stays readable for many runs."""
     lines = [f"| run | NFE | {' | '.join(tasks)} | mean score ({_mean_label(columns)}) | instruction following | "
-             "chunk ms |", "|---|---|" + "---|" * (len(tasks) + 3)]
+             "dwelt at a grasp | chunk ms |", "|---|---|" + "---|" * (len(tasks) + 4)]
     for run, n in columns:
         summary = run["by_nfe"][n]
         lines.append(f"| {run['label']} | {n} | " + " | ".join(_cell(summary["tasks"].get(t)) for t in tasks)
                      + f" | **{summary['mean_score']:.2f}** | {_percent(summary['instruction_following'])} | "
-                     f"{_latency(summary)} |")
+                     f"{_dwelt(summary)} | {_latency(summary)} |")
     return lines
 
 
