@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_
                                resolve_sampling_arguments, run_episode, wilson_interval)
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
+from so101_sim.trace import EpisodeTrace
 
 
 class ExpertEvalPolicy(ExpertChunkPolicy):
@@ -77,11 +79,12 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
              video_dir: Path | None = None, video_episodes: int = 0, label: str = "",
              reseed: Callable[[int], None] | None = None, latency_of: Callable[[], float | None] | None = None,
              log: Callable[[str], None] = lambda message: print(message, flush=True),
-             instruction: str | None = None, guide_plan: bool = False) -> dict:
+             instruction: str | None = None, guide_plan: bool = False, trace_dir: Path | None = None) -> dict:
     """Run one closed-loop episode per seed; returns the report (rate, Wilson 95 % interval, latency).
 
     ``instruction`` replaces the task's own sentence (e.g. a paraphrase); the task still scores the episode.
     ``guide_plan``: observations carry the rest of the last chunk (so101_sim.rollout.run_episode).
+    ``trace_dir``: each failed episode's step-by-step trace (so101_sim.trace) goes there as a CSV.
     """
     results: list[EpisodeResult] = []
     videos: list[str] = []
@@ -92,9 +95,15 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
         watch = DwellWatch(env)
+        trace = None if trace_dir is None else EpisodeTrace(env)
+        hooks: list[Callable[[], object]] = [watch] if trace is None else [watch, trace]
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
-                             on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan, after_step=watch)
+                             on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan,
+                             after_step=partial(_call_each, hooks))
         result.dwell_watched, result.dwell_step = True, watch.first_step
+        traced = ""
+        if trace is not None and trace_dir is not None and not result.success:
+            traced = f" -> trace {trace.write(trace_dir / f'{label}seed{seed}.csv')}"
         if recorder is not None:
             videos.append(str(recorder.write()))
         results.append(result)
@@ -102,8 +111,14 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
             f", instruction {'followed' if result.instruction_followed else 'NOT followed'}"
         dwelt = "" if result.dwell_step is None else f", dwelt at a grasp by step {result.dwell_step}"
         log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} (score {result.score:.2f}"
-            f"{followed}{dwelt}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks")
+            f"{followed}{dwelt}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks"
+            f"{traced}")
     return summarize(results, videos, max_steps, action_steps)
+
+
+def _call_each(hooks: list[Callable[[], object]]) -> None:
+    for hook in hooks:
+        hook()
 
 
 def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, action_steps: int) -> dict:
@@ -138,6 +153,7 @@ class EvalJob:
     video_episodes: int
     candidates: int = 1
     average: int = 1
+    trace_dir: str | None = None
 
 
 # Per process: the loaded policies and one env per (task, image size), reused by every job or cell the process
@@ -170,7 +186,8 @@ def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
     report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
                       label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
                       log=lambda message: print(f"[{job.task}] {message}", flush=True), instruction=job.instruction,
-                      guide_plan=policy.candidates > 1)
+                      guide_plan=policy.candidates > 1,
+                      trace_dir=None if job.trace_dir is None else Path(job.trace_dir))
     return [EpisodeResult(**r) for r in report["results"]], report["videos"]
 
 
@@ -282,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rendered camera size (use the demos' size; the policy resizes)")
     parser.add_argument("--out", type=Path, default=Path("eval_out"), help="directory for JSON and GIFs")
     parser.add_argument("--video-episodes", type=int, default=2, help="GIFs of the first N episodes per task and NFE")
+    parser.add_argument("--trace-failures", action="store_true",
+                        help="write each failed episode's step-by-step trace (grasp point, gripper, each object's "
+                        "distance, held, in a box) as OUT[/<task>]/traces/nfe<N>_seed<S>.csv")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes running episodes in parallel, one torch thread each (results do not depend "
                         "on it; latency does, when workers share cores)")
@@ -322,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                     image_size=args.image_size, max_steps=args.max_steps or TASKS[t].max_steps,
                     action_steps=args.action_steps, instruction=args.instruction,
                     video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes,
-                    candidates=1 if args.expert else args.candidates, average=1 if args.expert else args.average)
+                    candidates=1 if args.expert else args.candidates, average=1 if args.expert else args.average,
+                    trace_dir=str(task_dir[t] / "traces") if args.trace_failures else None)
             for t in tasks for n in nfes]
     variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
     variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))

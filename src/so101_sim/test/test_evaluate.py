@@ -90,7 +90,8 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     ckpt = testing.make_tiny_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "eval"
     rc = evaluate.main(["--checkpoint", str(ckpt), "--episodes", "2", "--seed", "0", "--max-steps", "30",
-                        "--image-size", "48", "--out", str(out), "--sweep-nfe", "1,2", "--video-episodes", "1"])
+                        "--image-size", "48", "--out", str(out), "--sweep-nfe", "1,2", "--video-episodes", "1",
+                        "--trace-failures"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| NFE |" in text
@@ -113,6 +114,10 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
         # Wrist | top side by side, every second control step of the 30-step episode plus the first frame.
         assert frames.shape[1:] == (48, 96, 3) and frames.shape[0] == 16
     assert (out / "sweep.md").read_text().count("\n") == 4
+    # Every episode failed (none can succeed in 30 steps): a trace each, a row per control step, each object's columns.
+    assert sorted(p.name for p in (out / "traces").iterdir()) == [f"nfe{n}_seed{s}.csv" for n in (1, 2) for s in (0, 1)]
+    rows = (out / "traces" / "nfe1_seed0.csv").read_text().splitlines()
+    assert rows[0] == "step,time_s,x,y,z,gripper,cube_dxy,cube_dz,cube_jaws,cube_box" and len(rows) == 31
 
 
 def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):

@@ -180,19 +180,24 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     assert not (tmp_path / "episode_0001").exists()
 
 
-def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp():
+def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp(tmp_path):
     """so101-eval's dwell count: the policy parked over the cube is counted (the step the 1.5 s window filled),
-    the expert, which never stops there, is not."""
+    the expert, which never stops there, is not; only the failed episode leaves a trace, which shows the park."""
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
     try:
         hover = ExpertThenDrift(env, k=round(ExpertConfig.t_reach * env.cfg.fps) - 1, pan=0.0)
-        stuck = evaluate(env, hover, [4], max_steps=120, action_steps=10, log=lambda _: None)
-        expert = evaluate(env, ExpertChunkPolicy(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
+        stuck = evaluate(env, hover, [4], max_steps=120, action_steps=10, log=lambda _: None, trace_dir=tmp_path)
+        expert = evaluate(env, ExpertChunkPolicy(env), [4, 5], max_steps=360, action_steps=10, log=lambda _: None,
+                          trace_dir=tmp_path)
     finally:
         env.close()
     assert stuck["dwelt"] == 1 and stuck["successes"] == 0
     assert hover.k <= stuck["results"][0]["dwell_step"] <= hover.k + Dwell().steps + 1
-    assert expert["dwelt"] == 0 and expert["successes"] == 1 and expert["results"][0]["dwell_step"] is None
+    assert expert["dwelt"] == 0 and expert["successes"] == 2 and expert["results"][0]["dwell_step"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["seed4.csv"]
+    rows = np.genfromtxt(tmp_path / "seed4.csv", delimiter=",", names=True)
+    # parked: still over the last second, within the dwell's reach of the cube
+    assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002 and rows["cube_dxy"][-1] < Dwell().reach
 
 
 def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:
