@@ -20,10 +20,11 @@ _GRIPPER = JOINT_NAMES.index(GRIPPER_JOINT_NAME)
 
 @dataclass(frozen=True)
 class Dwell:
-    """A policy stuck at a grasp: for ``steps`` control steps the grasp point stayed within ``radius`` m of where it
-    was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within ``reach``
-    m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry height
-    for it (higher over the stack), with nothing in the jaws."""
+    """A policy stuck at a grasp: for ``steps`` control steps MuJoCo's gripper site stayed within ``radius`` m of
+    where it was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within
+    ``reach`` m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry
+    height for it (higher over the stack), with nothing in the jaws. The site sits ~2 cm beside the grasp point
+    (so101_sim.trace) while the jaws are open; ``reach`` allows for that."""
 
     # 1.5 s: the multi-task policy of 2026-12-03 paused ~0.7 s over a cube before descending even when it succeeded.
     steps: int = 45

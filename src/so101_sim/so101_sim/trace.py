@@ -12,6 +12,7 @@ from pathlib import Path
 
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_sim.env import SimEnv
+from so101_sim.ik import TopDownIK
 
 _GRIPPER = JOINT_NAMES.index(GRIPPER_JOINT_NAME)
 
@@ -20,11 +21,16 @@ _GRIPPER = JOINT_NAMES.index(GRIPPER_JOINT_NAME)
 class EpisodeTrace:
     """Call it after every control step of one episode; :meth:`write` saves the rows. Lengths in m, angles in rad.
 
+    x, y, z is the grasp point: the point the expert's IK controls (the pads' midpoint at the jaw angle that holds a
+    cube, from the arm joints), so it does not swing with the jaw as the gripper site or the open pads do (~2 cm).
     Per object: ``dxy`` its horizontal distance from the grasp point, ``dz`` the grasp point's height above its
     centre, ``jaws`` whether it is between the pads, ``box`` whether it lies in a box."""
 
     env: SimEnv
     rows: list[list[float | int]] = field(default_factory=list, init=False)
+
+    def __post_init__(self) -> None:
+        self._ik = TopDownIK(self.env.scene)
 
     def header(self) -> list[str]:
         columns = ["step", "time_s", "x", "y", "z", "gripper"]
@@ -34,7 +40,7 @@ class EpisodeTrace:
 
     def __call__(self) -> None:
         env, task, data = self.env, self.env.task, self.env.data
-        point = data.site_xpos[env.scene.site]
+        point = self._ik.forward(env.joint_positions()[:_GRIPPER])[0]
         row: list[float | int] = [env.steps, round(env.steps * env.cfg.control_dt, 4),
                                   *(round(float(v), 4) for v in point),
                                   round(float(env.joint_positions()[_GRIPPER]), 3)]

@@ -196,8 +196,9 @@ def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp(tmp_path):
     assert expert["dwelt"] == 0 and expert["successes"] == 2 and expert["results"][0]["dwell_step"] is None
     assert [p.name for p in tmp_path.iterdir()] == ["seed4.csv"]
     rows = np.genfromtxt(tmp_path / "seed4.csv", delimiter=",", names=True)
-    # parked: still over the last second, within the dwell's reach of the cube
-    assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002 and rows["cube_dxy"][-1] < Dwell().reach
+    # parked: still over the last second, right above the cube (the expert's hover point; the grasp point, not the
+    # gripper site, which sits ~2 cm to the side)
+    assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002 and rows["cube_dxy"][-1] < 0.005
 
 
 def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:
