@@ -14,17 +14,17 @@ import numpy as np
 from so101_common.graph import GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertConfig
+from so101_sim.ik import TopDownIK
 
 _GRIPPER = JOINT_NAMES.index(GRIPPER_JOINT_NAME)
 
 
 @dataclass(frozen=True)
 class Dwell:
-    """A policy stuck at a grasp: for ``steps`` control steps MuJoCo's gripper site stayed within ``radius`` m of
-    where it was and the gripper within ``grip_rad`` (open, not closing: a grasp being closed is no dwell), within
-    ``reach`` m (horizontally) of the object the task needs next and at most ``margin`` m above the expert's carry
-    height for it (higher over the stack), with nothing in the jaws. The site sits ~2 cm beside the grasp point
-    (so101_sim.trace) while the jaws are open; ``reach`` allows for that."""
+    """A policy stuck at a grasp: for ``steps`` control steps the grasp point (the point the expert's IK controls,
+    from the arm joints) stayed within ``radius`` m of where it was and the gripper within ``grip_rad`` (open, not
+    closing: a grasp being closed is no dwell), within ``reach`` m (horizontally) of the object the task needs next
+    and at most ``margin`` m above the expert's carry height for it (higher over the stack), nothing in the jaws."""
 
     # 1.5 s: the multi-task policy of 2026-12-03 paused ~0.7 s over a cube before descending even when it succeeded.
     steps: int = 45
@@ -45,13 +45,12 @@ class Dwell:
         return bool(np.linalg.norm(recent[:, :3] - recent[0, :3], axis=1).max() <= self.radius
                     and np.ptp(recent[:, 3]) <= self.grip_rad)
 
-    def near_grasp(self, env: SimEnv) -> bool:
-        """Whether the grasp point is where a grasp of the next object begins, nothing held."""
+    def near_grasp(self, env: SimEnv, point: np.ndarray) -> bool:
+        """Whether the grasp point ``point`` is where a grasp of the next object begins, nothing held."""
         task, data = env.task, env.data
         goals = task.remaining_goals(data)
         if not goals or any(task.in_jaws(data, name) for name in env.scene.objects):
             return False
-        point = data.site_xpos[env.scene.site]
         obj = task.position(data, goals[0].obj)
         _, carry = ExpertConfig().release_and_carry(goals[0], task.rest_height(goals[0].obj))
         return (float(np.linalg.norm(point[:2] - obj[:2])) <= self.reach
@@ -65,17 +64,21 @@ class DwellWatch:
 
     env: SimEnv
     dwell: Dwell = field(default_factory=Dwell)
+    ik: TopDownIK | None = None  # the env's grasp-point kinematics (built here when not given; ~60 ms)
     first_step: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self._window: deque[np.ndarray] = deque(maxlen=self.dwell.steps)
+        self._ik = self.ik or TopDownIK(self.env.scene)
 
     def __call__(self) -> bool:
         env = self.env
-        if not self.dwell.near_grasp(env):
+        joints = env.joint_positions()
+        point = self._ik.forward(joints[:_GRIPPER])[0]
+        if not self.dwell.near_grasp(env, point):
             self._window.clear()
             return False
-        self._window.append(np.append(env.data.site_xpos[env.scene.site], env.joint_positions()[_GRIPPER]))
+        self._window.append(np.append(point, joints[_GRIPPER]))
         dwelling = self.dwell.dwelling(np.asarray(self._window))
         if dwelling and self.first_step is None:
             self.first_step = env.steps

@@ -33,6 +33,7 @@ from so101_common.provenance import provenance
 from so101_sim.dwell import DwellWatch
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy
+from so101_sim.ik import TopDownIK
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
                                       resolve_checkpoint)
 from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments, latency_summary,
@@ -88,14 +89,15 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
     """
     results: list[EpisodeResult] = []
     videos: list[str] = []
+    ik = TopDownIK(env.scene)  # the grasp point of the dwell watch and the traces
     for i, seed in enumerate(seeds):
         if reseed is not None:
             reseed(seed)
         recorder = None
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
-        watch = DwellWatch(env)
-        trace = None if trace_dir is None else EpisodeTrace(env)
+        watch = DwellWatch(env, ik=ik)
+        trace = None if trace_dir is None else EpisodeTrace(env, ik=ik)
         hooks: list[Callable[[], object]] = [watch] if trace is None else [watch, trace]
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
                              on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan,
