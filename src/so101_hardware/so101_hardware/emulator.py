@@ -25,7 +25,7 @@ _EEPROM_END = 40  # addresses below this are EEPROM
 _ADDR = {"model": 3, "id": 5, "return_delay": 7, "min_limit": 9, "max_limit": 11, "homing_offset": 31,
          "mode": 33, "torque": 40, "accel": 41, "goal": 42, "lock": 55, "position": 56, "velocity": 58,
          "load": 60, "voltage": 62, "temperature": 63, "moving": 66, "current": 69}
-FAULT_KINDS = ("no_reply", "bad_checksum", "error_bits", "partial")
+FAULT_KINDS = ("no_reply", "bad_checksum", "error_bits", "partial", "late")
 
 
 def _sum_check(data: bytes) -> int:
@@ -45,6 +45,7 @@ class Fault:
     kind: str
     remaining: int | None  # None: until cleared
     bits: int = 0
+    delay_s: float = 0.0  # "late": the reply leaves this long after the instruction
 
 
 @dataclass
@@ -137,6 +138,7 @@ class BusEmulator:
         tty.setraw(self._slave)
         tty.setraw(self._master)
         self.port_name = os.ttyname(self._slave)
+        self._held: list[tuple[float, bytes]] = []  # late replies (due time, frame), for the serving thread only
         self._thread = threading.Thread(target=self._serve, name="sts3215-emulator", daemon=True)
 
     # -- control from tests
@@ -160,12 +162,12 @@ class BusEmulator:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def inject(self, servo_id: int, kind: str, count: int | None = 1, bits: int = 0) -> None:
+    def inject(self, servo_id: int, kind: str, count: int | None = 1, bits: int = 0, delay_s: float = 0.0) -> None:
         """Make the next ``count`` replies of a servo faulty (None: until ``clear_faults``)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; expected one of {FAULT_KINDS}")
         with self._lock:
-            self.servos[servo_id].faults.append(Fault(kind, count, bits))
+            self.servos[servo_id].faults.append(Fault(kind, count, bits, delay_s))
 
     def clear_faults(self) -> None:
         with self._lock:
@@ -205,7 +207,11 @@ class BusEmulator:
     def _serve(self) -> None:
         buffer = bytearray()
         while not self._stop.is_set():
-            ready, _, _ = select.select([self._master], [], [], 0.05)
+            now = time.monotonic()
+            while self._held and self._held[0][0] <= now:
+                os.write(self._master, self._held.pop(0)[1])
+            wait = min([0.05] + [due - now for due, _ in self._held[:1]])
+            ready, _, _ = select.select([self._master], [], [], wait)
             if not ready:
                 continue
             try:
@@ -298,6 +304,10 @@ class BusEmulator:
             frame = frame[:-1] + bytes([frame[-1] ^ 0x5A])
         if fault is not None and fault.kind == "partial":
             frame = frame[:len(frame) // 2]
+        if fault is not None and fault.kind == "late":
+            self._held.append((time.monotonic() + fault.delay_s, frame))
+            self._held.sort(key=lambda held: held[0])
+            return b""
         return frame
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import select
 import termios
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -224,6 +225,7 @@ class ServoBus:
         self._port = _DeadlinePort(port, reply_timeout_ms)
         self._packets = Protocol1PacketHandler()
         self.counters: dict[int, BusCounters] = {}
+        self._late_reply_possible = False
 
     # -- lifecycle
     def open(self) -> None:
@@ -259,12 +261,23 @@ class ServoBus:
         finally:
             self._port.is_using = False
 
+    def _drop_late_reply(self) -> None:
+        """After a missed or mismatched reply, wait one more deadline so that a late reply lands and is flushed
+        (every transmission starts by flushing the input) instead of being read as the next instruction's reply."""
+        if self._late_reply_possible:
+            time.sleep(self._port.reply_timeout_ms / 1000.0)
+            self._late_reply_possible = False
+
     def _count(self, servo_id: int) -> BusCounters:
         return self.counters.setdefault(servo_id, BusCounters())
 
     # -- single-servo transactions
-    def _txrx(self, servo_id: int, packet: list[int]) -> StatusFrame:
-        """Send one instruction and return its status frame, retrying on timeouts and corrupt frames."""
+    def _txrx(self, servo_id: int, packet: list[int], n_params: int) -> StatusFrame:
+        """Send one instruction and return its status frame, retrying on timeouts and corrupt frames.
+
+        Status frames carry no sequence number: a reply that arrives after its deadline is read as the reply to the
+        next instruction. A frame with other than ``n_params`` parameters is such a late reply and is retried.
+        """
         if not self._port.is_open:
             raise BusError(f"serial port {self.port_name} is not open")
         counters = self._count(servo_id)
@@ -272,16 +285,21 @@ class ServoBus:
         for attempt in range(self.retries + 1):
             if attempt:
                 counters.retries += 1
+            self._drop_late_reply()
             with self._serial_errors():
                 rx, result, bits = self._packets.txRxPacket(self._port, list(packet))
-            if result == COMM_SUCCESS:
+            if result == COMM_SUCCESS and rx[PKT_LENGTH] - 2 == n_params:
                 counters.ok += 1
                 counters.last_error_bits = bits
                 if bits:
                     counters.status_errors += 1
-                n_params = rx[PKT_LENGTH] - 2
                 return StatusFrame(servo_id, bits, bytes(rx[PKT_ERROR + 1:PKT_ERROR + 1 + n_params]))
-            if result == COMM_RX_TIMEOUT:
+            self._late_reply_possible = True
+            if result == COMM_SUCCESS:
+                counters.corrupt += 1
+                error = CorruptFrame(servo_id, f"status frame with {rx[PKT_LENGTH] - 2} parameters, expected "
+                                               f"{n_params} (a late reply to an earlier instruction)")
+            elif result == COMM_RX_TIMEOUT:
                 counters.timeouts += 1
                 error = ServoTimeout(servo_id, f"no reply within {self._port.reply_timeout_ms:g} ms")
             elif result == COMM_RX_CORRUPT:
@@ -298,7 +316,7 @@ class ServoBus:
         packet[PKT_ID] = servo_id
         packet[PKT_LENGTH] = 2
         packet[PKT_INSTRUCTION] = INST_PING
-        self._txrx(servo_id, packet)
+        self._txrx(servo_id, packet, 0)
         return self.read(servo_id, MODEL_NUMBER, strict=False)
 
     def read(self, servo_id: int, register: Register, strict: bool = True) -> int:
@@ -309,10 +327,7 @@ class ServoBus:
         packet[PKT_INSTRUCTION] = INST_READ
         packet[PKT_PARAMETER0] = register.address
         packet[PKT_PARAMETER0 + 1] = register.size
-        frame = self._txrx(servo_id, packet)
-        if len(frame.params) != register.size:
-            raise CorruptFrame(servo_id, f"read of address {register.address} returned {len(frame.params)} bytes, "
-                                         f"expected {register.size}")
+        frame = self._txrx(servo_id, packet, register.size)
         if strict:
             raise_for_status(servo_id, frame.error_bits)
         return int.from_bytes(frame.params, "little")
@@ -326,7 +341,7 @@ class ServoBus:
         packet[PKT_INSTRUCTION] = INST_WRITE
         packet[PKT_PARAMETER0] = register.address
         packet[PKT_PARAMETER0 + 1:PKT_PARAMETER0 + 1 + len(data)] = data
-        frame = self._txrx(servo_id, packet)
+        frame = self._txrx(servo_id, packet, 0)
         if strict:
             raise_for_status(servo_id, frame.error_bits)
 

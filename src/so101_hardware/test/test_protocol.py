@@ -93,8 +93,20 @@ def test_persistent_silence_raises_timeout_after_bounded_retries(emulator: BusEm
     start = time.monotonic()
     with pytest.raises(P.ServoTimeout, match="servo ID 5"):
         bus.ping(5)
-    assert time.monotonic() - start < 0.5  # 3 attempts x the fixture's 50 ms deadline, with margin
+    assert time.monotonic() - start < 0.8  # 3 attempts + 2 waits for a late reply, x the fixture's 50 ms, with margin
     assert bus.counters[5].timeouts == 3
+
+
+def test_a_late_reply_is_not_taken_for_the_next_ones(emulator: BusEmulator) -> None:
+    """A reply past its deadline must not answer the retry or the next read (same length, other register)."""
+    emulator.set_shaft(4, 1234)
+    emulator.inject(4, "late", count=1, delay_s=0.3)  # between one and two 200 ms deadlines
+    emulator.inject(4, "late", count=2, delay_s=0.15)  # the next two: slow but in time
+    with P.ServoBus(emulator.port_name, reply_timeout_ms=200.0, retries=2) as bus:
+        assert bus.read(4, P.PRESENT_POSITION) == 1234
+        assert bus.read(4, P.MODEL_NUMBER) == 777
+        assert bus.read(4, P.PRESENT_POSITION) == 1234
+        assert bus.counters[4].timeouts == 1 and bus.counters[4].ok == 3
 
 
 def test_error_bits_raise_named_exceptions(emulator: BusEmulator, bus: P.ServoBus) -> None:

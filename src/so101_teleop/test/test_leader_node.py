@@ -28,8 +28,9 @@ LEADER_JSON = {  # LeRobot's teleoperators/so101_leader/<id>.json; the pan range
     "wrist_roll": {"id": 5, "drive_mode": 0, "homing_offset": -45, "range_min": 0, "range_max": 4095},
     "gripper": {"id": 6, "drive_mode": 0, "homing_offset": 1050, "range_min": 1903, "range_max": 3135},
 }
-# The emulators answer from threads of this process: on a loaded 2-core machine a 10 ms deadline is too short.
-EMULATED_BUS = {"reply_timeout_ms": 50.0}
+# The emulators answer from threads of this process: on a loaded 2-core machine a 10 ms deadline is too short
+# (CI once saw a 50 ms one missed at start-up, while both node processes were importing).
+EMULATED_BUS = {"reply_timeout_ms": 100.0}
 LIMITS = JointLimits.so101()
 
 
