@@ -117,7 +117,8 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     # Every episode failed (none can succeed in 30 steps): a trace each, a row per control step, each object's columns.
     assert sorted(p.name for p in (out / "traces").iterdir()) == [f"nfe{n}_seed{s}.csv" for n in (1, 2) for s in (0, 1)]
     rows = (out / "traces" / "nfe1_seed0.csv").read_text().splitlines()
-    assert rows[0] == "step,time_s,x,y,z,gripper,cube_dxy,cube_dz,cube_jaws,cube_box" and len(rows) == 31
+    assert len(rows) == 31
+    assert rows[0] == "step,time_s,x,y,z,gripper,plan_dxy,plan_dz,cube_dxy,cube_dz,cube_jaws,cube_box"
 
 
 def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):

@@ -199,6 +199,9 @@ def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp(tmp_path):
     # parked: still over the last second, right above the cube (the expert's hover point; the grasp point, not the
     # gripper site, which sits ~2 cm to the side)
     assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002 and rows["cube_dxy"][-1] < 0.005
+    # while it approached, each chunk's last row lay well ahead of the arm; parked, its plans go nowhere
+    assert rows["plan_dxy"][:hover.k].max() > 0.02
+    assert np.abs(rows["plan_dz"][-30:]).max() < 0.002 and np.abs(rows["plan_dxy"][-30:]).max() < 0.002
 
 
 def _state_at_handover(env: SimEnv, name: str) -> tuple[bool, bool]:
