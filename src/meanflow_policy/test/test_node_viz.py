@@ -79,6 +79,6 @@ def test_live_stack_is_saved_one_row_per_message(node_process, ros_node, tmp_pat
 def test_nowhere_to_send_the_recording_is_one_line_and_exit_2(node_process, monkeypatch, params, message) -> None:
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
-    proc = node_process(NODE, params=params)
+    proc = node_process(NODE, params=params, discovery=False)
     assert proc.wait(30.0) == 2
     assert f"so101_viz: invalid configuration: {message}" in proc.output()

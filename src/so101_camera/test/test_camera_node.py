@@ -91,6 +91,7 @@ def test_bad_parameters_exit_with_a_clear_error(node_process, tmp_path) -> None:
     calibration = tmp_path / "wrist.yaml"
     calibration.write_text(CALIBRATION)
     node = node_process("so101_camera.camera_node", params={"source": "test_pattern", "width": 640, "height": 480,
-                                                            "calibration_file": str(calibration)})
+                                                            "calibration_file": str(calibration)},
+                        discovery=False)
     assert node.proc.wait(20) == 2
     assert "invalid configuration" in node.output() and "calibrated for 320x240" in node.output()

@@ -5,10 +5,13 @@ process on the 2-core CI machine, and the suite starts about a hundred node proc
 the heavy third-party modules once, in a clean single-threaded process, and forks a child per node: each child then
 runs ``python -m <module> <args>`` exactly as a fresh interpreter would (``runpy``, its own session, its output to a
 log file, its own environment and working directory, exit code or signal as Popen reports them, atexit handlers run).
-Nothing of ours is preloaded, so every node still imports and runs our code afresh, and rclpy is only initialised in
-the child, so each node is its own DDS participant. What the interpreter fixes at its start (sys.path from
-PYTHONPATH) is the server's: ``serves(env)`` says whether a child would see the same, else the caller starts a fresh
-interpreter.
+Nothing of ours is preloaded, so every node still imports and runs our code afresh. rclpy is not preloaded either:
+loading it loads LTTng-UST, whose two listener threads start with the library, and a child forked from a process
+with threads inherits their locks but not the threads (LTTng asks forking programs to preload its fork wrapper).
+Each child imports rclpy itself (about 20 ms) and is its own DDS participant; ``threads`` reports the server's
+native threads so that a test keeps it free of any but OpenBLAS's pool (which parks itself at fork). What the
+interpreter fixes at its start (sys.path from PYTHONPATH) is the server's: ``serves(env)`` says whether a child would
+see the same, else the caller starts a fresh interpreter.
 
 The server speaks JSON lines on its stdin/stdout: ``spawn`` (returns the pid), ``poll`` (waitpid without blocking)
 and end of input (it kills the process groups it started that still run, then exits).
@@ -32,8 +35,9 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 # What every node of this workspace imports first and what costs the most to import; ours is never preloaded.
+# None of these may start a thread when imported (see the module docstring).
 DEFAULT_PRELOAD = ("numpy", "torch", "transformers", "transformers.models.smolvlm.modeling_smolvlm",
-                   "safetensors.torch", "rclpy", "mujoco")
+                   "safetensors.torch", "mujoco")
 
 
 class ForkedProcess:
@@ -76,6 +80,7 @@ class ForkServer:
         self._lock = threading.Lock()
         ready = self._request(None)
         self.preloaded: list[str] = ready["preloaded"]
+        self.threads: int = ready["threads"]  # native threads of the server once preloaded
 
     def _request(self, message: Mapping[str, Any] | None) -> dict[str, Any]:
         with self._lock:
@@ -207,7 +212,7 @@ def _serve(preload: Sequence[str]) -> None:
         reply.write((json.dumps(message) + "\n").encode())
         reply.flush()
 
-    send({"preloaded": preloaded})
+    send({"preloaded": preloaded, "threads": len(os.listdir("/proc/self/task"))})
     children: set[int] = set()
     for line in sys.stdin.buffer:
         request = json.loads(line)

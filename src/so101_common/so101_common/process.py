@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,17 +19,18 @@ class NodeProcess:
     server, as the test suite does, where it serves this environment); its output goes to a log file."""
 
     def __init__(self, module: str, args: list[str], log_path: Path, stdin_pipe: bool = False,
-                 launcher: ForkServer | None = None) -> None:
+                 launcher: ForkServer | None = None, env: Mapping[str, str] | None = None) -> None:
         self.log_path = log_path
         target = [module] if module.endswith(".py") else ["-m", module]
+        child_env = dict(os.environ if env is None else env)
         self.proc: subprocess.Popen[bytes] | ForkedProcess
-        if launcher is not None and launcher.serves(os.environ):
+        if launcher is not None and launcher.serves(child_env):
             self._log = None
-            self.proc = launcher.spawn(target, args, log_path, stdin_pipe)
+            self.proc = launcher.spawn(target, args, log_path, stdin_pipe, env=child_env)
             return
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-u", *target, *args], stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True,
+                                     stderr=subprocess.STDOUT, env=child_env, start_new_session=True,
                                      stdin=subprocess.PIPE if stdin_pipe else None)
 
     def type(self, text: str) -> None:

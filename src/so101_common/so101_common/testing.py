@@ -2,7 +2,7 @@
 
 Nodes run as separate processes (``python -m <module> --ros-args ...``) exactly as users start them; the test
 process talks to them through its own rclpy context. Every process inherits the loopback-only environment. They are
-forked from one pre-warmed server per test process (so101_common.forkserver: torch, transformers, rclpy already
+forked from one pre-warmed server per test process (so101_common.forkserver: torch, transformers, MuJoCo already
 imported), which saves 3-5 s of imports per node; ``SO101_TEST_FORK_SERVER=0`` starts fresh interpreters instead.
 """
 from __future__ import annotations
@@ -77,17 +77,22 @@ def node_process(tmp_path: Path, request: pytest.FixtureRequest,
                  fork_server: ForkServer | None) -> Iterator[Callable[..., NodeProcess]]:
     """Factory: ``node_process("pkg.module" or "path/script.py", params={...}, extra_args=[...])`` -> NodeProcess.
 
+    ``discovery=False`` runs the node with ROS_AUTOMATIC_DISCOVERY_RANGE=OFF, for a node expected to fail its
+    configuration: it needs no peers, and a participant that discovers none stays out of Fast DDS 3.2's discovery
+    races (docs/testing.md: a node starting while its peers exit can deadlock before its first line).
+
     Every process started is stopped (SIGINT, then SIGKILL) after the test; its log is printed if the test failed.
     """
     started: list[NodeProcess] = []
 
     def start(module: str, params: dict[str, object] | None = None, extra_args: list[str] | None = None,
-              name: str | None = None, stdin_pipe: bool = False) -> NodeProcess:
+              name: str | None = None, stdin_pipe: bool = False, discovery: bool = True) -> NodeProcess:
         args = [*(extra_args or []), "--ros-args", *_param_args(params)]
         if name:
             args += ["-r", f"__node:={name}"]
         stem = Path(module).stem if module.endswith(".py") else module.rsplit(".", 1)[-1]
-        proc = NodeProcess(module, args, tmp_path / f"{stem}-{len(started)}.log", stdin_pipe, fork_server)
+        env = None if discovery else {**os.environ, "ROS_AUTOMATIC_DISCOVERY_RANGE": "OFF"}
+        proc = NodeProcess(module, args, tmp_path / f"{stem}-{len(started)}.log", stdin_pipe, fork_server, env)
         started.append(proc)
         return proc
 

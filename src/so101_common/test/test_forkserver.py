@@ -3,6 +3,7 @@ environment, stdin, atexit, its own session."""
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -146,3 +147,14 @@ def test_a_changed_pythonpath_starts_a_fresh_interpreter(tmp_path, server, monke
                        launcher=server)
     assert proc.wait(20) == 0 and "extra" in proc.output()
     assert isinstance(proc.proc, subprocess.Popen)
+
+
+def test_the_test_suites_server_runs_no_thread_but_openblas_pool(fork_server):
+    """A child inherits the locks of the server's threads but not the threads: a preloaded module that starts one
+    (rclpy's LTTng-UST listeners did) makes rare children crash or hang. OpenBLAS's pool, which numpy starts and
+    which parks itself at fork, is the only one allowed."""
+    if fork_server is None:
+        pytest.skip("SO101_TEST_FORK_SERVER=0: no fork server in this run")
+    fresh = subprocess.run([sys.executable, "-c", "import os, numpy; print(len(os.listdir('/proc/self/task')))"],
+                           capture_output=True, text=True, check=True)
+    assert "numpy" in fork_server.preloaded and fork_server.threads == int(fresh.stdout), fork_server.preloaded

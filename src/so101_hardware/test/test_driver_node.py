@@ -169,7 +169,7 @@ def test_bad_mode_parameter_is_rejected(node_process) -> None:
     ({"acceleration": 300}, "parameter acceleration must be in 0..254, got 300"),
 ])
 def test_parameter_of_wrong_type_or_range_is_one_line_and_exit_2(node_process, params, line) -> None:
-    proc = node_process(MODULE, params=params)
+    proc = node_process(MODULE, params=params, discovery=False)
     assert proc.wait(20.0) == 2
     out = proc.output()
     assert line in out and "Traceback" not in out, out

@@ -93,7 +93,7 @@ def test_persistent_silence_raises_timeout_after_bounded_retries(emulator: BusEm
     start = time.monotonic()
     with pytest.raises(P.ServoTimeout, match="servo ID 5"):
         bus.ping(5)
-    assert time.monotonic() - start < 0.8  # 3 attempts + 2 waits for a late reply, x the fixture's 50 ms, with margin
+    assert time.monotonic() - start < 2.0  # 3 attempts + 2 waits for a late reply, x the fixture's 200 ms, + margin
     assert bus.counters[5].timeouts == 3
 
 

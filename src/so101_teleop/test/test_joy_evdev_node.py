@@ -56,7 +56,7 @@ def test_missing_device_is_reported_and_bad_parameters_exit_2(node_process, ros_
     assert spin_until(ros_node, lambda: "input device /dev/input/event_missing: No such file" in missing.output(),
                       15.0), missing.output()
     assert missing.alive()
-    bad = node_process("so101_teleop.joy_evdev_node", params={"deadzone": 1.5})
+    bad = node_process("so101_teleop.joy_evdev_node", params={"deadzone": 1.5}, discovery=False)
     assert bad.wait(20.0) == 2
     lines = [line for line in bad.output().splitlines() if line.strip()]
     assert lines == ["joy_evdev_node: invalid configuration: parameter deadzone must be in [0, 1), got 1.5"]

@@ -127,8 +127,9 @@ def test_bad_leader_configuration_is_one_line_and_exit_2(node_process, tmp_path:
                                         "default rate_hz:=100.0), got 200"),
         "deadman": ({"deadman": "pedal"}, "deadman must be one of ('none', 'key', 'joy'), got 'pedal'"),
     }
-    procs = {name: (node_process("so101_teleop.leader_node", params={"keyboard": False, **params}), text)
-             for name, (params, text) in cases.items()}
+    # started together, as a launch file does; without discovery, as none of them may find a peer (see node_process)
+    procs = {name: (node_process("so101_teleop.leader_node", params={"keyboard": False, **params}, discovery=False),
+                    text) for name, (params, text) in cases.items()}
     for name, (proc, text) in procs.items():
         assert proc.wait(30.0) == 2, (name, proc.output())
         lines = [line for line in proc.output().splitlines() if line.strip()]
