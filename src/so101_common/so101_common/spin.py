@@ -11,6 +11,7 @@ rclpy is imported inside the functions so that importing so101_common stays free
 """
 from __future__ import annotations
 
+import faulthandler
 import signal
 import sys
 import time
@@ -22,6 +23,10 @@ POLL_PERIOD_S = 0.1
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 # A drain ends once no message has been waiting for this long.
 DRAIN_QUIET_S = 0.2
+# Destroying the node and its DDS participant takes milliseconds; Fast DDS 3.2 can deadlock there (docs/testing.md),
+# in C++ with the GIL held, so only faulthandler's own watchdog thread can act: by then the node's cleanup (torque
+# off, bags closed) has run, so after this long it prints where the process hangs and ends it (exit code 1).
+TEARDOWN_LIMIT_S = 5.0
 
 
 class ShutdownRequest:
@@ -165,6 +170,8 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
             summary = cleanup(node) if cleanup is not None else None
             reason = request.describe() if code == 0 else "after an error"
             node.get_logger().info(f"shutting down ({reason})" + (f": {summary}" if summary else ""))
+        faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)
+        if node is not None:
             node.destroy_node()
         # Shutting rclpy down can put the C-level default handlers back (a signal then kills the process: -2):
         # signals stay blocked until they are ignored, so one arriving in between is dropped, not fatal.
@@ -172,5 +179,6 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
         try:
             rclpy.try_shutdown()
         finally:
+            faulthandler.cancel_dump_traceback_later()
             request.ignore_from_now_on()
             signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
