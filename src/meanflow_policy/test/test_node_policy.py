@@ -94,7 +94,7 @@ def test_nfe_parameter_changes_expert_evaluations(checkpoint, node_process, ros_
     ({"checkpoint": "/tmp", "nfe": 0}, "parameter nfe (default 1): Invalid parameter value (0)"),
 ])
 def test_bad_configuration_stops_with_a_clear_error(node_process, params, message):
-    proc = node_process(NODE, params=params)
+    proc = node_process(NODE, params=params, discovery=False)
     proc.proc.wait(timeout=60)
     assert proc.proc.returncode == 2, proc.output()
     assert message in proc.output()
@@ -108,7 +108,7 @@ def test_int8_backbone_publishes_chunks_and_a_bad_precision_is_refused(checkpoin
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()
     assert "in int8" in proc.output()
     assert proc.stop() == 0
-    bad = node_process(NODE, params={"checkpoint": str(checkpoint), "backbone_precision": "int4"})
+    bad = node_process(NODE, params={"checkpoint": str(checkpoint), "backbone_precision": "int4"}, discovery=False)
     bad.proc.wait(timeout=60)
     assert bad.proc.returncode == 2, bad.output()
     assert "parameter backbone_precision: backbone precision must be one of" in bad.output()

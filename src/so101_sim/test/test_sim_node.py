@@ -160,7 +160,7 @@ def test_hardware_topics_for_ros2_control(node_process, ros_node):
 
 
 def test_bad_parameter_stops_the_node_with_a_clear_error(node_process):
-    proc = node_process(MODULE, params={"camera_rate": 0.0})
+    proc = node_process(MODULE, params={"camera_rate": 0.0}, discovery=False)
     proc.proc.wait(timeout=30)
     assert proc.proc.returncode == 2
     assert "camera_rate=0.0 must be in (0, fps=30.0]" in proc.output()
@@ -189,7 +189,7 @@ def test_runs_a_paper_task_and_names_its_instruction_on_reset(node_process, ros_
 
 
 def test_unknown_task_stops_the_node_with_a_clear_error(node_process):
-    proc = node_process(MODULE, params={"task": "stack"})
+    proc = node_process(MODULE, params={"task": "stack"}, discovery=False)
     proc.proc.wait(timeout=30)
     assert proc.proc.returncode == 2
     assert "parameter task='stack' is not a registered task" in proc.output()
