@@ -2,6 +2,7 @@
 calls whose answers are logged, and one clear error when the recorder is not running."""
 from __future__ import annotations
 
+from rclpy.impl.rcutils_logger import RcutilsLogger
 from rclpy.node import Node
 from std_srvs.srv import Trigger
 
@@ -35,6 +36,16 @@ class EpisodeClient:
 
         def done(fut) -> None:
             result = fut.result()
-            (logger.info if result.success else logger.warning)(f"{name}: {result.message}")
+            log_outcome(logger, result.success, f"{name}: {result.message}")
 
         client.call_async(request).add_done_callback(done)
+
+
+def log_outcome(logger: RcutilsLogger, ok: bool, message: str) -> None:
+    """INFO when ``ok``, else WARN. Each severity has its own call line: rclpy raises ValueError ("Logger severity
+    cannot be changed between calls") when one line logs at two severities, which killed the teleop node the first
+    time a start_episode succeeded and the next one was refused."""
+    if ok:
+        logger.info(message)
+    else:
+        logger.warning(message)

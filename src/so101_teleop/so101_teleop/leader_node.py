@@ -210,9 +210,10 @@ class LeaderNode(Node):
                 self._handle(event)
         if self.keys.closed.is_set() and not self._keys_closed_logged:
             self._keys_closed_logged = True
-            log = self.get_logger().error if self.controls.deadman == "key" else self.get_logger().info
-            log(f"{self.keys.why_closed}: no keys" + (" (deadman:=key cannot engage)"
-                                                      if self.controls.deadman == "key" else ""))
+            if self.controls.deadman == "key":
+                self.get_logger().error(f"{self.keys.why_closed}: no keys (deadman:=key cannot engage)")
+            else:
+                self.get_logger().info(f"{self.keys.why_closed}: no keys")
 
     def _handle(self, event: Control) -> None:
         if event is Control.ENGAGE:

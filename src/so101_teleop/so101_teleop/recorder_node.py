@@ -24,6 +24,7 @@ from so101_common.spin import spin_node
 from std_srvs.srv import Trigger
 
 from so101_interfaces.srv import StartEpisode
+from so101_teleop.episode_client import log_outcome
 from so101_teleop.recorder import KNOWN_TOPIC_TYPES, EpisodeRecorder
 
 
@@ -108,19 +109,19 @@ class RecorderNode(Node):
     def _on_start(self, request: StartEpisode.Request, response: StartEpisode.Response) -> StartEpisode.Response:
         result = self.recorder.start(request.instruction)
         response.success, response.message, response.episode_path = result.ok, result.message, result.path
-        (self.get_logger().info if result.ok else self.get_logger().warn)(f"start_episode: {result.message}")
+        log_outcome(self.get_logger(), result.ok, f"start_episode: {result.message}")
         return response
 
     def _on_stop(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         result = self.recorder.stop(success=True)
         response.success, response.message = result.ok, result.message
-        (self.get_logger().info if result.ok else self.get_logger().warn)(f"stop_episode: {result.message}")
+        log_outcome(self.get_logger(), result.ok, f"stop_episode: {result.message}")
         return response
 
     def _on_discard(self, _request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         result = self.recorder.discard()
         response.success, response.message = result.ok, result.message
-        (self.get_logger().info if result.ok else self.get_logger().warn)(f"discard_episode: {result.message}")
+        log_outcome(self.get_logger(), result.ok, f"discard_episode: {result.message}")
         return response
 
 

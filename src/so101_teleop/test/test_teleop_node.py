@@ -142,6 +142,13 @@ def test_episode_buttons_call_the_recorder(rig: Rig, node_process, ros_node, tmp
             break
     assert recording(), rig.proc.output()
     episode = next(p for p in data.iterdir() if p.is_dir())
+    # "+" again: the recorder refuses; the teleop node logs the refusal as a warning on the line where it logs a
+    # success as info, which rclpy once turned into a ValueError that ended the node
+    rig.drive(0.2, pressed=(M.button_start_episode,))
+    rig.drive(0.2)
+    assert spin_until(ros_node, lambda: "start_episode: already recording" in rig.proc.output(), 5.0), \
+        rig.proc.output()
+    assert rig.proc.alive() and "Traceback" not in rig.proc.output(), rig.proc.output()
     rig.drive(0.2, pressed=(M.button_discard_episode,))
     rig.drive(0.2)
     assert spin_until(ros_node, lambda: not episode.exists(), 5.0), rig.proc.output()
