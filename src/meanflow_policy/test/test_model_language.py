@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,8 @@ from safetensors.torch import save_file
 
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
-from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SORTING, SORTING_SWAPPED, TRAIN_TEMPLATES,
-                                               templates_for)
+from so101_common.phrasings import (HELD_OUT_PARAPHRASES, HELD_OUT_WORDS, POOL_SIZE, RECORDED_SHARE, SORTING,
+                                   SORTING_SWAPPED, TRAIN_TEMPLATES, TRAINING_POOL, draw_phrasings, phrasings_for)
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.model import language
@@ -67,12 +68,50 @@ def test_a_missing_or_truncated_package_file_is_one_clear_error(tmp_path: Path) 
 
 # ---- phrasings (fast) ------------------------------------------------------------------------------------------
 def test_held_out_paraphrases_are_never_training_phrasings() -> None:
-    train = {t for templates in TRAIN_TEMPLATES.values() for t in templates}
-    assert set(HELD_OUT_PARAPHRASES) == set(TRAIN_TEMPLATES)
+    train = {t for pool in TRAINING_POOL.values() for t in pool}
+    assert set(HELD_OUT_PARAPHRASES) == set(TRAIN_TEMPLATES) == set(TRAINING_POOL)
     for task, paraphrases in HELD_OUT_PARAPHRASES.items():
         assert set(paraphrases) == {"synonyms", "word_order", "polite", "typo"}
         assert not set(paraphrases.values()) & train, task
         assert TRAIN_TEMPLATES[task][0] == task and len(set(TRAIN_TEMPLATES[task])) >= 5
+        pool = TRAINING_POOL[task]
+        assert pool[:len(TRAIN_TEMPLATES[task])] == TRAIN_TEMPLATES[task] and len(set(pool)) == POOL_SIZE, task
+
+
+def test_generated_phrasings_keep_the_held_out_changes_unseen() -> None:
+    """No training phrasing uses a held-out synonym's new word, a polite form, or a fronted destination; the typos
+    are only in the held-out set (every training word is one the recorded sentences or the grammar spell)."""
+    words = {w for pool in TRAINING_POOL.values() for t in pool for w in t.replace(",", " ").replace(":", " ").split()}
+    assert not words & set(HELD_OUT_WORDS)
+    assert not words & {"blcok", "lfet", "rigth", "ornage"}
+    assert not [t for pool in TRAINING_POOL.values() for t in pool if t.split()[0] in ("in", "into", "onto", "on")]
+    # The sorting word-order paraphrase's shape (one verb, right box first) is never trained, in either order.
+    for task in (SORTING, SORTING_SWAPPED):
+        for t in TRAINING_POOL[task]:
+            first_verb_led = t.split()[0] in ("put", "place", "move", "drop", "set")
+            assert not (first_verb_led and t.index("right") < t.index("left") and t.count(t.split()[0]) == 1), t
+
+
+@pytest.mark.parametrize("task, binding", [(SORTING, {"red": "left", "green": "right"}),
+                                           (SORTING_SWAPPED, {"green": "left", "red": "right"})])
+def test_every_sorting_phrasing_binds_each_colour_to_its_box(task: str, binding: dict[str, str]) -> None:
+    """Each half of a generated sorting phrasing names one colour and one side, and they are the task's pair, so
+    the variety never teaches the other order."""
+    for t in TRAINING_POOL[task]:
+        halves = re.split(r", then |, (?=\w+ (?:cube|block|to))| and ", t.split(": ")[-1])
+        assert len(halves) == 2, t
+        for half in halves:
+            colours = [c for c in binding if re.search(rf"\b{c}\b", half)]
+            sides = [s for s in ("left", "right") if re.search(rf"\b{s}\b", half)]
+            assert len(colours) == len(sides) == 1 and binding[colours[0]] == sides[0], t
+
+
+def test_draw_keeps_the_recorded_sentence_for_a_share_of_samples() -> None:
+    drawn = draw_phrasings([SORTING] * 4000, np.random.default_rng(0))
+    share = drawn.count(SORTING) / len(drawn)
+    assert abs(share - (RECORDED_SHARE + (1 - RECORDED_SHARE) / POOL_SIZE)) < 0.03
+    assert set(drawn) <= set(TRAINING_POOL[SORTING]) and len(set(drawn)) > POOL_SIZE * 0.9
+    assert draw_phrasings(["wave at the camera"], np.random.default_rng(0)) == ["wave at the camera"]
 
 
 def test_sample_sets_draw_phrasings_only_when_asked(tmp_path: Path) -> None:
@@ -84,7 +123,7 @@ def test_sample_sets_draw_phrasings_only_when_asked(tmp_path: Path) -> None:
     assert SampleSet(episodes, sync).batch(rows)["instruction"] == [task] * len(rows)
     varied = SampleSet(episodes, sync, phrasing_seed=3)
     first = varied.batch(rows)["instruction"]
-    assert set(first) <= set(templates_for(task)) and len(set(first)) >= 3
+    assert set(first) <= set(phrasings_for(task)) and len(set(first)) >= 3
     assert varied.batch(rows)["instruction"] == first, "the same batch gets the same phrasings (exact resume)"
     assert SampleSet(episodes, sync, phrasing_seed=4).batch(rows)["instruction"] != first
 

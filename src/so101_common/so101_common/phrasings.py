@@ -3,10 +3,10 @@
 Keyed by the task's instruction as recorded in its demos (episode.json); so101_sim's task classes take their
 instructions from the constants here, so each sentence has one source. A policy
 trained on one sentence per task learns that sentence, not the task. ``TRAIN_TEMPLATES`` gives every task several
-phrasings the training pipeline may draw per sample (``meanflow-train --instruction-variety``);
-``HELD_OUT_PARAPHRASES`` is never used in training and measures whether other wordings still work: per task one
-synonym rewrite, one word-order change, one polite form and one typo. ``UNRELATED`` are instructions that name no
-task, which should not make the policy do one.
+hand-written phrasings; ``TRAINING_POOL`` adds phrasings generated from a small grammar (128 per task), which the
+training pipeline draws per sample (``meanflow-train --instruction-variety``); ``HELD_OUT_PARAPHRASES`` is never used
+in training and measures whether other wordings still work: per task one synonym rewrite, one word-order change, one
+polite form and one typo. ``UNRELATED`` are instructions that name no task, which should not make the policy do one.
 
 Plain strings in so101_common: meanflow_policy's model reads the phrasings for its text statistics and its data
 pipeline draws them; so101_sim's tasks and so101-eval --paraphrases read the same ones.
@@ -89,15 +89,107 @@ HELD_OUT_PARAPHRASES: dict[str, dict[str, str]] = {
 UNRELATED: tuple[str, ...] = ("do not touch anything", "stay where you are", "wave at the camera")
 
 
-def templates_for(instruction: str) -> tuple[str, ...]:
-    """The training phrasings of a task instruction; an instruction without templates is its only phrasing."""
-    return TRAIN_TEMPLATES.get(instruction, (instruction,))
+# Words and forms no generated phrasing uses, so that each held-out paraphrase keeps the change it tests unseen:
+# the synonyms' new words, the polite forms, the typos (the grammar spells correctly), and the fronted destination of
+# the pick-place and stacking word-order paraphrases ("into the box, put ..."; no generated phrasing starts with a
+# preposition).
+HELD_OUT_WORDS: tuple[str, ...] = ("bin", "doll", "colourful", "lay", "please", "could", "would")
+_FRONTED = ("in ", "into ", "inside ", "on ", "onto ")
+POOL_SIZE = 128  # phrasings per task drawn from its grammar (the hand-written templates come first)
+RECORDED_SHARE = 0.25  # share of training samples that keep the recorded sentence (the one users of the demos say)
+
+
+def _pick_place_grammar(colour: str) -> list[str]:
+    objects, boxes, preps = ("block", "cube"), ("box", "container"), ("in", "into", "inside")
+    grasps = ("grasp", "pick up", "take", "grab", "lift", "get")
+    puts = ("put it", "place it", "drop it", "set it", "leave it")
+    verbs = ("put", "place", "move", "drop", "bring", "carry", "transfer", "set")
+    out = []
+    for o in objects:
+        for d in boxes:
+            for prep in preps:
+                out += [f"{g} the {colour} {o}{joint} {p} {prep} the {d}"
+                        for g in grasps for p in puts for joint in (" and", ", then")]
+                out += [f"{v} the {colour} {o} {prep} the {d}" for v in verbs]
+                out += [f"the {colour} {o} goes {prep} the {d}", f"{colour} {o} {prep} the {d}"]
+    return out
+
+
+def _sorting_grammar(left: str, right: str) -> list[str]:
+    """Both halves in both orders; every phrasing binds each colour to its box within one clause. Right-box-first
+    phrasings never have the held-out word order's shape (one verb for both halves: "put the X in the right box and
+    the Y in the left box"): they repeat the verb, or name the box or the cube first without a verb."""
+    objects, boxes, preps = ("cube", "block"), ("box", "container"), ("in", "into")
+    verbs = ("put", "place", "move", "drop", "set")
+    out = []
+    for o in objects:
+        for d in boxes:
+            for prep in preps:
+                halves = {side: (colour, side) for colour, side in ((left, "left"), (right, "right"))}
+                for first, second in (("left", "right"), ("right", "left")):
+                    (c1, s1), (c2, s2) = halves[first], halves[second]
+                    if first == "left":  # the recorded shape: one verb for both halves
+                        out += [f"{v} the {c1} {o} {prep} the {s1} {d} and the {c2} {o} {prep} the {s2} {d}"
+                                for v in verbs]
+                    out += [f"{v} the {c1} {o} {prep} the {s1} {d} and {v} the {c2} {o} {prep} the {s2} {d}"
+                            for v in verbs]
+                    out += [f"first {v} the {c1} {o} {prep} the {s1} {d}, then the {c2} {o} {prep} the {s2} {d}"
+                            for v in verbs]
+                    out += [f"the {c1} {o} goes {prep} the {s1} {d} and the {c2} {o} goes {prep} the {s2} {d}",
+                            f"the {s1} {d} gets the {c1} {o} and the {s2} {d} gets the {c2} {o}",
+                            f"{c1} {o} to the {s1} {d}, {c2} {o} to the {s2} {d}",
+                            f"sort the {o}s: {c1} to the {s1} {d}, {c2} to the {s2} {d}"]
+    return out
+
+
+def _stacking_grammar() -> list[str]:
+    toys = ("orange toy", "orange figure", "orange figurine", "little orange toy")
+    targets = ("coloured blocks", "colored blocks", "stack of blocks", "block stack", "coloured cubes", "blocks")
+    preps = ("on", "onto", "on top of")
+    verbs = ("put", "place", "set", "stack", "move", "drop")
+    out = []
+    for toy in toys:
+        for target in targets:
+            for prep in preps:
+                out += [f"{v} the {toy} {prep} the {target}" for v in verbs]
+                out += [f"the {toy} goes {prep} the {target}", f"{toy} {prep} the {target}"]
+    return out
+
+
+def _pool(templates: tuple[str, ...], grammar: list[str], seed: int) -> tuple[str, ...]:
+    """The hand-written templates, then grammar phrasings drawn without replacement (fixed seed) up to POOL_SIZE;
+    never a held-out paraphrase, a held-out word or a fronted destination."""
+    held_out = {t for ps in HELD_OUT_PARAPHRASES.values() for t in ps.values()}
+    allowed = sorted({g for g in grammar if g not in held_out and g not in templates
+                      and not set(g.replace(",", " ").replace(":", " ").split()) & set(HELD_OUT_WORDS)
+                      and not g.startswith(_FRONTED)})
+    order = np.random.default_rng(seed).permutation(len(allowed))
+    return templates + tuple(allowed[i] for i in order[:POOL_SIZE - len(templates)])
+
+
+# The training pool per task (``--instruction-variety``): the hand-written templates and generated phrasings.
+TRAINING_POOL: dict[str, tuple[str, ...]] = {
+    PICK_PLACE_RED: _pool(TRAIN_TEMPLATES[PICK_PLACE_RED], _pick_place_grammar("red"), 0),
+    PICK_PLACE_GREEN: _pool(TRAIN_TEMPLATES[PICK_PLACE_GREEN], _pick_place_grammar("green"), 1),
+    SORTING: _pool(TRAIN_TEMPLATES[SORTING], _sorting_grammar("red", "green"), 2),
+    SORTING_SWAPPED: _pool(TRAIN_TEMPLATES[SORTING_SWAPPED], _sorting_grammar("green", "red"), 3),
+    STACKING: _pool(TRAIN_TEMPLATES[STACKING], _stacking_grammar(), 4),
+}
+
+
+def phrasings_for(instruction: str) -> tuple[str, ...]:
+    """The training pool of a task instruction (recorded sentence first); an instruction without one is its only
+    phrasing."""
+    return TRAINING_POOL.get(instruction, (instruction,))
 
 
 def draw_phrasings(instructions: list[str], rng: np.random.Generator) -> list[str]:
-    """One training phrasing per sample, uniformly among its task's templates (the recorded sentence included)."""
+    """One training phrasing per sample: the recorded sentence with probability RECORDED_SHARE, else uniformly
+    among its task's pool (so a pool of 128 does not starve the sentence the demos were recorded with)."""
     out = []
     for text in instructions:
-        options = templates_for(text)
-        out.append(options[int(rng.integers(len(options)))] if len(options) > 1 else text)
+        options = phrasings_for(text)
+        keep = rng.random() < RECORDED_SHARE
+        pick = int(rng.integers(len(options)))
+        out.append(text if keep or len(options) == 1 else options[pick])
     return out

@@ -336,7 +336,7 @@ class VLMBackbone(nn.Module):
 
 class LanguageProjection(nn.Module):
     """SmolLM2 token states -> the tiny LM's input space: standardised per channel with fixed statistics, then a
-    linear map. The statistics (over the tokens of every training phrasing in instructions.py) take out the large
+    linear map. The statistics (over the tokens of the hand-written TRAIN_TEMPLATES of phrasings.py) take out the large
     per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
     instructions; they are buffers, so a checkpoint keeps the ones it was trained with."""
 

@@ -271,7 +271,7 @@ class TrainConfig:
     time_limit_s: float = 0.0  # > 0: stop after this much training time, saving as at the end (resumable)
     stop_after: int = 0  # > 0: stop after this many steps of this invocation, saving as at the end (resumable)
     freeze_backbone: bool = False  # train the expert on cached prefix features (no backbone in the step)
-    # Each training sample's instruction becomes one of its task's phrasings (instructions.py), drawn anew whenever
+    # Each training sample's instruction becomes one of its task's phrasings (phrasings.py), drawn anew whenever
     # the sample is drawn; validation keeps the recorded sentences.
     instruction_variety: bool = False
     # Samples of each episode's first start_window_s seconds are drawn start_repeat times per epoch (1: uniform):

@@ -160,8 +160,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "dataset cache) and train the action expert alone; off when --image-shift changes pixels")
     p.add_argument("--instruction-variety", dest="instruction_variety", action="store_true",
                    default=argparse.SUPPRESS,
-                   help="each training sample's instruction becomes one of its task's phrasings "
-                        "(so101_common/phrasings.py); validation keeps the recorded sentences")
+                   help="each training sample's instruction becomes one of its task's 128 training phrasings "
+                        "(so101_common/phrasings.py; a quarter keep the recorded sentence); validation keeps the "
+                        "recorded sentences")
     p.add_argument("--idle-anywhere", dest="idle_anywhere", action="store_true", default=argparse.SUPPRESS,
                    help="leave out every sample whose next half chunk of commands stays within --idle-start "
                         "before the episode's last move, not only the leading ones (a policy's own pauses in "
