@@ -28,6 +28,7 @@ setup(
             "meanflow-average = meanflow_policy.tools.average:main",
             "meanflow-bench = meanflow_policy.tools.bench:main",
             "meanflow-bench-node = meanflow_policy.tools.bench_node:main",
+            "meanflow-bench-peers = meanflow_policy.tools.bench_peers:main",
             "so101-export-lerobot = meanflow_policy.tools.export_lerobot:main",
             "so101-viz = meanflow_policy.tools.viz:main",
             "viz_node = meanflow_policy.ros.viz_node:main",

@@ -93,7 +93,8 @@ def test_padding_does_not_change_features(backbone):
 
 def test_both_cameras_in_one_vision_batch(backbone):
     calls = []
-    handle = backbone.vlm.vision_model.register_forward_hook(lambda m, i, o: calls.append(o.last_hidden_state.shape))
+    encoder = backbone.vlm.vision_model.encoder
+    handle = encoder.register_forward_hook(lambda m, i, o: calls.append(o.last_hidden_state.shape))
     try:
         with torch.inference_mode():
             backbone.encode_one(torch.zeros((1, 2, 64, 64, 3), dtype=torch.uint8), "go")

@@ -56,8 +56,10 @@ def test_sample_contract(policy, nfe):
     chunk = policy.sample(obs, nfe=nfe, generator=torch.Generator().manual_seed(0))
     assert chunk.shape == (20, 6) and chunk.dtype == np.float32 and np.all(np.isfinite(chunk))
     timing = policy.last_timing
-    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe", "candidates", "average"}
+    assert set(timing) == {"prefix_ms", "expert_ms", "post_ms", "total_ms", "nfe", "candidates", "average",
+                           "cuda_graphs"}
     assert timing["nfe"] == nfe and timing["candidates"] == 1 and timing["average"] == 1
+    assert timing["cuda_graphs"] is False  # a CPU policy never replays graphs
     assert 0 < timing["prefix_ms"] < timing["total_ms"] and timing["expert_ms"] > 0 and timing["post_ms"] > 0
     parts = timing["prefix_ms"] + timing["expert_ms"] + timing["post_ms"]
     assert timing["total_ms"] == pytest.approx(parts, rel=1e-6)

@@ -1,9 +1,11 @@
-"""meanflow-bench: the JSON last line names every timed variant, coherent sampling's candidate counts included."""
+"""meanflow-bench: the JSON last line names every timed variant, coherent sampling's candidate counts included;
+meanflow-bench-peers: its inputs and errors (timing LeRobot itself needs LeRobot, which CI does not install)."""
+import importlib.util
 import json
 
 import pytest
 
-from meanflow_policy.tools import bench
+from meanflow_policy.tools import bench, bench_peers
 
 
 def test_bench_times_each_candidate_count_beside_the_single_draw_variants(capsys):
@@ -19,3 +21,33 @@ def test_bench_refuses_a_candidate_count_below_two(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--candidates", "1"])
     assert exc.value.code == 2 and "each count must be >= 2" in capsys.readouterr().err
+
+
+def test_bench_refuses_cuda_graphs_on_the_cpu(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--cuda-graphs"])
+    assert exc.value.code == 2 and "--cuda-graphs needs --device cuda" in capsys.readouterr().err
+
+
+def test_peer_ratios_read_our_bench_json_per_precision(tmp_path, capsys):
+    assert bench.main(["--preset", "tiny", "--runs", "1", "--warmup", "0", "--precisions", "float32",
+                       "--threads", "1", "--candidates", ""]) == 0
+    out = tmp_path / "ours.txt"
+    out.write_text(capsys.readouterr().out)
+    ours = bench_peers._our_chunks(str(out))
+    assert set(ours) == {"meanflow_1_float32"} and ours["meanflow_1_float32"] > 0
+    out.write_text("no JSON here\n")
+    assert bench_peers._our_chunks(str(out)) == {}
+    assert "no ratios" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lerobot") is not None, reason="LeRobot is installed here")
+def test_peers_without_lerobot_say_how_to_get_it():
+    with pytest.raises(SystemExit, match="install lerobot==0.4.4"):
+        bench_peers.main(["--vlm-config", "/nonexistent", "--peers", "diffusion"])
+
+
+def test_peers_refuse_an_unknown_peer(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_peers.main(["--vlm-config", "x", "--peers", "act"])
+    assert exc.value.code == 2 and "['act'] not in smolvla, diffusion" in capsys.readouterr().err

@@ -283,7 +283,15 @@ class VLMBackbone(nn.Module):
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """All cameras of all samples in ONE vision batch -> (B, N * tokens_per_image, D) LM input embeddings."""
         b, n = images.shape[:2]
-        hidden = self.vlm.vision_model(pixel_values=self.pixel_values(images)).last_hidden_state
+        pixels = self.pixel_values(images)
+        vision, patch = self.vlm.vision_model, self.vlm.config.vision_config.patch_size
+        # The vision transformer's own forward, without its padding masks: every patch is real here. Its forward
+        # would build the patch mask on the CPU and copy it over, and test the attention mask's contents, neither of
+        # which a CUDA-graph capture allows (model/cuda_graphs.py); with no mask attention takes the same kernel.
+        patches = torch.ones((pixels.shape[0], pixels.shape[2] // patch, pixels.shape[3] // patch), dtype=torch.bool,
+                             device=pixels.device)
+        embedded = vision.embeddings(pixel_values=pixels, patch_attention_mask=patches)
+        hidden = vision.post_layernorm(vision.encoder(inputs_embeds=embedded, attention_mask=None).last_hidden_state)
         tokens = self.vlm.connector(hidden)
         return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from meanflow_policy.model.action_expert import ActionExpert, ActionExpertContex
 from meanflow_policy.model.backbone import VLMBackbone, load_tokenizer_file, random_shift
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.cuda_graphs import ChunkGraphs
 from meanflow_policy.units import MIN_STD
 
 _STAT_KEYS = ("state", "action")
@@ -124,6 +126,7 @@ class MeanFlowPolicy(nn.Module):
         # The objective (loss + sampler) is chosen once, here; nothing else looks at config.objective.
         self.objective = objectives.make_objective(config)
         self.last_timing: dict[str, float] = {}
+        self._graphs: ChunkGraphs[ActionExpertContext] | None = None
         self.eval()
 
     # ---- bookkeeping ------------------------------------------------------------------------------------------
@@ -133,6 +136,33 @@ class MeanFlowPolicy(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether ``sample`` replays captured CUDA graphs where it can (see ``use_cuda_graphs``)."""
+        return self._graphs is not None
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Replay each chunk as captured CUDA graphs (model/cuda_graphs.py; a CUDA device only): the first chunk of
+        each instruction, sampler, step count and candidate count captures (~2 eager runs more), later ones replay.
+        Applies to single draws and to the closest-of-candidates guide; the gradient-guided sampler, committed rows
+        and stochastic samplers (ddpm) stay eager. Graphs are dropped when the policy changes mode, device or dtype."""
+        if enabled and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {self.device}")
+        self._graphs = ChunkGraphs() if enabled else None
+
+    def train(self, mode: bool = True) -> "MeanFlowPolicy":
+        graphs = getattr(self, "_graphs", None)  # None too while nn.Module.__init__ runs, before it is set
+        if graphs is not None:
+            graphs.clear()
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MeanFlowPolicy":
+        """Moves and casts (``to``, ``half``, ...) invalidate captured graphs: they read weights by address."""
+        graphs = getattr(self, "_graphs", None)  # None too while nn.Module.__init__ runs, before it is set
+        if graphs is not None:
+            graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def set_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
         """Install normalisation stats ``{"state": {"mean", "std"}, "action": {"mean", "std"}}`` in joint units.
@@ -171,20 +201,24 @@ class MeanFlowPolicy(nn.Module):
         return actions * self.action_std.clamp(min=MIN_STD) + self.action_mean
 
     # ---- network ----------------------------------------------------------------------------------------------
-    def _context(self, features: torch.Tensor, mask: torch.Tensor, state: torch.Tensor) -> ActionExpertContext:
-        """Prefix = projected VLM features + one state token; returns the expert's per-chunk context."""
+    def _context(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor) -> ActionExpertContext:
+        """Prefix = projected VLM features + one state token; returns the expert's per-chunk context. ``mask`` None:
+        every token is valid (one observation: no padding; and no host sync to find that out)."""
         features = features.to(self.state_proj.weight.dtype)
         n_img, b = self.n_image_tokens, features.shape[0]
         text = features[:, :-n_img]
         image = self.image_norm(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
         cond = None
         if self.instruction_film is not None:
-            scale, shift, cond = self.instruction_film(text, mask[:, :-n_img])
+            text_mask = (torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None
+                         else mask[:, :-n_img])
+            scale, shift, cond = self.instruction_film(text, text_mask)
             image = image * (1 + scale[:, None]) + shift[:, None]
         prefix = self.prefix_proj(torch.cat([text, image], dim=1))
         state_tok = self.state_proj(self.normalize_state(state))[:, None]
         prefix = torch.cat([prefix, state_tok], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return self.expert.prepare(prefix, mask, cond)
 
     @staticmethod
@@ -296,18 +330,21 @@ class MeanFlowPolicy(nn.Module):
         img = torch.from_numpy(np.stack(frames)[None]).to(self.device)
         return img, torch.from_numpy(state)[None].to(self.device), instruction
 
-    def _sample_normalized(self, ctx: ActionExpertContext, batch: int, nfe: int,
+    def _noise(self, batch: int, generator: torch.Generator | None) -> torch.Tensor:
+        """(B, T, D) starting noise. One draw per sample, so sample b of a batch is the b-th single draw of the
+        generator (torch fills a larger tensor differently): the first of several candidates is the chunk one
+        candidate would give."""
+        cfg = self.config
+        return torch.cat([objectives.draw_normal((1, cfg.chunk_size, cfg.action_dim), generator, self.device,
+                                                 self.state_proj.weight.dtype) for _ in range(batch)])
+
+    def _sample_normalized(self, ctx: ActionExpertContext, noise: torch.Tensor, nfe: int,
                            generator: torch.Generator | None,
                            guide: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """The expert's part of a chunk: noise, then nfe evaluations with the configured sampler -> (B, T, D);
+        """The expert's part of a chunk: nfe evaluations with the configured sampler from ``noise`` -> (B, T, D);
         with ``guide`` (normalised target rows, weights) the noise is first steered onto them."""
-        cfg = self.config
         if nfe < 1:
             raise ValueError(f"nfe must be >= 1, got {nfe}")
-        # One draw per sample, so sample b of a batch is the b-th single draw of the generator (torch fills a
-        # larger tensor differently): the first of several candidates is the chunk one candidate would give.
-        noise = torch.cat([objectives.draw_normal((1, cfg.chunk_size, cfg.action_dim), generator, self.device,
-                                                  self.state_proj.weight.dtype) for _ in range(batch)])
         if guide is not None:
             return self.objective.guided_sample(self._u_fn(ctx), noise, nfe, *guide)
         return self.objective.sample(self._u_fn(ctx), noise, nfe, generator)
@@ -371,34 +408,72 @@ class MeanFlowPolicy(nn.Module):
                              f"{average}")
         conditioned = guide is not None and self.config.action_prefix_rows > 0
         select = guide is not None and candidates > 1
+        graphed = (self._graphs is not None and self.objective.deterministic and not conditioned
+                   and (guide is None or select))
         # Guidance differentiates through the expert (never its weights), which inference mode forbids.
         with torch.inference_mode(guide is None or conditioned or select), torch.no_grad():
             start = time.perf_counter()
             guide_t = None if guide is None else self._guide_tensors(guide)
             images, state, instruction = self._observation_tensors(observation)
-            features, mask = self.backbone.encode_one(images, instruction)
-            ctx = self._context(features, mask, state)
-            if guide_t is not None and conditioned:
-                target, weights = guide_t
-                committed = int((weights.max(dim=1).values >= 1.0).long().cumprod(0).sum())
-                rows = torch.tensor([min(committed, self.config.action_prefix_rows)], device=self.device)
-                ctx = self._with_known(ctx, target, rows)
-            self._sync()
-            prefix_end = time.perf_counter()
-            if select:
-                assert guide_t is not None
-                z = self._closest(self._sample_normalized(_repeat(ctx, candidates), candidates, nfe, generator),
-                                  *guide_t, average)
-            else:
-                z = self._sample_normalized(ctx, 1, nfe, generator, None if conditioned else guide_t)
+            k, avg = (candidates, average) if select else (1, 1)
+            out = None
+            if graphed:
+                try:
+                    out, prefix_end = self._graphed_chunk(images, state, instruction, nfe, k, avg,
+                                                          guide_t if select else None, generator)
+                except RuntimeError as exc:  # an operation that cannot be captured: eager from now on
+                    warnings.warn(f"CUDA graph capture failed, sampling eagerly from now on: {exc}", RuntimeWarning,
+                                  stacklevel=2)
+                    self._graphs, graphed = None, False
+            if out is None:
+                ctx = self._context(self.backbone.encode_one(images, instruction)[0], None, state)
+                if guide_t is not None and conditioned:
+                    target, weights = guide_t
+                    committed = int((weights.max(dim=1).values >= 1.0).long().cumprod(0).sum())
+                    rows = torch.tensor([min(committed, self.config.action_prefix_rows)], device=self.device)
+                    ctx = self._with_known(ctx, target, rows)
+                self._sync()
+                prefix_end = time.perf_counter()
+                out = self._chunk_from(ctx, self._noise(k, generator), nfe, guide_t if select else None, avg,
+                                       generator, None if conditioned or select else guide_t)
             self._sync()
             expert_end = time.perf_counter()
-            chunk = self.unnormalize_actions(z[0].float()).cpu().numpy()
+            chunk = out.cpu().numpy()
             end = time.perf_counter()
         self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
                             "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe,
-                            "candidates": candidates if select else 1, "average": average if select else 1}
+                            "candidates": k, "average": avg, "cuda_graphs": graphed}
         return chunk
+
+    def _graphed_chunk(self, images: torch.Tensor, state: torch.Tensor, instruction: str, nfe: int, k: int,
+                       average: int, select: tuple[torch.Tensor, torch.Tensor] | None,
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
+        """``sample``'s CUDA-graph path: replay (capturing when new) the prefix graph, then the expert graph ->
+        the chunk (T, D) and the time the prefix finished."""
+        assert self._graphs is not None
+        prefix_key = (instruction, self.backbone.vlm.dtype)
+        self._graphs.prefix(prefix_key, images, state,
+                            lambda im, st: self._context(self.backbone.encode_one(im, instruction)[0], None, st),
+                            prepare=lambda: self.backbone.text_cache(instruction))
+        self._sync()
+        prefix_end = time.perf_counter()
+        out = self._graphs.expert(prefix_key, (self.objective.name, nfe, k, average), self._noise(k, generator),
+                                  select, lambda c, n, g: self._chunk_from(c, n, nfe, g, average))
+        return out, prefix_end
+
+    def _chunk_from(self, ctx: ActionExpertContext, noise: torch.Tensor, nfe: int,
+                    select: tuple[torch.Tensor, torch.Tensor] | None, average: int,
+                    generator: torch.Generator | None = None,
+                    steer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One observation's context and (K, T, D) noise -> its chunk (T, D) in joint units: the closest of the K
+        draws to ``select`` (normalised target, weights; the mean of the ``average`` closest), else the one draw,
+        steered onto ``steer`` if given."""
+        if select is not None:
+            z = self._closest(self._sample_normalized(_repeat(ctx, noise.shape[0]), noise, nfe, generator),
+                              *select, average)
+        else:
+            z = self._sample_normalized(ctx, noise, nfe, generator, steer)
+        return self.unnormalize_actions(z[0].float())
 
     @torch.inference_mode()
     def sample_batch(self, batch: Mapping[str, Any], nfe: int | None = None,
@@ -410,7 +485,8 @@ class MeanFlowPolicy(nn.Module):
         state = batch["state"].to(self.device, torch.float32)
         features, mask = self.backbone(images, list(batch["instruction"]))
         ctx = self._context(features, mask, state)
-        return self.unnormalize_actions(self._sample_normalized(ctx, state.shape[0], nfe, generator).float())
+        noise = self._noise(state.shape[0], generator)
+        return self.unnormalize_actions(self._sample_normalized(ctx, noise, nfe, generator).float())
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save(self, checkpoint_dir: str | Path) -> Path:

@@ -39,6 +39,8 @@ VARIANTS: tuple[tuple[str, int], ...] = (
 )
 # Observations in the parity set a fast backbone precision is compared on.
 PARITY_OBSERVATIONS = 4
+# CUDA-graph replay runs eager mode's kernels on the same noise: its chunks must agree to float rounding (rad).
+CUDA_GRAPH_PARITY_RAD = 1e-4
 # Expert sizes per preset: the tiny dev expert, and a ~46 M-parameter expert for the real backbone.
 _PRESETS = {
     TINY_BACKBONE: dict(image_size=64, num_vlm_layers=4, expert_width=128, expert_depth=4, expert_heads=4),
@@ -230,6 +232,11 @@ def bench_precision(policy: MeanFlowPolicy, obs: dict[str, object], args: argpar
     return figures
 
 
+def _speedup(reference: dict[str, object], figures: dict[str, object]) -> float:
+    """How many times faster ``figures``' meanflow-1 chunk is than ``reference``'s."""
+    return round(reference["chunk_ms"]["meanflow_1"] / figures["chunk_ms"]["meanflow_1"], 2)  # type: ignore[index]
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     """The first precision is the reference: its figures are the JSON's top level; every precision's figures (and,
     for the others, their parity with the reference and their meanflow-1 speed-up) are under ``precisions``."""
@@ -258,15 +265,27 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         if precision != reference:
             policy = build_policy(args.preset, args.device, args.image_size, precision, args.checkpoint)
         figures = bench_precision(policy, obs, args, precision)
+        eager_outputs = reference_outputs if precision == reference else parity_outputs(policy, parity_set)
         if precision != reference:
             tolerance = PRECISION_PARITY_RAD[precision] if reference == "float32" else None
-            figures["parity"] = parity(reference_outputs, parity_outputs(policy, parity_set), tolerance)
-            ref_ms = per_precision[reference]["chunk_ms"]["meanflow_1"]  # type: ignore[index]
-            figures["speedup_chunk_mf1"] = round(ref_ms / figures["chunk_ms"]["meanflow_1"], 2)  # type: ignore[index]
+            figures["parity"] = parity(reference_outputs, eager_outputs, tolerance)
+            figures["speedup_chunk_mf1"] = _speedup(per_precision[reference], figures)
             print(f"parity with {reference} over {PARITY_OBSERVATIONS} observations: {figures['parity']}; "
                   f"meanflow_1 chunk {figures['speedup_chunk_mf1']}x faster")
         per_precision[precision] = figures
         policy.backbone.clear_cache()
+        if args.cuda_graphs:
+            policy.use_cuda_graphs()
+            label = f"{precision}+cuda_graphs"
+            graphed = bench_precision(policy, obs, args, label)
+            graphed["parity"] = parity(eager_outputs, parity_outputs(policy, parity_set), CUDA_GRAPH_PARITY_RAD)
+            graphed["cuda_graphs_active"] = policy.cuda_graphs  # False: a capture failed, the figures are eager
+            graphed["speedup_chunk_mf1"] = _speedup(per_precision[reference], graphed)
+            print(f"cuda graphs: parity with eager {precision}: {graphed['parity']}; meanflow_1 chunk "
+                  f"{graphed['speedup_chunk_mf1']}x faster than eager {reference}")
+            per_precision[label] = graphed
+            policy.use_cuda_graphs(False)
+            policy.backbone.clear_cache()
     summary.update(per_precision[reference])
     summary["precisions"] = per_precision
     return summary
@@ -292,6 +311,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "CPUs); the first is the reference the others' parity and speed-up are measured against. "
                         "default: auto on CUDA, float32,auto on CPU. The expert always runs in float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: also time each precision with its chunks replayed as captured CUDA graphs "
+                        "(label PRECISION+cuda_graphs, parity against the same precision eager)")
     p.add_argument("--candidates", default=str(DEFAULT_CANDIDATES),
                    help="comma list of candidate counts timed for MeanFlow NFE 1 with a guide (coherent sampling: "
                         "the closest of K draws), beside the single-draw variants; empty: none")
@@ -316,6 +338,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     unknown = [x for x in args.precisions if x not in BACKBONE_PRECISIONS]
     if unknown or not args.precisions:
         p.error(f"--precisions: {unknown or 'none'} not in {', '.join(BACKBONE_PRECISIONS)}")
+    if args.cuda_graphs and not cuda:
+        p.error("--cuda-graphs needs --device cuda")
     if "int8" in args.precisions and args.device != "cpu":
         p.error("--precisions int8 runs on the CPU only")
     return args

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# A GPU session's checks in one run (docs/method.md, "GPU path"): the CUDA-graph tests, meanflow-bench on the real
+# SmolVLM2-500M architecture and on the tiny preset (eager and with CUDA graphs), then LeRobot's SmolVLA and
+# Diffusion Policy on the same GPU (meanflow_policy.tools.bench_peers) with the ratios to ours. Every output lands
+# in $OUT. Python packages the GPU machine's image lacks travel as wheels: .whl/ours (this project's pinned
+# transformers) and .whl/lr (LeRobot 0.4.4 and what it imports, with the transformers < 5 it wants), each installed
+# into its own folder so the two processes see their own transformers.
+#   OUT=runs/gpu bash scripts/gpu_bench.sh
+set -uo pipefail
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+SRC=src/meanflow_policy:src/so101_common
+install() {  # install() DIR WHEELS...: a private site folder
+  local dir=$1; shift
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$dir" "$@"
+}
+[ -d .whl/ours ] && install /tmp/site_ours .whl/ours/*.whl
+[ -d .whl/lr ] && install /tmp/site_lr .whl/lr/*.whl
+OURS=/tmp/site_ours:$SRC
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+PYTHONPATH=$OURS python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
+transformers.__version__)" | tee -a "$OUT/gpu.txt"
+
+echo "== $SECONDS s: CUDA-graph tests"
+PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconftest -o addopts="" \
+  src/meanflow_policy/test/test_model_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+
+echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
+PYTHONPATH=$OURS timeout 220 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
+  --precisions float32,bfloat16 --cuda-graphs --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
+tail -c 3000 "$OUT/ours_500m.txt"
+
+echo "== $SECONDS s: peers: LeRobot SmolVLA and Diffusion Policy"
+PYTHONPATH=$OURS python3 -c "from meanflow_policy.model.backbone import smolvlm2_500m_config as c
+c(32).save_pretrained('/tmp/smolvlm2')"
+PYTHONPATH=/tmp/site_lr:$SRC timeout 160 python3 -m meanflow_policy.tools.bench_peers --device cuda \
+  --vlm-config /tmp/smolvlm2 --ours "$OUT/ours_500m.txt" --runs 20 > "$OUT/peers.txt" 2>&1
+tail -c 3000 "$OUT/peers.txt"
+
+echo "== $SECONDS s: ours, tiny preset"
+PYTHONPATH=$OURS timeout 70 python3 -m meanflow_policy.tools.bench --preset tiny --device cuda \
+  --precisions float32 --cuda-graphs --runs 50 --warmup 5 > "$OUT/ours_tiny.txt" 2>&1
+tail -c 1500 "$OUT/ours_tiny.txt"
