@@ -51,3 +51,13 @@ def test_peers_refuse_an_unknown_peer(capsys):
     with pytest.raises(SystemExit) as exc:
         bench_peers.main(["--vlm-config", "x", "--peers", "act"])
     assert exc.value.code == 2 and "['act'] not in smolvla, diffusion" in capsys.readouterr().err
+
+
+def test_bench_train_times_given_bags(tmp_path):
+    from meanflow_policy.tools import bench_train
+
+    bags = bench_train.write_synthetic_bags(tmp_path / "bags", episodes=2, duration_s=1.0)
+    result = bench_train.main(["--bags", str(bags), "--steps", "1", "--warmup", "0", "--batch-size", "4",
+                               "--cpu-threads", "1"])
+    assert set(result["steps_per_s"]) == {"joint", "frozen", "frozen_cached"}
+    assert all(rate > 0 for rate in result["steps_per_s"].values()) and result["samples"] > 0

@@ -23,7 +23,6 @@ from meanflow_policy.model.configuration import (BACKBONE_PRESETS, OBJECTIVES, T
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet, compute_stats
 from meanflow_policy.data.sync import SyncConfig
-from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
 from meanflow_policy.train.feature_cache import load_prefix_features
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads
@@ -52,6 +51,16 @@ def steps_per_s(policy: MeanFlowPolicy, samples: BatchSource, batch_size: int, s
     return steps / (time.perf_counter() - start)
 
 
+def write_synthetic_bags(folder: Path, episodes: int, duration_s: float) -> Path:
+    """Synthetic reach episodes (two instructions) as rosbag2 episodes in ``folder``."""
+    from meanflow_policy.data.demo_bags import synthetic_episode, write_bag  # needs the ROS message packages
+
+    for i in range(episodes):
+        write_bag(folder / f"episode_{i}", synthetic_episode(i, duration_s, height=96, width=128),
+                  instruction=_INSTRUCTIONS[i % len(_INSTRUCTIONS)])
+    return folder
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch-size", type=int, default=32)
@@ -66,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--tiny-patch-size", type=int, default=MeanFlowConfig.tiny_patch_size)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--bags", default="", help="time on these episode bags (a folder of episodes) instead of "
+                   "writing synthetic ones")
     add_cpu_threads_argument(p)
     args = p.parse_args(argv)
     apply_cpu_threads(args.cpu_threads)
@@ -73,9 +84,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="meanflow_bench_train_") as tmp:
         root = Path(tmp)
-        for i in range(args.episodes):
-            write_bag(root / "bags" / f"episode_{i}", synthetic_episode(i, args.duration, height=96, width=128),
-                      instruction=_INSTRUCTIONS[i % len(_INSTRUCTIONS)])
+        bags = Path(args.bags) if args.bags else write_synthetic_bags(root / "bags", args.episodes, args.duration)
         if args.preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
             base = MeanFlowConfig.tiny(backbone=args.preset, objective=args.objective,
                                        tiny_patch_size=args.tiny_patch_size)
@@ -84,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.image_size:
             base = MeanFlowConfig.from_dict({**base.to_dict(), "image_size": args.image_size})
         sync = SyncConfig.from_policy_config(base)
-        episodes, _ = load_episodes([root / "bags"], sync, root / "cache")
+        episodes, _ = load_episodes([bags], sync, root / "cache")
         samples = SampleSet(episodes, sync)
         stats = compute_stats(episodes)
         for name, train_backbone in (("joint", True), ("frozen", False), ("frozen_cached", False)):
