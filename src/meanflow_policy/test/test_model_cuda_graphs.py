@@ -92,3 +92,16 @@ def test_eager_fallbacks_and_invalidation(ckpt):
     policy.to(torch.float64).to(torch.float32)  # moves/casts drop graphs that read the old weights' addresses
     assert policy._graphs.captures > 0 and not policy._graphs._prefixes
     assert _chunks(policy, [obs])[0] == pytest.approx(reference, abs=PARITY_RAD)
+
+
+@needs_cuda
+def test_compiled_kernels_under_graphs_match_eager(ckpt):
+    policy = MeanFlowPolicy.load(ckpt, device="cuda")
+    observations = [random_observation(policy.config, seed=s, size=(48, 80)) for s in range(2)]
+    eager = _chunks(policy, observations)
+    policy.compile_kernels()
+    policy.use_cuda_graphs()
+    compiled = _chunks(policy, observations)
+    assert policy.last_timing["cuda_graphs"] is True
+    for a, b in zip(eager, compiled):
+        assert np.abs(a - b).max() < 1e-3  # fused kernels round differently

@@ -151,6 +151,14 @@ class MeanFlowPolicy(nn.Module):
             raise ValueError(f"CUDA graphs need the policy on a CUDA device, it is on {self.device}")
         self._graphs = ChunkGraphs() if enabled else None
 
+    def compile_kernels(self) -> None:
+        """Fuse the small kernels of the vision encoder and of the action expert with ``torch.compile`` (inductor,
+        static shapes; in place: checkpoints keep their keys). The first call per input shape compiles (tens of
+        seconds); with CUDA graphs that happens in the warm-up runs before a capture. The LM layers stay as they
+        are: their key/value length changes with each instruction."""
+        self.backbone.vlm.vision_model.encoder.compile(dynamic=False)
+        self.expert.compile(dynamic=False)
+
     def train(self, mode: bool = True) -> "MeanFlowPolicy":
         graphs = getattr(self, "_graphs", None)  # None too while nn.Module.__init__ runs, before it is set
         if graphs is not None:

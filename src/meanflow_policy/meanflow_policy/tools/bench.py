@@ -274,14 +274,18 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                   f"meanflow_1 chunk {figures['speedup_chunk_mf1']}x faster")
         per_precision[precision] = figures
         policy.backbone.clear_cache()
-        if args.cuda_graphs:
+        for compiled in ([False, True] if args.compile else [False]) if args.cuda_graphs else []:
+            if compiled:
+                policy.compile_kernels()
             policy.use_cuda_graphs()
-            label = f"{precision}+cuda_graphs"
+            label = f"{precision}+cuda_graphs" + ("+compile" if compiled else "")
             graphed = bench_precision(policy, obs, args, label)
-            graphed["parity"] = parity(eager_outputs, parity_outputs(policy, parity_set), CUDA_GRAPH_PARITY_RAD)
+            tolerance = PRECISION_PARITY_RAD.get(precision, CUDA_GRAPH_PARITY_RAD) if compiled else (
+                CUDA_GRAPH_PARITY_RAD)
+            graphed["parity"] = parity(eager_outputs, parity_outputs(policy, parity_set), tolerance)
             graphed["cuda_graphs_active"] = policy.cuda_graphs  # False: a capture failed, the figures are eager
             graphed["speedup_chunk_mf1"] = _speedup(per_precision[reference], graphed)
-            print(f"cuda graphs: parity with eager {precision}: {graphed['parity']}; meanflow_1 chunk "
+            print(f"{label}: parity with eager {precision}: {graphed['parity']}; meanflow_1 chunk "
                   f"{graphed['speedup_chunk_mf1']}x faster than eager {reference}")
             per_precision[label] = graphed
             policy.use_cuda_graphs(False)
@@ -311,6 +315,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "CPUs); the first is the reference the others' parity and speed-up are measured against. "
                         "default: auto on CUDA, float32,auto on CPU. The expert always runs in float32")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --cuda-graphs: also time each precision with the vision encoder and the expert "
+                        "compiled (torch.compile) under the graphs (label PRECISION+cuda_graphs+compile)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="CUDA only: also time each precision with its chunks replayed as captured CUDA graphs "
                         "(label PRECISION+cuda_graphs, parity against the same precision eager)")
@@ -340,6 +347,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         p.error(f"--precisions: {unknown or 'none'} not in {', '.join(BACKBONE_PRECISIONS)}")
     if args.cuda_graphs and not cuda:
         p.error("--cuda-graphs needs --device cuda")
+    if args.compile and not args.cuda_graphs:
+        p.error("--compile needs --cuda-graphs")
     if "int8" in args.precisions and args.device != "cpu":
         p.error("--precisions int8 runs on the CPU only")
     return args
