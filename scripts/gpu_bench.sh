@@ -27,7 +27,7 @@ PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconfte
   src/meanflow_policy/test/test_model_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 
 echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
-PYTHONPATH=$OURS timeout 220 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
+PYTHONPATH=$OURS timeout 330 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
   --precisions float32,bfloat16 --cuda-graphs --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
 tail -c 3000 "$OUT/ours_500m.txt"
 
