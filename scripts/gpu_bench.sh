@@ -28,7 +28,7 @@ PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconfte
 
 echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
 PYTHONPATH=$OURS timeout 330 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
-  --precisions float32,bfloat16 --cuda-graphs --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
+  --precisions float32,bfloat16 --cuda-graphs --compile --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
 tail -c 3000 "$OUT/ours_500m.txt"
 
 echo "== $SECONDS s: peers: LeRobot SmolVLA and Diffusion Policy"
