@@ -27,14 +27,14 @@ PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconfte
   src/meanflow_policy/test/test_model_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
 
 echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
-PYTHONPATH=$OURS timeout 330 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
+PYTHONPATH=$OURS timeout 300 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
   --precisions float32,bfloat16 --cuda-graphs --compile --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
 tail -c 3000 "$OUT/ours_500m.txt"
 
 echo "== $SECONDS s: peers: LeRobot SmolVLA and Diffusion Policy"
 PYTHONPATH=$OURS python3 -c "from meanflow_policy.model.backbone import smolvlm2_500m_config as c
 c(32).save_pretrained('/tmp/smolvlm2')"
-PYTHONPATH=/tmp/site_lr:$SRC timeout 160 python3 -m meanflow_policy.tools.bench_peers --device cuda \
+PYTHONPATH=/tmp/site_lr:$SRC timeout 120 python3 -m meanflow_policy.tools.bench_peers --device cuda \
   --vlm-config /tmp/smolvlm2 --ours "$OUT/ours_500m.txt" --runs 20 > "$OUT/peers.txt" 2>&1
 tail -c 3000 "$OUT/peers.txt"
 
