@@ -32,6 +32,7 @@ from so101_common.dds import claim_private_domain, require_loopback
 from so101_common.images import stamp_to_ns
 from so101_common.joints import home_vector
 from so101_common.process import NodeProcess
+from so101_common.provenance import provenance
 
 from meanflow_policy.model.configuration import AUTO_PRECISION, BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET, TINY_BACKBONE
 from meanflow_policy.ros.probe import PolicyProbe
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         result["image_reliability"] = args.image_reliability
         result["backbone_precision"] = args.backbone_precision
         result["preset"] = args.preset if args.checkpoint is None else str(args.checkpoint)
+        result.update(provenance())
         print(json.dumps(result))
 
 
