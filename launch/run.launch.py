@@ -23,6 +23,10 @@ ARGUMENTS = (
     ("checkpoint", "", "Policy checkpoint directory (config.json, model.safetensors, stats.json)", str),
     ("nfe", "1", "Action-expert evaluations per chunk (1 = one-step Mean-Flow)", int),
     ("device", "cpu", "Torch device: cpu or cuda", str),
+    ("backbone_precision", "float32", "Backbone precision: float32, int8, bfloat16, float16 or auto (the fastest "
+     "for the device)", str),
+    ("compile_kernels", "false", "With device:=cuda: also compile the vision encoder and expert (slow first chunk)",
+     bool),
     ("instruction", "", "Initial instruction (empty: set it with the set_instruction service)", str),
     ("rate_hz", "5.0", "Most chunks per second", float),
     ("max_obs_age_s", "0.5", "Older images or joint states are stale: no chunk from them", float),
