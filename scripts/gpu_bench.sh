@@ -4,7 +4,15 @@
 # Diffusion Policy on the same GPU (meanflow_policy.tools.bench_peers) with the ratios to ours. Every output lands
 # in $OUT. Python packages the GPU machine's image lacks travel as wheels: .whl/ours (this project's pinned
 # transformers) and .whl/lr (LeRobot 0.4.4 and what it imports, with the transformers < 5 it wants), each installed
-# into its own folder so the two processes see their own transformers.
+# into its own folder so the two processes see their own transformers. Fetch them where pip reaches PyPI (the GPU
+# machine's Python is 3.12), into folders git ignores:
+#   P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+#      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+#   pip download $P -d .whl/ours transformers==5.24.0
+#   pip download $P -d .whl/lr lerobot==0.4.4 draccus==0.10.0 mergedeep==1.3.4 diffusers==0.35.2 deepdiff==9.1.0 \
+#     orderly-set==5.5.0 datasets==4.1.1 dill==0.4.0 multiprocess==0.70.16 pyserial==3.5 cachebox==6.2.10 \
+#     transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.35.3 fsspec==2025.9.0
+# (35 MB; the rest LeRobot imports is on that machine's image). Then, there:
 #   OUT=runs/gpu bash scripts/gpu_bench.sh
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
