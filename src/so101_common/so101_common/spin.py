@@ -173,11 +173,12 @@ def spin_node(make_node: Callable[[], Any], name: str, args: Sequence[str] | Non
         faulthandler.dump_traceback_later(TEARDOWN_LIMIT_S, exit=True)
         if node is not None:
             node.destroy_node()
-        # Shutting rclpy down can put the C-level default handlers back (a signal then kills the process: -2):
-        # signals stay blocked until they are ignored, so one arriving in between is dropped, not fatal.
+        # Shutting rclpy down would put the C-level default handlers back (a signal then kills the process: -2),
+        # and a mask only holds for this thread, not for the middleware's: the recording handlers are kept through
+        # the shutdown (uninstall_handlers=False), and signals stay blocked here until they are ignored.
         signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
         try:
-            rclpy.try_shutdown()
+            rclpy.try_shutdown(uninstall_handlers=False)
         finally:
             faulthandler.cancel_dump_traceback_later()
             request.ignore_from_now_on()
