@@ -61,3 +61,13 @@ def test_bench_train_times_given_bags(tmp_path):
                                "--cpu-threads", "1"])
     assert set(result["steps_per_s"]) == {"joint", "frozen", "frozen_cached"}
     assert all(rate > 0 for rate in result["steps_per_s"].values()) and result["samples"] > 0
+
+
+def test_peers_replot_draws_a_run_from_its_json(tmp_path):
+    summary = {"device": "GPU X", "date_utc": "2026-12-04T00:00:00Z", "commit": "abc",
+               "ours": {"meanflow_1_bfloat16": 6.4}, "peers": {"smolvla_16layers_10steps": {"chunk_ms": 190.0}}}
+    source = tmp_path / "peers.txt"
+    source.write_text("timing lines\n" + json.dumps(summary) + "\n")
+    png = tmp_path / "peers.png"
+    assert bench_peers.main(["--replot", str(source), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -210,11 +210,35 @@ def _our_chunks(path: str) -> dict[str, float]:
     return {f"meanflow_1_{label}": float(fig["chunk_ms"]["meanflow_1"]) for label, fig in bench["precisions"].items()}
 
 
+def plot(summary: dict[str, Any], path: str) -> None:
+    """Chunk latency of ours and of each peer as horizontal bars on a log scale, the machine and commit named."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"ours: {k.replace('meanflow_1_', 'MeanFlow NFE 1, ').replace('+', ' + ')}", float(v), "tab:green")
+            for k, v in summary.get("ours", {}).items()]
+    bars += [("LeRobot " + k.replace("_", " "), float(v["chunk_ms"]), "tab:grey") for k, v in summary["peers"].items()]
+    bars.sort(key=lambda bar: bar[1])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 1.2))
+    ax.barh([b[0] for b in bars], [b[1] for b in bars], color=[b[2] for b in bars])
+    for i, (_, ms, _) in enumerate(bars):
+        ax.text(ms * 1.05, i, f"{ms:.1f} ms", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("chunk latency, ms (log scale; batch 1, 2 cameras at 480x640)")
+    ax.set_title(f"{summary['device']}, {summary.get('date_utc', '')[:10]}, commit {summary.get('commit', '?')}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--vlm-config", required=True, help="directory with the SmolVLM2 config.json SmolVLA is built on")
+    p.add_argument("--vlm-config", default="", help="directory with the SmolVLM2 config.json SmolVLA is built on "
+                   "(required unless --replot)")
     p.add_argument("--smolvla-layers", type=int, default=16, help="VLM layers SmolVLA keeps (LeRobot's default)")
     p.add_argument("--smolvla-steps", type=int, default=10, help="SmolVLA flow-matching steps (LeRobot's default; "
                    "1 step is timed too)")
@@ -226,9 +250,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--peers", default="smolvla,diffusion", help="comma list of the peers to time")
     p.add_argument("--ours", default="", help="meanflow-bench output (its last line is read) to compute ratios")
+    p.add_argument("--plot", default="", help="also draw the chunk latencies to this PNG")
+    p.add_argument("--replot", default="", help="draw --plot from this JSON (a previous run's last line) instead of "
+                   "measuring")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda requested but torch sees no CUDA device")
+    if args.replot and not args.plot:
+        p.error("--replot needs --plot")
+    if not args.replot and not args.vlm_config:
+        p.error("--vlm-config is required (or --replot)")
     args.peers = [x.strip() for x in args.peers.split(",") if x.strip()]
     unknown = set(args.peers) - {"smolvla", "diffusion"}
     if unknown or not args.peers:
@@ -238,9 +269,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        plot(json.loads(open(args.replot, encoding="utf-8").read().splitlines()[-1]), args.plot)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(json.dumps(run(args), sort_keys=True))
+    summary = run(args)
+    if args.plot:
+        plot(summary, args.plot)
+    print(json.dumps(summary, sort_keys=True))
     return 0
 
 
