@@ -1,8 +1,16 @@
-"""sensor_msgs/Image <-> numpy for the encodings we use (no cv_bridge in the pip environment)."""
+"""sensor_msgs/Image <-> numpy for the encodings we use (no cv_bridge in the pip environment).
+
+Reading needs only the message's fields, so ``image_to_rgb`` also takes the messages rosbags decodes where the ROS
+message packages are not installed (a training machine reading bags); building one imports sensor_msgs.
+"""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-from sensor_msgs.msg import Image
+
+if TYPE_CHECKING:
+    from sensor_msgs.msg import Image
 
 _CHANNELS = {"rgb8": 3, "bgr8": 3, "mono8": 1}
 
@@ -11,7 +19,7 @@ class ImageError(ValueError):
     """An Image message that cannot be turned into pixels (encoding, sizes, buffer length)."""
 
 
-def image_to_rgb(msg: Image) -> np.ndarray:
+def image_to_rgb(msg: Any) -> np.ndarray:
     """Return an (H, W, 3) uint8 RGB array; raises ImageError naming what is wrong."""
     enc = msg.encoding
     if enc not in _CHANNELS:
@@ -36,6 +44,8 @@ def image_to_rgb(msg: Image) -> np.ndarray:
 
 def rgb_to_image(rgb: np.ndarray, stamp_ns: int = 0, frame_id: str = "") -> Image:
     """Build an rgb8 Image from an (H, W, 3) uint8 array."""
+    from sensor_msgs.msg import Image
+
     rgb = np.ascontiguousarray(rgb)
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ImageError(f"expected (H, W, 3) uint8, got {rgb.shape} {rgb.dtype}")

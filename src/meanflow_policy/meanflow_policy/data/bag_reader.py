@@ -1,13 +1,13 @@
 """Read demonstration episodes from rosbag2 directories (mcap or sqlite3) without a ROS install.
 
-rosbags is used only as the container (it reads both storage plugins); messages are decoded with
-``rclpy.serialization.deserialize_message`` because rosbags' own CDR decoder rejects some Fast-CDR payloads.
+rosbags is used as the container (it reads both storage plugins). Messages are decoded by
+``rclpy.serialization.deserialize_message`` where the ROS packages are installed, else by rosbags' pure-Python CDR
+decoder (``message_decoder``): the same fields, so a machine without ROS (a GPU training box) reads bags too.
 Reading is split in two passes so a long episode never holds every full-size image in memory: ``read_episode``
 collects joint states, trajectories and image timestamps; ``read_frames`` later decodes only the frames the
 synchroniser picked.
 
-rosbags and the ROS message packages are imported only where a bag is actually read, so a training server can
-train from a copied preprocessing cache without the ROS wheels installed.
+rosbags and the ROS packages are imported only where a bag is actually read.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -261,6 +261,35 @@ def bag_topics(path: str | Path) -> dict[str, tuple[str, int]]:
         reader.close()
 
 
+def message_decoder() -> Callable[[bytes, str], Any]:
+    """(serialised CDR message, ROS type name such as 'sensor_msgs/msg/Image') -> the message.
+
+    rclpy's deserializer where it is installed; otherwise rosbags' decoder, whose messages have the same fields
+    (sequences as numpy arrays). rclpy's serializer can leave bytes past a message's end, up to 8 seen in our bags,
+    which rosbags' own size check refuses (it allows 3): so its decoder is called directly and the tail ignored,
+    as rclpy ignores it. Decode errors are exceptions; callers count them as bad messages."""
+    try:
+        from rclpy.serialization import deserialize_message
+        from sensor_msgs.msg import Image, JointState
+        from trajectory_msgs.msg import JointTrajectory
+    except ImportError:
+        from rosbags.typesys import Stores, get_typestore
+
+        store = get_typestore(Stores.ROS2_KILTED)
+
+        def decode(raw: bytes, msgtype: str) -> Any:
+            if len(raw) < 4 or bytes(raw[:2]) not in (b"\x00\x00", b"\x00\x01"):
+                raise ValueError("not a CDR message (unknown encapsulation)")
+            msgdef = store.get_msgdef(msgtype)
+            func = msgdef.deserialize_cdr_le if raw[1] else msgdef.deserialize_cdr_be
+            message, _end = func(memoryview(raw)[4:], 0, msgdef.cls, store)
+            return message
+
+        return decode
+    classes: dict[str, Any] = {_IMAGE_TYPE: Image, _JOINT_STATE_TYPE: JointState, _TRAJECTORY_TYPE: JointTrajectory}
+    return lambda raw, msgtype: deserialize_message(raw, classes[msgtype])
+
+
 def read_messages(path: str | Path, topic: str, msg_class: type[T]) -> list[tuple[int, T]]:
     """Every message on ``topic`` decoded as ``msg_class``, with its bag (receive) time; a message that cannot be
     decoded is a BagError naming it. For small topics (timing reports), not images."""
@@ -293,11 +322,9 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
     ``any_status`` (a viewer, not training): failed, unfinished and unsuccessful episodes are read as well, and
     the instruction is ``instruction`` or '' as given (episode.json is not consulted).
     """
-    from rclpy.serialization import deserialize_message
-    from sensor_msgs.msg import Image, JointState
-    from trajectory_msgs.msg import JointTrajectory
-
     from so101_common.images import stamp_to_ns
+
+    decode = message_decoder()
 
     if clock not in CLOCKS:
         raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
@@ -337,14 +364,14 @@ def read_episode(path: str | Path, topics: BagTopics, joint_names: Sequence[str]
                 stamp = t_ns
                 if clock == "header":
                     try:
-                        stamp = stamp_to_ns(deserialize_message(raw, Image).header.stamp) or t_ns
+                        stamp = stamp_to_ns(decode(raw, _IMAGE_TYPE).header.stamp) or t_ns
                     except Exception as exc:  # noqa: BLE001 - any decode failure is one bad message
                         reject(conn.topic, f"cannot decode ({exc})")
                         stamp = -1
                 image_times[cam].append(stamp)
                 continue
             try:
-                msg = deserialize_message(raw, JointState if kind == "state" else JointTrajectory)
+                msg = decode(raw, _JOINT_STATE_TYPE if kind == "state" else _TRAJECTORY_TYPE)
             except Exception as exc:  # noqa: BLE001 - any decode failure is one bad message
                 reject(conn.topic, f"cannot decode ({exc})")
                 if kind == "state":
@@ -404,10 +431,9 @@ def _no_states_reason(rejects: dict[str, int], joint_names: list[str], seen_name
 def read_frames(path: str | Path, topic: str, wanted: np.ndarray,
                 transform: Callable[[np.ndarray], T]) -> dict[int, T]:
     """Second pass: decode the frames at message indices ``wanted`` of ``topic`` and apply ``transform``."""
-    from rclpy.serialization import deserialize_message
-    from sensor_msgs.msg import Image
-
     from so101_common.images import ImageError, image_to_rgb
+
+    decode = message_decoder()
 
     path = Path(path)
     wanted_set = {int(i) for i in wanted}
@@ -418,8 +444,8 @@ def read_frames(path: str | Path, topic: str, wanted: np.ndarray,
         for i, (_conn, _t, raw) in enumerate(_messages(reader, path, conns)):
             if i in wanted_set:
                 try:
-                    msg = deserialize_message(raw, Image)
-                except Exception as exc:  # noqa: BLE001 - rclpy raises several types for bad CDR
+                    msg = decode(raw, _IMAGE_TYPE)
+                except Exception as exc:  # noqa: BLE001 - either decoder raises several types for bad CDR
                     raise BagError(f"{path}: image {i} on {topic} cannot be decoded: {exc}") from exc
                 try:
                     out[i] = transform(image_to_rgb(msg))
