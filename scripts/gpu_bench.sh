@@ -14,8 +14,16 @@
 #     transformers==4.57.6 tokenizers==0.22.2 huggingface-hub==0.35.3 fsspec==2025.9.0
 # (35 MB; the rest LeRobot imports is on that machine's image). Then, there:
 #   OUT=runs/gpu bash scripts/gpu_bench.sh
+# PARTS picks what runs (default: tests ours peers tiny). `train` times training steps of the real architecture
+# (meanflow_policy.tools.bench_train: joint vs cached prefix features) on episode bags written beforehand into
+# .gpu_bags (`python -c "from pathlib import Path; from meanflow_policy.tools.bench_train import write_synthetic_bags
+# as w; w(Path('.gpu_bags'), 4, 2.0)"`, 18 MB), read there without ROS (rosbags, with its needs as wheels in
+# .whl/bags: rosbags apsw backports.zstd lz4 ruamel.yaml); carry .whl/ours, .whl/bags and .gpu_bags, not .whl/lr
+# (the 64 MB limit).
 set -uo pipefail
 OUT=${OUT:-runs/gpu}
+PARTS=${PARTS:-tests ours peers tiny}
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 SRC=src/meanflow_policy:src/so101_common
@@ -25,28 +33,46 @@ install() {  # install() DIR WHEELS...: a private site folder
 }
 [ -d .whl/ours ] && install /tmp/site_ours .whl/ours/*.whl
 [ -d .whl/lr ] && install /tmp/site_lr .whl/lr/*.whl
-OURS=/tmp/site_ours:$SRC
+[ -d .whl/bags ] && install /tmp/site_bags .whl/bags/*.whl
+OURS=/tmp/site_ours:/tmp/site_bags:$SRC
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 PYTHONPATH=$OURS python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers',
 transformers.__version__)" | tee -a "$OUT/gpu.txt"
 
-echo "== $SECONDS s: CUDA-graph tests"
-PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconftest -o addopts="" \
-  src/meanflow_policy/test/test_model_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+if part tests; then
+  echo "== $SECONDS s: CUDA-graph tests"
+  PYTHONPATH=$OURS timeout 100 python3 -m pytest -q -p no:cacheprovider --noconftest -o addopts="" \
+    src/meanflow_policy/test/test_model_cuda_graphs.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
+fi
 
-echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
-PYTHONPATH=$OURS timeout 300 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
-  --precisions float32,bfloat16 --cuda-graphs --compile --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
-tail -c 3000 "$OUT/ours_500m.txt"
+if part ours; then
+  echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
+  PYTHONPATH=$OURS timeout 300 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
+    --precisions float32,bfloat16 --cuda-graphs --compile --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
+  tail -c 3000 "$OUT/ours_500m.txt"
+fi
 
-echo "== $SECONDS s: peers: LeRobot SmolVLA and Diffusion Policy"
-PYTHONPATH=$OURS python3 -c "from meanflow_policy.model.backbone import smolvlm2_500m_config as c
+if part peers; then
+  echo "== $SECONDS s: peers: LeRobot SmolVLA and Diffusion Policy"
+  PYTHONPATH=$OURS python3 -c "from meanflow_policy.model.backbone import smolvlm2_500m_config as c
 c(32).save_pretrained('/tmp/smolvlm2')"
-PYTHONPATH=/tmp/site_lr:$SRC timeout 120 python3 -m meanflow_policy.tools.bench_peers --device cuda \
-  --vlm-config /tmp/smolvlm2 --ours "$OUT/ours_500m.txt" --runs 20 > "$OUT/peers.txt" 2>&1
-tail -c 3000 "$OUT/peers.txt"
+  PYTHONPATH=/tmp/site_lr:$SRC timeout 120 python3 -m meanflow_policy.tools.bench_peers --device cuda \
+    --vlm-config /tmp/smolvlm2 --ours "$OUT/ours_500m.txt" --runs 20 --plot "$OUT/peers.png" > "$OUT/peers.txt" 2>&1
+  tail -c 3000 "$OUT/peers.txt"
+fi
 
-echo "== $SECONDS s: ours, tiny preset"
-PYTHONPATH=$OURS timeout 70 python3 -m meanflow_policy.tools.bench --preset tiny --device cuda \
-  --precisions float32 --cuda-graphs --runs 50 --warmup 5 > "$OUT/ours_tiny.txt" 2>&1
-tail -c 1500 "$OUT/ours_tiny.txt"
+if part tiny; then
+  echo "== $SECONDS s: ours, tiny preset"
+  PYTHONPATH=$OURS timeout 70 python3 -m meanflow_policy.tools.bench --preset tiny --device cuda \
+    --precisions float32 --cuda-graphs --runs 50 --warmup 5 > "$OUT/ours_tiny.txt" 2>&1
+  tail -c 1500 "$OUT/ours_tiny.txt"
+fi
+
+if part train && [ -d .gpu_bags ]; then
+  for preset in smolvlm2-500m tiny; do
+    echo "== $SECONDS s: training steps, $preset, batch 32"
+    PYTHONPATH=$OURS timeout 200 python3 -m meanflow_policy.tools.bench_train --bags .gpu_bags --preset $preset \
+      --device cuda --batch-size 32 --steps 10 --warmup 2 > "$OUT/train_$preset.txt" 2>&1
+    tail -n 6 "$OUT/train_$preset.txt"
+  done
+fi
