@@ -446,7 +446,7 @@ class MeanFlowPolicy(nn.Module):
                                        generator, None if conditioned or select else guide_t)
             self._sync()
             expert_end = time.perf_counter()
-            chunk = out.cpu().numpy()
+            chunk = self.unnormalize_actions(out.float()).cpu().numpy()
             end = time.perf_counter()
         self.last_timing = {"prefix_ms": (prefix_end - start) * 1e3, "expert_ms": (expert_end - prefix_end) * 1e3,
                             "post_ms": (end - expert_end) * 1e3, "total_ms": (end - start) * 1e3, "nfe": nfe,
@@ -457,7 +457,7 @@ class MeanFlowPolicy(nn.Module):
                        average: int, select: tuple[torch.Tensor, torch.Tensor] | None,
                        generator: torch.Generator | None) -> tuple[torch.Tensor, float]:
         """``sample``'s CUDA-graph path: replay (capturing when new) the prefix graph, then the expert graph ->
-        the chunk (T, D) and the time the prefix finished."""
+        the normalised chunk (T, D) and the time the prefix finished."""
         assert self._graphs is not None
         prefix_key = (instruction, self.backbone.vlm.dtype)
         self._graphs.prefix(prefix_key, images, state,
@@ -473,15 +473,15 @@ class MeanFlowPolicy(nn.Module):
                     select: tuple[torch.Tensor, torch.Tensor] | None, average: int,
                     generator: torch.Generator | None = None,
                     steer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One observation's context and (K, T, D) noise -> its chunk (T, D) in joint units: the closest of the K
-        draws to ``select`` (normalised target, weights; the mean of the ``average`` closest), else the one draw,
-        steered onto ``steer`` if given."""
+        """One observation's context and (K, T, D) noise -> its normalised chunk (T, D): the closest of the K draws
+        to ``select`` (normalised target, weights; the mean of the ``average`` closest), else the one draw, steered
+        onto ``steer`` if given."""
         if select is not None:
             z = self._closest(self._sample_normalized(_repeat(ctx, noise.shape[0]), noise, nfe, generator),
                               *select, average)
         else:
             z = self._sample_normalized(ctx, noise, nfe, generator, steer)
-        return self.unnormalize_actions(z[0].float())
+        return z[0]
 
     @torch.inference_mode()
     def sample_batch(self, batch: Mapping[str, Any], nfe: int | None = None,
