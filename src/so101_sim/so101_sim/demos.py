@@ -23,7 +23,7 @@ from rclpy.serialization import serialize_message
 from so101_common.episode_bag import EpisodeMetadata, EpisodeWriter, update_index
 from so101_common.graph import CAMERA_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC, camera_image_topic
 from so101_sim.env import SimEnv
-from so101_sim.expert import ExpertConfig, ScriptedExpert
+from so101_sim.expert import MAX_FIXED_JAW_CLEARANCE, ExpertConfig, ScriptedExpert
 from so101_sim.ik import IKError
 from so101_common.stamps import NS_PER_S
 from so101_sim.messages import image_msg, joint_state_msg, trajectory_msg
@@ -63,18 +63,25 @@ def record_demo(env: SimEnv, seed: int, path: Path, expert: ExpertConfig | None 
 
 
 def add_expert_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--expert-blend``, the same in every tool that records the scripted expert; read it with
-    :func:`expert_config`."""
+    """``--expert-blend`` and ``--fixed-jaw-clearance``, the same in every tool that records the scripted expert;
+    read them with :func:`expert_config`."""
     parser.add_argument("--expert-blend", type=float, default=ExpertConfig.t_blend, metavar="S",
                         help="seconds by which the expert's consecutive moves overlap (0: each move comes to rest "
                         "before the next, as in every demo until 2026-12-03; default %(default)s)")
+    parser.add_argument("--fixed-jaw-clearance", type=float, default=ExpertConfig.fixed_jaw_clearance, metavar="M",
+                        help="gap in metres between the fixed jaw's pad and the object during the descent; the arm "
+                        "moves back while the jaws close (0: the pad slides down the object's face, as in every "
+                        "demo until 2026-12-04; default %(default)s)")
 
 
 def expert_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ExpertConfig:
     """The expert's configuration from :func:`add_expert_arguments`' options; a bad value is one parser error."""
     if not args.expert_blend >= 0.0:
         parser.error(f"--expert-blend must be >= 0 seconds, got {args.expert_blend}")
-    return ExpertConfig(t_blend=args.expert_blend)
+    if not 0.0 <= args.fixed_jaw_clearance <= MAX_FIXED_JAW_CLEARANCE:
+        parser.error(f"--fixed-jaw-clearance must be in [0, {MAX_FIXED_JAW_CLEARANCE}] m, got "
+                     f"{args.fixed_jaw_clearance}")
+    return ExpertConfig(t_blend=args.expert_blend, fixed_jaw_clearance=args.fixed_jaw_clearance)
 
 
 def record_plan(env: SimEnv, plan: np.ndarray, seed: int, path: Path, started: float) -> DemoResult:

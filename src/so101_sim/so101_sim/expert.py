@@ -21,6 +21,8 @@ from so101_sim.tasks import Goal
 
 GRIPPER_OPEN = 1.0
 GRIPPER_CLOSED = -0.17
+# The largest fixed-jaw gap (m) a descent may keep: in a crowded scene the open jaws leave ~19 mm beside a cube.
+MAX_FIXED_JAW_CLEARANCE = 0.015
 # How reasons name the objects.
 OBJECT_LABELS = {CUBE_BODY: "the red cube", GREEN_CUBE_BODY: "the green cube", TOY_BODY: "the orange toy"}
 
@@ -71,6 +73,12 @@ class ExpertConfig:
     carry_clearance: float = 0.022
     # Jaw opening (rad) when another object lies near the one to grasp: 6 cm between the pads.
     crowded_gripper_open: float = 0.6
+    # Gap (m) between the fixed jaw's pad and the object's face during the descent. The fixed pad does not move when
+    # the jaws open, so with 0 (how every demo the shipped checkpoints learned from was made) it slides down the
+    # face: a policy a few millimetres off sets it on the object's top, and the grasp closes on nothing. With a gap
+    # the descent ends that far towards the fixed jaw's side and the arm moves back while the jaws close (in the
+    # first half of the close), so the object ends between the pads where it was (--fixed-jaw-clearance).
+    fixed_jaw_clearance: float = 0.0
     # Taking over from any state: an object lying on the table this far above its resting height (m) is not
     # lying on the table; one tilted more than this (deg; cube: every face off the table; toy: its up axis) is
     # tipped over, and the top-down grasp cannot square it.
@@ -225,6 +233,9 @@ class ScriptedExpert:
 
         above_obj = np.array([obj[0], obj[1], carry])
         grasp = np.array([obj[0], obj[1], rest + cfg.grasp_offset])
+        # The jaws close along one of two opposite directions (chosen below); each has its own clear descent line.
+        axes = self._jaw_axes(goal.obj)
+        shifts = [cfg.fixed_jaw_clearance * self.ik.fixed_jaw_side * axis for axis in axes]
         above_place = np.array([goal.xy[0], goal.xy[1], carry])
         release = np.array([goal.xy[0], goal.xy[1], release_z])
 
@@ -233,17 +244,16 @@ class ScriptedExpert:
         near = first and (np.linalg.norm(point_now[:2] - obj[:2]) <= cfg.takeover_radius
                           and point_now[2] <= carry + cfg.takeover_margin)
         height = float(np.clip(point_now[2], grasp[2], carry)) if near else carry
-        start_point = np.array([obj[0], obj[1], height])
         at_grasp = near and height <= grasp[2] + cfg.grasp_band
         grip_goal = min(grip0, self.gripper_open) if at_grasp else self.gripper_open
 
-        # Jaws close along one of two opposite directions: take the one that needs the smaller wrist roll (near
-        # the object: the smaller turn from the current roll, so the jaws do not sweep through it).
-        axes = self._jaw_axes(goal.obj)
-        candidates = [self._solve_from(start_point, axis, arm0) for axis in axes]
+        # Take the jaw direction that needs the smaller wrist roll (near the object: the smaller turn from the
+        # current roll, so the jaws do not sweep through it).
+        starts = [np.array([obj[0], obj[1], height]) + shift for shift in shifts]
+        candidates = [self._solve_from(start, axis, arm0) for start, axis in zip(starts, axes)]
         roll_now = arm0[-1] if near else 0.0
         pick = min(range(2), key=lambda i: abs(candidates[i][-1] - roll_now))
-        jaw_axis = axes[pick]
+        jaw_axis, shift, start_point = axes[pick], shifts[pick], starts[pick]
         arm_start = candidates[pick]
 
         if near:
@@ -254,8 +264,9 @@ class ScriptedExpert:
         path = _Path(self, jaw_axis, arm_start, start_point, grip_goal, targets)
         descent = (height - grasp[2]) / (carry - grasp[2])
         if descent > 0.05:
-            path.cartesian(grasp, cfg.t_descend * descent)
-        path.gripper(GRIPPER_CLOSED, cfg.t_close * (path.grip - GRIPPER_CLOSED) / (GRIPPER_OPEN - GRIPPER_CLOSED))
+            path.cartesian(grasp + shift, cfg.t_descend * descent)
+        path.gripper(GRIPPER_CLOSED, cfg.t_close * (path.grip - GRIPPER_CLOSED) / (GRIPPER_OPEN - GRIPPER_CLOSED),
+                     point=path.point - shift)
         path.cartesian(above_obj, cfg.t_lift)
         path.cartesian(above_place, cfg.t_carry)
         path.cartesian(release, cfg.t_lower)
@@ -349,11 +360,20 @@ class _Path:
         self.targets.move(rows)
         self.point = goal_point
 
-    def gripper(self, goal_opening: float, seconds: float) -> None:
-        start = self.grip
-        self.targets.hold([np.append(self.arm, (1 - a) * start + a * goal_opening)
-                           for a in min_jerk(self.expert._steps(seconds))])
+    def gripper(self, goal_opening: float, seconds: float, point: np.ndarray | None = None) -> None:
+        """Move the jaws; with ``point`` the grasp point glides there in the first half of the move."""
+        start, n = self.grip, self.expert._steps(seconds)
+        glide = np.zeros(0) if point is None or np.array_equal(point, self.point) else min_jerk(max(1, n // 2))
+        rows = []
+        for i, a in enumerate(min_jerk(n)):
+            if i < len(glide):
+                self.arm = self.expert.ik.solve((1 - glide[i]) * self.point + glide[i] * point, self.jaw_axis,
+                                                self.arm, max_error=self.expert.cfg.ik_max_error)
+            rows.append(np.append(self.arm, (1 - a) * start + a * goal_opening))
+        self.targets.hold(rows)
         self.grip = goal_opening
+        if point is not None:
+            self.point = point
 
 
 class ExpertChunkPolicy:

@@ -20,7 +20,7 @@ import numpy as np
 from so101_common.graph import ARM_JOINT_NAMES
 from so101_common.joints import JointLimits
 from so101_common.kinematics import EE_FRAME, ArmChain, GraspTool, IKError, solve_top_down
-from so101_sim.scene import Scene
+from so101_sim.scene import FIXED_JAW_PAD, JAW_PAD_GEOMS, Scene
 
 __all__ = ["IKError", "TopDownIK", "urdf_path"]
 
@@ -42,6 +42,8 @@ class TopDownIK:
     """Solves arm joint positions that put the grasp point at a target with the gripper pointing down.
 
     The grasp point is the pads' midpoint at ``grasp_jaw_angle`` (about where the jaws meet a 3 cm cube).
+    ``fixed_jaw_side`` (+1 or -1) says along which sign of the jaw axis the fixed jaw's pad lies from it: that pad
+    does not move when the jaws open, so at the grasp point it touches the cube's face however wide they are.
     """
 
     def __init__(self, scene: Scene, grasp_jaw_angle: float = 0.3, orientation_weight: float = 0.5,
@@ -52,17 +54,22 @@ class TopDownIK:
         self.limits = JointLimits.so101(ARM_JOINT_NAMES)
         self.orientation_weight = orientation_weight
         self.damping = damping
-        self.tool, self.site_in_tool = self._tool_from_scene(scene, grasp_jaw_angle)
+        self.tool, self.site_in_tool, self.fixed_jaw_side = self._tool_from_scene(scene, grasp_jaw_angle)
 
-    def _tool_from_scene(self, scene: Scene, jaw_angle: float) -> tuple[GraspTool, np.ndarray]:
-        """Pad midpoint and gripper-site axes in the URDF gripper frame (arm at zero, jaws at ``jaw_angle``)."""
+    def _tool_from_scene(self, scene: Scene, jaw_angle: float) -> tuple[GraspTool, np.ndarray, float]:
+        """Pad midpoint and gripper-site axes in the URDF gripper frame (arm at zero, jaws at ``jaw_angle``), and
+        the side of the jaw axis the fixed jaw's pad is on."""
         data = mujoco.MjData(scene.model)
         data.qpos[scene.joint_qpos[-1]] = jaw_angle
         mujoco.mj_kinematics(scene.model, data)
-        mid = np.mean([data.geom_xpos[g] for g in scene.pad_geoms], axis=0)
+        pads = [data.geom_xpos[g] for g in scene.pad_geoms]
+        mid = np.mean(pads, axis=0)
         pos, rot = self.chain.fk(data.qpos[scene.joint_qpos[:len(ARM_JOINT_NAMES)]])
         site_in_tool = rot.T @ data.site_xmat[scene.site].reshape(3, 3)
-        return GraspTool(point=rot.T @ (mid - pos), approach=site_in_tool[:, 0], jaw=site_in_tool[:, 2]), site_in_tool
+        jaw = data.site_xmat[scene.site].reshape(3, 3)[:, 2]
+        fixed_side = float(np.sign(np.dot(pads[JAW_PAD_GEOMS.index(FIXED_JAW_PAD)] - mid, jaw)))
+        tool = GraspTool(point=rot.T @ (mid - pos), approach=site_in_tool[:, 0], jaw=site_in_tool[:, 2])
+        return tool, site_in_tool, fixed_side
 
     def forward(self, q_arm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Grasp point (3,) and gripper-site rotation (3, 3) for arm joint positions ``q_arm``."""

@@ -240,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
         "average": args.average, "action_steps": args.action_steps,
         "first_seed": args.seed, "mode": args.mode,
-        **({} if isinstance(recorder, RolloutRecorder) else {"expert_blend_s": expert.t_blend}),
+        **({} if isinstance(recorder, RolloutRecorder)
+           else {"expert_blend_s": expert.t_blend, "fixed_jaw_clearance_m": expert.fixed_jaw_clearance}),
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
            else {"handover_step": recorder.handovers}),
         **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),

@@ -31,7 +31,8 @@ RIGHT_BOX_BODY = "right_box"
 STACK_BODY = "block_stack"
 TABLE_GEOM = "table"
 GRIPPER_SITE = "gripperframe"
-JAW_PAD_GEOMS = ("fixed_jaw_pad", "moving_jaw_pad")
+FIXED_JAW_PAD = "fixed_jaw_pad"
+JAW_PAD_GEOMS = (FIXED_JAW_PAD, "moving_jaw_pad")
 GRIPPER_BODY = "gripper"
 MOVING_JAW_BODY = "moving_jaw_so101_v1"
 

@@ -137,6 +137,28 @@ def test_expert_blend_option_sets_the_overlap_of_the_demos_moves(tmp_path, capsy
     assert exc.value.code == 2 and "--expert-blend must be >= 0 seconds" in capsys.readouterr().err
 
 
+def test_fixed_jaw_clearance_option_records_the_clear_descent(tmp_path, capsys):
+    """--fixed-jaw-clearance 0.008 records the plan whose descent keeps the fixed pad 8 mm off the cube (the
+    expert's own plan for that setting, not the default one); outside [0, 0.015] m is one parser error."""
+    out = tmp_path / "clear"
+    assert demos.main(["--episodes", "1", "--out", str(out), "--seed", "2", "--image-size", "32",
+                       "--fixed-jaw-clearance", "0.008"]) == 0
+    _, rows = _messages(out / "episode_0000")
+    commands = np.array([deserialize_message(raw, JointTrajectory).points[-1].positions
+                         for topic, _, raw in rows if topic == TRAJECTORY_TOPIC])
+    env = SimEnv(SceneConfig(image_height=32, image_width=32))
+    plans = {}
+    for clearance in (0.008, 0.0):
+        env.reset(2)
+        plans[clearance] = ScriptedExpert(env, ExpertConfig(fixed_jaw_clearance=clearance)).plan()
+    env.close()
+    assert np.allclose(commands, plans[0.008], atol=1e-6) and not np.allclose(commands, plans[0.0], atol=1e-3)
+    for bad in ("-0.001", "0.02"):
+        with pytest.raises(SystemExit) as exc:
+            demos.main(["--episodes", "1", "--out", str(tmp_path / "bad"), "--fixed-jaw-clearance", bad])
+        assert exc.value.code == 2 and "--fixed-jaw-clearance must be in [0, 0.015] m" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("task", ["sorting_swapped", "stacking"])
 def test_demos_of_a_task_carry_its_instruction_and_are_readable(task, tmp_path):
     out = tmp_path / task

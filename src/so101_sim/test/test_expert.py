@@ -1,6 +1,7 @@
 """Top-down IK and the scripted expert (plans and executes pick-place in the sim)."""
 from __future__ import annotations
 
+import mujoco
 import numpy as np
 import pytest
 
@@ -175,10 +176,10 @@ def test_takeover_at_grasp_height_keeps_closing(env):
 ALL_TASKS = ["pick_place", "stacking", "sorting", "sorting_swapped", "pick_place_red", "pick_place_green"]
 
 
-def _run_expert(env: SimEnv, seed: int) -> tuple[float, bool, int]:
+def _run_expert(env: SimEnv, seed: int, cfg: ExpertConfig | None = None) -> tuple[float, bool, int]:
     """Score, success and plan length of the expert's episode for ``seed``, scored by the task."""
     env.reset(seed)
-    plan = ScriptedExpert(env).plan()
+    plan = ScriptedExpert(env, cfg).plan()
     for target in plan:
         env.command(target)
         env.step()
@@ -221,6 +222,39 @@ def test_overlapping_moves_never_rest_between_the_gripper_moves(task):
                 slowest[blend] = min(speed[first:last].min()
                                      for first, last in ((ramp, closing - ramp), (closed + ramp, opening - ramp)))
             assert slowest[0.3] >= 0.010 and slowest[0.0] < 0.005, (task, seed, slowest)
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("task", ["sorting", "stacking"])
+def test_fixed_jaw_clearance_keeps_the_fixed_pad_off_the_object_until_the_jaws_close(task):
+    """The fixed jaw's pad does not move when the jaws open: with clearance 0 (every shipped checkpoint's demos) it
+    touches the object's face all the way down; with 8 mm it stays ~8 mm off until the jaws close, the object is
+    caught where clearance 0 catches it (within 2 mm), and the task still succeeds."""
+    env = SimEnv(SceneConfig(image_height=32, image_width=32), task=task)
+    m, d = env.model, env.data
+    fixed_pad = m.geom("fixed_jaw_pad").id
+    objects = [m.body(name).id for name in env.scene.objects]
+    object_geoms = [g for g in range(m.ngeom) if m.geom_bodyid[g] in objects]
+    try:
+        gaps, caught = {}, {}
+        for clearance in (0.0, 0.008):
+            env.reset(3)
+            plan = ScriptedExpert(env, ExpertConfig(fixed_jaw_clearance=clearance)).plan()
+            closing = int(np.argmax(np.diff(plan[:, 5]) < -1e-4))  # the first close, at the end of the descent
+            closed = closing + int(np.argmax(np.diff(plan[closing:, 5]) > -1e-4))
+            for i, target in enumerate(plan):
+                env.command(target)
+                env.step()
+                if i == closing:
+                    fromto = np.zeros(6)
+                    gaps[clearance] = min(mujoco.mj_geomDistance(m, d, fixed_pad, g, 0.1, fromto)
+                                          for g in object_geoms)
+                elif i == closed:
+                    caught[clearance] = np.array([d.xpos[b] for b in objects])
+            assert env.success(), (task, clearance)
+        assert abs(gaps[0.0]) < 0.001 and 0.005 < gaps[0.008] < 0.011, gaps
+        assert np.abs(caught[0.008] - caught[0.0]).max() < 0.002, caught
     finally:
         env.close()
 

@@ -266,6 +266,7 @@ def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
     assert read_episode_metadata(out / "episode_0000").success is True
     assert "wrote 1 recovery episodes" in capsys.readouterr().out
     assert prov["mode"] == "takeover" and prov["expert_blend_s"] == ExpertConfig.t_blend
+    assert prov["fixed_jaw_clearance_m"] == ExpertConfig.fixed_jaw_clearance
     # The expert's moves overlap as --expert-blend says: the same takeover, rest between moves -> a longer episode.
     lengths = {}
     for blend in (0.0, 0.3):
