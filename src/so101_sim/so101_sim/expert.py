@@ -74,11 +74,12 @@ class ExpertConfig:
     # Jaw opening (rad) when another object lies near the one to grasp: 6 cm between the pads.
     crowded_gripper_open: float = 0.6
     # Gap (m) between the fixed jaw's pad and the object's face during the descent. The fixed pad does not move when
-    # the jaws open, so with 0 (how every demo the shipped checkpoints learned from was made) it slides down the
+    # the jaws open, so with 0 (every demo until 2026-12-04; sim_pick_place learned from those) it slides down the
     # face: a policy a few millimetres off sets it on the object's top, and the grasp closes on nothing. With a gap
     # the descent ends that far towards the fixed jaw's side and the arm moves back while the jaws close (in the
-    # first half of the close), so the object ends between the pads where it was (--fixed-jaw-clearance).
-    fixed_jaw_clearance: float = 0.0
+    # first half of the close), so the object ends between the pads where it was (--fixed-jaw-clearance; the
+    # multi-task policy's sorting 60 -> 88 %, docs/simulation.md "Round 24").
+    fixed_jaw_clearance: float = 0.008
     # Taking over from any state: an object lying on the table this far above its resting height (m) is not
     # lying on the table; one tilted more than this (deg; cube: every face off the table; toy: its up axis) is
     # tipped over, and the top-down grasp cannot square it.

@@ -228,7 +228,7 @@ def test_overlapping_moves_never_rest_between_the_gripper_moves(task):
 
 @pytest.mark.parametrize("task", ["sorting", "stacking"])
 def test_fixed_jaw_clearance_keeps_the_fixed_pad_off_the_object_until_the_jaws_close(task):
-    """The fixed jaw's pad does not move when the jaws open: with clearance 0 (every shipped checkpoint's demos) it
+    """The fixed jaw's pad does not move when the jaws open: with clearance 0 (every demo until 2026-12-04) it
     touches the object's face all the way down; with 8 mm it stays ~8 mm off until the jaws close, the object is
     caught where clearance 0 catches it (within 2 mm), and the task still succeeds."""
     env = SimEnv(SceneConfig(image_height=32, image_width=32), task=task)

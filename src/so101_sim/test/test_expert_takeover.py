@@ -177,8 +177,8 @@ def test_a_cube_turned_on_the_table_is_grasped_across_its_faces():
 
 if __name__ == "__main__":
     FIXTURE.parent.mkdir(exist_ok=True)
-    made_by = ("python src/so101_sim/test/test_expert_takeover.py (expert with the IK stall stop; projections added "
-               "2026-12-02 on an AVX-512 CPU, sums within 1e-13 of the earlier fixture's)")
+    made_by = ("python src/so101_sim/test/test_expert_takeover.py (expert with the IK stall stop and, since "
+               "2026-12-04, the 8 mm fixed-jaw clearance; on an AVX-512 CPU)")
     FIXTURE.write_text(json.dumps({"made_by": made_by,
                                    "plans": digests(sorted(TASKS))}, indent=1) + "\n")
     print(f"wrote {FIXTURE}")

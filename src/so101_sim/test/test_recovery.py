@@ -196,9 +196,10 @@ def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp(tmp_path):
     assert expert["dwelt"] == 0 and expert["successes"] == 2 and expert["results"][0]["dwell_step"] is None
     assert [p.name for p in tmp_path.iterdir()] == ["seed4.csv"]
     rows = np.genfromtxt(tmp_path / "seed4.csv", delimiter=",", names=True)
-    # parked: still over the last second, right above the cube (the expert's hover point; the grasp point, not the
-    # gripper site, which sits ~2 cm to the side)
-    assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002 and rows["cube_dxy"][-1] < 0.005
+    # parked: still over the last second, right above the cube (the expert's hover point, on its descent line: the
+    # fixed-jaw clearance beside the centre; the grasp point, not the gripper site, which sits ~2 cm to the side)
+    assert len(rows) == 120 and np.ptp(rows["z"][-30:]) < 0.002
+    assert rows["cube_dxy"][-1] < ExpertConfig.fixed_jaw_clearance + 0.005
     # while it approached, each chunk's last row lay well ahead of the arm; parked, its plans go nowhere
     assert rows["plan_dxy"][:hover.k].max() > 0.02
     assert np.abs(rows["plan_dz"][-30:]).max() < 0.002 and np.abs(rows["plan_dxy"][-30:]).max() < 0.002
