@@ -4,7 +4,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 
 from meanflow_policy.tools import eval_bag as eval_bag_cli, train as train_cli
 from meanflow_policy.data.bag_reader import BagError
-from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.configuration import MeanFlowConfig, TrainConfig
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet, idle_horizon, idle_start, idle_steps
 from meanflow_policy.data.sync import SyncConfig
@@ -270,11 +269,29 @@ def test_start_weighted_rows_and_the_sampler_draw_episode_starts_k_times(trained
     start = samples.sample_step < 15  # 0.5 s at 30 Hz
     assert start.any() and (~start).any()
     assert np.all(counts[start] == 4) and np.all(counts[~start] == 1)
-    sampler = iter(SeededBatchSampler(len(samples), 7, seed=3, rows=rows))
-    epoch = [r for _ in range(math.ceil(rows.size / 7)) for r in next(sampler)]
+    batches = SeededBatchSampler(len(samples), 7, seed=3, rows=rows)
+    sampler = iter(batches)
+    epoch = [r for _ in range(batches.per_epoch) for r in next(sampler)]
     assert sorted(epoch) == sorted(rows.tolist())  # one epoch = every listed row, as often as listed
     with pytest.raises(ValueError, match="repeat"):
         samples.start_weighted_rows(window_s=1.0, repeat=0)
+
+
+@pytest.mark.parametrize("n", [64, 65, 66, 1])
+def test_an_epoch_never_ends_with_a_batch_of_one(n: int) -> None:
+    """A lone last row would crash training (batch-statistics normalisation): it joins the batch before it."""
+    sampler = SeededBatchSampler(n, 32, seed=0)
+    stream = iter(sampler)
+    for _ in range(3):  # three epochs, each every row once, no batch of one unless the data is one row
+        epoch = [next(stream) for _ in range(sampler.per_epoch)]
+        assert sorted(r for batch in epoch for r in batch) == list(range(n))
+        assert all(len(batch) >= min(2, n) for batch in epoch)
+    assert [len(b) for b in epoch] == {64: [32, 32], 65: [32, 33], 66: [32, 32, 2], 1: [1]}[n]
+
+
+def test_training_rejects_a_batch_of_one() -> None:
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        TrainConfig(batch_size=1)
 
 
 def _with_idle_start(episode, idle_steps: int):

@@ -293,8 +293,9 @@ class TrainConfig:
             self.warmup_steps = min(200, max(1, self.steps // 20))
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 (the policy normalises features with batch statistics), "
+                             f"got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0.0 <= self.ema_decay < 1.0:

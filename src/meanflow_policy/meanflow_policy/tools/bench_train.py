@@ -79,6 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                    "writing synthetic ones")
     add_cpu_threads_argument(p)
     args = p.parse_args(argv)
+    if args.batch_size < 2:
+        p.error(f"--batch-size must be >= 2 (the policy normalises features with batch statistics), "
+                f"got {args.batch_size}")
     apply_cpu_threads(args.cpu_threads)
     device = torch.device(args.device)
     rates: dict[str, float] = {}

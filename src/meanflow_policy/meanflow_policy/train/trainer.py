@@ -84,7 +84,9 @@ class SeededBatchSampler(Sampler[list[int]]):
     """Endless shuffled batches of row indices. Epoch e is the permutation drawn from (seed, e) and every epoch
     ends with its partial batch, so the stream is a function of (seed, position) alone: starting at ``position``
     (batches already consumed) continues a run exactly, whatever was prefetched before it stopped. ``rows`` (default
-    0..n-1) is what an epoch permutes; a row listed k times is drawn k times per epoch."""
+    0..n-1) is what an epoch permutes; a row listed k times is drawn k times per epoch. A partial batch of one row
+    joins the batch before it: the policy's feature normalisation trains on batch statistics, which one sample
+    does not have."""
 
     def __init__(self, n: int, batch_size: int, seed: int, position: int = 0,
                  rows: np.ndarray | None = None) -> None:
@@ -94,7 +96,7 @@ class SeededBatchSampler(Sampler[list[int]]):
         if self.rows.size < 1 or self.rows.min() < 0 or self.rows.max() >= n:
             raise ValueError(f"rows must be a non-empty list of indices in [0, {n})")
         self.batch_size, self.seed, self.position = batch_size, seed, position
-        self.per_epoch = math.ceil(self.rows.size / batch_size)
+        self.per_epoch = max(1, math.ceil(self.rows.size / batch_size) - (self.rows.size % batch_size == 1))
 
     def __iter__(self) -> Iterator[list[int]]:
         position = self.position
@@ -103,7 +105,8 @@ class SeededBatchSampler(Sampler[list[int]]):
             e, k = divmod(position, self.per_epoch)
             if e != epoch:
                 epoch, order = e, self.rows[np.random.default_rng([self.seed, e]).permutation(self.rows.size)]
-            yield order[k * self.batch_size:(k + 1) * self.batch_size].tolist()
+            end = order.size if k == self.per_epoch - 1 else (k + 1) * self.batch_size
+            yield order[k * self.batch_size:end].tolist()
             position += 1
 
 
