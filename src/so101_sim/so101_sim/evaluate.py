@@ -30,10 +30,9 @@ import numpy as np
 from so101_common.graph import CAMERA_NAMES
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
-from so101_sim.dwell import DwellWatch
+from so101_sim.dwell import DwellWatch, GraspWatch
 from so101_sim.env import SimEnv
-from so101_sim.expert import ExpertChunkPolicy
-from so101_sim.ik import TopDownIK
+from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
                                       resolve_checkpoint)
 from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments, latency_summary,
@@ -89,7 +88,8 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
     """
     results: list[EpisodeResult] = []
     videos: list[str] = []
-    ik = TopDownIK(env.scene)  # the grasp point of the dwell watch and the traces
+    expert = ScriptedExpert(env)  # the grasp point (its IK) and jaw axes of the watches and the traces
+    ik = expert.ik
     for i, seed in enumerate(seeds):
         if reseed is not None:
             reseed(seed)
@@ -97,12 +97,13 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
         watch = DwellWatch(env, ik=ik)
+        grasps = GraspWatch(env, expert=expert)
         trace = None if trace_dir is None else EpisodeTrace(env, ik=ik)
-        hooks: list[Callable[[], object]] = [watch] if trace is None else [watch, trace]
+        hooks: list[Callable[[], object]] = [watch, grasps] if trace is None else [watch, grasps, trace]
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
                              on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan,
                              after_step=partial(_call_each, hooks))
-        result.dwell_watched, result.dwell_step = True, watch.first_step
+        result.dwell_watched, result.dwell_step, result.grasps = True, watch.first_step, grasps.grasps
         traced = ""
         if trace is not None and trace_dir is not None and not result.success:
             traced = f" -> trace {trace.write(trace_dir / f'{label}seed{seed}.csv')}"
@@ -134,8 +135,23 @@ def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, a
             "instruction_followed_rate": sum(judged) / len(judged) if judged else None,
             # None for episodes evaluated before dwells were watched (pooled by so101-results-table)
             "dwelt": sum(r.dwell_step is not None for r in results) if all(r.dwell_watched for r in results) else None,
+            **grasp_summary(results),
             "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
             "action_steps": action_steps, "videos": videos, "results": [r.to_dict() for r in results]}
+
+
+# A grasp further than this from the object's centre along the jaws' faces is counted as off-centre: the expert
+# itself stacks the toy 75-85 % of the time from 1 cm and never from 1.5 cm (docs/simulation.md, round 29).
+OFF_CENTRE_GRASP_M = 0.01
+
+
+def grasp_summary(results: list[EpisodeResult]) -> dict:
+    """How many first grasps the episodes made and how many of those were off-centre (``OFF_CENTRE_GRASP_M``);
+    None for episodes evaluated before grasps were watched."""
+    if any(r.grasps is None for r in results):
+        return {"grasps": None, "grasps_off_centre": None}
+    made = [g for r in results for g in r.grasps or []]
+    return {"grasps": len(made), "grasps_off_centre": sum(g["along_faces_m"] > OFF_CENTRE_GRASP_M for g in made)}
 
 
 @dataclass(frozen=True)
@@ -385,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job.task + ' ' if multi else ''}NFE {job.nfe}: success {report['successes']}/{report['episodes']} = "
               f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
               f"mean score {report['score']:.3f}{_followed_text(report)}, "
-              f"dwelt at a grasp in {report['dwelt']} episodes, "
+              f"dwelt at a grasp in {report['dwelt']} episodes, {report['grasps_off_centre']} of {report['grasps']} "
+              f"grasps more than {100 * OFF_CENTRE_GRASP_M:g} cm off-centre, "
               f"chunk latency median {lat.get('median_ms', float('nan')):.1f} ms, "
               f"p90 {lat.get('p90_ms', float('nan')):.1f} ms -> {path}")
     wording = wording_summary(reports, variant_reports, nfes[0]) if variant_jobs else None

@@ -141,7 +141,7 @@ class ScriptedExpert:
     def _rotation(self, name: str) -> np.ndarray:
         return self.env.data.xmat[self.env.scene.objects[name].body].reshape(3, 3)
 
-    def _jaw_axes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+    def jaw_axes(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """The two horizontal directions the jaws may close along: for a cube the normal of its side faces
         nearest world y (world y itself while the cube is square to the world), the toy's own y axis (across
         its torso) for the toy."""
@@ -235,7 +235,7 @@ class ScriptedExpert:
         above_obj = np.array([obj[0], obj[1], carry])
         grasp = np.array([obj[0], obj[1], rest + cfg.grasp_offset])
         # The jaws close along one of two opposite directions (chosen below); each has its own clear descent line.
-        axes = self._jaw_axes(goal.obj)
+        axes = self.jaw_axes(goal.obj)
         shifts = [cfg.fixed_jaw_clearance * self.ik.fixed_jaw_side * axis for axis in axes]
         above_place = np.array([goal.xy[0], goal.xy[1], carry])
         release = np.array([goal.xy[0], goal.xy[1], release_z])

@@ -13,6 +13,11 @@ for a while, near the object the task needs next, below carry height, nothing in
 multi-task policy: hovering over a cube, each chunk planning a slow start that the next one postpones again, or
 descending onto it off-centre and rising again). The expert's part from there says "align and go on down".
 
+``--mode offcentre`` hands over while the policy descends onto the object off-centre along the jaws' faces, before
+they close (stacking's failure: the toy caught ~2 cm towards its head tilts in the jaws); the expert's part
+re-aligns at that height and goes on down. ``--mode waver`` hands over where the wrist turns back and forth over
+the object (the toy lying where the two jaw directions need a roll near +-90 deg); the expert keeps the nearer one.
+
 ``--mode rollout`` records the policy's own successful episodes instead (self-imitation: filtered behaviour
 cloning): the policy runs the whole episode; when it succeeds, the commands it sent are replayed from the same
 reset and recorded as an episode, kept if the replay succeeds too. Training on them keeps what the policy already
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from so101_sim.demos import DemoResult, SeedSkipped, add_expert_arguments, expert_config, generate, record_plan
-from so101_sim.dwell import Dwell, DwellWatch
+from so101_sim.dwell import Dwell, DwellWatch, OffCentre, OffCentreWatch, Waver, WaverWatch
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
@@ -40,7 +45,7 @@ from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
-MODES = ("takeover", "dwell", "rollout")
+MODES = ("takeover", "dwell", "offcentre", "waver", "rollout")
 
 
 @dataclass(frozen=True)
@@ -111,37 +116,75 @@ class RecoveryRecorder(_PolicyRecorder):
         return demo
 
 
-class _Dwelt(Exception):
-    """Raised from a control step to end the policy's run where it dwells (DwellRecorder)."""
+class _Seen(Exception):
+    """Raised from a control step to end the policy's run where a watch fires (_WatchRecorder)."""
 
 
 @dataclass
-class DwellRecorder(_PolicyRecorder):
-    """Records a recovery episode per seed where the policy dwells at a grasp (``Dwell``): the expert takes over at
-    the step the dwell is recognised; seeds without one are skipped. Keeps that step of each written episode."""
+class _WatchRecorder(_PolicyRecorder):
+    """Records a recovery episode per seed where a per-step watch of the policy's run fires: the expert takes over
+    at that step; seeds where it never fires are skipped. Keeps that step of each written episode."""
 
     max_steps: int
-    dwell: Dwell = field(default_factory=Dwell)
     handovers: dict[str, int] = field(default_factory=dict, init=False)
+    what = "watched state"  # how the skip and takeover messages name what the watch recognises
+
+    def _watch(self, env: SimEnv) -> Callable[[], bool]:
+        raise NotImplementedError
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
-        watch = DwellWatch(env, self.dwell)
+        watch = self._watch(env)
 
-        def stop_at_a_dwell() -> None:
+        def stop_where_seen() -> None:
             if watch():
-                raise _Dwelt
+                raise _Seen
 
         try:
-            result = self._run(env, seed, self.max_steps, after_step=stop_at_a_dwell)
-        except _Dwelt:
+            result = self._run(env, seed, self.max_steps, after_step=stop_where_seen)
+        except _Seen:
             handover = env.steps
         else:
-            raise SeedSkipped(f"the policy never dwelt at a grasp ({'succeeded' if result.success else 'failed'} "
-                              f"after {result.steps} steps)")
-        demo = self._expert_from_here(env, seed, path, started, f"at the dwell (step {handover})")
+            raise SeedSkipped(f"no {self.what} ({'succeeded' if result.success else 'failed'} after {result.steps} "
+                              "steps)")
+        demo = self._expert_from_here(env, seed, path, started, f"at the {self.what} (step {handover})")
         self.handovers[path.name] = handover
         return demo
+
+
+@dataclass
+class DwellRecorder(_WatchRecorder):
+    """The expert takes over where the policy dwells at a grasp (``Dwell``)."""
+
+    dwell: Dwell = field(default_factory=Dwell)
+    what = "dwell at a grasp"
+
+    def _watch(self, env: SimEnv) -> Callable[[], bool]:
+        return DwellWatch(env, self.dwell)
+
+
+@dataclass
+class OffCentreRecorder(_WatchRecorder):
+    """The expert takes over where the policy descends off-centre onto the object (``OffCentre``), before the jaws
+    close: its part re-aligns over the object at that height and goes on down."""
+
+    off_centre: OffCentre = field(default_factory=OffCentre)
+    what = "off-centre descent"
+
+    def _watch(self, env: SimEnv) -> Callable[[], bool]:
+        return OffCentreWatch(env, self.off_centre, ScriptedExpert(env, self.expert))
+
+
+@dataclass
+class WaverRecorder(_WatchRecorder):
+    """The expert takes over where the policy's wrist turns back and forth over the object (``Waver``): its part
+    takes the jaw direction nearer the wrist's roll at that moment and goes on with it."""
+
+    waver: Waver = field(default_factory=Waver)
+    what = "wrist turning back over the object"
+
+    def _watch(self, env: SimEnv) -> Callable[[], bool]:
+        return WaverWatch(env, self.waver)
 
 
 @dataclass
@@ -189,12 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tries", type=int, default=0, help="seeds to try at most (0: 4x --episodes)")
     parser.add_argument("--mode", choices=MODES, default="takeover",
                         help="takeover: the expert finishes from where the policy is at a random step (recovery); "
-                             "dwell: only where the policy dwells at a grasp (see --dwell-steps); rollout: record "
-                             "the policy's own successful episodes (self-imitation)")
+                             "dwell: only where the policy dwells at a grasp (see --dwell-steps); offcentre: only "
+                             "where it descends onto the object off-centre (see --offcentre-cm); waver: only where its "
+                             "wrist turns back over the object (see --waver-rad); rollout: record the policy's own "
+                             "successful episodes (self-imitation)")
     parser.add_argument("--dwell-steps", type=int, default=Dwell.steps,
                         help=f"--mode dwell: control steps the grasp point stays within {Dwell.radius * 100:g} cm and "
                              f"the gripper within {Dwell.grip_rad:g} rad, within {Dwell.reach * 100:g} cm of the next "
                              "object, nothing held, before the expert takes over")
+    parser.add_argument("--offcentre-cm", type=float, default=OffCentre.offset * 100,
+                        help="--mode offcentre: how far (cm) the grasp point may be from the object's centre along the "
+                             "jaws' faces while it descends with open jaws before the expert takes over")
+    parser.add_argument("--waver-rad", type=float, default=Waver.swing,
+                        help="--mode waver: how far (rad) the wrist roll may turn back over the object, jaws open, "
+                             "before the expert takes over")
     parser.add_argument("--device", default="cpu")
     add_expert_arguments(parser)
     args = parser.parse_args(argv)
@@ -203,6 +254,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
     if args.dwell_steps < 1:
         parser.error(f"--dwell-steps must be >= 1, got {args.dwell_steps}")
+    if not args.offcentre_cm > 0:
+        parser.error(f"--offcentre-cm must be > 0, got {args.offcentre_cm}")
+    if not args.waver_rad > 0:
+        parser.error(f"--waver-rad must be > 0, got {args.waver_rad}")
     resolve_sampling_arguments(parser, args)
     try:
         args.checkpoint = resolve_checkpoint(args.checkpoint)
@@ -217,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder: RecoveryRecorder | DwellRecorder | RolloutRecorder
+        recorder: RecoveryRecorder | DwellRecorder | OffCentreRecorder | WaverRecorder | RolloutRecorder
         if args.mode == "rollout":
             recorder = RolloutRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
                                        reseed=policy.reseed, guide_plan=args.candidates > 1)
@@ -225,6 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             recorder = DwellRecorder(policy, task_class(args.task).max_steps, Dwell(steps=args.dwell_steps),
                                      action_steps=args.action_steps, reseed=policy.reseed,
                                      guide_plan=args.candidates > 1, expert=expert)
+        elif args.mode == "offcentre":
+            recorder = OffCentreRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
+                                         reseed=policy.reseed, guide_plan=args.candidates > 1, expert=expert,
+                                         off_centre=OffCentre(offset=args.offcentre_cm / 100))
+        elif args.mode == "waver":
+            recorder = WaverRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
+                                     reseed=policy.reseed, guide_plan=args.candidates > 1, expert=expert,
+                                     waver=Waver(swing=args.waver_rad))
         else:
             recorder = RecoveryRecorder(policy, handover, action_steps=args.action_steps, reseed=policy.reseed,
                                         guide_plan=args.candidates > 1, expert=expert)
@@ -245,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
            else {"handover_step": recorder.handovers}),
         **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),
-        **({"dwell": asdict(recorder.dwell)} if isinstance(recorder, DwellRecorder) else {})}, indent=2) + "\n")
+        **({"dwell": asdict(recorder.dwell)} if isinstance(recorder, DwellRecorder) else {}),
+        **({"offcentre": asdict(recorder.off_centre)} if isinstance(recorder, OffCentreRecorder) else {}),
+        **({"waver": asdict(recorder.waver)} if isinstance(recorder, WaverRecorder) else {})},
+        indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "
           f"({wall / max(1, len(results)):.2f} s/episode)")

@@ -69,6 +69,8 @@ class EpisodeResult:
     # dwell at a grasp (None: never).
     dwell_watched: bool = False
     dwell_step: int | None = None
+    # Where each object was first caught (so101_sim.dwell.GraspWatch); None: not watched.
+    grasps: list[dict] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -167,7 +167,7 @@ def test_a_cube_turned_on_the_table_is_grasped_across_its_faces():
         yaw = np.radians(35.0)
         _put(env, CUBE_BODY, (cube[0], cube[1], env.cfg.cube_half_size), (np.cos(yaw / 2), 0, 0, np.sin(yaw / 2)))
         expert = ScriptedExpert(env)
-        axis = expert._jaw_axes(CUBE_BODY)[0]
+        axis = expert.jaw_axes(CUBE_BODY)[0]
         np.testing.assert_allclose(abs(axis @ np.array([np.cos(yaw), np.sin(yaw), 0.0])), 0.0, atol=0.02)
         _execute(env, expert.plan())
         assert env.success()

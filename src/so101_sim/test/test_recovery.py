@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import mujoco
 import numpy as np
 import pytest
 from rclpy.serialization import deserialize_message
@@ -11,10 +12,10 @@ from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory
 
 from so101_common.episode_bag import read_episode_metadata
-from so101_common.graph import JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
+from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.joints import home_vector
 from so101_sim import recovery
-from so101_sim.dwell import Dwell
+from so101_sim.dwell import Dwell, OffCentre, OffCentreWatch, Waver
 from so101_sim.demos import generate
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import evaluate
@@ -166,7 +167,7 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
         recorder = recovery.DwellRecorder(hover, max_steps=360, dwell=Dwell(steps=30))
         demo = recorder(env, 4, tmp_path / "episode_0000")
         never = recovery.DwellRecorder(ExpertChunkPolicy(env), max_steps=360, dwell=Dwell(steps=30))
-        with pytest.raises(recovery.SeedSkipped, match="never dwelt"):
+        with pytest.raises(recovery.SeedSkipped, match="no dwell at a grasp"):
             never(env, 4, tmp_path / "episode_0001")
         env.step()  # the env's own step is back
     finally:
@@ -178,6 +179,132 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     first, _ = _first_state_and_command_count(demo.path)
     np.testing.assert_allclose(first[:5], hover.plan[hover.k][:5], atol=0.05)  # it starts at the hover
     assert not (tmp_path / "episode_0001").exists()
+
+
+class ExpertAimingOff:
+    """The expert's plan for the toy as if it lay ``shift`` m further along its own x axis (towards its head): the
+    way the stacking policy fails, descending on the right line across the toy but off its torso's centre."""
+
+    def __init__(self, env: SimEnv, shift: float) -> None:
+        self.env, self.shift = env, shift
+        self.plan: np.ndarray | None = None
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        env = self.env
+        if env.steps == 0:
+            qpos = env.scene.objects[TOY_BODY].qpos
+            saved = env.data.qpos[qpos:qpos + 3].copy()
+            env.data.qpos[qpos:qpos + 3] += self.shift * env.data.xmat[env.scene.objects[TOY_BODY].body][[0, 3, 6]]
+            mujoco.mj_forward(env.model, env.data)
+            self.plan = ScriptedExpert(env).plan()
+            env.data.qpos[qpos:qpos + 3] = saved
+            mujoco.mj_forward(env.model, env.data)
+        rows = np.arange(env.steps + 1, env.steps + 21).clip(max=len(self.plan) - 1)
+        return self.plan[rows].astype(np.float32)
+
+
+def test_off_centre_descent_is_the_offset_along_the_jaws_faces_while_descending_with_open_jaws():
+    """The expert's own descent onto the toy stays within a millimetre or two of its centre along the jaws' faces
+    (its 8 mm fixed-jaw clearance is across them, and does not count); one aimed 2 cm along the toy shows 2 cm;
+    before the descent and once the toy is held there is nothing to judge."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task="stacking")
+    try:
+        seen: dict[str, list] = {}
+        for label, policy in (("expert", ExpertChunkPolicy(env)), ("off", ExpertAimingOff(env, 0.02))):
+            env.reset(7)
+            watch = OffCentreWatch(env)
+            offsets = []
+            for _ in range(150):
+                chunk = policy({})
+                env.set_trajectory(JOINT_NAMES, env.cfg.control_dt * np.arange(1, 21), chunk)
+                env.step()
+                offsets.append(watch.offset())
+            seen[label] = offsets
+    finally:
+        env.close()
+    judged = {k: [o for o in v if o is not None] for k, v in seen.items()}
+    assert seen["expert"][0] is None and len(judged["expert"]) >= 5  # judged during the descent only
+    assert max(judged["expert"]) < 0.003
+    assert 0.015 < np.median(judged["off"]) < 0.025
+    with pytest.raises(ValueError, match="offset"):
+        OffCentre(offset=0.0)
+
+
+def test_offcentre_mode_takes_over_during_an_off_centre_descent_and_the_expert_stacks_from_there(tmp_path):
+    """A descent aimed 2 cm towards the toy's head (the expert itself fails from there every time): the expert takes
+    over above the grasp height with the jaws open, re-aligns, and stacks; an aligned descent leaves nothing."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task="stacking")
+    try:
+        off = ExpertAimingOff(env, 0.02)
+        result = run_episode(env, off, 7, max_steps=360, action_steps=10)
+        recorder = recovery.OffCentreRecorder(ExpertAimingOff(env, 0.02), max_steps=360)
+        demo = recorder(env, 7, tmp_path / "episode_0000")
+        aligned = recovery.OffCentreRecorder(ExpertChunkPolicy(env), max_steps=360)
+        with pytest.raises(recovery.SeedSkipped, match="no off-centre descent"):
+            aligned(env, 7, tmp_path / "episode_0001")
+    finally:
+        env.close()
+    assert not result.success  # left alone, the off-centre grasp fails
+    assert demo.success
+    first, _ = _first_state_and_command_count(demo.path)
+    assert first[-1] > OffCentre.grip_open  # taken over with the jaws still open
+    assert 0 < recorder.handovers["episode_0000"] < 150
+    assert not (tmp_path / "episode_0001").exists()
+
+
+class ExpertThenWaver:
+    """The expert's plan to the hover over the toy (step ``k``), then held there with the wrist roll swinging 1.2
+    rad back and forth: a policy that cannot decide between the two jaw directions."""
+
+    def __init__(self, env: SimEnv, k: int) -> None:
+        self.env, self.k = env, k
+        self.plan: np.ndarray | None = None
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        if self.env.steps == 0:
+            self.plan = ScriptedExpert(self.env).plan()
+        steps = np.arange(self.env.steps + 1, self.env.steps + 21)
+        rows = self.plan[np.minimum(steps, self.k)].copy()
+        rows[:, JOINT_NAMES.index("wrist_roll")] += 1.2 * np.sin(np.pi * np.clip(steps - self.k, 0, None) / 40.0)
+        return rows
+
+
+def test_waver_mode_takes_over_where_the_wrist_turns_back_over_the_toy(tmp_path):
+    """The wrist swinging over the toy is recognised once it has turned back by more than 0.8 rad, and the expert
+    takes over there and stacks; the expert's own run never turns back, and leaves nothing."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task="stacking")
+    try:
+        k = round(ExpertConfig.t_reach * env.cfg.fps)
+        recorder = recovery.WaverRecorder(ExpertThenWaver(env, k), max_steps=360)
+        demo = recorder(env, 7, tmp_path / "episode_0000")
+        steady = recovery.WaverRecorder(ExpertChunkPolicy(env), max_steps=360)
+        with pytest.raises(recovery.SeedSkipped, match="no wrist turning back"):
+            steady(env, 7, tmp_path / "episode_0001")
+    finally:
+        env.close()
+    assert demo.success
+    # out to +1.2 rad by k + 20, back past +0.4 some 13 steps later
+    assert k + 25 <= recorder.handovers["episode_0000"] <= k + 40
+    assert not (tmp_path / "episode_0001").exists()
+    with pytest.raises(ValueError, match="swing"):
+        Waver(swing=0.0)
+
+
+def test_evaluation_reports_where_each_grasp_caught_the_object():
+    """so101-eval's grasp watch: the expert catches the toy at its torso's centre; the descent aimed 2 cm towards
+    the head catches it there (+2 cm along its length, in its own frame) and is counted off-centre."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task="stacking")
+    try:
+        good = evaluate(env, ExpertChunkPolicy(env), [7], max_steps=360, action_steps=10, log=lambda _: None)
+        off = evaluate(env, ExpertAimingOff(env, 0.02), [7], max_steps=360, action_steps=10, log=lambda _: None)
+    finally:
+        env.close()
+    (g,), (o,) = good["results"][0]["grasps"], off["results"][0]["grasps"]
+    assert g["object"] == o["object"] == TOY_BODY and 0 < g["step"] and 0 < o["step"]
+    assert g["along_faces_m"] < 0.003 and abs(g["in_object_m"][0]) < 0.003
+    assert 0.015 < o["along_faces_m"] < 0.025 and 0.015 < o["in_object_m"][0] < 0.025
+    assert (good["grasps"], good["grasps_off_centre"]) == (1, 0) and (off["grasps"], off["grasps_off_centre"]) == (1, 1)
+    assert good["successes"] == 1 and off["successes"] == 0
 
 
 def test_evaluation_counts_the_episodes_that_dwelt_at_a_grasp(tmp_path):
