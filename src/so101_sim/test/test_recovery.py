@@ -442,3 +442,8 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", "dwell",
                        "--dwell-steps", "0"])
     assert exc.value.code == 2 and "--dwell-steps must be >= 1" in capsys.readouterr().err
+    for option, mode in (("--offcentre-cm", "offcentre"), ("--waver-rad", "waver")):
+        with pytest.raises(SystemExit) as exc:
+            recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", mode,
+                           option, "-1"])
+        assert exc.value.code == 2 and f"{option} must be > 0, got -1.0" in capsys.readouterr().err
