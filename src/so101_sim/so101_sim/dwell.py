@@ -26,6 +26,10 @@ from so101_sim.ik import TopDownIK
 _GRIPPER = JOINT_NAMES.index(GRIPPER_JOINT_NAME)
 
 
+# The measured gripper at or above this (rad): the jaws are open (the expert opens to 0.6 in crowded scenes, 1.0 else).
+OPEN_JAWS_RAD = 0.4
+
+
 @dataclass(frozen=True)
 class Dwell:
     """A policy stuck at a grasp: for ``steps`` control steps the grasp point (the point the expert's IK controls,
@@ -120,8 +124,8 @@ class OffCentre:
     offset: float = 0.008
     descent: float = 0.01
     clearance: float = 0.008
-    reach: float = 0.04
-    grip_open: float = 0.4
+    reach: float = Dwell.reach
+    grip_open: float = OPEN_JAWS_RAD
 
     def __post_init__(self) -> None:
         if min(self.offset, self.descent, self.clearance, self.reach) <= 0:
@@ -174,7 +178,7 @@ class Waver:
     than ``swing`` rad from the furthest it went the other way since the arm came there."""
 
     swing: float = 0.8
-    grip_open: float = 0.4
+    grip_open: float = OPEN_JAWS_RAD
 
     def __post_init__(self) -> None:
         if self.swing <= 0:

@@ -26,12 +26,14 @@ does well (its retries that worked, the chunks coherent sampling chose) in the d
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -121,7 +123,7 @@ class _Seen(Exception):
 
 
 @dataclass
-class _WatchRecorder(_PolicyRecorder):
+class _WatchRecorder(_PolicyRecorder, ABC):
     """Records a recovery episode per seed where a per-step watch of the policy's run fires: the expert takes over
     at that step; seeds where it never fires are skipped. Keeps that step of each written episode."""
 
@@ -129,8 +131,10 @@ class _WatchRecorder(_PolicyRecorder):
     handovers: dict[str, int] = field(default_factory=dict, init=False)
     what = "watched state"  # how the skip and takeover messages name what the watch recognises
 
+    @abstractmethod
     def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        raise NotImplementedError
+        """A fresh watch of one episode in ``env``: called after every control step, True where the expert takes
+        over."""
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
@@ -273,24 +277,20 @@ def main(argv: list[str] | None = None) -> int:
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
         recorder: RecoveryRecorder | DwellRecorder | OffCentreRecorder | WaverRecorder | RolloutRecorder
+        # How every recorder runs the policy: as so101-eval does.
+        run: dict[str, Any] = {"action_steps": args.action_steps, "reseed": policy.reseed,
+                               "guide_plan": args.candidates > 1}
+        steps = task_class(args.task).max_steps
         if args.mode == "rollout":
-            recorder = RolloutRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
-                                       reseed=policy.reseed, guide_plan=args.candidates > 1)
+            recorder = RolloutRecorder(policy, steps, **run)
         elif args.mode == "dwell":
-            recorder = DwellRecorder(policy, task_class(args.task).max_steps, Dwell(steps=args.dwell_steps),
-                                     action_steps=args.action_steps, reseed=policy.reseed,
-                                     guide_plan=args.candidates > 1, expert=expert)
+            recorder = DwellRecorder(policy, steps, Dwell(steps=args.dwell_steps), expert=expert, **run)
         elif args.mode == "offcentre":
-            recorder = OffCentreRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
-                                         reseed=policy.reseed, guide_plan=args.candidates > 1, expert=expert,
-                                         off_centre=OffCentre(offset=args.offcentre_cm / 100))
+            recorder = OffCentreRecorder(policy, steps, OffCentre(offset=args.offcentre_cm / 100), expert=expert, **run)
         elif args.mode == "waver":
-            recorder = WaverRecorder(policy, task_class(args.task).max_steps, action_steps=args.action_steps,
-                                     reseed=policy.reseed, guide_plan=args.candidates > 1, expert=expert,
-                                     waver=Waver(swing=args.waver_rad))
+            recorder = WaverRecorder(policy, steps, Waver(swing=args.waver_rad), expert=expert, **run)
         else:
-            recorder = RecoveryRecorder(policy, handover, action_steps=args.action_steps, reseed=policy.reseed,
-                                        guide_plan=args.candidates > 1, expert=expert)
+            recorder = RecoveryRecorder(policy, handover, expert=expert, **run)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
                            record=recorder, max_tries=args.max_tries or 4 * args.episodes)
     except (ValueError, FileExistsError, FileNotFoundError, OSError, PolicyPluginError) as exc:

@@ -126,19 +126,36 @@ def test_rollout_mode_skips_a_policy_that_fails(tmp_path):
     assert not (tmp_path / "episode_0000").exists() and recorder.steps == {}
 
 
-class ExpertThenDrift:
-    """A scripted perturbation standing in for a policy that goes wrong mid-task: the expert's own plan for the
-    first ``k`` control steps, then that step's target held, the base turning by ``pan`` rad over 1 s."""
+class PlannedStandIn:
+    """A scripted stand-in for a policy, built on a plan made when the episode starts (the expert's, unless
+    ``make_plan`` says otherwise): ``rows`` turns the next 20 control steps into the chunk."""
 
-    def __init__(self, env: SimEnv, k: int, pan: float) -> None:
-        self.env, self.k, self.pan = env, k, pan
-        self.plan: np.ndarray | None = None
+    def __init__(self, env: SimEnv) -> None:
+        self.env = env
+        self.plan = np.zeros((1, len(JOINT_NAMES)))
+
+    def make_plan(self) -> np.ndarray:
+        return ScriptedExpert(self.env).plan()
+
+    def rows(self, steps: np.ndarray) -> np.ndarray:
+        return self.plan[steps.clip(max=len(self.plan) - 1)].copy()
 
     def __call__(self, observation: dict) -> np.ndarray:
         if self.env.steps == 0:
-            self.plan = ScriptedExpert(self.env).plan()
-        steps = np.arange(self.env.steps + 1, self.env.steps + 21)
-        rows = self.plan[np.minimum(steps, self.k).clip(max=len(self.plan) - 1)].copy()
+            self.plan = self.make_plan()
+        return self.rows(np.arange(self.env.steps + 1, self.env.steps + 21)).astype(np.float32)
+
+
+class ExpertThenDrift(PlannedStandIn):
+    """A policy that goes wrong mid-task: the expert's own plan for the first ``k`` control steps, then that step's
+    target held, the base turning by ``pan`` rad over 1 s."""
+
+    def __init__(self, env: SimEnv, k: int, pan: float) -> None:
+        super().__init__(env)
+        self.k, self.pan = k, pan
+
+    def rows(self, steps: np.ndarray) -> np.ndarray:
+        rows = super().rows(np.minimum(steps, self.k))
         rows[:, 0] += self.pan * np.clip((steps - self.k) / 30.0, 0.0, 1.0)
         return rows
 
@@ -181,26 +198,24 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     assert not (tmp_path / "episode_0001").exists()
 
 
-class ExpertAimingOff:
+class ExpertAimingOff(PlannedStandIn):
     """The expert's plan for the toy as if it lay ``shift`` m further along its own x axis (towards its head): the
     way the stacking policy fails, descending on the right line across the toy but off its torso's centre."""
 
     def __init__(self, env: SimEnv, shift: float) -> None:
-        self.env, self.shift = env, shift
-        self.plan: np.ndarray | None = None
+        super().__init__(env)
+        self.shift = shift
 
-    def __call__(self, observation: dict) -> np.ndarray:
+    def make_plan(self) -> np.ndarray:
         env = self.env
-        if env.steps == 0:
-            qpos = env.scene.objects[TOY_BODY].qpos
-            saved = env.data.qpos[qpos:qpos + 3].copy()
-            env.data.qpos[qpos:qpos + 3] += self.shift * env.data.xmat[env.scene.objects[TOY_BODY].body][[0, 3, 6]]
-            mujoco.mj_forward(env.model, env.data)
-            self.plan = ScriptedExpert(env).plan()
-            env.data.qpos[qpos:qpos + 3] = saved
-            mujoco.mj_forward(env.model, env.data)
-        rows = np.arange(env.steps + 1, env.steps + 21).clip(max=len(self.plan) - 1)
-        return self.plan[rows].astype(np.float32)
+        qpos = env.scene.objects[TOY_BODY].qpos
+        saved = env.data.qpos[qpos:qpos + 3].copy()
+        env.data.qpos[qpos:qpos + 3] += self.shift * env.data.xmat[env.scene.objects[TOY_BODY].body][[0, 3, 6]]
+        mujoco.mj_forward(env.model, env.data)
+        plan = super().make_plan()
+        env.data.qpos[qpos:qpos + 3] = saved
+        mujoco.mj_forward(env.model, env.data)
+        return plan
 
 
 def test_off_centre_descent_is_the_offset_along_the_jaws_faces_while_descending_with_open_jaws():
@@ -252,19 +267,16 @@ def test_offcentre_mode_takes_over_during_an_off_centre_descent_and_the_expert_s
     assert not (tmp_path / "episode_0001").exists()
 
 
-class ExpertThenWaver:
+class ExpertThenWaver(PlannedStandIn):
     """The expert's plan to the hover over the toy (step ``k``), then held there with the wrist roll swinging 1.2
     rad back and forth: a policy that cannot decide between the two jaw directions."""
 
     def __init__(self, env: SimEnv, k: int) -> None:
-        self.env, self.k = env, k
-        self.plan: np.ndarray | None = None
+        super().__init__(env)
+        self.k = k
 
-    def __call__(self, observation: dict) -> np.ndarray:
-        if self.env.steps == 0:
-            self.plan = ScriptedExpert(self.env).plan()
-        steps = np.arange(self.env.steps + 1, self.env.steps + 21)
-        rows = self.plan[np.minimum(steps, self.k)].copy()
+    def rows(self, steps: np.ndarray) -> np.ndarray:
+        rows = super().rows(np.minimum(steps, self.k))
         rows[:, JOINT_NAMES.index("wrist_roll")] += 1.2 * np.sin(np.pi * np.clip(steps - self.k, 0, None) / 40.0)
         return rows
 
