@@ -1,4 +1,5 @@
-"""Grasps going wrong, recognised step by step: a policy stuck at a grasp, or descending off-centre onto it.
+"""Grasps and places going wrong, recognised step by step: a policy stuck at a grasp, descending off-centre onto
+it, or holding an object over its place.
 
 The multi-task policy's typical failure: each chunk plans a slow start that the next one postpones again, so the
 arm stays over the object until the episode times out. ``so101-eval`` reports how many episodes had such a dwell,
@@ -9,7 +10,8 @@ Stacking's typical failure is another: the jaws come down ~2 cm towards the toy'
 expert itself fails every time from 1.5 cm off (docs/simulation.md). ``so101-sim-recovery --mode offcentre``
 hands over while such a descent can still be corrected (``OffCentre``). Where the toy lies so that both jaw
 directions need a wrist roll near +-90 deg, the demos flip between the two and the policy's wrist swings between
-them over the toy; ``--mode waver`` hands over there (``Waver``).
+them over the toy; ``--mode waver`` hands over there (``Waver``). Sorting's typical failure: the second cube
+carried over its box at carry height and held there, never lowered nor let go (``Hold``, ``--mode hold``).
 """
 from __future__ import annotations
 
@@ -208,6 +210,53 @@ class WaverWatch(_Watch):
         back = max(max(self._rolls) - roll, roll - min(self._rolls))
         # Turned back: the furthest point either way lies between the start of the stay and now.
         return self._fired(back > self.waver.swing and abs(roll - self._rolls[0]) < back)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A policy that carries an object to its place and does not let it go: for ``steps`` control steps the object
+    has been held (lifted, both jaws on it), the grasp point within ``reach`` m (horizontally) of the place's centre
+    and at most ``drop`` m below the expert's carry height for it (not lowering it)."""
+
+    # 1.5 s: the expert starts lowering as it arrives (its carry blends into t_lower); round 31 of the multi-task
+    # policy paused 25-66 steps over a box before lowering when it succeeded, and where it failed sorting it hovered
+    # at carry height over the right-hand box until the episode ended (docs/simulation.md, round 32).
+    steps: int = 45
+    reach: float = 0.04
+    drop: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.reach <= 0 or self.drop < 0:
+            raise ValueError(f"hold needs steps >= 1, reach > 0, drop >= 0; got {self}")
+
+
+@dataclass
+class HoldWatch(_Watch):
+    """Call it after every control step of one episode: whether the policy holds an object over its place now
+    without lowering it (``Hold``); keeps the control step at which that was first seen (None while never)."""
+
+    hold: Hold = field(default_factory=Hold)
+    ik: TopDownIK | None = None  # the env's grasp-point kinematics (built here when not given; ~60 ms)
+
+    def __post_init__(self) -> None:
+        self._ik = self.ik or TopDownIK(self.env.scene)
+        self._steps_over = 0
+
+    def over_place(self) -> bool:
+        """Whether the grasp point is over the place of the object it holds, at or near carry height."""
+        env, rule = self.env, self.hold
+        task, data = env.task, env.data
+        goal = next((g for g in task.remaining_goals(data) if task.held(data, g.obj)), None)
+        if goal is None:
+            return False
+        point = self._ik.forward(env.joint_positions()[:_GRIPPER])[0]
+        _, carry = ExpertConfig().release_and_carry(goal, task.rest_height(goal.obj))
+        return (float(np.linalg.norm(point[:2] - goal.xy)) <= rule.reach
+                and float(point[2]) >= carry - rule.drop)
+
+    def __call__(self) -> bool:
+        self._steps_over = self._steps_over + 1 if self.over_place() else 0
+        return self._fired(self._steps_over >= self.hold.steps)
 
 
 # The commanded gripper below this (rad) with an object between the pads: the jaws are closing on it.

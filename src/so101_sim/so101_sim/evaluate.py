@@ -30,7 +30,7 @@ import numpy as np
 from so101_common.graph import CAMERA_NAMES
 from so101_common.phrasings import HELD_OUT_PARAPHRASES, UNRELATED
 from so101_common.provenance import provenance
-from so101_sim.dwell import DwellWatch, GraspWatch
+from so101_sim.dwell import DwellWatch, GraspWatch, HoldWatch
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
@@ -97,13 +97,15 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         if video_dir is not None and i < video_episodes:
             recorder = GifRecorder(video_dir / f"{label}episode_{i:02d}_seed{seed}.gif", env.cfg.fps)
         watch = DwellWatch(env, ik=ik)
+        hold = HoldWatch(env, ik=ik)
         grasps = GraspWatch(env, expert=expert)
         trace = None if trace_dir is None else EpisodeTrace(env, ik=ik)
-        hooks: list[Callable[[], object]] = [watch, grasps] if trace is None else [watch, grasps, trace]
+        hooks: list[Callable[[], object]] = [watch, hold, grasps] if trace is None else [watch, hold, grasps, trace]
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
                              on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan,
                              after_step=partial(_call_each, hooks))
         result.dwell_watched, result.dwell_step, result.grasps = True, watch.first_step, grasps.grasps
+        result.hold_watched, result.hold_step = True, hold.first_step
         traced = ""
         if trace is not None and trace_dir is not None and not result.success:
             traced = f" -> trace {trace.write(trace_dir / f'{label}seed{seed}.csv')}"
@@ -113,6 +115,8 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         followed = "" if result.instruction_followed is None else \
             f", instruction {'followed' if result.instruction_followed else 'NOT followed'}"
         dwelt = "" if result.dwell_step is None else f", dwelt at a grasp by step {result.dwell_step}"
+        if result.hold_step is not None:
+            dwelt += f", held an object over its place by step {result.hold_step}"
         log(f"{label}episode {i} seed {seed}: {'success' if result.success else 'failure'} (score {result.score:.2f}"
             f"{followed}{dwelt}) after {result.steps} steps ({result.sim_seconds:.1f} s sim), {result.chunks} chunks"
             f"{traced}")
@@ -135,6 +139,8 @@ def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, a
             "instruction_followed_rate": sum(judged) / len(judged) if judged else None,
             # None for episodes evaluated before dwells were watched (pooled by so101-results-table)
             "dwelt": sum(r.dwell_step is not None for r in results) if all(r.dwell_watched for r in results) else None,
+            "held_over_place": (sum(r.hold_step is not None for r in results)
+                                if all(r.hold_watched for r in results) else None),
             **grasp_summary(results),
             "chunk_latency": latency_summary(latencies), "max_steps": max_steps,
             "action_steps": action_steps, "videos": videos, "results": [r.to_dict() for r in results]}
@@ -401,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job.task + ' ' if multi else ''}NFE {job.nfe}: success {report['successes']}/{report['episodes']} = "
               f"{100 * report['success_rate']:.1f} % (95 % CI {100 * low:.1f}-{100 * high:.1f} %), "
               f"mean score {report['score']:.3f}{_followed_text(report)}, "
-              f"dwelt at a grasp in {report['dwelt']} episodes, {report['grasps_off_centre']} of {report['grasps']} "
+              f"dwelt at a grasp in {report['dwelt']} episodes, held an object over its place in "
+              f"{report['held_over_place']}, {report['grasps_off_centre']} of {report['grasps']} "
               f"grasps more than {100 * OFF_CENTRE_GRASP_M:g} cm off-centre, "
               f"chunk latency median {lat.get('median_ms', float('nan')):.1f} ms, "
               f"p90 {lat.get('p90_ms', float('nan')):.1f} ms -> {path}")
@@ -499,16 +506,18 @@ def _one_nfe_summary(reports: dict[str, dict[int, dict]], nfe: int) -> dict:
     cells = {t: by_nfe[nfe] for t, by_nfe in reports.items()}
     tasks = {t: {"score": r["score"], "success_rate": r["success_rate"], "episodes": r["episodes"],
                  "ci95": r["ci95"], "instruction_followed_rate": r["instruction_followed_rate"],
-                 "dwelt": r["dwelt"], "chunk_ms_median": r["chunk_latency"].get("median_ms")}
+                 "dwelt": r["dwelt"], "held_over_place": r.get("held_over_place"),
+                 "chunk_ms_median": r["chunk_latency"].get("median_ms")}
              for t, r in cells.items()}
     paper = [t for t in PAPER_TASKS if t in cells] or list(cells)
     judged = [e["instruction_followed"] for t, r in cells.items() if t in LANGUAGE_DECIDED for e in r["results"]
               if e["instruction_followed"] is not None]
     latencies = [ms for r in cells.values() for e in r["results"] for ms in e["chunk_latency_ms"]]
     dwelt = [r["dwelt"] for r in cells.values()]
+    held = [r.get("held_over_place") for r in cells.values()]
     return {"tasks": tasks, "mean_score": float(np.mean([cells[t]["score"] for t in paper])),
             "mean_score_over": paper, "instruction_following": sum(judged) / len(judged) if judged else None,
-            "dwelt": None if None in dwelt else sum(dwelt),
+            "dwelt": None if None in dwelt else sum(dwelt), "held_over_place": None if None in held else sum(held),
             "chunk_ms_median": float(np.median(latencies)) if latencies else None}
 
 

@@ -17,6 +17,8 @@ descending onto it off-centre and rising again). The expert's part from there sa
 they close (stacking's failure: the toy caught ~2 cm towards its head tilts in the jaws); the expert's part
 re-aligns at that height and goes on down. ``--mode waver`` hands over where the wrist turns back and forth over
 the object (the toy lying where the two jaw directions need a roll near +-90 deg); the expert keeps the nearer one.
+``--mode hold`` hands over where the policy holds an object over its place at carry height without lowering it
+(sorting's failure: the second cube held over its box until the episode ends); the expert lowers it and lets go.
 
 ``--mode rollout`` records the policy's own successful episodes instead (self-imitation: filtered behaviour
 cloning): the policy runs the whole episode; when it succeeds, the commands it sent are replayed from the same
@@ -38,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from so101_sim.demos import DemoResult, SeedSkipped, add_expert_arguments, expert_config, generate, record_plan
-from so101_sim.dwell import Dwell, DwellWatch, OffCentre, OffCentreWatch, Waver, WaverWatch
+from so101_sim.dwell import Dwell, DwellWatch, Hold, HoldWatch, OffCentre, OffCentreWatch, Waver, WaverWatch
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
@@ -47,7 +49,7 @@ from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
-MODES = ("takeover", "dwell", "offcentre", "waver", "rollout")
+MODES = ("takeover", "dwell", "offcentre", "waver", "hold", "rollout")
 
 
 @dataclass(frozen=True)
@@ -192,6 +194,18 @@ class WaverRecorder(_WatchRecorder):
 
 
 @dataclass
+class HoldRecorder(_WatchRecorder):
+    """The expert takes over where the policy holds an object over its place without lowering it (``Hold``): its
+    part lowers the object there and lets go."""
+
+    hold: Hold = field(default_factory=Hold)
+    what = "object held over its place"
+
+    def _watch(self, env: SimEnv) -> Callable[[], bool]:
+        return HoldWatch(env, self.hold)
+
+
+@dataclass
 class RolloutRecorder(_PolicyRecorder):
     """Records the policy's own successful episodes: the commands of a closed-loop success, replayed and recorded."""
 
@@ -238,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="takeover: the expert finishes from where the policy is at a random step (recovery); "
                              "dwell: only where the policy dwells at a grasp (see --dwell-steps); offcentre: only "
                              "where it descends onto the object off-centre (see --offcentre-cm); waver: only where its "
-                             "wrist turns back over the object (see --waver-rad); rollout: record the policy's own "
-                             "successful episodes (self-imitation)")
+                             "wrist turns back over the object (see --waver-rad); hold: only where it holds an "
+                             "object over its place without lowering it (see --hold-steps); rollout: record the "
+                             "policy's own successful episodes (self-imitation)")
     parser.add_argument("--dwell-steps", type=int, default=Dwell.steps,
                         help=f"--mode dwell: control steps the grasp point stays within {Dwell.radius * 100:g} cm and "
                              f"the gripper within {Dwell.grip_rad:g} rad, within {Dwell.reach * 100:g} cm of the next "
@@ -250,14 +265,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--waver-rad", type=float, default=Waver.swing,
                         help="--mode waver: how far (rad) the wrist roll may turn back over the object, jaws open, "
                              "before the expert takes over")
+    parser.add_argument("--hold-steps", type=int, default=Hold.steps,
+                        help=f"--mode hold: control steps an object may be held within {Hold.reach * 100:g} cm of "
+                             f"its place, less than {Hold.drop * 100:g} cm below carry height, before the expert takes "
+                             "over")
     parser.add_argument("--device", default="cpu")
     add_expert_arguments(parser)
     args = parser.parse_args(argv)
     expert = expert_config(parser, args)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
-    if args.dwell_steps < 1:
-        parser.error(f"--dwell-steps must be >= 1, got {args.dwell_steps}")
+    for option, value in (("--dwell-steps", args.dwell_steps), ("--hold-steps", args.hold_steps)):
+        if value < 1:
+            parser.error(f"{option} must be >= 1, got {value}")
     if not args.offcentre_cm > 0:
         parser.error(f"--offcentre-cm must be > 0, got {args.offcentre_cm}")
     if not args.waver_rad > 0:
@@ -276,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder: RecoveryRecorder | DwellRecorder | OffCentreRecorder | WaverRecorder | RolloutRecorder
+        recorder: RecoveryRecorder | DwellRecorder | OffCentreRecorder | WaverRecorder | HoldRecorder | RolloutRecorder
         # How every recorder runs the policy: as so101-eval does.
         run: dict[str, Any] = {"action_steps": args.action_steps, "reseed": policy.reseed,
                                "guide_plan": args.candidates > 1}
@@ -289,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             recorder = OffCentreRecorder(policy, steps, OffCentre(offset=args.offcentre_cm / 100), expert=expert, **run)
         elif args.mode == "waver":
             recorder = WaverRecorder(policy, steps, Waver(swing=args.waver_rad), expert=expert, **run)
+        elif args.mode == "hold":
+            recorder = HoldRecorder(policy, steps, Hold(steps=args.hold_steps), expert=expert, **run)
         else:
             recorder = RecoveryRecorder(policy, handover, expert=expert, **run)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
@@ -310,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),
         **({"dwell": asdict(recorder.dwell)} if isinstance(recorder, DwellRecorder) else {}),
         **({"offcentre": asdict(recorder.off_centre)} if isinstance(recorder, OffCentreRecorder) else {}),
-        **({"waver": asdict(recorder.waver)} if isinstance(recorder, WaverRecorder) else {})},
+        **({"waver": asdict(recorder.waver)} if isinstance(recorder, WaverRecorder) else {}),
+        **({"hold": asdict(recorder.hold)} if isinstance(recorder, HoldRecorder) else {})},
         indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "

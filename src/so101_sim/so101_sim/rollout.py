@@ -69,6 +69,10 @@ class EpisodeResult:
     # dwell at a grasp (None: never).
     dwell_watched: bool = False
     dwell_step: int | None = None
+    # Whether a HoldWatch watched the run, and the control step at which it first saw the policy hold an object
+    # over its place without lowering it (None: never).
+    hold_watched: bool = False
+    hold_step: int | None = None
     # Where each object was first caught (so101_sim.dwell.GraspWatch); None: not watched.
     grasps: list[dict] | None = None
 

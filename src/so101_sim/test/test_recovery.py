@@ -15,11 +15,12 @@ from so101_common.episode_bag import read_episode_metadata
 from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.joints import home_vector
 from so101_sim import recovery
-from so101_sim.dwell import Dwell, OffCentre, OffCentreWatch, Waver
+from so101_sim.dwell import Dwell, Hold, OffCentre, OffCentreWatch, Waver
 from so101_sim.demos import generate
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import evaluate
 from so101_sim.expert import ExpertChunkPolicy, ExpertConfig, ScriptedExpert
+from so101_sim.ik import TopDownIK
 from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY, SceneConfig
 from so101_sim.rollout import run_episode
 from so101_sim.tasks import TASKS
@@ -302,6 +303,49 @@ def test_waver_mode_takes_over_where_the_wrist_turns_back_over_the_toy(tmp_path)
         Waver(swing=0.0)
 
 
+class ExpertThenHold(PlannedStandIn):
+    """The expert's plan until its target is over the box at carry height, the cube in the jaws, then held there:
+    a policy that carries the cube to its place and never lets it go."""
+
+    def make_plan(self) -> np.ndarray:
+        plan = super().make_plan()
+        ik, box = TopDownIK(self.env.scene), np.asarray(self.env.cfg.box_center)
+        self.k = next(i for i, row in enumerate(plan) if np.linalg.norm(ik.forward(row[:-1])[0][:2] - box) < 0.01)
+        return plan
+
+    def rows(self, steps: np.ndarray) -> np.ndarray:
+        return super().rows(np.minimum(steps, self.k))
+
+
+def test_hold_mode_takes_over_where_the_policy_holds_the_cube_over_the_box(tmp_path):
+    """The cube held over the box at carry height is recognised once it has been held there for 1.5 s; the expert
+    takes over, lowers it and lets go. so101-eval counts that episode, not the expert's own (which lowers as it
+    arrives), and the expert's own run leaves no recovery."""
+    env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
+    try:
+        holding = ExpertThenHold(env)
+        recorder = recovery.HoldRecorder(holding, max_steps=360)
+        demo = recorder(env, 4, tmp_path / "episode_0000")
+        steady = recovery.HoldRecorder(ExpertChunkPolicy(env), max_steps=360)
+        with pytest.raises(recovery.SeedSkipped, match="no object held over its place"):
+            steady(env, 4, tmp_path / "episode_0001")
+        held = evaluate(env, ExpertThenHold(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
+        expert = evaluate(env, ExpertChunkPolicy(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
+    finally:
+        env.close()
+    assert demo.success and not (tmp_path / "episode_0001").exists()
+    # over the box within the carry's last steps, then held for the whole window
+    assert holding.k + Hold.steps - 15 <= recorder.handovers["episode_0000"] <= holding.k + Hold.steps + 1
+    # the recorded part starts with the cube still in the jaws, and ends with it released
+    grip = _commanded_gripper(tmp_path / "episode_0000")
+    assert grip[0] < 0.2 and grip[-1] > 0.5
+    assert (held["held_over_place"], held["successes"]) == (1, 0) and held["results"][0]["score"] == 0.5
+    assert (expert["held_over_place"], expert["successes"]) == (0, 1)
+    assert expert["results"][0]["hold_step"] is None
+    with pytest.raises(ValueError, match="hold needs"):
+        Hold(steps=0)
+
+
 def test_evaluation_reports_where_each_grasp_caught_the_object():
     """so101-eval's grasp watch: the expert catches the toy at its torso's centre; the descent aimed 2 cm towards
     the head catches it there (+2 cm along its length, in its own frame) and is counted off-centre."""
@@ -450,10 +494,11 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"),
                        "--task", "juggling"])
     assert exc.value.code == 2 and "argument --task: invalid choice: 'juggling'" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:
-        recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", "dwell",
-                       "--dwell-steps", "0"])
-    assert exc.value.code == 2 and "--dwell-steps must be >= 1" in capsys.readouterr().err
+    for option, mode in (("--dwell-steps", "dwell"), ("--hold-steps", "hold")):
+        with pytest.raises(SystemExit) as exc:
+            recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", mode,
+                           option, "0"])
+        assert exc.value.code == 2 and f"{option} must be >= 1, got 0" in capsys.readouterr().err
     for option, mode in (("--offcentre-cm", "offcentre"), ("--waver-rad", "waver")):
         with pytest.raises(SystemExit) as exc:
             recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", mode,

@@ -165,7 +165,8 @@ def _block(directory, seeds: range, succeeded: int, latency_ms: float, checkpoin
            dwelt: int | None = None) -> None:
     """An so101-eval --tasks pick_place,pick_place_red output: per task a report of episodes with ``succeeded``
     successes (the red block followed exactly when successful), the last ``dwelt`` of them seen dwelling at a grasp
-    (None: made before dwells were watched), and the summary so101-eval writes."""
+    and the first seen holding its object over the box (None: made before either was watched), and the summary
+    so101-eval writes."""
     reports = {}
     directory.mkdir()
     for task in ("pick_place", "pick_place_red"):
@@ -173,7 +174,9 @@ def _block(directory, seeds: range, succeeded: int, latency_ms: float, checkpoin
                                   chunk_latency_ms=[latency_ms] * 20, score=1.0 if i < succeeded else 0.5,
                                   instruction_followed=(i < succeeded) if task == "pick_place_red" else None,
                                   dwell_watched=dwelt is not None,
-                                  dwell_step=90 if dwelt is not None and i >= len(seeds) - dwelt else None)
+                                  dwell_step=90 if dwelt is not None and i >= len(seeds) - dwelt else None,
+                                  hold_watched=dwelt is not None,
+                                  hold_step=150 if dwelt is not None and i == 0 else None)
                     for i, s in enumerate(seeds)]
         report = summarize(episodes, [], 360, 10)
         (directory / task).mkdir()
@@ -209,7 +212,7 @@ def test_runs_on_other_seed_blocks_pool_into_one_column_recomputed_from_their_ep
     assert "pick_place_red/eval_nfe1.json is not a so101-eval task report" in capsys.readouterr().err
 
 
-def test_episodes_that_dwelt_are_counted_where_every_pooled_run_watched_for_them(tmp_path):
+def test_episodes_that_dwelt_or_held_are_counted_where_every_pooled_run_watched_for_them(tmp_path):
     _block(tmp_path / "a", range(1000, 1010), 8, 8.0, dwelt=2)
     _block(tmp_path / "b", range(2000, 2010), 9, 8.0, dwelt=1)
     _block(tmp_path / "old", range(3000, 3010), 9, 8.0)
@@ -218,4 +221,5 @@ def test_episodes_that_dwelt_are_counted_where_every_pooled_run_watched_for_them
                                "--eval", f"mixed={tmp_path / 'a'}+{tmp_path / 'old'}", "--out", str(out)]) == 0
     columns = json.loads(out.with_suffix(".json").read_text())["columns"]
     assert [c["dwelt"] for c in columns] == [6, None]  # 3 per task, two tasks
+    assert [c["held_over_place"] for c in columns] == [4, None]  # 1 per task and block
     assert "| episodes that dwelt at a grasp | 6 of 40 | - |" in out.with_suffix(".md").read_text()

@@ -33,7 +33,9 @@ TYPES = {CAMERAS[0]: Image, CAMERAS[1]: Image, JOINT_STATES_TOPIC: JointState, T
 QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
 
 
-def call(node, srv_type, name: str, request, timeout: float = 10.0):
+def call(node, srv_type, name: str, request, timeout: float = 30.0):
+    """One service call; returns as soon as the answer comes (the first start of a freshly launched recorder took
+    over 10 s once with both cores busy)."""
     client = node.create_client(srv_type, name)
     assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
     future = client.call_async(request)
