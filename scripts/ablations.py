@@ -207,21 +207,27 @@ def markdown(cells: list[dict[str, Any]]) -> str:
              "Each cell trains a fresh action expert with one setting changed from the shipped configuration (flow "
              "ratio 0.2, gamma 0.5, chunk 20, NFE 1) on the frozen backbone of the shipped pick-place checkpoint, "
              "on the scripted pick-place demos (seeds 0..), then evaluates it in closed loop on held-out seeds "
-             "(1000..). Rows with the default setting are the same trained run. How to run and continue it: "
+             "(1000..). Rows with the default setting are the same trained run. One block of rows per training "
+             "setting measured, the longest training first. How to run and continue it: "
              "[docs/results.md](../results.md#ablations-the-papers-tables-i-iv).", "",
              "Paper column: the paper's mean over its three SO-101 tasks where the project's notes give a figure, "
              "\"best\" where they only name the value the paper found best, \"see paper\" otherwise.", ""]
-    by_key = {(c["table"], c["value"]): c for c in cells}
+    def setting(cell: dict[str, Any]) -> tuple:
+        return tuple(cell[f] for f in SETTING_FIELDS)
+
+    by_key: dict[tuple, dict[str, Any]] = {(c["table"], c["value"], setting(c)): c for c in cells}
+    # Each training setting measured is its own block (a grid at 4,000 steps beside one at 12,000), longest first.
+    settings: list[tuple | None] = [*sorted({setting(c) for c in cells}, key=lambda s: (-s[0], s))] or [None]
     for table in TABLES:
         lines += [f"## Table {table.name}: {table.title}", "",
                   f"| {table.parameter} | success | 95 % interval | mean score | chunk ms (median) | steps | paper |",
                   "|---|---|---|---|---|---|---|"]
-        for value in table.values:
+        for value, which in ((v, s) for s in settings for v in table.values):
             name = fmt(value) + (" (default)" if value == DEFAULTS[table.parameter] else "")
             paper = PAPER.get((table.name, value), "see paper")
-            cell = by_key.get((table.name, value))
+            cell = by_key.get((table.name, value, which))
             if cell is None:
-                lines.append(f"| {name} | not run yet | | | | | {paper} |")
+                lines.append(f"| {name} | not run yet | | | | {'' if which is None else which[0]} | {paper} |")
                 continue
             low, high = cell["ci95"]
             latency = "-" if cell["chunk_ms_median"] is None else f"{cell['chunk_ms_median']:.1f}"
@@ -235,10 +241,9 @@ def markdown(cells: list[dict[str, Any]]) -> str:
     if sources:
         lines.append("Measured at (commit, machine: cells):")
         lines += [f"- {commit}, {where}: {', '.join(labels)}" for (commit, where), labels in sources.items()]
-        settings = sorted({tuple(c[f] for f in SETTING_FIELDS) for c in cells})
         lines.append("")
         lines.append("Settings (" + ", ".join(SETTING_FIELDS) + "): " +
-                     "; ".join(", ".join(str(v) for v in s) for s in settings) + ".")
+                     "; ".join(", ".join(str(v) for v in s) for s in settings if s is not None) + ".")
     return "\n".join(lines) + "\n"
 
 

@@ -48,8 +48,8 @@ def test_grid_writes_the_tables_and_a_rerun_skips_finished_cells(tmp_path: Path)
     table = (tmp_path / "results" / "ablations.md").read_text()
     for heading in ("## Table I:", "## Table II:", "## Table III:", "## Table IV:"):
         assert heading in table
-    assert "| 0.2 (default) | " in table and "| 0.5 | not run yet | | | | | see paper |" in table
-    assert "| 1 (default) | not run yet | | | | | 49 % |" in table  # III:1 was not asked for
+    assert "| 0.2 (default) | " in table and "| 0.5 | not run yet | | | | 2 | see paper |" in table
+    assert "| 1 (default) | not run yet | | | | 2 | 49 % |" in table  # III:1 was not asked for
     assert f"{cells[0]['commit']}, {cells[0]['machine']}: I:0, I:0.2, III:2" in table
 
     # A fresh machine: no runs, no demos; the finished cells come from the JSON, III:1 is I:0.2's measurement.
