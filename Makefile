@@ -66,7 +66,7 @@ results-multitask: setup
 # The paper's ablations (scripts/ablations.py): Tables I-IV on pick-place, each cell a fresh action expert on the shipped
 # checkpoint's frozen backbone, evaluated on EPISODES held-out seeds; docs/results/ablations.{json,md}. Cells already in
 # the (committed) JSON are skipped, so a rerun continues. STEPS= per run, TIME_LIMIT= s, TABLES="I III:1,5" (all).
-STEPS ?= 4000
+STEPS ?= 12000
 ablations: setup
 	@$(ENV) OMP_NUM_THREADS=1 python scripts/ablations.py --steps $(STEPS) --episodes $(EPISODES) --jobs $(WORKERS) \
 	  --demos $(DEMOS) --runs $(RUNS)/ablations $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT)) \

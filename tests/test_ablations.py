@@ -28,7 +28,7 @@ def _ablations(tmp: Path, *args: str) -> subprocess.CompletedProcess:
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-@pytest.mark.slow  # ~40 s of CPU: demos, two trainings and three evaluations in subprocesses
+@pytest.mark.slow  # ~40 s of CPU: demos, two trainings and four evaluations in subprocesses
 @pytest.mark.timeout(900)
 def test_grid_writes_the_tables_and_a_rerun_skips_finished_cells(tmp_path: Path) -> None:
     first = _ablations(tmp_path, "--tables", "I:0,0.2", "III:2", "--jobs", "2")
@@ -65,6 +65,13 @@ def test_grid_writes_the_tables_and_a_rerun_skips_finished_cells(tmp_path: Path)
     assert set(now) == {("I", 0.0), ("I", 0.2), ("III", 1), ("III", 2)}
     assert {k: v for k, v in now["III", 1].items() if k not in ("table", "value", "parameter")} == \
         {k: v for k, v in now["I", 0.2].items() if k not in ("table", "value", "parameter")}
+    # Another training length measures its own cells beside these (longest first), never replacing them.
+    longer = _ablations(tmp_path, "--tables", "I:0", "--steps", "3")
+    assert longer.returncode == 0, longer.stdout + longer.stderr
+    cells = json.loads(results.read_text())["cells"]
+    assert [(c["table"], c["value"], c["steps"]) for c in cells if c["table"] == "I"] == [
+        ("I", 0.0, 3), ("I", 0.0, 2), ("I", 0.2, 2)]
+    assert "| 0.2 (default) | not run yet | | | | 3 | best |" in (tmp_path / "results" / "ablations.md").read_text()
     # The tables are a function of the JSON: regenerating them changes nothing.
     table = (tmp_path / "results" / "ablations.md").read_text()
     assert _ablations(tmp_path, "--report-only").returncode == 0
