@@ -28,7 +28,6 @@ does well (its retries that worked, the chunks coherent sampling chose) in the d
 from __future__ import annotations
 
 import argparse
-from abc import ABC, abstractmethod
 import json
 import sys
 import time
@@ -121,26 +120,45 @@ class RecoveryRecorder(_PolicyRecorder):
 
 
 class _Seen(Exception):
-    """Raised from a control step to end the policy's run where a watch fires (_WatchRecorder)."""
+    """Raised from a control step to end the policy's run where a watch fires (WatchRecorder)."""
+
+
+WatchRule = Dwell | OffCentre | Waver | Hold
+
+
+def _expert_watch(env: SimEnv, rule: OffCentre, expert: ExpertConfig) -> Callable[[], bool]:
+    return OffCentreWatch(env, rule, ScriptedExpert(env, expert))
+
+
+# Per rule: how the skip and takeover messages name what its watch recognises, and the watch of one episode.
+_WATCHES: dict[type, tuple[str, Callable[[SimEnv, Any, ExpertConfig], Callable[[], bool]]]] = {
+    Dwell: ("dwell at a grasp", lambda env, rule, _: DwellWatch(env, rule)),
+    OffCentre: ("off-centre descent", _expert_watch),
+    Waver: ("wrist turning back over the object", lambda env, rule, _: WaverWatch(env, rule)),
+    Hold: ("object held over its place", lambda env, rule, _: HoldWatch(env, rule)),
+}
 
 
 @dataclass
-class _WatchRecorder(_PolicyRecorder, ABC):
-    """Records a recovery episode per seed where a per-step watch of the policy's run fires: the expert takes over
-    at that step; seeds where it never fires are skipped. Keeps that step of each written episode."""
+class WatchRecorder(_PolicyRecorder):
+    """Records a recovery episode per seed where a per-step watch of the policy's run fires for ``rule``: the expert
+    takes over at that step; seeds where it never fires are skipped. Keeps that step of each written episode.
+    ``Dwell``: the policy dwells at a grasp (the expert aligns and goes on down); ``OffCentre``: it descends
+    off-centre onto the object (the expert re-aligns at that height); ``Waver``: its wrist turns back and forth over
+    the object (the expert keeps the jaw direction nearer the roll it finds); ``Hold``: it holds an object over its
+    place without lowering it (the expert lowers it there and lets go)."""
 
     max_steps: int
+    rule: WatchRule
     handovers: dict[str, int] = field(default_factory=dict, init=False)
-    what = "watched state"  # how the skip and takeover messages name what the watch recognises
 
-    @abstractmethod
-    def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        """A fresh watch of one episode in ``env``: called after every control step, True where the expert takes
-        over."""
+    @property
+    def what(self) -> str:
+        return _WATCHES[type(self.rule)][0]
 
     def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
         started = time.perf_counter()
-        watch = self._watch(env)
+        watch = _WATCHES[type(self.rule)][1](env, self.rule, self.expert)
 
         def stop_where_seen() -> None:
             if watch():
@@ -156,53 +174,6 @@ class _WatchRecorder(_PolicyRecorder, ABC):
         demo = self._expert_from_here(env, seed, path, started, f"at the {self.what} (step {handover})")
         self.handovers[path.name] = handover
         return demo
-
-
-@dataclass
-class DwellRecorder(_WatchRecorder):
-    """The expert takes over where the policy dwells at a grasp (``Dwell``)."""
-
-    dwell: Dwell = field(default_factory=Dwell)
-    what = "dwell at a grasp"
-
-    def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        return DwellWatch(env, self.dwell)
-
-
-@dataclass
-class OffCentreRecorder(_WatchRecorder):
-    """The expert takes over where the policy descends off-centre onto the object (``OffCentre``), before the jaws
-    close: its part re-aligns over the object at that height and goes on down."""
-
-    off_centre: OffCentre = field(default_factory=OffCentre)
-    what = "off-centre descent"
-
-    def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        return OffCentreWatch(env, self.off_centre, ScriptedExpert(env, self.expert))
-
-
-@dataclass
-class WaverRecorder(_WatchRecorder):
-    """The expert takes over where the policy's wrist turns back and forth over the object (``Waver``): its part
-    takes the jaw direction nearer the wrist's roll at that moment and goes on with it."""
-
-    waver: Waver = field(default_factory=Waver)
-    what = "wrist turning back over the object"
-
-    def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        return WaverWatch(env, self.waver)
-
-
-@dataclass
-class HoldRecorder(_WatchRecorder):
-    """The expert takes over where the policy holds an object over its place without lowering it (``Hold``): its
-    part lowers the object there and lets go."""
-
-    hold: Hold = field(default_factory=Hold)
-    what = "object held over its place"
-
-    def _watch(self, env: SimEnv) -> Callable[[], bool]:
-        return HoldWatch(env, self.hold)
 
 
 @dataclass
@@ -296,21 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder: RecoveryRecorder | DwellRecorder | OffCentreRecorder | WaverRecorder | HoldRecorder | RolloutRecorder
+        recorder: RecoveryRecorder | WatchRecorder | RolloutRecorder
         # How every recorder runs the policy: as so101-eval does.
         run: dict[str, Any] = {"action_steps": args.action_steps, "reseed": policy.reseed,
                                "guide_plan": args.candidates > 1}
         steps = task_class(args.task).max_steps
+        rules: dict[str, WatchRule] = {"dwell": Dwell(steps=args.dwell_steps),
+                                       "offcentre": OffCentre(offset=args.offcentre_cm / 100),
+                                       "waver": Waver(swing=args.waver_rad), "hold": Hold(steps=args.hold_steps)}
         if args.mode == "rollout":
             recorder = RolloutRecorder(policy, steps, **run)
-        elif args.mode == "dwell":
-            recorder = DwellRecorder(policy, steps, Dwell(steps=args.dwell_steps), expert=expert, **run)
-        elif args.mode == "offcentre":
-            recorder = OffCentreRecorder(policy, steps, OffCentre(offset=args.offcentre_cm / 100), expert=expert, **run)
-        elif args.mode == "waver":
-            recorder = WaverRecorder(policy, steps, Waver(swing=args.waver_rad), expert=expert, **run)
-        elif args.mode == "hold":
-            recorder = HoldRecorder(policy, steps, Hold(steps=args.hold_steps), expert=expert, **run)
+        elif args.mode in rules:
+            recorder = WatchRecorder(policy, steps, rules[args.mode], expert=expert, **run)
         else:
             recorder = RecoveryRecorder(policy, handover, expert=expert, **run)
         results = generate(args.out, args.episodes, args.seed, task=args.task, image_size=args.image_size,
@@ -330,10 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
            else {"handover_step": recorder.handovers}),
         **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),
-        **({"dwell": asdict(recorder.dwell)} if isinstance(recorder, DwellRecorder) else {}),
-        **({"offcentre": asdict(recorder.off_centre)} if isinstance(recorder, OffCentreRecorder) else {}),
-        **({"waver": asdict(recorder.waver)} if isinstance(recorder, WaverRecorder) else {}),
-        **({"hold": asdict(recorder.hold)} if isinstance(recorder, HoldRecorder) else {})},
+        **({args.mode: asdict(recorder.rule)} if isinstance(recorder, WatchRecorder) else {})},
         indent=2) + "\n")
     wall = time.perf_counter() - started
     print(f"wrote {len(results)} recovery episodes to {args.out} in {wall:.1f} s "

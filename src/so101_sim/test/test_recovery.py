@@ -176,17 +176,24 @@ def test_dwell_is_a_still_grasp_point_and_a_still_gripper_for_the_whole_window()
         Dwell(steps=0)
 
 
+def _watched(env: SimEnv, policy, rule, seed: int, tmp_path, what: str):
+    """``so101-sim-recovery``'s watch recorder for ``rule`` on ``policy`` (one episode written), and on the expert
+    itself, which never shows ``what`` and leaves nothing. Returns the recorder and the episode."""
+    recorder = recovery.WatchRecorder(policy, max_steps=360, rule=rule)
+    demo = recorder(env, seed, tmp_path / "episode_0000")
+    with pytest.raises(recovery.SeedSkipped, match=f"no {what}"):
+        recovery.WatchRecorder(ExpertChunkPolicy(env), max_steps=360, rule=rule)(env, seed, tmp_path / "episode_0001")
+    assert not (tmp_path / "episode_0001").exists()
+    return recorder, demo
+
+
 def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     """A policy that stops at the expert's hover point above the cube (gripper open) and stays: the expert takes
     over once it has stayed ``steps``, from that state, and succeeds; a policy that never dwells leaves nothing."""
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
     try:
         hover = ExpertThenDrift(env, k=round(ExpertConfig.t_reach * env.cfg.fps) - 1, pan=0.0)  # reach ends
-        recorder = recovery.DwellRecorder(hover, max_steps=360, dwell=Dwell(steps=30))
-        demo = recorder(env, 4, tmp_path / "episode_0000")
-        never = recovery.DwellRecorder(ExpertChunkPolicy(env), max_steps=360, dwell=Dwell(steps=30))
-        with pytest.raises(recovery.SeedSkipped, match="no dwell at a grasp"):
-            never(env, 4, tmp_path / "episode_0001")
+        recorder, demo = _watched(env, hover, Dwell(steps=30), 4, tmp_path, "dwell at a grasp")
         env.step()  # the env's own step is back
     finally:
         env.close()
@@ -196,7 +203,6 @@ def test_dwell_mode_takes_over_where_the_policy_hovers_over_the_cube(tmp_path):
     assert hover.k + 15 <= handover <= hover.k + 31
     first, _ = _first_state_and_command_count(demo.path)
     np.testing.assert_allclose(first[:5], hover.plan[hover.k][:5], atol=0.05)  # it starts at the hover
-    assert not (tmp_path / "episode_0001").exists()
 
 
 class ExpertAimingOff(PlannedStandIn):
@@ -253,11 +259,7 @@ def test_offcentre_mode_takes_over_during_an_off_centre_descent_and_the_expert_s
     try:
         off = ExpertAimingOff(env, 0.02)
         result = run_episode(env, off, 7, max_steps=360, action_steps=10)
-        recorder = recovery.OffCentreRecorder(ExpertAimingOff(env, 0.02), max_steps=360)
-        demo = recorder(env, 7, tmp_path / "episode_0000")
-        aligned = recovery.OffCentreRecorder(ExpertChunkPolicy(env), max_steps=360)
-        with pytest.raises(recovery.SeedSkipped, match="no off-centre descent"):
-            aligned(env, 7, tmp_path / "episode_0001")
+        recorder, demo = _watched(env, ExpertAimingOff(env, 0.02), OffCentre(), 7, tmp_path, "off-centre descent")
     finally:
         env.close()
     assert not result.success  # left alone, the off-centre grasp fails
@@ -265,7 +267,6 @@ def test_offcentre_mode_takes_over_during_an_off_centre_descent_and_the_expert_s
     first, _ = _first_state_and_command_count(demo.path)
     assert first[-1] > OffCentre.grip_open  # taken over with the jaws still open
     assert 0 < recorder.handovers["episode_0000"] < 150
-    assert not (tmp_path / "episode_0001").exists()
 
 
 class ExpertThenWaver(PlannedStandIn):
@@ -288,17 +289,12 @@ def test_waver_mode_takes_over_where_the_wrist_turns_back_over_the_toy(tmp_path)
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE), task="stacking")
     try:
         k = round(ExpertConfig.t_reach * env.cfg.fps)
-        recorder = recovery.WaverRecorder(ExpertThenWaver(env, k), max_steps=360)
-        demo = recorder(env, 7, tmp_path / "episode_0000")
-        steady = recovery.WaverRecorder(ExpertChunkPolicy(env), max_steps=360)
-        with pytest.raises(recovery.SeedSkipped, match="no wrist turning back"):
-            steady(env, 7, tmp_path / "episode_0001")
+        recorder, demo = _watched(env, ExpertThenWaver(env, k), Waver(), 7, tmp_path, "wrist turning back")
     finally:
         env.close()
     assert demo.success
     # out to +1.2 rad by k + 20, back past +0.4 some 13 steps later
     assert k + 25 <= recorder.handovers["episode_0000"] <= k + 40
-    assert not (tmp_path / "episode_0001").exists()
     with pytest.raises(ValueError, match="swing"):
         Waver(swing=0.0)
 
@@ -324,16 +320,12 @@ def test_hold_mode_takes_over_where_the_policy_holds_the_cube_over_the_box(tmp_p
     env = SimEnv(SceneConfig(image_height=SIZE, image_width=SIZE))
     try:
         holding = ExpertThenHold(env)
-        recorder = recovery.HoldRecorder(holding, max_steps=360)
-        demo = recorder(env, 4, tmp_path / "episode_0000")
-        steady = recovery.HoldRecorder(ExpertChunkPolicy(env), max_steps=360)
-        with pytest.raises(recovery.SeedSkipped, match="no object held over its place"):
-            steady(env, 4, tmp_path / "episode_0001")
+        recorder, demo = _watched(env, holding, Hold(), 4, tmp_path, "object held over its place")
         held = evaluate(env, ExpertThenHold(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
         expert = evaluate(env, ExpertChunkPolicy(env), [4], max_steps=360, action_steps=10, log=lambda _: None)
     finally:
         env.close()
-    assert demo.success and not (tmp_path / "episode_0001").exists()
+    assert demo.success
     # over the box within the carry's last steps, then held for the whole window
     assert holding.k + Hold.steps - 15 <= recorder.handovers["episode_0000"] <= holding.k + Hold.steps + 1
     # the recorded part starts with the cube still in the jaws, and ends with it released
