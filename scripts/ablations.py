@@ -20,9 +20,11 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -303,14 +305,63 @@ def ensure_demos(grid: Grid) -> None:
              "--seed", "0", "--image-size", str(IMAGE_SIZE), "--out", str(grid.demos)], "demo generation")
 
 
+class Interrupted(Exception):
+    """A signal asked the grid to stop: running trainings were told to save their state; nothing new starts."""
+
+
+class _Stop:
+    """SIGINT / SIGTERM handling for the whole grid: the first signal is passed on once to every running step (a
+    trainer then saves a checkpoint it resumes exactly from) and no further step starts; the driver exits once the
+    running steps have ended. Installed explicitly, so a grid started in the background, where the shell ignores
+    SIGINT, still stops on it."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen[str]] = set()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self.requested.is_set():
+            return  # a trainer aborts without saving on a second signal: pass on only the first
+        self.requested.set()
+        log(f"{signal.Signals(signum).name}: asking the running steps to save and stop; nothing new starts")
+        with self._lock:
+            for proc in self._running:
+                proc.send_signal(signal.SIGINT)
+
+    def run(self, argv: list[str], stderr: Any) -> subprocess.CompletedProcess[str]:
+        """subprocess.run, registered so a signal reaches the step; Interrupted if a stop was asked before."""
+        with self._lock:
+            if self.requested.is_set():
+                raise Interrupted()
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=stderr, text=True)
+            self._running.add(proc)
+        try:
+            out, _ = proc.communicate()
+        finally:
+            with self._lock:
+                self._running.discard(proc)
+        if self.requested.is_set() and proc.returncode != 0:
+            raise Interrupted()
+        return subprocess.CompletedProcess(argv, proc.returncode, out)
+
+
+STOP = _Stop()
+
+
 def command(argv: list[str], what: str, log_file: Path | None = None) -> str:
-    """Run a step to completion; its stdout is returned, its stderr goes to ``log_file`` (or ours)."""
+    """Run a step to completion; its stdout is returned, its stderr goes to ``log_file`` (or ours). Raises
+    Interrupted when a signal stopped it (or came before it started)."""
     started = time.monotonic()
     if log_file is None:
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
+        proc = STOP.run(argv, None)
     else:
         with open(log_file, "a") as err:
-            proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+            proc = STOP.run(argv, err)
     if proc.returncode != 0:
         where = f"; its log: {log_file}" if log_file else ""
         raise AblationError(f"{what} failed (exit {proc.returncode}): {' '.join(argv)}{where}")
@@ -360,12 +411,18 @@ def train(grid: Grid, run: str, cell: Cell) -> None:
 def measure(grid: Grid, run: str, cells: list[Cell], commit: str, where: str) -> dict[int, dict[str, Any]] | None:
     """Train one run and evaluate it at its cells' NFEs; None when the time limit left it unfinished."""
     left = grid.time_left()
-    if left is not None and left < MIN_START_S:
+    if STOP.requested.is_set() or (left is not None and left < MIN_START_S):
         return None
-    train(grid, run, cells[0])
-    if trained_steps(grid.run_dir(run)) < grid.steps:
+    try:
+        train(grid, run, cells[0])
+    except Interrupted:
         return None
-    return evaluate(grid, run, sorted({c.nfe for c in cells}), commit, where)
+    if STOP.requested.is_set() or trained_steps(grid.run_dir(run)) < grid.steps:
+        return None
+    try:
+        return evaluate(grid, run, sorted({c.nfe for c in cells}), commit, where)
+    except Interrupted:  # evaluated again in full by the next run of the grid
+        return None
 
 
 def evaluate(grid: Grid, run: str, nfes: list[int], commit: str, where: str) -> dict[int, dict[str, Any]]:
@@ -452,7 +509,8 @@ def run_grid(grid: Grid, cells: list[Cell], results_base: Path) -> dict[str, Any
             raise
     finished = sum(entry(c) is not None for c in cells)
     if stopped:
-        log(f"time limit reached: {len(cells) - finished} cell(s) left. Run again to continue (an unfinished "
+        why = "stopped by a signal" if STOP.requested.is_set() else "time limit reached"
+        log(f"{why}: {len(cells) - finished} cell(s) left. Run again to continue (an unfinished "
             "training resumes from its checkpoint on this machine; on a fresh one its cells start again)")
     log(f"results: {results_base.with_suffix('.json')}, {results_base.with_suffix('.md')} (commit them: the JSON "
         "is what a rerun on a fresh machine skips by)")
@@ -508,12 +566,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     steps=args.steps, batch_size=args.batch_size, lr=args.lr, episodes=args.episodes,
                     jobs=args.jobs,
                     deadline=time.monotonic() + args.time_limit if args.time_limit > 0 else None)
+        STOP.install()
         summary = run_grid(grid, cells, args.results)
     except AblationError as exc:
         print(f"ablations: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         print("ablations: interrupted; finished cells are saved, run again to continue", file=sys.stderr)
+        return 130
+    if STOP.requested.is_set():
+        print(json.dumps(summary), flush=True)
         return 130
     print(json.dumps(summary), flush=True)
     return 0

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +103,55 @@ def test_a_broken_results_file_is_one_error_before_any_work(tmp_path: Path) -> N
 def test_bad_table_choices_are_named(tmp_path: Path, tables: list[str], message: str) -> None:
     proc = _ablations(tmp_path, "--tables", *tables)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow  # ~1 min: two trainings started, then stopped
+@pytest.mark.timeout(600)
+def test_a_signal_saves_the_running_trainings_and_starts_nothing_new(tmp_path: Path) -> None:
+    """Started as a background job (SIGINT ignored, as a shell leaves it), the grid still stops on SIGINT: both
+    running trainings save a state they resume from, the third run never starts, and a rerun resumes them."""
+    argv = [sys.executable, str(SCRIPT), "--demos", str(tmp_path / "demos"), "--demo-episodes", "2", "--runs",
+            str(tmp_path / "runs"), "--results", str(tmp_path / "results" / "ablations"), "--steps", "100000",
+            "--batch-size", "4", "--episodes", "1", "--tables", "I:0,0.5,1", "--jobs", "2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    runs = [tmp_path / "runs" / f"{name}_s100000_b4_lr0.001_d2" for name in ("fr0_g0.5_c20", "fr0.5_g0.5_c20")]
+    deadline = time.monotonic() + 400
+    try:
+        while not all((r / "train.log").exists() and "step 10/100000" in (r / "train.log").read_text()
+                      for r in runs):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out + err
+    assert "SIGINT: asking the running steps to save and stop; nothing new starts" in out
+    assert "stopped by a signal: 3 cell(s) left" in out
+    for run in runs:
+        assert "stopped at step" in (run / "train.log").read_text()
+        assert 10 <= json.loads((run / "progress.json").read_text())["step"] < 100000
+    assert not (tmp_path / "runs" / "fr1_g0.5_c20_s100000_b4_lr0.001_d2").exists()
+    assert json.loads((tmp_path / "results" / "ablations.json").read_text())["cells"] == []
+    # A rerun continues both from their saved state (and is stopped the same way).
+    again = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in again.stdout], daemon=True).start()  # type: ignore[union-attr]
+    started = []
+    try:
+        while len(started) < 2:
+            line = lines.get(timeout=max(1.0, deadline + 200 - time.monotonic()))
+            if ": training 100000 steps" in line:
+                started.append(line)
+        again.send_signal(signal.SIGINT)
+        again.wait(timeout=120)
+    finally:
+        if again.poll() is None:
+            again.kill()
+    assert sorted(line.split(":")[0] for line in started) == ["[ablations] fr0.5_g0.5_c20", "[ablations] fr0_g0.5_c20"]
+    assert all("(resumed)" in line for line in started), started
+    assert again.returncode == 130

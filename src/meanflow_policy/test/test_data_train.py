@@ -232,7 +232,7 @@ def test_eval_bag_checks_whether_the_instruction_is_read(trained: Path, bags: Pa
                               str(trained / "cache")]) == 2
 
 
-def test_cli_bad_input(tmp_path: Path, bags: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_bad_input(tmp_path: Path, bags: Path, caplog: pytest.LogCaptureFixture) -> None:
     code = train_cli.main(["--bags", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--steps", "1",
                            "--cache-dir", str(tmp_path / "c")])
     assert code == 2
@@ -245,6 +245,9 @@ def test_cli_bad_input(tmp_path: Path, bags: Path, capsys: pytest.CaptureFixture
                               str(tmp_path / "e")]) == 2
     with pytest.raises(SystemExit):
         train_cli.main(["--out", str(tmp_path)])  # --bags is required
+    assert train_cli.main(["--bags", str(bags), "--out", str(tmp_path / "o"), "--instruction-variety",
+                           "--instruction-contrast", "0.1", "--cache-dir", str(tmp_path)]) == 2
+    assert "--instruction-contrast shapes the instruction's sentence tokens" in caplog.text
 
 
 def test_prefetcher_keeps_order_and_reraises_loader_errors() -> None:

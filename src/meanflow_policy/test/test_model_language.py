@@ -336,6 +336,40 @@ def test_a_tiny_checkpoint_moves_onto_smollm2_keeping_all_but_the_text_side(lm: 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_sentence_tokens_carry_the_instruction_and_the_contrast_shapes_them(lm: FrozenLanguageModel,
+                                                                            tmp_path: Path) -> None:
+    """With language_sentence_tokens = k every instruction enters the tiny LM as the lead token and k sentence
+    tokens, whatever its length; they depend on the words; the phrasing-contrastive loss reaches the sentence
+    network; a moved checkpoint takes the setting; the setting needs the tiny-smollm2 backbone."""
+    torch.manual_seed(0)
+    source = MeanFlowPolicy(MeanFlowConfig.tiny(train_backbone=False))
+    source.set_stats(_stats())
+    policy = train_cli.onto_language_model(source, TINY_SMOLLM2_PRESET, sentence_tokens=3)
+    assert policy.config.language_sentence_tokens == 3 and policy.backbone.text_proj.linear is None
+    short, long = "put the orange toy on the coloured blocks", SORTING
+    emb, mask = policy.backbone.text_embeddings([short, long, SORTING_SWAPPED])
+    assert emb.shape[1] == 4 and bool(mask.all())
+    assert (emb[1] - emb[2]).abs().max() > 1e-4 and (emb[0] - emb[1]).abs().max() > 1e-4
+    hidden = policy.backbone.sentence_hidden([short, long])
+    assert hidden.shape == (2, 128)
+
+    policy.train()
+    batch = random_batch(policy.config, batch_size=4)
+    batch["instruction"] = [SORTING, "place the red cube in the left box and the green cube in the right box",
+                            SORTING_SWAPPED, "place the green cube in the left box and the red cube in the right box"]
+    batch["recorded_instruction"] = [SORTING, SORTING, SORTING_SWAPPED, SORTING_SWAPPED]
+    loss, info = policy.compute_loss(batch, generator=torch.Generator().manual_seed(0), instruction_contrast=1.0)
+    loss.backward()
+    assert info["contrast"] > 0 and policy.backbone.text_proj.sentence[0].weight.grad.abs().sum() > 0
+
+    path = policy.save(tmp_path / "sentence")
+    assert MeanFlowPolicy.load(path).config.language_sentence_tokens == 3
+    with pytest.raises(ValueError, match="language_sentence_tokens must be >= 0, and > 0 only with the tiny-smollm2"):
+        MeanFlowConfig.tiny(language_sentence_tokens=3)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_prefix_feature_cache_tells_language_depths_apart(lm: FrozenLanguageModel) -> None:
     """Same seed, same tiny vision: only the SmolLM2 depth differs, and with it every instruction feature."""
     prints = {layers: backbone_fingerprint(VLMBackbone(MeanFlowConfig.tiny(backbone=TINY_SMOLLM2_PRESET,

@@ -10,7 +10,7 @@ from so101_common.graph import JOINT_NAMES
 
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import MeanFlowConfig
-from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy
+from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy, phrasing_contrast_loss
 from meanflow_policy.testing import (
     corrupt_checkpoint,
     make_tiny_checkpoint,
@@ -365,6 +365,64 @@ def test_instruction_film_learns_and_then_gates_by_the_instruction(ckpt):
             features = policy.backbone.vlm.text_model(inputs_embeds=text, attention_mask=mask.long()).last_hidden_state
             gates.append(film(features, mask)[0])
     assert not torch.allclose(gates[0], gates[1])
+
+
+def test_film_hidden_layer_starts_as_the_policy_it_is_added_to(ckpt, tmp_path):
+    """Added to a policy with a FiLM, the zero-initialised hidden layer changes no chunk; it is saved and loaded, and
+    a hidden layer without a FiLM is refused."""
+    source = with_new_path(MeanFlowPolicy.load(ckpt), "instruction_film", True).eval()
+    with torch.no_grad():  # a FiLM that already does something
+        torch.nn.init.normal_(source.instruction_film.image.weight, std=0.05)
+    policy = with_new_path(source, "instruction_film_hidden", 16).eval()
+    assert policy.config.instruction_film_hidden == 16 and policy.instruction_film.mlp_in is not None
+    for instruction in ("grasp the red block", "grasp the green block"):
+        obs = random_observation(source.config, seed=3, instruction=instruction)
+        expected = source.sample(obs, generator=torch.Generator().manual_seed(0))
+        assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0)), expected)
+    policy.save(tmp_path / "hidden")
+    assert MeanFlowPolicy.load(tmp_path / "hidden").config.instruction_film_hidden == 16
+    with pytest.raises(ValueError, match="instruction_film_hidden must be >= 0, and > 0 only with instruction_film"):
+        MeanFlowConfig.tiny(instruction_film_hidden=16)
+
+
+def test_phrasing_contrast_loss_pulls_one_tasks_phrasings_together():
+    """Low when each recorded sentence's phrasings share a direction, high when mixed; 0 with no pair; its gradient
+    makes two phrasings of one task more alike than phrasings of different tasks."""
+    tasks = ["sort", "sort", "swap", "swap", "red", "red"]
+    axes = torch.eye(3)[[0, 0, 1, 1, 2, 2]]
+    mixed = torch.eye(3)[[0, 1, 2, 0, 1, 2]]
+    assert phrasing_contrast_loss(axes, tasks) < 0.1 < 2.0 < phrasing_contrast_loss(mixed, tasks)
+    assert float(phrasing_contrast_loss(torch.randn(3, 4), ["a", "b", "c"])) == 0.0
+    hidden = torch.randn(6, 8, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    opt = torch.optim.SGD([hidden], lr=0.5)
+    for _ in range(50):
+        opt.zero_grad()
+        phrasing_contrast_loss(hidden, tasks).backward()
+        opt.step()
+    z = torch.nn.functional.normalize(hidden.detach(), dim=-1)
+    same = min(float(z[i] @ z[i + 1]) for i in (0, 2, 4))
+    other = max(float(z[i] @ z[j]) for i in range(6) for j in range(6) if tasks[i] != tasks[j])
+    assert same > other
+
+
+def test_compute_loss_adds_the_contrast_on_the_film_hidden_layer(ckpt):
+    """With a weight, compute_loss reports the contrastive term and its gradient reaches the hidden layer; without a
+    hidden layer or the recorded sentences it is one clear error."""
+    film = with_new_path(MeanFlowPolicy.load(ckpt), "instruction_film", True)
+    policy = with_new_path(film, "instruction_film_hidden", 8).train()
+    batch = random_batch(policy.config, batch_size=4)
+    batch["recorded_instruction"] = ["sort", "sort", "swap", "swap"]
+    loss, info = policy.compute_loss(batch, generator=torch.Generator().manual_seed(0), instruction_contrast=0.5)
+    plain, _ = policy.compute_loss(batch, generator=torch.Generator().manual_seed(0))
+    assert info["contrast"] > 0
+    assert float(loss.detach()) == pytest.approx(float(plain.detach()) + 0.5 * info["contrast"], rel=1e-4)
+    loss.backward()
+    assert policy.instruction_film.mlp_in[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs a policy with language_sentence_tokens > 0 or instruction_film_hidden"):
+        film.compute_loss(batch, instruction_contrast=0.5)
+    del batch["recorded_instruction"]
+    with pytest.raises(ValueError, match="and a batch with 'instruction' and 'recorded_instruction'"):
+        policy.compute_loss(batch, instruction_contrast=0.5)
 
 
 def test_instruction_film_sees_a_word_that_a_shared_component_drowns():

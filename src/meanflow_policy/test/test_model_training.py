@@ -43,6 +43,8 @@ def test_train_config_rejects_bad_values():
         TrainConfig(time_limit_s=-1)
     with pytest.raises(ValueError, match="idle_start_rad"):
         TrainConfig(idle_start_rad=-0.1)
+    with pytest.raises(ValueError, match="instruction_contrast must be >= 0, and > 0 only with instruction_variety"):
+        TrainConfig(instruction_contrast=0.1)
 
 
 def test_a_run_saved_before_idle_starts_were_left_out_resumes_on_every_sample():

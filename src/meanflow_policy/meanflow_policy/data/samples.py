@@ -148,15 +148,17 @@ class SampleSet:
         ep, step = self.sample_episode[rows], self.sample_step[rows]
         g = self._offset[ep] + step
         actions, pad = self.chunk(rows)
-        instructions = [self.episodes[e].instruction for e in ep]
+        recorded = [self.episodes[e].instruction for e in ep]
+        instructions = recorded
         if self.phrasing_seed is not None:
             rng = np.random.default_rng([self.phrasing_seed, *rows.tolist()])
-            instructions = draw_phrasings(instructions, rng)
+            instructions = draw_phrasings(recorded, rng)
         out = {
             "state": torch.from_numpy(self._state[g].astype(np.float32)),
             "actions": torch.from_numpy(actions.astype(np.float32)),
             "action_is_pad": torch.from_numpy(pad),
             "instruction": instructions,
+            "recorded_instruction": recorded,  # the sentence of the demo (the phrasing's label)
         }
         if images:
             size = self.cfg.image_size

@@ -147,7 +147,8 @@ class VLMBackbone(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.backbone_seed)
                 self.vlm = SmolVLMModel(tiny_vlm_config(config, _LEAD_ONLY_VOCAB))
-                self.text_proj = LanguageProjection(self.language, self.vlm.config.text_config.hidden_size)
+                self.text_proj = LanguageProjection(self.language, self.vlm.config.text_config.hidden_size,
+                                                    config.language_sentence_tokens)
             processor = SmolVLMImageProcessorPil(do_image_splitting=False)
         elif config.backbone_is_preset:
             self.tokenizer = tokenizer or build_tiny_tokenizer()
@@ -279,6 +280,15 @@ class VLMBackbone(nn.Module):
             mask[i, : len(rows[text])] = True
         return emb, mask
 
+    def sentence_hidden(self, instructions: list[str]) -> torch.Tensor:
+        """(B, SENTENCE_HIDDEN): the sentence network's hidden layer per instruction (tiny-smollm2 with
+        language_sentence_tokens > 0)."""
+        if self.language is None or self.text_proj is None:
+            raise ValueError("sentence_hidden needs the tiny-smollm2 backbone")
+        device = self.pixel_scale.device
+        return torch.stack([self.text_proj.hidden(self.language.hidden_states(
+            self.language.token_ids(text, self.config.max_text_tokens - 1)).to(device)) for text in instructions])
+
     # ---- features ---------------------------------------------------------------------------------------------
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """All cameras of all samples in ONE vision batch -> (B, N * tokens_per_image, D) LM input embeddings."""
@@ -342,24 +352,46 @@ class VLMBackbone(nn.Module):
                                    use_cache=True).last_hidden_state
 
 
+# Width of the hidden layer that turns an instruction's pooled SmolLM2 states into sentence tokens.
+SENTENCE_HIDDEN = 128
+
+
 class LanguageProjection(nn.Module):
     """SmolLM2 token states -> the tiny LM's input space: standardised per channel with fixed statistics, then a
-    linear map. The statistics (over the tokens of the hand-written TRAIN_TEMPLATES of phrasings.py) take out the large
-    per-channel offsets a pretrained LM carries, which would otherwise drown the part that differs between
-    instructions; they are buffers, so a checkpoint keeps the ones it was trained with."""
+    linear map per token, or (``sentence_tokens`` k > 0) a GELU network from their pooled states to k tokens. The
+    statistics (over the tokens of the hand-written TRAIN_TEMPLATES of phrasings.py) take out the large per-channel
+    offsets a pretrained LM carries, which would otherwise drown the part that differs between instructions; they
+    are buffers, so a checkpoint keeps the ones it was trained with."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, language: FrozenLanguageModel, width: int) -> None:
+    def __init__(self, language: FrozenLanguageModel, width: int, sentence_tokens: int = 0) -> None:
         super().__init__()
         corpus = [t for templates in TRAIN_TEMPLATES.values() for t in templates]
         tokens = torch.cat([language.hidden_states(language.token_ids(t, 10**6)) for t in corpus])
         self.register_buffer("mean", tokens.mean(0))
         self.register_buffer("std", tokens.std(0).clamp(min=1e-4))
-        self.linear = nn.Linear(language.hidden_size, width)
+        self.width, self.sentence_tokens = width, sentence_tokens
+        self.linear = None if sentence_tokens else nn.Linear(language.hidden_size, width)
+        self.sentence = (nn.Sequential(nn.Linear(language.hidden_size, SENTENCE_HIDDEN), nn.GELU())
+                         if sentence_tokens else None)
+        self.sentence_out = nn.Linear(SENTENCE_HIDDEN, sentence_tokens * width) if sentence_tokens else None
+
+    def hidden(self, states: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden_size) -> (SENTENCE_HIDDEN,): the sentence network's hidden layer, from the standardised
+        states averaged with weights 1, 2, ..., n along the sentence (what the phrasing-contrastive loss shapes)."""
+        if self.sentence is None:
+            raise ValueError("this projection maps tokens, it has no sentence network (language_sentence_tokens = 0)")
+        weight = torch.arange(1, states.shape[0] + 1, dtype=states.dtype, device=states.device)[:, None]
+        pooled = (((states - self.mean) / self.std) * weight).sum(0) / weight.sum().clamp(min=1.0)
+        return self.sentence(pooled)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
+        """(tokens, hidden_size) -> (tokens, width), or (sentence_tokens, width) with a sentence network."""
+        if self.sentence_out is not None:
+            return self.sentence_out(self.hidden(states)).view(self.sentence_tokens, self.width)
+        assert self.linear is not None
         return self.linear((states - self.mean) / self.std)
 
 

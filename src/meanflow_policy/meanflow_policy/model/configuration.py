@@ -84,10 +84,21 @@ class MeanFlowConfig:
     # nearest to its own training phrasings, docs/language.md), and the SHA-256 of the GGUF file they came from,
     # filled in when the model is built and checked on load (the weights are never stored in checkpoints).
     language_layers: int = 8
+    # tiny-smollm2 only: 0: every SmolLM2 token state is projected into the tiny LM (the instruction enters as its
+    # tokens); k > 0: the instruction enters as k tokens made by a small GELU network from its pooled SmolLM2 states, a
+    # sentence-level code that the phrasing-contrastive loss (TrainConfig.instruction_contrast) can make the same for
+    # every wording of a task (the tiny LM's image tokens read the instruction by attending to these tokens; the
+    # FiLM carries ~3 % of its effect, docs/language.md).
+    language_sentence_tokens: int = 0
     language_model_sha256: str = ""
     # The instruction also modulates the image tokens channel-wise and joins the expert's adaLN conditioning (FiLM,
     # model/policy.py InstructionFilm). Off in checkpoints made before it existed (they load unchanged).
     instruction_film: bool = False
+    # Width of a hidden layer between the pooled instruction and the FiLM's outputs (0: the linear map alone). Why: on
+    # frozen SmolLM2 states a linear read of the pooled phrasing names the task of 16 of the 20 held-out paraphrases, a
+    # 64-unit layer 19-20 (the two sorting orders differ in which colour goes with which box, an interaction a linear
+    # map of a pooled vector misses; docs/language.md). Added residually and zero-initialised on a trained policy.
+    instruction_film_hidden: int = 0
     # Real-time chunking by training (issue 18): the expert also reads up to this many committed rows (the first rows
     # of its chunk, which the arm executes while the chunk is computed) as clean actions, and continues them. Trained
     # with a random number of them (0..this) per sample; 0: no such input (checkpoints made before it load unchanged).
@@ -175,6 +186,13 @@ class MeanFlowConfig:
                      "tiny_patch_size", "language_layers"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.language_sentence_tokens < 0 or (self.language_sentence_tokens
+                                                 and self.backbone != TINY_SMOLLM2_PRESET):
+            raise ValueError(f"language_sentence_tokens must be >= 0, and > 0 only with the {TINY_SMOLLM2_PRESET} "
+                             f"backbone, got {self.language_sentence_tokens} (backbone {self.backbone!r})")
+        if self.instruction_film_hidden < 0 or (self.instruction_film_hidden and not self.instruction_film):
+            raise ValueError(f"instruction_film_hidden must be >= 0, and > 0 only with instruction_film, got "
+                             f"{self.instruction_film_hidden} (instruction_film={self.instruction_film})")
         if not 0 <= self.action_prefix_rows < self.chunk_size:
             raise ValueError(f"action_prefix_rows must be in [0, chunk_size {self.chunk_size}), got "
                              f"{self.action_prefix_rows}")
@@ -274,6 +292,10 @@ class TrainConfig:
     # Each training sample's instruction becomes one of its task's phrasings (phrasings.py), drawn anew whenever
     # the sample is drawn; validation keeps the recorded sentences.
     instruction_variety: bool = False
+    # Weight of a supervised contrastive loss on the instruction FiLM's hidden layer (instruction_film_hidden): the
+    # phrasings drawn for one recorded sentence are pulled together, those of other recorded sentences pushed apart,
+    # so the layer names the task whatever the wording. 0: off; needs instruction_variety.
+    instruction_contrast: float = 0.0
     # Samples of each episode's first start_window_s seconds are drawn start_repeat times per epoch (1: uniform):
     # the start is where the instruction decides (SampleSet.start_weighted_rows).
     start_repeat: int = 1
@@ -298,6 +320,10 @@ class TrainConfig:
                              f"got {self.batch_size}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.instruction_contrast < 0 or (self.instruction_contrast and not self.instruction_variety):
+            raise ValueError(f"instruction_contrast must be >= 0, and > 0 only with instruction_variety (one "
+                             f"sentence per task leaves no phrasings to pull together), got "
+                             f"{self.instruction_contrast}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.anchor_decay < 0 or self.anchor_decay * self.lr > 1.0:

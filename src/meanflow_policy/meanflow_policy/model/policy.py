@@ -52,6 +52,32 @@ def _repeat(ctx: ActionExpertContext, n: int) -> ActionExpertContext:
                                known_mask=rep(ctx.known_mask))
 
 
+# (image scale (B, D), image shift (B, D), expert conditioning term (B, W))
+FilmTerms = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+# Temperature of the phrasing-contrastive loss (cosine similarities / this): a common supervised-contrastive setting.
+CONTRAST_TEMPERATURE = 0.1
+
+
+def phrasing_contrast_loss(hidden: torch.Tensor, tasks: list[str]) -> torch.Tensor:
+    """Supervised contrastive loss of (B, H) activations whose samples are labelled by their recorded sentence: for
+    each sample with another of its task in the batch, minus the mean log-probability of picking those among all
+    other samples by cosine similarity. 0 when no sample has a partner."""
+    z = nn.functional.normalize(hidden.float(), dim=-1)
+    b = z.shape[0]
+    ids = {t: i for i, t in enumerate(dict.fromkeys(tasks))}
+    label = torch.tensor([ids[t] for t in tasks], device=z.device)
+    self_mask = torch.eye(b, dtype=torch.bool, device=z.device)
+    positive = (label[:, None] == label[None, :]) & ~self_mask
+    logits = (z @ z.T / CONTRAST_TEMPERATURE).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    counts = positive.sum(1)
+    anchors = counts > 0
+    if not bool(anchors.any()):
+        return z.sum() * 0.0
+    per = -(log_prob.masked_fill(~positive, 0.0).sum(1)[anchors] / counts[anchors])
+    return per.mean()
+
+
 class InstructionFilm(nn.Module):
     """The instruction as FiLM: its pooled token features scale and shift every image-token channel and add a term
     to the expert's adaLN conditioning.
@@ -64,22 +90,35 @@ class InstructionFilm(nn.Module):
     sees. The pooling weighs tokens by their position in the sentence, so word order counts: a plain mean gives the
     two sorting orders (the same words, colours swapped) one vector but for the LM's context (0.7 %; round 5 read
     red vs green, x2.1 open loop, and not the order, x1.02). Zero-initialised: added to a trained policy, it changes
-    nothing until trained."""
+    nothing until trained. With ``hidden`` > 0 a GELU layer of that width adds its own (zero-initialised) term to
+    the linear one: which task a phrasing names can be an interaction of its words (colour and box), which a linear
+    map of the pooled vector cannot read."""
 
-    def __init__(self, feature_dim: int, width: int) -> None:
+    def __init__(self, feature_dim: int, width: int, hidden: int = 0) -> None:
         super().__init__()
         self.norm = nn.BatchNorm1d(feature_dim, affine=False, momentum=0.05)
         self.image = nn.Linear(feature_dim, 2 * feature_dim)
         self.expert = nn.Linear(feature_dim, width)
-        for layer in (self.image, self.expert):
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        self.mlp_in = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU()) if hidden else None
+        self.mlp_out = nn.Linear(hidden, 2 * feature_dim + width) if hidden else None
+        for layer in (self.image, self.expert, self.mlp_out):
+            if layer is not None:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
-    def forward(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, text: torch.Tensor, mask: torch.Tensor) -> FilmTerms:
         """Text features (B, L, D) and mask (B, L) -> image scale (B, D), image shift (B, D), expert term (B, W)."""
-        pooled = self.pool(text, mask)
-        scale, shift = self.image(pooled).chunk(2, dim=-1)
-        return scale, shift, self.expert(pooled)
+        return self.terms(self.pool(text, mask))
+
+    def terms(self, pooled: torch.Tensor, hidden: torch.Tensor | None = None) -> FilmTerms:
+        """The FiLM terms of pooled features (B, D); ``hidden``: the hidden layer's activations when already known."""
+        image, expert = self.image(pooled), self.expert(pooled)
+        if self.mlp_in is not None and self.mlp_out is not None:
+            extra = self.mlp_out(self.mlp_in(pooled) if hidden is None else hidden)
+            image = image + extra[:, :image.shape[-1]]
+            expert = expert + extra[:, image.shape[-1]:]
+        scale, shift = image.chunk(2, dim=-1)
+        return scale, shift, expert
 
     def pool(self, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, L, D), (B, L) -> (B, D): the mean of the instruction's tokens weighted 1, 2, ..., n along the sentence
@@ -114,7 +153,8 @@ class MeanFlowPolicy(nn.Module):
         self.image_norm = nn.BatchNorm1d(self.n_image_tokens * feature_dim, affine=False, momentum=0.05)
         self.prefix_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, width))
         self.state_proj = nn.Linear(config.state_dim, width)
-        self.instruction_film = InstructionFilm(feature_dim, width) if config.instruction_film else None
+        self.instruction_film = (InstructionFilm(feature_dim, width, config.instruction_film_hidden)
+                                 if config.instruction_film else None)
         # The attribute keeps its name: checkpoints store the action expert's weights under "expert.".
         self.expert = ActionExpert(config.action_dim, config.chunk_size, width, config.expert_depth,
                                    config.expert_heads, config.expert_mlp_ratio,
@@ -209,18 +249,25 @@ class MeanFlowPolicy(nn.Module):
         return actions * self.action_std.clamp(min=MIN_STD) + self.action_mean
 
     # ---- network ----------------------------------------------------------------------------------------------
-    def _context(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor) -> ActionExpertContext:
+    def _text(self, features: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The instruction's part of prefix features (B, L, D) and its mask (all valid when ``mask`` is None)."""
+        text = features[:, :-self.n_image_tokens].to(self.state_proj.weight.dtype)
+        text_mask = (torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None
+                     else mask[:, :-self.n_image_tokens])
+        return text, text_mask
+
+    def _context(self, features: torch.Tensor, mask: torch.Tensor | None, state: torch.Tensor,
+                 film: FilmTerms | None = None) -> ActionExpertContext:
         """Prefix = projected VLM features + one state token; returns the expert's per-chunk context. ``mask`` None:
-        every token is valid (one observation: no padding; and no host sync to find that out)."""
+        every token is valid (one observation: no padding; and no host sync to find that out). ``film``: the
+        instruction's FiLM terms when already computed (training with the phrasing-contrastive loss)."""
         features = features.to(self.state_proj.weight.dtype)
         n_img, b = self.n_image_tokens, features.shape[0]
         text = features[:, :-n_img]
         image = self.image_norm(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
         cond = None
         if self.instruction_film is not None:
-            text_mask = (torch.ones(text.shape[:2], dtype=torch.bool, device=text.device) if mask is None
-                         else mask[:, :-n_img])
-            scale, shift, cond = self.instruction_film(text, text_mask)
+            scale, shift, cond = film if film is not None else self.instruction_film(*self._text(features, mask))
             image = image * (1 + scale[:, None]) + shift[:, None]
         prefix = self.prefix_proj(torch.cat([text, image], dim=1))
         state_tok = self.state_proj(self.normalize_state(state))[:, None]
@@ -276,12 +323,22 @@ class MeanFlowPolicy(nn.Module):
 
     def compute_loss(self, batch: Mapping[str, Any], generator: torch.Generator | None = None,
                      noise: torch.Tensor | None = None, t: torch.Tensor | None = None,
-                     r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                     r: torch.Tensor | None = None, instruction_contrast: float = 0.0,
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Loss of the configured objective on a dataset batch; ``noise``/``t``/``r`` override the random draws
         (as the objective reads them: r is ignored by flow_matching; for ddpm, t holds integer steps k). A batch
         may carry the frozen backbone's output instead of images + instructions (``prefix_features`` (B, L, D) and
-        ``prefix_mask`` (B, L), see train/feature_cache.py): then no backbone runs."""
+        ``prefix_mask`` (B, L), see train/feature_cache.py): then no backbone runs. ``instruction_contrast`` > 0
+        adds that weight times :func:`phrasing_contrast_loss` of the FiLM's hidden layer, labelled by the batch's
+        ``recorded_instruction`` (the sentence each sample's phrasing was drawn for)."""
         self._validate_batch(batch)
+        film_mlp = None if self.instruction_film is None else self.instruction_film.mlp_in
+        sentence = self.config.language_sentence_tokens > 0
+        if instruction_contrast and ((film_mlp is None and not sentence) or "recorded_instruction" not in batch
+                                     or "instruction" not in batch):
+            raise ValueError("instruction_contrast needs a policy with language_sentence_tokens > 0 or "
+                             "instruction_film_hidden > 0, and a batch with 'instruction' and 'recorded_instruction' "
+                             "(instruction variety)")
         cfg, dev = self.config, self.device
         if PREFIX_FEATURES in batch:
             features, mask = batch[PREFIX_FEATURES].to(dev), batch[PREFIX_MASK].to(dev, torch.bool)
@@ -295,7 +352,16 @@ class MeanFlowPolicy(nn.Module):
         state = batch["state"].to(dev, torch.float32)
         actions = self.normalize_actions(batch["actions"].to(dev, torch.float32))
         valid = ~batch["action_is_pad"].to(dev, torch.bool)
-        ctx = self._context(features, mask, state)
+        film, contrast = None, None
+        if instruction_contrast and sentence:  # the code the instruction enters the backbone as
+            contrast = phrasing_contrast_loss(self.backbone.sentence_hidden(list(batch["instruction"])),
+                                              list(batch["recorded_instruction"]))
+        elif instruction_contrast and self.instruction_film is not None and film_mlp is not None:
+            pooled = self.instruction_film.pool(*self._text(features, mask))
+            hidden = film_mlp(pooled)
+            film = self.instruction_film.terms(pooled, hidden)
+            contrast = phrasing_contrast_loss(hidden, list(batch["recorded_instruction"]))
+        ctx = self._context(features, mask, state, film)
         if noise is None:
             noise = objectives.draw_normal(tuple(actions.shape), generator, dev)
         noise = noise.to(dev)
@@ -307,6 +373,9 @@ class MeanFlowPolicy(nn.Module):
                                  device=gen_device).to(dev)
             ctx = self._with_known(ctx, actions, rows, valid)
         loss, per, info = self.objective.loss(self._u_fn(ctx), actions, noise, valid, generator, t, r)
+        if contrast is not None:
+            info["contrast"] = float(contrast.detach())
+            loss = loss + instruction_contrast * contrast
         info["loss"] = float(loss.detach())
         info["mse"] = float(per.detach().mean())
         return loss, info

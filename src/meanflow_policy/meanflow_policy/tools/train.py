@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction-film", action="store_true",
                    help="the instruction also scales and shifts the image tokens and conditions the expert (FiLM); "
                         "with --init-from it adds this path, zero-initialised, to a checkpoint without it")
+    p.add_argument("--sentence-tokens", type=int, default=0, metavar="K",
+                   help="tiny-smollm2: the instruction enters the backbone as K tokens made from its pooled SmolLM2 "
+                        "states by a small network, instead of one projected token per word (0); with --init-from "
+                        "it applies when the checkpoint moves onto tiny-smollm2")
+    p.add_argument("--instruction-film-hidden", type=int, default=None, metavar="N",
+                   help="a hidden layer of N units between the pooled instruction and the FiLM (needs "
+                        "--instruction-film or a checkpoint with it); with --init-from it adds this layer, "
+                        "zero-initialised (default: the checkpoint's, 0 for a new model)")
     p.add_argument("--action-prefix-rows", type=int, default=None, metavar="N",
                    help="real-time chunking by training: the expert also reads up to N committed rows of its chunk "
                         "(a random number 0..N per sample) and learns to continue them; with --init-from it adds "
@@ -134,6 +142,9 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
     ("--seed", "seed", int, "model initialisation, split, data order and noise"),
     ("--time-limit", "time_limit_s", float, "stop early, saving a resumable checkpoint as at the end, once this "
                                             "much training time has passed in this invocation (0: none)"),
+    ("--instruction-contrast", "instruction_contrast", float,
+     "weight of a supervised contrastive loss on the instruction FiLM's hidden layer (--instruction-film-hidden): "
+     "phrasings of one recorded sentence together, of others apart (needs --instruction-variety; 0: off)"),
     ("--start-repeat", "start_repeat", int, "draw the samples of each episode's first --start-window seconds this "
                                            "many times per epoch: the start is where the instruction decides "
                                            "(1: every sample once)"),
@@ -196,7 +207,10 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     common = dict(objective=args.objective or MeanFlowConfig.objective, fps=args.fps, chunk_size=args.chunk_size,
                   backbone_seed=seed, train_backbone=args.train_backbone, image_shift_px=args.image_shift,
                   flow_ratio=args.flow_ratio, adaptive_gamma=args.adaptive_gamma,
-                  instruction_film=args.instruction_film, action_prefix_rows=args.action_prefix_rows or 0)
+                  instruction_film=args.instruction_film, action_prefix_rows=args.action_prefix_rows or 0,
+                  instruction_film_hidden=args.instruction_film_hidden or 0)
+    if args.sentence_tokens:
+        common["language_sentence_tokens"] = args.sentence_tokens
     preset = args.preset or TINY_BACKBONE
     if preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         if args.backbone:
@@ -210,7 +224,7 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     return config
 
 
-def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
+def onto_language_model(source: MeanFlowPolicy, preset: str, sentence_tokens: int = 0) -> MeanFlowPolicy:
     """``source``, a tiny checkpoint, moved onto tiny-smollm2, so a trained multi-task policy keeps what it can do
     while it learns to read instructions through the pretrained SmolLM2 (training that preset from scratch costs
     the whole multi-task run again). Every weight whose name and shape match is copied (vision encoder, connector,
@@ -219,7 +233,8 @@ def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
     if (source.config.backbone, preset) != (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         raise ValueError(f"--preset {preset} with --init-from: only a {TINY_BACKBONE} checkpoint moves onto another "
                          f"preset ({TINY_SMOLLM2_PRESET}); {source.config.backbone!r} checkpoints keep their own")
-    values = {**source.config.to_dict(), "backbone": preset, "language_model_sha256": "", "train_backbone": True}
+    values = {**source.config.to_dict(), "backbone": preset, "language_model_sha256": "", "train_backbone": True,
+              "language_sentence_tokens": sentence_tokens}
     policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values)).to(source.device)
     weights, target = source.state_dict(), policy.state_dict()
     kept = {k: v for k, v in weights.items() if k in target and target[k].shape == v.shape}
@@ -239,6 +254,7 @@ def onto_language_model(source: MeanFlowPolicy, preset: str) -> MeanFlowPolicy:
 # Inputs a trained checkpoint can be given for fine-tuning: the option, the config field and value that add it,
 # and the weights (name prefixes) that are new, all zero-initialised so that the policy acts exactly as before.
 _ADDABLE_PATHS = {"instruction_film": ("--instruction-film", ("instruction_film.",)),
+                  "instruction_film_hidden": ("--instruction-film-hidden", ("instruction_film.mlp_",)),
                   "action_prefix_rows": ("--action-prefix-rows", ("expert.known_in.", "expert.known_flag"))}
 
 
@@ -469,9 +485,15 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args)
         policy = MeanFlowPolicy.load(args.init_from, device=device)
         if args.preset and args.preset != policy.config.backbone:
-            policy = onto_language_model(policy, args.preset)
+            policy = onto_language_model(policy, args.preset, args.sentence_tokens)
+        elif args.sentence_tokens != policy.config.language_sentence_tokens:
+            raise ValueError(f"--sentence-tokens {args.sentence_tokens}: the checkpoint has "
+                             f"{policy.config.language_sentence_tokens}; the setting is chosen when a tiny checkpoint "
+                             "moves onto tiny-smollm2 (--preset tiny-smollm2) or for a new model")
         if args.instruction_film:
             policy = with_new_path(policy, "instruction_film", True)
+        if args.instruction_film_hidden is not None:
+            policy = with_new_path(policy, "instruction_film_hidden", args.instruction_film_hidden)
         if args.action_prefix_rows is not None:
             policy = with_new_path(policy, "action_prefix_rows", args.action_prefix_rows)
         if args.image_size:
@@ -497,6 +519,10 @@ def run(args: argparse.Namespace) -> dict:
     if cfg.freeze_backbone and cfg.instruction_variety:
         raise ValueError("--instruction-variety needs the backbone in every step (the phrasing changes per draw); "
                          "it cannot be combined with --freeze-backbone")
+    if cfg.instruction_contrast and not (config.instruction_film_hidden or config.language_sentence_tokens):
+        raise ValueError("--instruction-contrast shapes the instruction's sentence tokens (--sentence-tokens K, "
+                         "--preset tiny-smollm2) or the FiLM's hidden layer (--instruction-film-hidden N): give one, "
+                         "or a checkpoint with one")
     if cfg.freeze_backbone and config.train_backbone:
         raise ValueError("--freeze-backbone needs a frozen backbone, but the model trains its backbone "
                          "(--train-backbone, or the checkpoint's train_backbone)")

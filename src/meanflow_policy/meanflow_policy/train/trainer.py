@@ -401,7 +401,8 @@ class Trainer:
             if self.step >= cfg.steps:
                 break
             start = time.perf_counter()
-            loss, info = policy.compute_loss(_to_device(batch, device), generator=self.generator)
+            loss, info = policy.compute_loss(_to_device(batch, device), generator=self.generator,
+                                              instruction_contrast=cfg.instruction_contrast)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
             self.opt.zero_grad(set_to_none=True)
