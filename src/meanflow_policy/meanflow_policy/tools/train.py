@@ -89,15 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny-smollm2: the instruction enters the backbone as K tokens made from its pooled SmolLM2 "
                         "states by a small network, instead of one projected token per word (0); with --init-from "
                         "it applies when the checkpoint moves onto tiny-smollm2")
-    p.add_argument("--instruction-film-hidden", type=int, default=None, metavar="N",
-                   help="a hidden layer of N units between the pooled instruction and the FiLM (needs "
-                        "--instruction-film or a checkpoint with it); with --init-from it adds this layer, "
-                        "zero-initialised (default: the checkpoint's, 0 for a new model)")
-    p.add_argument("--action-prefix-rows", type=int, default=None, metavar="N",
-                   help="real-time chunking by training: the expert also reads up to N committed rows of its chunk "
-                        "(a random number 0..N per sample) and learns to continue them; with --init-from it adds "
-                        "this input, zero-initialised, to a checkpoint without it (default: the checkpoint's, 0 for "
-                        "a new model)")
+    for field, (option, _, what) in _ADDABLE_PATHS.items():
+        if what:  # the sized inputs (--instruction-film, a switch, is above)
+            p.add_argument(option, dest=field, type=int, default=None, metavar="N",
+                           help=f"{what}; with --init-from it adds this input, zero-initialised, to a checkpoint "
+                                "without it (default: the checkpoint's, 0 for a new model)")
     p.add_argument("--adaptive-gamma", type=float, default=MeanFlowConfig.adaptive_gamma,
                    help="adaptive loss weight 1 / (err + c)^(1 - gamma): 1 is the plain squared error")
     add_train_arguments(p)
@@ -251,11 +247,18 @@ def onto_language_model(source: MeanFlowPolicy, preset: str, sentence_tokens: in
     return policy
 
 
-# Inputs a trained checkpoint can be given for fine-tuning: the option, the config field and value that add it,
-# and the weights (name prefixes) that are new, all zero-initialised so that the policy acts exactly as before.
-_ADDABLE_PATHS = {"instruction_film": ("--instruction-film", ("instruction_film.",)),
-                  "instruction_film_hidden": ("--instruction-film-hidden", ("instruction_film.mlp_",)),
-                  "action_prefix_rows": ("--action-prefix-rows", ("expert.known_in.", "expert.known_flag"))}
+# Inputs a trained checkpoint can be given for fine-tuning, by config field: the option that adds it, the weights
+# (name prefixes) that are new, all zero-initialised so that the policy acts exactly as before, and, for an input
+# sized by an integer, what the option does (its --help; empty for a switch).
+_ADDABLE_PATHS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "instruction_film": ("--instruction-film", ("instruction_film.",), ""),
+    "instruction_film_hidden": ("--instruction-film-hidden", ("instruction_film.mlp_",),
+                                "a hidden layer of N units between the pooled instruction and the FiLM (needs "
+                                "--instruction-film or a checkpoint with it)"),
+    "action_prefix_rows": ("--action-prefix-rows", ("expert.known_in.", "expert.known_flag"),
+                           "real-time chunking by training: the expert also reads up to N committed rows of its "
+                           "chunk (a random number 0..N per sample) and learns to continue them"),
+}
 
 
 def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlowPolicy:
@@ -263,7 +266,7 @@ def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlow
     policy that learned to ignore its instruction, committed rows for real-time chunking), its new weights
     zero-initialised; a policy whose config already has the value is returned as is. Raises ValueError if the
     checkpoint has the input with another setting, or if its weights do not fit."""
-    option, prefixes = _ADDABLE_PATHS[field]
+    option, prefixes, _ = _ADDABLE_PATHS[field]
     current = getattr(source.config, field)
     if current == value:
         return source
