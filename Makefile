@@ -16,7 +16,7 @@ DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask ablations train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask ground ablations train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -62,6 +62,12 @@ eval-realtime: setup
 results-multitask: setup
 	@$(ENV) CHECKPOINTS="$(CHECKPOINTS)" RUNS=$(RUNS) EPISODES=$(EPISODES) WORKERS=$(WORKERS) \
 	  bash scripts/results_multitask.sh
+
+# Instruction grounding (docs/language.md): CHECKPOINT (the shipped multi-task one) reads any wording of its tasks
+# through the frozen SmolLM2 as the sentence it was trained on, and holds on an instruction that asks for no task;
+# writes $(RUNS)/grounded (must not exist) and prints one JSON line (fit, held-out paraphrases, unrelated).
+ground: setup
+	@$(ENV) python -m meanflow_policy.tools.ground $(CHECKPOINT) --out $(RUNS)/grounded --cpu-threads 1
 
 # The paper's ablations (scripts/ablations.py): Tables I-IV on pick-place, each cell a fresh action expert on the shipped
 # checkpoint's frozen backbone, evaluated on EPISODES held-out seeds; docs/results/ablations.{json,md}. Cells already in

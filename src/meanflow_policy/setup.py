@@ -26,6 +26,7 @@ setup(
             "meanflow-train = meanflow_policy.tools.train:main",
             "meanflow-eval-bag = meanflow_policy.tools.eval_bag:main",
             "meanflow-average = meanflow_policy.tools.average:main",
+            "meanflow-ground = meanflow_policy.tools.ground:main",
             "meanflow-bench = meanflow_policy.tools.bench:main",
             "meanflow-bench-node = meanflow_policy.tools.bench_node:main",
             "meanflow-bench-peers = meanflow_policy.tools.bench_peers:main",

@@ -88,6 +88,45 @@ HELD_OUT_PARAPHRASES: dict[str, dict[str, str]] = {
 # Instructions that ask for no task of the scene.
 UNRELATED: tuple[str, ...] = ("do not touch anything", "stay where you are", "wave at the camera")
 
+# A second held-out set, written after instruction grounding was built (2026-12-05) and never used to change it: terse
+# and conversational forms further from the training grammar than HELD_OUT_PARAPHRASES (meanflow-ground reports how it
+# reads them; docs/language.md).
+SECOND_HELD_OUT: dict[str, tuple[str, ...]] = {
+    PICK_PLACE_RED: ("put the red one in the box", "red block into the box please",
+                     "can you drop the red cube in the box", "I want the red block in the box",
+                     "the box needs the red cube", "pick the red cube up and drop it in the box"),
+    PICK_PLACE_GREEN: ("put the green one in the box", "green block into the box please",
+                       "can you drop the green cube in the box", "I want the green block in the box",
+                       "the box needs the green cube", "pick the green cube up and drop it in the box"),
+    SORTING: ("red goes left, green goes right", "left box: red cube, right box: green cube",
+              "sort them so red is on the left and green on the right",
+              "the red cube belongs in the left box and the green one in the right box",
+              "put red in the left box and green in the right box"),
+    SORTING_SWAPPED: ("green goes left, red goes right", "left box: green cube, right box: red cube",
+                      "sort them so green is on the left and red on the right",
+                      "the green cube belongs in the left box and the red one in the right box",
+                      "put green in the left box and red in the right box"),
+    STACKING: ("put the toy on top of the stack", "place the orange thing on the blocks",
+               "stack the toy on the tower of blocks", "can you set the orange figure on the coloured stack",
+               "orange toy on top of the blocks please"),
+}
+SECOND_UNRELATED: tuple[str, ...] = ("go home", "do nothing", "freeze", "leave everything as it is", "take a break",
+                                     "what can you do", "open your hand", "show me the red cube",
+                                     "put the toy in the box", "clap your hands")
+
+# Instructions that ask for none of the tasks, for fitting an instruction grounding's "no task" class (meanflow_policy
+# model/grounding.py): commands to stop or move elsewhere, other objects, chit-chat, and the tasks' objects with
+# other verbs. Disjoint from UNRELATED and SECOND_UNRELATED, which measure it.
+NO_TASK_PHRASINGS: tuple[str, ...] = (
+    "stop", "stop moving", "go to the home position", "open the gripper", "close the gripper", "raise the arm",
+    "lower the arm", "turn left", "turn right", "point at the window", "hello", "what time is it", "tell me a joke",
+    "shut down", "wait", "pause", "never mind", "cancel", "rest", "go to sleep", "push the box off the table",
+    "throw the red block", "look at the green cube", "clean the table", "bring me a coffee", "open the door",
+    "pick up the pen", "draw a circle", "nod", "dance", "look at me", "spin around", "take a picture", "how are you",
+    "go back", "reset", "move up", "thank you", "knock over the blocks", "hide the orange toy", "count the cubes",
+    "give me the box", "sing a song", "what colour is the cube", "switch off", "move the camera", "lift the table",
+    "sweep the floor")
+
 
 # Words and forms no generated phrasing uses, so that each held-out paraphrase keeps the change it tests unseen:
 # the synonyms' new words, the polite forms, the typos (the grammar spells correctly), and the fronted destination of

