@@ -114,6 +114,29 @@ SECOND_UNRELATED: tuple[str, ...] = ("go home", "do nothing", "freeze", "leave e
                                      "what can you do", "open your hand", "show me the red cube",
                                      "put the toy in the box", "clap your hands")
 
+# A third held-out set, written (and committed) before the grounding's wider grammar, to check it: the second set's
+# shapes went into that grammar, so only this one measures it.
+THIRD_HELD_OUT: dict[str, tuple[str, ...]] = {
+    PICK_PLACE_RED: ("could the red cube go into the box", "box, red block, now", "the red block, in the box",
+                     "drop red in the box", "I'd like the red cube placed in the box", "get the red block into the box"),
+    PICK_PLACE_GREEN: ("could the green cube go into the box", "box, green block, now", "the green block, in the box",
+                       "drop green in the box", "I'd like the green cube placed in the box",
+                       "get the green block into the box"),
+    SORTING: ("left gets red, right gets green", "red into left, green into right", "place red left and green right",
+              "the left box is for the red cube, the right box for the green cube",
+              "red cube left box, green cube right box", "put the cubes away: red on the left, green on the right"),
+    SORTING_SWAPPED: ("left gets green, right gets red", "green into left, red into right",
+                      "place green left and red right",
+                      "the left box is for the green cube, the right box for the red cube",
+                      "green cube left box, red cube right box",
+                      "put the cubes away: green on the left, red on the right"),
+    STACKING: ("the orange toy goes on top", "top the blocks with the orange toy", "put the orange toy up on the blocks",
+               "orange toy onto the stack", "balance the orange toy on the blocks"),
+}
+THIRD_UNRELATED: tuple[str, ...] = ("turn around", "sleep", "look up", "stand still", "raise your hand",
+                                    "put the red block on the green block", "move the box", "say hello",
+                                    "wait a second", "point at the red cube")
+
 # Instructions that ask for none of the tasks, for fitting an instruction grounding's "no task" class (meanflow_policy
 # model/grounding.py): commands to stop or move elsewhere, other objects, chit-chat, and the tasks' objects with
 # other verbs. Disjoint from UNRELATED and SECOND_UNRELATED, which measure it.
