@@ -12,7 +12,8 @@ Features: the SmolLM2 token states (``language_layers`` layers), standardised pe
 hand-written TRAIN_TEMPLATES' tokens, pooled two ways: weighted 1, 2, ..., n along the sentence (a later token has
 read more of it) and plainly averaged. Classifier: GROUNDING_MEMBERS GELU networks (GROUNDING_HIDDEN units, dropout
 while fitted) whose softmaxes are averaged, over the trained instructions plus one "no task" class; fitted on each
-instruction's phrasing pool (so101_common.phrasings) and NO_TASK_PHRASINGS, never on the held-out paraphrases.
+instruction's phrasing pool and terser wordings for grounding alone (so101_common.phrasings.grounding_phrasings_for),
+and on NO_TASK_PHRASINGS and NO_TASK_CONFUSABLE; never on a held-out wording.
 Before the LM reads an instruction, a misspelt word is corrected against the fitted wordings' words
 (``correct_spelling``): the LM alone read four of the five held-out typo sentences right. The
 layer count was chosen on a split of the training phrasings (fitted on the generated phrasings, scored on the
