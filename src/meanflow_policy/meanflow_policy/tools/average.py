@@ -10,7 +10,6 @@ stats and tokenizer file (a fine-tune with ``--init-from`` keeps them), else one
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ import torch
 
 from meanflow_policy.model import checkpoint
 from meanflow_policy.model.policy import MeanFlowPolicy
-from meanflow_policy.tools.common import run_cli
+from meanflow_policy.tools.common import run_json_cli
 
 LOG = logging.getLogger("meanflow_average")
 
@@ -92,10 +91,7 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code, _, result = run_cli(build_parser(), _run, argv)
-    if result is not None:
-        print(json.dumps(result))
-    return code
+    return run_json_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

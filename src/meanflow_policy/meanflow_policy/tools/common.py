@@ -3,6 +3,7 @@ threads, the bag-sync options, and one way to turn bad input into one error line
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -94,3 +95,12 @@ def run_cli(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace]
     except (DatasetError, BagError, ValueError, FileNotFoundError) as exc:
         LOG.error("%s", exc)
         return 2, args, None
+
+
+def run_json_cli(parser: argparse.ArgumentParser, work: Callable[[argparse.Namespace], object],
+                 argv: Sequence[str] | None) -> int:
+    """``run_cli``, then the work's result printed as one JSON line (the tools whose last line is their result)."""
+    code, _, result = run_cli(parser, work, argv)
+    if result is not None:
+        print(json.dumps(result))
+    return code

@@ -14,7 +14,6 @@ third: terser wordings), how its wordings and unrelated instructions are read.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SECOND_HELD_OUT, SECON
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.model.grounding import FIT_STEPS
 from meanflow_policy.model.policy import MeanFlowPolicy
-from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads, run_cli
+from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads, run_json_cli
 
 LOG = logging.getLogger("meanflow_ground")
 GROUNDING_KEYS = "grounding."
@@ -133,10 +132,7 @@ def _run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    code, _, result = run_cli(build_parser(), _run, argv)
-    if result is not None:
-        print(json.dumps(result))
-    return code
+    return run_json_cli(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":
