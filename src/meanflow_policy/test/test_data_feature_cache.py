@@ -160,3 +160,20 @@ def test_cli_freeze_backbone_trains_the_expert_on_cached_features(bags: Path, tm
     off = [r.getMessage() for r in caplog.records if "cache is OFF" in r.getMessage()]
     assert len(off) == 1 and "--image-shift 2" in off[0]
     assert _train(bags, tmp_path / "d", cache, "--freeze-backbone", "--train-backbone") == 2
+
+
+def test_init_from_a_jointly_trained_checkpoint_with_freeze_backbone_trains_the_expert_alone(bags: Path,
+                                                                                               tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert _train(bags, tmp_path / "joint", cache, "--train-backbone") == 0
+    assert _train(bags, tmp_path / "ft", cache, "--init-from", str(tmp_path / "joint" / "last"),
+                  "--freeze-backbone", "--lr", "1e-2") == 0
+    before = MeanFlowPolicy.load(tmp_path / "joint" / "last").state_dict()
+    after = MeanFlowPolicy.load(tmp_path / "ft" / "last")
+    assert after.config.train_backbone is False
+    weights = after.state_dict()
+    backbone = [k for k in weights if k.startswith("backbone.")]
+    expert = [k for k in weights if k.startswith("expert.")]
+    assert backbone and expert
+    assert all(torch.equal(weights[k], before[k]) for k in backbone)  # frozen as the checkpoint left it
+    assert any(not torch.equal(weights[k], before[k]) for k in expert)

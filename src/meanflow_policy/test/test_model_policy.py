@@ -299,15 +299,17 @@ def test_instruction_film_starts_as_the_policy_it_is_added_to(ckpt, tmp_path):
 
 
 def test_committed_rows_start_as_the_policy_they_are_added_to(ckpt, tmp_path):
-    """Added to a trained policy, the zero-initialised committed-rows input changes no chunk, a guide is read as
-    committed rows (no noise-space guidance), and the setting is saved, changed and never silently dropped."""
+    """Added to a trained policy, the zero-initialised committed-rows input changes no chunk drawn without committed
+    rows; a guide is read as committed rows (their noise replaced by the rows), and the setting is saved, changed and
+    never silently dropped."""
     source = MeanFlowPolicy.load(ckpt)
     policy = with_new_path(source, "action_prefix_rows", 8).eval()
     assert policy.config.action_prefix_rows == 8 and not source.config.action_prefix_rows
     obs = random_observation(source.config, seed=4)
     expected = source.sample(obs, generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0)), expected)
     guide = (expected[:5] + 0.3, np.ones((5, 6), np.float32))
-    assert np.array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=guide), expected)
+    assert not np.allclose(policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=guide), expected)
     policy.save(tmp_path / "prefix")
     loaded = MeanFlowPolicy.load(tmp_path / "prefix")
     assert loaded.config.action_prefix_rows == 8
@@ -347,6 +349,44 @@ def test_a_guide_gives_the_policy_exactly_its_committed_rows(ckpt):
     moved = target.copy()
     moved[3:] += 0.4
     assert np.array_equal(chunk(moved, weights), chunk(target, weights))
+
+
+@pytest.mark.slow
+def test_trained_with_committed_rows_the_expert_continues_them(ckpt):
+    """Trained on chunks whose future follows from their first rows (random walks: the observation does not predict
+    them), the expert reproduces its committed rows and continues from them: shifting them shifts the next rows."""
+    policy = with_new_path(MeanFlowPolicy.load(ckpt), "action_prefix_rows", 8)
+    policy.backbone.requires_grad_(False)
+    opt = torch.optim.AdamW([q for q in policy.parameters() if q.requires_grad], lr=1e-3)
+    policy.train()
+
+    def walks(seed: int, n: int) -> dict:
+        batch = random_batch(policy.config, batch_size=n, seed=seed)
+        walk = torch.cumsum(0.05 * torch.randn(n, 20, 6, generator=torch.Generator().manual_seed(seed)), dim=1)
+        batch["actions"] = batch["actions"][:, :1] + walk
+        batch["action_is_pad"][:] = False
+        return batch
+
+    for step in range(300):
+        loss, _ = policy.compute_loss(walks(step, 32), generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    obs = random_observation(policy.config, seed=3)
+    target = walks(999, 1)["actions"][0].numpy()
+    weights = np.zeros((20, 6), np.float32)
+    weights[:6] = 1.0
+
+    def chunk(rows: np.ndarray) -> np.ndarray:
+        return policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=(rows, weights))
+
+    base = chunk(target)
+    assert np.abs(base[:6] - target[:6]).mean() < 0.05
+    shifted = target.copy()
+    shifted[:6] += 0.1
+    moved = chunk(shifted)[6:9] - base[6:9]
+    assert np.abs(moved.mean() - 0.1) < 0.04
 
 
 def test_instruction_film_learns_and_then_gates_by_the_instruction(ckpt):

@@ -78,6 +78,11 @@ def test_rtc_guide_is_the_published_trajectory_on_the_new_chunks_time_line():
     np.testing.assert_allclose(target, expected, atol=1e-9)
     assert np.all(weights[:2, :5] == 1) and np.all(0 < weights[2, :5]) and np.all(weights[2, :5] < 1)
     assert np.all(weights[15:] == 0) and np.all(weights[:, 5] == 0)
+    # rtc_commit: at least that many rows committed, more than the latency's; fewer leave the latency's.
+    _, weights = h.guide(300_000_000, 0.2, 20, 5, commit_rows=8)
+    assert np.all(weights[:8, :5] == 1) and np.all(weights[8, :5] < 1)
+    _, weights = h.guide(300_000_000, 0.2, 20, 5, commit_rows=1)
+    assert np.all(weights[:2, :5] == 1) and np.all(weights[2, :5] < 1)
 
 
 @pytest.mark.parametrize("mode, guidance, candidates", [("replace", False, 8), ("blend", False, 1),

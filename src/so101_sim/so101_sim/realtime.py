@@ -119,14 +119,17 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                          rtc_horizon: int = DEFAULT_RTC_HORIZON, instruction: str | None = None,
                          on_frame: FrameSink | None = None,
                          latency_of: Callable[[], float | None] | None = None,
-                         rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False) -> RealtimeEpisode:
+                         rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
+                         rtc_commit: int = 0) -> RealtimeEpisode:
     """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk.
 
     ``rtc_guidance`` (``rtc`` only) or ``guide_plan`` (any hand-off): each observation carries ``guide``
     (so101_common.handoff.rtc_guide: the rows the arm will execute while the chunk is computed, at the latency
     expected, then the rest of the plan), which a checkpoint policy continues (trained with committed rows), steers
     its chunk onto (one candidate) or picks the closest of its candidates to; the hand-off then corrects what is
-    left of the offset."""
+    left of the offset. ``rtc_commit``: with ``rtc_guidance``, at least this many rows of the plan are committed
+    (weighted 1), whatever the latency: a policy trained with committed rows continues them instead of starting
+    from its observation alone."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -168,6 +171,8 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                 expected = last_delay if latency_ms is None else latency_steps(latency_ms, dt)
                 if handoff == "sync":
                     expected = 0
+                elif rtc_guidance and handoff == "rtc":
+                    expected = max(expected, rtc_commit)
                 obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
             started = time.perf_counter()
             chunk = check_chunk(policy(obs))
@@ -207,7 +212,8 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
                       rtc_horizon: int = DEFAULT_RTC_HORIZON, reseed: Callable[[int], None] | None = None,
                       latency_of: Callable[[], float | None] | None = None,
                       log: Callable[[str], None] = lambda message: None,
-                      rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False) -> dict:
+                      rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
+                      rtc_commit: int = 0) -> dict:
     """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
     episodes: list[RealtimeEpisode] = []
     for seed in seeds:
@@ -215,7 +221,7 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
             reseed(seed)
         ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
                                   rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance,
-                                  guide_plan=guide_plan)
+                                  guide_plan=guide_plan, rtc_commit=rtc_commit)
         episodes.append(ep)
         log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
             f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
@@ -256,6 +262,7 @@ class Cell:
     max_step: float
     rtc_horizon: int
     rtc_guidance: bool
+    rtc_commit: int
     image_size: int
     device: str
     label: str
@@ -270,7 +277,8 @@ def run_cell(cell: Cell) -> dict:
     return evaluate_realtime(env, policy, list(cell.seeds), cell.max_steps, cell.action_steps, cell.handoff,
                              cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
                              latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
-                             rtc_guidance=cell.rtc_guidance, guide_plan=cell.candidates > 1)
+                             rtc_guidance=cell.rtc_guidance, guide_plan=cell.candidates > 1,
+                             rtc_commit=cell.rtc_commit)
 
 
 def _run_cells(cells: list[Cell], workers: int) -> Iterator[tuple[Cell, dict]]:
@@ -385,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtc: give each chunk the rows the arm executes while it is computed (a checkpoint "
                              "trained with --action-prefix-rows continues them; any other is steered onto them by "
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
+    parser.add_argument("--rtc-commit", type=int, default=0, metavar="ROWS",
+                        help="with --rtc-guidance: commit at least ROWS rows of the plan being executed, whatever the "
+                             "latency (a checkpoint trained with --action-prefix-rows then always continues its plan)")
     add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
@@ -399,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     resolve_sampling_arguments(parser, args)
     if not args.max_step > 0:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
+    if args.rtc_commit < 0:
+        parser.error(f"--rtc-commit must be >= 0 rows, got {args.rtc_commit}")
     specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]
     for spec in specs:
         if spec.checkpoint is not None:
@@ -422,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [Cell(None if spec.checkpoint is None else str(spec.checkpoint), spec.nfe,
                   1 if spec.checkpoint is None else args.candidates, 1 if spec.checkpoint is None else args.average,
                   latency, handoff, args.task, seeds, max_steps,
-                  args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.image_size,
+                  args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.rtc_commit,
+                  args.image_size,
                   args.device, labels[spec.text])
              for spec in specs for latency in args.latencies for handoff in args.handoffs]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -440,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             name = f"{cell.label}_{row['latency_ms']}ms_{cell.handoff}.json"
             (args.out / name).write_text(json.dumps({**row, **report, "task": args.task, "seed": args.seed,
                                                      "max_step": args.max_step, "rtc_guidance": args.rtc_guidance,
+                                                     "rtc_commit": args.rtc_commit,
                                                      "action_steps": args.action_steps}, indent=2))
     except KeyboardInterrupt:
         print("so101-eval-realtime: interrupted", file=sys.stderr)

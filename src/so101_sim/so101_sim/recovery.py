@@ -20,6 +20,13 @@ the object (the toy lying where the two jaw directions need a roll near +-90 deg
 ``--mode hold`` hands over where the policy holds an object over its place at carry height without lowering it
 (sorting's failure: the second cube held over its box until the episode ends); the expert lowers it and lets go.
 
+``--mode latency`` records what real-time chunking needs to learn (meanflow-train --action-prefix-rows): at a
+random step the arm goes on with ``--latency-steps`` rows of the policy's current chunk, as it does while the next
+chunk is computed, and the expert plans the rest from where those rows leave it. The episode starts at the
+observation the next chunk would be computed from: its first rows are the committed ones, a policy's own (not what
+the observation predicts: a stale draw), and what follows continues them. Trained with these rows as its
+committed input, the expert learns to read them.
+
 ``--mode rollout`` records the policy's own successful episodes instead (self-imitation: filtered behaviour
 cloning): the policy runs the whole episode; when it succeeds, the commands it sent are replayed from the same
 reset and recorded as an episode, kept if the replay succeeds too. Training on them keeps what the policy already
@@ -48,7 +55,7 @@ from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
-MODES = ("takeover", "dwell", "offcentre", "waver", "hold", "rollout")
+MODES = ("takeover", "dwell", "offcentre", "waver", "hold", "latency", "rollout")
 
 
 @dataclass(frozen=True)
@@ -83,13 +90,13 @@ class _PolicyRecorder:
     guide_plan: bool = False
     expert: ExpertConfig = field(default_factory=ExpertConfig)
 
-    def _run(self, env: SimEnv, seed: int, max_steps: int,
-             after_step: Callable[[], None] | None = None) -> EpisodeResult:
+    def _run(self, env: SimEnv, seed: int, max_steps: int, after_step: Callable[[], None] | None = None,
+             policy: Policy | None = None) -> EpisodeResult:
         """The closed-loop run; ``after_step`` is called after every control step (it may raise to end the run
-        there)."""
+        there); ``policy`` wraps the recorder's (it calls it)."""
         if self.reseed is not None:
             self.reseed(seed)
-        return run_episode(env, self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
+        return run_episode(env, policy or self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
                            guide_plan=self.guide_plan, after_step=after_step)
 
     def _expert_from_here(self, env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
@@ -115,6 +122,55 @@ class RecoveryRecorder(_PolicyRecorder):
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
         demo = self._expert_from_here(env, seed, path, started, f"at step {step}")
+        self.handovers[path.name] = step
+        return demo
+
+
+@dataclass
+class LatencyRecorder(_PolicyRecorder):
+    """Records, per seed, ``delay`` committed rows of the policy's chunk at a random step, then the expert's plan
+    from where they leave the arm (see the module's ``--mode latency``). Keeps the handover step of each episode."""
+
+    handover: HandoverRange
+    delay: int
+    handovers: dict[str, int] = field(default_factory=dict, init=False)
+
+    def __post_init__(self) -> None:
+        if self.delay < 1:
+            raise ValueError(f"--latency-steps must be >= 1, got {self.delay}")
+
+    def __call__(self, env: SimEnv, seed: int, path: Path) -> DemoResult:
+        started = time.perf_counter()
+        step = self.handover.draw(seed)
+        commands: list[np.ndarray] = []
+        plan: dict[str, Any] = {}
+
+        def remembering(observation: dict) -> np.ndarray:
+            plan["chunk"], plan["from"] = self.policy(observation), len(commands)
+            return plan["chunk"]
+
+        result = self._run(env, seed, step, after_step=lambda: commands.append(env.commanded()), policy=remembering)
+        if result.success:
+            raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
+        chunk = np.asarray(plan["chunk"])
+        reached = step - plan["from"]  # rows of the current chunk executed so far
+        rows = chunk[reached:reached + self.delay]
+        committed = np.concatenate([rows, np.repeat(chunk[-1:], self.delay - len(rows), axis=0)])
+        before = np.asarray(commands)
+
+        def replay(targets: np.ndarray) -> None:
+            env.reset(seed)
+            for target in targets:
+                env.command(target)
+                env.step()
+
+        replay(np.concatenate([before, committed]))
+        try:
+            rest = ScriptedExpert(env, self.expert).plan()
+        except TakeoverError as exc:
+            raise SeedSkipped(f"no recovery after {self.delay} committed rows at step {step}: {exc}") from None
+        replay(before)
+        demo = record_plan(env, np.concatenate([committed, rest]), seed, path, started)
         self.handovers[path.name] = step
         return demo
 
@@ -224,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
                              "dwell: only where the policy dwells at a grasp (see --dwell-steps); offcentre: only "
                              "where it descends onto the object off-centre (see --offcentre-cm); waver: only where its "
                              "wrist turns back over the object (see --waver-rad); hold: only where it holds an "
-                             "object over its place without lowering it (see --hold-steps); rollout: record the "
+                             "object over its place without lowering it (see --hold-steps); latency: the policy's "
+                             "chunk goes on for --latency-steps rows at a random step, then the expert continues them "
+                             "(committed rows for --action-prefix-rows); rollout: record the "
                              "policy's own successful episodes (self-imitation)")
     parser.add_argument("--dwell-steps", type=int, default=Dwell.steps,
                         help=f"--mode dwell: control steps the grasp point stays within {Dwell.radius * 100:g} cm and "
@@ -240,13 +298,17 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"--mode hold: control steps an object may be held within {Hold.reach * 100:g} cm of "
                              f"its place, less than {Hold.drop * 100:g} cm below carry height, before the expert takes "
                              "over")
+    parser.add_argument("--latency-steps", type=int, default=6,
+                        help="--mode latency: rows of the policy's chunk the arm goes on with before the expert's plan "
+                             "(the control steps a chunk takes to compute: 6 = 200 ms at 30 Hz)")
     parser.add_argument("--device", default="cpu")
     add_expert_arguments(parser)
     args = parser.parse_args(argv)
     expert = expert_config(parser, args)
     if min(args.episodes, args.nfe, args.action_steps) < 1:
         parser.error("--episodes, --nfe and --action-steps must be >= 1")
-    for option, value in (("--dwell-steps", args.dwell_steps), ("--hold-steps", args.hold_steps)):
+    for option, value in (("--dwell-steps", args.dwell_steps), ("--hold-steps", args.hold_steps),
+                          ("--latency-steps", args.latency_steps)):
         if value < 1:
             parser.error(f"{option} must be >= 1, got {value}")
     if not args.offcentre_cm > 0:
@@ -267,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         handover = HandoverRange(args.handover_first, last)
         policy = load_checkpoint_policy(args.checkpoint, args.device)
         policy.nfe, policy.candidates, policy.average = args.nfe, args.candidates, args.average
-        recorder: RecoveryRecorder | WatchRecorder | RolloutRecorder
+        recorder: RecoveryRecorder | LatencyRecorder | WatchRecorder | RolloutRecorder
         # How every recorder runs the policy: as so101-eval does.
         run: dict[str, Any] = {"action_steps": args.action_steps, "reseed": policy.reseed,
                                "guide_plan": args.candidates > 1}
@@ -277,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                                        "waver": Waver(swing=args.waver_rad), "hold": Hold(steps=args.hold_steps)}
         if args.mode == "rollout":
             recorder = RolloutRecorder(policy, steps, **run)
+        elif args.mode == "latency":
+            recorder = LatencyRecorder(policy, handover, args.latency_steps, expert=expert, **run)
         elif args.mode in rules:
             recorder = WatchRecorder(policy, steps, rules[args.mode], expert=expert, **run)
         else:
@@ -297,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
            else {"expert_blend_s": expert.t_blend, "fixed_jaw_clearance_m": expert.fixed_jaw_clearance}),
         **({"policy_steps": recorder.steps} if isinstance(recorder, RolloutRecorder)
            else {"handover_step": recorder.handovers}),
-        **({"handover_range": [handover.first, handover.last]} if isinstance(recorder, RecoveryRecorder) else {}),
+        **({"handover_range": [handover.first, handover.last]}
+           if isinstance(recorder, RecoveryRecorder | LatencyRecorder) else {}),
+        **({"latency_steps": recorder.delay} if isinstance(recorder, LatencyRecorder) else {}),
         **({args.mode: asdict(recorder.rule)} if isinstance(recorder, WatchRecorder) else {})},
         indent=2) + "\n")
     wall = time.perf_counter() - started

@@ -121,6 +121,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     (["--policy", "shipped@0"], "NFE >= 1"),
     (["--policy", "/nonexistent/ckpt@1"], "is not a directory"),
     (["--policy", "expert", "--max-step", "0"], "--max-step must be > 0"),
+    (["--policy", "expert", "--rtc-commit", "-1"], "--rtc-commit must be >= 0 rows, got -1"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(args, match, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -173,3 +174,9 @@ def test_rtc_guidance_hands_the_policy_the_rows_the_arm_executes_meanwhile(env, 
         guides = [obs.get("guide") for obs in seen]
         assert guides[0] is None and all(g is not None for g in guides[1:]) and len(guides) >= 2
         assert all(int((g[1][:, 0] == 1).sum()) == committed for g in guides[1:])
+    # --rtc-commit: at least that many rows committed, at any latency (at 0 ms the arm executes none meanwhile).
+    for latency, commit, committed in ((0, 6, 6), (0, 0, 0), (200, 3, 6)):
+        seen.clear()
+        run_realtime_episode(env, recording, 5, 40, 10, "rtc", latency, rtc_guidance=True, rtc_commit=commit)
+        guides = [obs.get("guide") for obs in seen]
+        assert len(guides) >= 2 and all(int((g[1][:, 0] == 1).sum()) == committed for g in guides[1:])

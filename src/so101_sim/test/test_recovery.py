@@ -127,6 +127,39 @@ def test_rollout_mode_skips_a_policy_that_fails(tmp_path):
     assert not (tmp_path / "episode_0000").exists() and recorder.steps == {}
 
 
+class SweepingPolicy:
+    """Turns the base a little further each row, from wherever the arm is: every chunk's rows differ, and the
+    last one is kept to check which rows were committed."""
+
+    def __init__(self) -> None:
+        self.chunks: list[np.ndarray] = []
+
+    def __call__(self, observation: dict) -> np.ndarray:
+        rows = np.repeat(home_vector()[None], 20, axis=0)
+        rows[:, 0] = observation["state"][0] + 0.01 * np.arange(1, 21)
+        self.chunks.append(rows)
+        return rows
+
+
+def test_latency_mode_records_the_committed_rows_of_the_chunk_then_the_expert_from_where_they_end(tmp_path):
+    policy = SweepingPolicy()
+    recorder = recovery.LatencyRecorder(policy, recovery.HandoverRange(43, 43), 6)
+    out = tmp_path / "lat"
+    results = generate(out, 1, seed=7, image_size=SIZE, record=recorder, max_tries=1, log=lambda m: None)
+    assert len(results) == 1 and results[0].success and recorder.handovers == {"episode_0000": 43}
+    assert len(policy.chunks) == 5  # steps 0, 10, 20, 30, 40: at step 43 three rows of the fifth are executed
+    commands = _commands(out / "episode_0000")
+    # The episode's first rows are the rows the arm goes on with while the next chunk is computed ...
+    np.testing.assert_allclose(commands[:6], policy.chunks[-1][3:9], atol=1e-9)
+    first, _ = _first_state_and_command_count(out / "episode_0000")
+    assert first[0] == pytest.approx(policy.chunks[-1][2, 0], abs=0.05)
+    # ... and the expert's plan continues from where they leave the arm (no jump back to where it was at step 43).
+    assert abs(commands[6, 0] - commands[5, 0]) < 0.02
+    assert read_episode_metadata(out / "episode_0000").success is True
+    with pytest.raises(ValueError, match="--latency-steps must be >= 1"):
+        recovery.LatencyRecorder(policy, recovery.HandoverRange(43, 43), 0)
+
+
 class PlannedStandIn:
     """A scripted stand-in for a policy, built on a plan made when the episode starts (the expert's, unless
     ``make_plan`` says otherwise): ``rows`` turns the next 20 control steps into the chunk."""
@@ -486,7 +519,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys):
         recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"),
                        "--task", "juggling"])
     assert exc.value.code == 2 and "argument --task: invalid choice: 'juggling'" in capsys.readouterr().err
-    for option, mode in (("--dwell-steps", "dwell"), ("--hold-steps", "hold")):
+    for option, mode in (("--dwell-steps", "dwell"), ("--hold-steps", "hold"), ("--latency-steps", "latency")):
         with pytest.raises(SystemExit) as exc:
             recovery.main(["--checkpoint", str(ckpt), "--episodes", "1", "--out", str(tmp_path / "o"), "--mode", mode,
                            option, "0"])

@@ -5,7 +5,8 @@ on t and t - r through sinusoidal embeddings and an MLP, applied with adaLN-Zero
 cross-attention keys/values are computed once per chunk (``prepare``) and reused by every sampling step; inside a
 JVP they are constants, exactly as the MeanFlow identity requires. An expert built with ``known_rows`` also reads
 committed rows of its chunk as clean actions (``ActionExpertContext.known``, real-time chunking by training): a
-per-row input added to those rows' tokens, constant inside the JVP as the prefix is.
+per-row input added to those rows' tokens, constant inside the JVP as the prefix is; the policy also starts those
+rows at their actions instead of noise (MeanFlowPolicy._committed_start).
 
 ("Action expert" is the paper's name for this network; so101_sim's scripted expert is the demonstrator.)
 """

@@ -290,6 +290,14 @@ class MeanFlowPolicy(nn.Module):
             mask = mask & valid
         return dataclasses.replace(ctx, known=actions, known_mask=mask[..., None].to(actions.dtype))
 
+    @staticmethod
+    def _committed_start(noise: torch.Tensor, ctx: ActionExpertContext) -> torch.Tensor:
+        """``noise`` whose committed rows start at their clean actions instead (no velocity there: they stay). The
+        expert sees them in its noisy input, where it already reads its chunk, and learns to continue them: given
+        only as an added input, they were never read (docs/simulation.md, "Committed rows as an input")."""
+        assert ctx.known is not None and ctx.known_mask is not None
+        return torch.where(ctx.known_mask > 0, ctx.known.to(noise.dtype), noise)
+
     def _u_fn(self, ctx: ActionExpertContext) -> objectives.UFn:
         return lambda z, r, t: self.expert(z, r, t, ctx)
 
@@ -377,6 +385,7 @@ class MeanFlowPolicy(nn.Module):
             rows = torch.randint(0, cfg.action_prefix_rows + 1, (actions.shape[0],), generator=generator,
                                  device=gen_device).to(dev)
             ctx = self._with_known(ctx, actions, rows, valid)
+            noise = self._committed_start(noise, ctx)
         loss, per, info = self.objective.loss(self._u_fn(ctx), actions, noise, valid, generator, t, r)
         if contrast is not None:
             info["contrast"] = float(contrast.detach())
@@ -541,7 +550,10 @@ class MeanFlowPolicy(nn.Module):
                     ctx = self._with_known(ctx, target, rows)
                 self._sync()
                 prefix_end = time.perf_counter()
-                out = self._chunk_from(ctx, self._noise(k, generator), nfe, guide_t if select else None, avg,
+                noise = self._noise(k, generator)
+                if guide_t is not None and conditioned:
+                    noise = self._committed_start(noise, ctx)
+                out = self._chunk_from(ctx, noise, nfe, guide_t if select else None, avg,
                                        generator, None if conditioned or select else guide_t)
             self._sync()
             expert_end = time.perf_counter()

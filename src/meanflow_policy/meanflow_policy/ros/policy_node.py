@@ -346,6 +346,10 @@ class PolicyNode(LifecycleNode):
                 "with committed rows (meanflow-train --action-prefix-rows) continues them at no extra cost, any "
                 "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
                 "correction alone.", read_only=False)
+        declare("rtc_commit", 0, "With handoff rtc and rtc_guidance: rows of the published trajectory given to "
+                "each chunk as committed at least, whatever the latency (a checkpoint trained with committed rows "
+                "then always continues the trajectory it is executing; 0: only the rows due while it computes).",
+                read_only=False, integer_range=[IntegerRange(from_value=0, to_value=64, step=1)])
         declare("candidates", DEFAULT_CANDIDATES, "Chunks drawn per inference (one batched expert pass, the "
                 "backbone run once), of which those that best continue the published trajectory are used, so "
                 "consecutive chunks agree (coherent sampling); 1: a single draw (then rtc_guidance applies).",
@@ -608,11 +612,14 @@ class PolicyNode(LifecycleNode):
         candidates = int(self._param("candidates"))
         average = min(int(self._param("average")), candidates)
         guide = None
-        if candidates > 1 or (self._handoff_mode == "rtc" and bool(self._param("rtc_guidance"))):
+        guided_rtc = self._handoff_mode == "rtc" and bool(self._param("rtc_guidance"))
+        if candidates > 1 or guided_rtc:
             # The chunk replaces the next one about when the timer starts another: that many steps of it run.
             execute = max(1, round(1.0 / (float(self._param("rate_hz")) * self._dt)))
+            commit = int(self._param("rtc_commit")) if guided_rtc else 0
             with self._lock:
-                guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute)
+                guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute,
+                                             commit)
         chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide, candidates=candidates,
                                     average=average)
         timing = dict(self._policy.last_timing)

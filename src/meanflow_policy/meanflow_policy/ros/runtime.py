@@ -324,15 +324,16 @@ class Handoffs:
         _, times, positions = self._published
         return np.stack([np.interp(t_s, times, positions[:, j]) for j in range(positions.shape[1])], axis=1)
 
-    def guide(self, observed_ns: int, latency_s: float, chunk_size: int,
-              execute: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def guide(self, observed_ns: int, latency_s: float, chunk_size: int, execute: int,
+              commit_rows: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
         """rtc guidance for a chunk computed from an observation stamped ``observed_ns`` (None: nothing
         published yet): the published trajectory on that chunk's time line (row k due at observed + (k + 1) dt),
-        committed over the ``latency_s`` the chunk is expected to take (so101_common.handoff.rtc_guide)."""
+        committed over the ``latency_s`` the chunk is expected to take, and at least ``commit_rows`` rows
+        (so101_common.handoff.rtc_guide)."""
         if self._published is None:
             return None
         grid = (observed_ns - self._published[0]) * 1e-9 + (np.arange(chunk_size) + 1) * self.dt_s
-        delay = int(np.floor(max(0.0, latency_s) / self.dt_s + 1e-9))
+        delay = max(int(np.floor(max(0.0, latency_s) / self.dt_s + 1e-9)), commit_rows)
         return rtc_guide(self._sample(grid), 0, delay, chunk_size, execute, self.rtc_exempt)
 
     def plan(self, mode: str, chunk: np.ndarray, elapsed_s: float, now_ns: int, measured: np.ndarray | None,

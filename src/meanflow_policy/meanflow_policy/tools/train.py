@@ -261,6 +261,16 @@ _ADDABLE_PATHS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
+def _rebuilt(source: MeanFlowPolicy, **changes: object) -> tuple[MeanFlowPolicy, list[str], list[str]]:
+    """A policy built from ``source``'s config with ``changes``, holding source's weights and stats; with the weight
+    names it lacked (missing) and those it has no place for (unexpected)."""
+    config = MeanFlowConfig.from_dict({**source.config.to_dict(), **changes})
+    policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer).to(source.device)
+    missing, unexpected = policy.load_state_dict(source.state_dict(), strict=False)
+    policy.set_stats(source.get_stats())
+    return policy, list(missing), list(unexpected)
+
+
 def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlowPolicy:
     """``source`` with the input of config ``field`` set to ``value`` (_ADDABLE_PATHS: the instruction's FiLM for a
     policy that learned to ignore its instruction, committed rows for real-time chunking), its new weights
@@ -272,14 +282,22 @@ def with_new_path(source: MeanFlowPolicy, field: str, value: object) -> MeanFlow
         return source
     if current and not value:
         raise ValueError(f"{option} {value}: the checkpoint has {field} = {current}, an input that cannot be removed")
-    config = MeanFlowConfig.from_dict({**source.config.to_dict(), field: value})
-    policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer).to(source.device)
-    missing, unexpected = policy.load_state_dict(source.state_dict(), strict=False)
+    policy, missing, unexpected = _rebuilt(source, **{field: value})
     if unexpected or any(not k.startswith(prefixes) for k in missing):
         raise ValueError(f"{option}: the checkpoint's weights do not fit (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")
-    policy.set_stats(source.get_stats())
     LOG.info("%s = %s added (zero-initialised: %d new tensors)", field, value, len(missing))
+    return policy
+
+
+def with_backbone_frozen(source: MeanFlowPolicy) -> MeanFlowPolicy:
+    """``source`` (a checkpoint that trained its backbone) with that backbone frozen as it is: a fine-tune of the
+    expert alone, which can train on cached prefix features (--freeze-backbone)."""
+    policy, missing, unexpected = _rebuilt(source, train_backbone=False)
+    if missing or unexpected:
+        raise ValueError(f"--freeze-backbone: the checkpoint's weights do not fit (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    LOG.info("the checkpoint's backbone is frozen from here (--freeze-backbone): the expert trains alone")
     return policy
 
 
@@ -501,6 +519,8 @@ def run(args: argparse.Namespace) -> dict:
             policy = with_new_path(policy, "action_prefix_rows", args.action_prefix_rows)
         if args.image_size:
             policy = at_image_size(policy, args.image_size)
+        if cfg.freeze_backbone and policy.config.train_backbone:
+            policy = with_backbone_frozen(policy)
         config = policy.config
         if args.objective and args.objective != config.objective:
             switch_objective(policy, args.objective)
