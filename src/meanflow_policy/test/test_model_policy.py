@@ -344,6 +344,9 @@ def test_a_guide_gives_the_policy_exactly_its_committed_rows(ckpt):
     moved = target.copy()
     moved[1] += 0.4  # a committed row
     assert not np.allclose(chunk(moved, weights), base)
+    # The committed rows come back as given (they are what the arm executes), the rest as the expert drew it.
+    np.testing.assert_allclose(base[:2], target[:2], atol=1e-5)
+    assert not np.allclose(base[2:6], target[2:], atol=1e-3)
     # More committed rows than the policy reads: the ones past action_prefix_rows are ignored.
     weights[:] = 1.0
     moved = target.copy()

@@ -21,7 +21,9 @@ the next step on:
   are not corrected: they switch as in ``replace``. Matching the old plan's velocity as well (a Hermite fade) was
   tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's
   inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
-  guidance aims at, applied after the fact.
+  guidance aims at, applied after the fact. With ``committed`` rows (a policy given the plan's next rows as
+  committed, rtc_guide) the rows not yet past run as planned and the correction starts where the chunk takes over
+  after them, as if the chunk had taken that long to compute.
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
 command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
@@ -162,13 +164,15 @@ def _check(name: str, arr: object, ndim: int) -> np.ndarray:
 
 def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, delay: int,
              last_command: np.ndarray | None = None, max_step: float = DEFAULT_MAX_STEP,
-             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
+             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = (), committed: int = 0) -> Handoff:
     """The commands from the next step on when ``new`` takes over.
 
     ``current`` (n, J) is the sequence being executed, one row per step, of which ``reached`` rows were already
     commanded (beyond its end the arm holds its last row). ``new`` (T, J) was computed from an observation
     ``delay`` steps ago. ``last_command`` is the last target sent (default: ``current[reached - 1]``, or its last
-    row once it is used up). ``rtc_exempt``: joint indices rtc does not correct (the gripper).
+    row once it is used up). ``rtc_exempt``: joint indices rtc does not correct (the gripper). ``committed``
+    (rtc): the first rows of ``new`` were given to the policy as committed (rtc_guide): those not yet past are
+    executed from the current sequence, and the correction starts where ``new`` takes over after them.
     """
     if mode not in HANDOFF_MODES:
         raise HandoffError(f"unknown hand-off mode {mode!r}; expected one of {', '.join(HANDOFF_MODES)}")
@@ -178,6 +182,8 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
         raise HandoffError(f"new chunk has {new.shape[1]} joints, the current sequence {current.shape[1]}")
     if reached < 0 or delay < 0:
         raise HandoffError(f"reached and delay must be >= 0, got {reached}, {delay}")
+    if committed < 0:
+        raise HandoffError(f"committed must be >= 0, got {committed}")
     if not max_step > 0 or rtc_horizon < 1:
         raise HandoffError(f"max_step must be > 0 and rtc_horizon >= 1, got {max_step}, {rtc_horizon}")
     if last_command is None:
@@ -198,15 +204,20 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
         w = (np.arange(1, overlap + 1) / (overlap + 1))[:, None]
         ahead[:overlap] = (1 - w) * old_rest[:overlap] + w * ahead[:overlap]
     elif mode == "rtc":
-        # The old plan's target for the next step, or the held position once it is used up.
-        offset = (old_rest[0] if len(old_rest) else last) - ahead[0]
+        # Committed rows still ahead run as planned (held at its last row once the plan is used up).
+        keep = min(max(0, committed - delay), len(ahead) - 1)
+        planned = np.concatenate([old_rest, np.repeat((old_rest[-1:] if len(old_rest) else last[None, :]),
+                                                      keep + 1, axis=0)])
+        ahead[:keep] = planned[:keep]
+        # The old plan's target for the step the new chunk takes over at, or the held position once it is used up.
+        offset = planned[keep] - ahead[keep]
         offset[list(rtc_exempt)] = 0.0
         overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
         # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
         # that hold, so the arm still ends on the new chunk's target.
-        if len(ahead) <= overlap:
-            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead), axis=0)])
-        ahead += rtc_correction(offset, len(ahead), overlap)
+        if len(ahead) - keep <= overlap:
+            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead) + keep, axis=0)])
+        ahead[keep:] += rtc_correction(offset, len(ahead) - keep, overlap)
     commands, limited = limit_steps(ahead, last, max_step)
     return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
 
@@ -241,10 +252,12 @@ class CommandStream:
         self.reached = 1
 
     def take_over(self, mode: str, new: np.ndarray, delay: int, max_step: float = DEFAULT_MAX_STEP,
-                  rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = ()) -> Handoff:
-        """Hand off to ``new`` (computed ``delay`` steps ago); the stream then executes the result."""
+                  rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = (),
+                  committed: int = 0) -> Handoff:
+        """Hand off to ``new`` (computed ``delay`` steps ago; ``committed``: see hand_off); the stream then
+        executes the result."""
         result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon,
-                          rtc_exempt)
+                          rtc_exempt, committed)
         self.sequence = result.commands
         self.reached = 0
         return result

@@ -62,6 +62,25 @@ def test_rtc_continues_the_old_plan_and_returns_to_the_new_chunk():
     assert out.overlap == 8
 
 
+def test_rtc_runs_the_committed_rows_still_ahead_as_planned_then_fades_into_the_new_chunk():
+    old = ramp(0.0, 20)
+    new = ramp(0.04, 20)  # where the new chunk takes over (its row 6), 0.06 rad behind the old plan (row 16)
+    # 6 rows committed, 2 of them past: the next 4 run exactly as the old plan, then the fade starts there.
+    out = hand_off("rtc", old, reached=12, new=new, delay=2, rtc_horizon=8, committed=6)
+    np.testing.assert_allclose(out.commands[:4], old[12:16])
+    np.testing.assert_allclose(out.commands[4], old[16])  # the old plan's target where the new chunk takes over
+    np.testing.assert_allclose(out.commands[12:], new[14:])  # past the horizon: the new chunk itself
+    assert np.all(np.abs(np.diff(out.commands[:, 0]) - 0.01) <= 0.06 * 1.875 / 8 + 1e-12)
+    # Committed rows all past (the latency's): the same as without them.
+    np.testing.assert_allclose(hand_off("rtc", old, 12, new, 6, rtc_horizon=8, committed=6).commands,
+                               hand_off("rtc", old, 12, new, 6, rtc_horizon=8).commands)
+    # Committed beyond the old plan's end: its last row is held meanwhile.
+    held = hand_off("rtc", old, reached=18, new=new, delay=0, rtc_horizon=8, committed=4)
+    np.testing.assert_allclose(held.commands[:4], old[[18, 19, 19, 19]])
+    with pytest.raises(HandoffError, match="committed must be >= 0"):
+        hand_off("rtc", old, 12, new, 2, committed=-1)
+
+
 def test_rtc_fades_a_large_offset_over_more_steps():
     old = np.zeros((20, J))
     new = np.full((20, J), 1.0)  # the arm held at 0 while the new chunk stands 1 rad away

@@ -129,7 +129,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
     its chunk onto (one candidate) or picks the closest of its candidates to; the hand-off then corrects what is
     left of the offset. ``rtc_commit``: with ``rtc_guidance``, at least this many rows of the plan are committed
     (weighted 1), whatever the latency: a policy trained with committed rows continues them instead of starting
-    from its observation alone."""
+    from its observation alone; the arm executes them as planned and the chunk takes over after them."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -142,7 +142,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
     commanded, velocities = [env.commanded()], [env.joint_velocities()]
     result = RealtimeEpisode(seed=seed, success=False, score=0.0, steps=0, chunks=0)
     boundaries: list[int] = []
-    pending: tuple[np.ndarray, int, int] | None = None  # chunk, observation step, step it is ready at
+    pending: tuple[np.ndarray, int, int, int] | None = None  # chunk, observation step, ready at, committed rows
     last_start: int | None = None
     last_delay = last_handoff = taken = chunk_len = 0
     steps = 0
@@ -150,11 +150,11 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
     while steps < max_steps and not success:
         while True:
             if pending is not None and pending[2] <= steps:
-                chunk, observed, _ = pending
+                chunk, observed, _, committed = pending
                 pending = None
                 # sync: the arm stood still since the observation, so the chunk runs from its first row.
                 mode, delay = ("replace", 0) if handoff == "sync" else (handoff, steps - observed)
-                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER)
+                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER, committed)
                 result.limited += done.limited
                 result.stale_chunks += int(done.stale)
                 if taken:  # the first chunk takes over from the arm at rest: no hand-off between chunks
@@ -166,13 +166,14 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                                                action_steps, last_delay):
                 break
             obs = env.observation(instruction)
+            committed = 0
             if chunk_len and (guide_plan or (rtc_guidance and handoff == "rtc")):
                 # sync: the arm stops at the observation, so nothing runs while the chunk is computed.
                 expected = last_delay if latency_ms is None else latency_steps(latency_ms, dt)
                 if handoff == "sync":
                     expected = 0
                 elif rtc_guidance and handoff == "rtc":
-                    expected = max(expected, rtc_commit)
+                    expected = committed = max(expected, rtc_commit)
                 obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
             started = time.perf_counter()
             chunk = check_chunk(policy(obs))
@@ -185,7 +186,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
             if handoff == "sync" and last_delay > 0 and stream.remaining > 0:
                 stream.truncate()  # the arm stops while the policy computes
                 boundaries.append(steps)
-            pending = (chunk, steps, steps + last_delay)
+            pending = (chunk, steps, steps + last_delay, committed)
             last_start = steps
         if stream.remaining == 0:
             result.held_steps += 1
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
     parser.add_argument("--rtc-commit", type=int, default=0, metavar="ROWS",
                         help="with --rtc-guidance: commit at least ROWS rows of the plan being executed, whatever the "
-                             "latency (a checkpoint trained with --action-prefix-rows then always continues its plan)")
+                             "latency: they run as planned and the chunk takes over after them (a checkpoint trained "
+                             "with --action-prefix-rows continues them)")
     add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")

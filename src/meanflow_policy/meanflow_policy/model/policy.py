@@ -501,13 +501,13 @@ class MeanFlowPolicy(nn.Module):
         .handoff.rtc_guide) asks for a chunk that continues those rows. With ``candidates`` > 1 the expert draws that
         many chunks in one batched pass (the prefix is computed once) and the one closest to the guide is returned
         (coherent sampling: consecutive chunks agree instead of each being an independent draw), or the mean of the
-        ``average`` closest (draws of one mode: averaging them removes their jitter, not a choice). With one candidate,
-        a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most that
-        many) and continues them in the usual nfe passes (with several, each candidate does); any other steers its
-        noise onto the weighted rows (``Objective.guided_sample``). Without a guide ``candidates`` and ``average``
-        have no effect. ``last_timing`` splits its latency: prefix_ms (inputs, backbone, expert context), expert_ms
-        (noise + nfe expert evaluations, the guidance or the candidates included), post_ms (un-normalise, copy to
-        host), total_ms; and nfe, candidates, average as used.
+        ``average`` closest (draws of one mode: averaging them removes their jitter, not a choice). With one
+        candidate, a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most
+        that many), returns them as given and continues them in the usual nfe passes (with several, each candidate
+        does); any other steers its noise onto the weighted rows (``Objective.guided_sample``). Without a guide
+        ``candidates`` and ``average`` have no effect. ``last_timing`` splits its latency: prefix_ms (inputs,
+        backbone, expert context), expert_ms (noise + nfe expert evaluations, the guidance or the candidates
+        included), post_ms (un-normalise, copy to host), total_ms; and nfe, candidates, average as used.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
@@ -555,6 +555,9 @@ class MeanFlowPolicy(nn.Module):
                     noise = self._committed_start(noise, ctx)
                 out = self._chunk_from(ctx, noise, nfe, guide_t if select else None, avg,
                                        generator, None if conditioned or select else guide_t)
+                if ctx.known_mask is not None and ctx.known is not None:
+                    # Committed rows are what the arm executes: returned as given, not as the expert redrew them.
+                    out = torch.where(ctx.known_mask[0] > 0, ctx.known[0].to(out.dtype), out)
             self._sync()
             expert_end = time.perf_counter()
             chunk = self.unnormalize_actions(out.float()).cpu().numpy()

@@ -347,8 +347,9 @@ class PolicyNode(LifecycleNode):
                 "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
                 "correction alone.", read_only=False)
         declare("rtc_commit", 0, "With handoff rtc and rtc_guidance: rows of the published trajectory given to "
-                "each chunk as committed at least, whatever the latency (a checkpoint trained with committed rows "
-                "then always continues the trajectory it is executing; 0: only the rows due while it computes).",
+                "each chunk as committed at least, whatever the latency: the arm executes them as published and the "
+                "chunk takes over after them (a checkpoint trained with committed rows continues them; 0: only "
+                "the rows due while it computes).",
                 read_only=False, integer_range=[IntegerRange(from_value=0, to_value=64, step=1)])
         declare("candidates", DEFAULT_CANDIDATES, "Chunks drawn per inference (one batched expert pass, the "
                 "backbone run once), of which those that best continue the published trajectory are used, so "
@@ -613,10 +614,10 @@ class PolicyNode(LifecycleNode):
         average = min(int(self._param("average")), candidates)
         guide = None
         guided_rtc = self._handoff_mode == "rtc" and bool(self._param("rtc_guidance"))
+        commit = int(self._param("rtc_commit")) if guided_rtc else 0
         if candidates > 1 or guided_rtc:
             # The chunk replaces the next one about when the timer starts another: that many steps of it run.
             execute = max(1, round(1.0 / (float(self._param("rate_hz")) * self._dt)))
-            commit = int(self._param("rtc_commit")) if guided_rtc else 0
             with self._lock:
                 guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute,
                                              commit)
@@ -640,7 +641,8 @@ class PolicyNode(LifecycleNode):
                     publish_ns = self._now_ns()
                     self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
                     handoff = self._handoffs.plan(self._handoff_mode, chunk, self._latency_s, publish_ns,
-                                                  self._store.current_positions(), float(self._param("max_step")))
+                                                  self._store.current_positions(), float(self._param("max_step")),
+                                                  commit)
                 plan = handoff.plan
         except ChunkError as exc:
             self._stats.count("bad_chunks")
