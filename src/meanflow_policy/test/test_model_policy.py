@@ -392,6 +392,30 @@ def test_trained_with_committed_rows_the_expert_continues_them(ckpt):
     assert np.abs(moved.mean() - 0.1) < 0.04
 
 
+def test_shipped_rtc_checkpoint_continues_its_committed_rows():
+    """sim_pick_place_rtc reads committed rows: it returns them as given, and moving them moves what follows."""
+    from ament_index_python.packages import get_package_share_directory
+    policy = MeanFlowPolicy.load(get_package_share_directory("meanflow_policy") + "/checkpoints/sim_pick_place_rtc")
+    assert policy.config.action_prefix_rows == 8
+    obs = random_observation(policy.config, seed=2)
+    free = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    weights = np.zeros((20, 6), np.float32)
+    weights[:6] = 1.0
+
+    def chunk(rows: np.ndarray) -> np.ndarray:
+        return policy.sample(obs, generator=torch.Generator().manual_seed(0), guide=(rows, weights))
+
+    base = chunk(free)
+    np.testing.assert_allclose(base[:6], free[:6], atol=1e-5)
+    shifted = free.copy()
+    shifted[:6, :5] += 0.1
+    moved = chunk(shifted)
+    np.testing.assert_allclose(moved[:6], shifted[:6], atol=1e-5)
+    # 0.011 rad; a fine-tune that never learned to read them (the input added only) moves them 0.004 rad, by the
+    # committed rows' start alone.
+    assert np.abs(moved[6:9, :5] - base[6:9, :5]).mean() > 0.008
+
+
 def test_instruction_film_learns_and_then_gates_by_the_instruction(ckpt):
     """The FiLM weights get gradients; once trained, the image-token gate differs between two instructions."""
     policy = with_new_path(MeanFlowPolicy.load(ckpt), "instruction_film", True).train()

@@ -20,7 +20,8 @@ DEFAULT_PLUGIN = "meanflow"
 SHIPPED = "shipped"  # --checkpoint shipped: the plugin package's default checkpoint; shipped:NAME another it installs
 # How the tools' --checkpoint help names the two forms.
 SHIPPED_HELP = ("'shipped': the policy plugin's default installed checkpoint (meanflow_policy: the multi-task "
-                "sim_multitask); 'shipped:NAME': another it installs (e.g. shipped:sim_pick_place)")
+                "sim_multitask); 'shipped:NAME': another it installs (e.g. shipped:sim_pick_place, "
+                "shipped:sim_pick_place_rtc)")
 
 
 class CheckpointPolicy(Protocol):

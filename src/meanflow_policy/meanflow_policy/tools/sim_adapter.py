@@ -18,7 +18,7 @@ from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 PACKAGE = "meanflow_policy"
 # The sim checkpoints this package ships, the default first: the multi-task policy (every task, the instruction
 # says which), then the single-task pick-place one (the ablations' backbone, the real-time table's policy).
-SHIPPED_CHECKPOINTS = ("sim_multitask", "sim_pick_place")
+SHIPPED_CHECKPOINTS = ("sim_multitask", "sim_pick_place", "sim_pick_place_rtc")
 NODE_MODULE = "meanflow_policy.ros.policy_node"
 
 
