@@ -18,7 +18,7 @@ from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet, compute_stats
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.data.demo_bags import synthetic_episode, write_bag
-from meanflow_policy.train.feature_cache import FEATURES_DIR, load_prefix_features
+from meanflow_policy.train.feature_cache import FEATURES_DIR, _write_entry, load_prefix_features
 from meanflow_policy.model.policy import PREFIX_FEATURES, PREFIX_MASK, MeanFlowPolicy
 
 
@@ -96,6 +96,30 @@ def test_cached_features_give_the_backbone_loss_are_reused_and_keyed_by_the_back
     assert (report.reused, report.computed) == (0, 2)
     assert not torch.allclose(other_features.batch(rows)[PREFIX_FEATURES], cached[PREFIX_FEATURES])
     assert len(list((cache / FEATURES_DIR).iterdir())) == 4
+
+
+def test_a_shared_cache_keeps_finished_entries_under_readers_and_rebuilds_broken_ones(bags: Path,
+                                                                                    tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    policy, samples = _policy_and_samples(MeanFlowConfig.tiny(), bags, cache)
+    features, _ = load_prefix_features(policy, samples, cache)
+    rows = np.linspace(0, len(samples) - 1, 12).astype(np.int64)
+    before = features.batch(rows)[PREFIX_FEATURES].clone()
+    folder = sorted((cache / FEATURES_DIR).iterdir())[0]
+    residual = np.load(folder / "image_residual.npy")
+    # Another training that found no entry and computed the same one writes after this one finished: this one's
+    # entry stays (it is being read: the failure seen with two trainings started side by side on one cache).
+    _write_entry(folder, np.zeros((3, 4), np.float32), np.ones((2, 5, 4), np.float32), {"key": "another"})
+    np.testing.assert_array_equal(np.load(folder / "image_residual.npy"), residual)
+    again, report = load_prefix_features(policy, samples, cache)
+    assert (report.reused, report.computed) == (2, 0)
+    assert torch.equal(again.batch(rows)[PREFIX_FEATURES], before)
+    # An entry that cannot be read is rebuilt in place.
+    (folder / "image_residual.npy").unlink()
+    rebuilt, report = load_prefix_features(policy, samples, cache)
+    assert (report.reused, report.computed) == (1, 1)
+    assert torch.equal(rebuilt.batch(rows)[PREFIX_FEATURES], before)
+    assert not [p for p in (cache / FEATURES_DIR).iterdir() if ".tmp" in p.name or ".stale" in p.name]
 
 
 def test_cached_features_stay_aligned_when_idle_starts_are_left_out(bags: Path, tmp_path: Path) -> None:

@@ -85,6 +85,22 @@ def test_rtc_halves_the_commanded_boundary_acceleration_of_replace_when_chunks_r
     assert rtc.boundary_cmd_accel_max <= 0.5 * replace.boundary_cmd_accel_max
     # Measured, less: rtc matches position, not velocity (the held arm starts at the new chunk's speed).
     assert rtc.boundary_accel_max <= 0.75 * replace.boundary_accel_max
+    # replace's jerk is the hand-off's: half way between hand-offs the same arm moves more gently.
+    assert replace.boundary_accel_max > 1.5 * replace.between_accel_max
+
+
+def test_between_figure_is_the_same_window_half_way_between_hand_offs():
+    dt = 0.1
+    steps = 40
+    velocities = np.zeros((steps + 1, 6))
+    commanded = np.zeros((steps + 1, 6))
+    velocities[12:, 0] += 0.3  # 3 rad/s^2 in the window after the hand-off at 10
+    velocities[26:, 1] += 0.5  # 5 rad/s^2 half way between the hand-offs at 20 and 30 (window 26..28)
+    velocities[33:, 5] += 9.0  # the gripper is not an arm joint
+    out = realtime._smoothness(commanded, velocities, [10, 20, 30], dt)
+    assert out["boundary_accel_max"] == pytest.approx(3.0) and out["between_accel_max"] == pytest.approx(5.0)
+    # Hand-offs closer than two windows leave no window between them that no hand-off acts in.
+    assert realtime._smoothness(commanded, velocities, [20, 25], dt)["between_accel_max"] == 0.0
 
 
 def test_cli_table_and_last_line(tmp_path, capsys):
@@ -97,7 +113,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     assert [(r["latency_ms"], r["handoff"]) for r in last["rows"]] == [(0.0, "replace"), (0.0, "rtc"),
                                                                         (400.0, "replace"), (400.0, "rtc")]
     assert all(r["policy"] == "expert" and r["episodes"] == 1 and 0 <= r["success_rate"] <= 1
-               and r["boundary_accel_max"] >= 0 for r in last["rows"])
+               and r["boundary_accel_max"] >= 0 and r["between_accel_max"] >= 0 for r in last["rows"])
     table = (out / "table.md").read_text().splitlines()
     assert table[0].startswith("| latency (ms) | policy | hand-off |") and all(line.startswith("|")
                                                                                for line in table[: 2 + 4])

@@ -10,7 +10,8 @@ Text comes first in the prefix and the LM is causal, so the instruction tokens' 
 step of an episode: stored once (float32). Image tokens: the per-(token, channel) episode mean in float32 plus each
 sample's residual in float16 when it fits (the residual is small beside the large per-slot constant of frozen
 features, so fp16's relative precision applies to the part that varies), memory-mapped while training. Entries are
-written to a temporary folder and renamed into place; a broken entry is rebuilt.
+written to a temporary folder and renamed into place; a broken entry is rebuilt. Several trainings may share one
+cache: an entry another process finished meanwhile is used, never deleted under a reader.
 
 It lives in the training layer, not in data/: building an entry runs the model's backbone, and the data pipeline
 stays free of the model and transformers.
@@ -132,8 +133,10 @@ def compute_episode_features(policy: MeanFlowPolicy, episode: Episode, camera_ke
     return text, image
 
 
-def _write_entry(folder: Path, text: np.ndarray, image: np.ndarray, meta: dict[str, Any]) -> None:
-    """Write one entry atomically (temporary folder + rename); a concurrent writer's finished entry wins."""
+def _write_entry(folder: Path, text: np.ndarray, image: np.ndarray, meta: dict[str, Any],
+                 broken: bool = False) -> None:
+    """Write one entry atomically (temporary folder + rename). An entry another process finished meanwhile is kept
+    (another training may be reading it); ``broken``: the entry found there could not be read, and is replaced."""
     mean = image.mean(axis=0, dtype=np.float64).astype(np.float32)
     residual = image - mean
     half = residual.astype(np.float16)
@@ -147,9 +150,15 @@ def _write_entry(folder: Path, text: np.ndarray, image: np.ndarray, meta: dict[s
         np.save(tmp / "image_mean.npy", mean)
         np.save(tmp / "image_residual.npy", stored)
         (tmp / _META).write_text(json.dumps({**meta, "residual_dtype": str(stored.dtype)}, indent=2) + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
+        if broken:
+            stale = folder.with_name(folder.name + f".stale{os.getpid()}")
+            try:
+                os.replace(folder, stale)  # one rename: no reader sees a half-deleted entry
+            except FileNotFoundError:
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.replace(tmp, folder)
+            os.replace(tmp, folder)  # fails on a finished entry (a non-empty folder)
         except OSError:
             if not (folder / _META).is_file():
                 raise
@@ -194,15 +203,17 @@ def load_prefix_features(policy: MeanFlowPolicy, samples: SampleSet, cache_root:
                     "samples": int(len(episode.sample_steps)), "image_tokens": policy.n_image_tokens,
                     "dim": policy.backbone.feature_dim}
         entry = None
+        broken = False
         if (folder / _META).is_file():
             try:
                 entry, dtype = _read_entry(folder, expected)
                 report.reused += 1
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 LOG.warning("prefix features %s unreadable (%s); recomputing them", folder, exc)
+                broken = True
         if entry is None:
             text, image = compute_episode_features(policy, episode, tuple(config.camera_keys), batch_size)
-            _write_entry(folder, text, image, {**expected, "episode": episode.name})
+            _write_entry(folder, text, image, {**expected, "episode": episode.name}, broken)
             entry, dtype = _read_entry(folder, expected)
             report.computed += 1
             report.computed_samples += len(episode.sample_steps)
