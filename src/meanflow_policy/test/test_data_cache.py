@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import meanflow_policy.data.cache as dataset
-from meanflow_policy.data.cache import load_episodes
+from meanflow_policy.data.cache import install_entry, load_episodes
 from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
 from meanflow_policy.data.sync import SyncConfig
 from meanflow_policy.units import MIN_STD
@@ -95,6 +95,25 @@ def test_cache_key_follows_content(bags: Path, tmp_path: Path) -> None:
         assert again[0].instruction == "reach 9"
     finally:
         meta_file.write_text(original)
+
+
+def test_a_shared_cache_keeps_a_finished_entry_and_rebuilds_an_unreadable_one(bags: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    episodes, _ = load_episodes([bags / "episode_0"], CFG, cache)
+    folder = cache / f"ep-{episodes[0].key}"
+    meta = (folder / "episode.json").read_text()
+    # Another training built the same entry and finishes after this one: this one stays, files and all (it is
+    # memory-mapped by its readers).
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "episode.json").write_text("{}")
+    install_entry(other, folder, "episode.json", broken=False, what="cache entry")
+    assert (folder / "episode.json").read_text() == meta and (folder / "state.npy").is_file()
+    # An entry that cannot be read is renamed away and rebuilt from the bag.
+    (folder / "state.npy").unlink()
+    again, report = load_episodes([bags / "episode_0"], CFG, cache)
+    assert report.read_from_bags == 1 and np.array_equal(again[0].state, episodes[0].state)
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name]  # no temporary or stale folder left
 
 
 def test_split_and_stats_use_training_episodes_only(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """The episode cache: each bag is synchronised once (images decoded and resized) into ``.npy`` files + JSON, in a
 folder named by a hash of the bag's bytes and of the sync settings, so epochs and later runs never re-read bags.
-Entries are written to a temporary folder and renamed into place; an unreadable entry is rebuilt.
+Entries are written to a temporary folder and renamed into place; an unreadable entry is rebuilt. Trainings may share
+a cache: an entry another process finished meanwhile is used, never deleted under a reader.
 """
 from __future__ import annotations
 
@@ -127,14 +128,7 @@ def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace:
         meta = dict(name=raw.name, instruction=raw.instruction, source=str(path), key=key,
                     sync=cfg.cache_key(), report=asdict(report))
         (tmp / _EPISODE_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if replace:
-            shutil.rmtree(folder, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / _EPISODE_META).is_file():
-                raise
-            LOG.info("cache entry %s was written by another process meanwhile; using it", folder)
+        install_entry(tmp, folder, _EPISODE_META, replace, "cache entry")
     except OSError as exc:
         raise DatasetError(f"--cache-dir {folder.parent}: writing the cache of episode {raw.name} failed "
                            f"({exc.strerror or exc}); the partial entry was removed: free some space or pass "
@@ -144,6 +138,25 @@ def _build_episode(path: Path, cfg: SyncConfig, key: str, folder: Path, replace:
     episode = _load_cached(folder, cfg)
     episode.report.from_cache = False
     return episode
+
+
+def install_entry(tmp: Path, folder: Path, meta_name: str, broken: bool, what: str) -> None:
+    """Move the finished cache entry ``tmp`` to ``folder``. Several processes may share a cache: an entry another
+    one finished meanwhile is kept and used (it may be being read); ``broken``: the entry found there could not be
+    read and is renamed away in one step (no reader sees it half deleted), then replaced."""
+    if broken:
+        stale = folder.with_name(folder.name + f".stale{os.getpid()}")
+        try:
+            os.replace(folder, stale)
+        except FileNotFoundError:
+            pass
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        os.replace(tmp, folder)  # fails on a finished entry (a non-empty folder)
+    except OSError:
+        if not (folder / meta_name).is_file():
+            raise
+        LOG.info("%s %s was written by another process meanwhile; using it", what, folder)
 
 
 def load_episode(path: str | Path, cfg: SyncConfig, cache_root: str | Path) -> Episode:

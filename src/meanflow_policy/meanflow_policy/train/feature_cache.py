@@ -31,6 +31,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from meanflow_policy.data.cache import install_entry
 from meanflow_policy.data.samples import SampleSet
 from meanflow_policy.data.sync import Episode
 from meanflow_policy.model.backbone import VLMBackbone
@@ -150,19 +151,7 @@ def _write_entry(folder: Path, text: np.ndarray, image: np.ndarray, meta: dict[s
         np.save(tmp / "image_mean.npy", mean)
         np.save(tmp / "image_residual.npy", stored)
         (tmp / _META).write_text(json.dumps({**meta, "residual_dtype": str(stored.dtype)}, indent=2) + "\n")
-        if broken:
-            stale = folder.with_name(folder.name + f".stale{os.getpid()}")
-            try:
-                os.replace(folder, stale)  # one rename: no reader sees a half-deleted entry
-            except FileNotFoundError:
-                pass
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.replace(tmp, folder)  # fails on a finished entry (a non-empty folder)
-        except OSError:
-            if not (folder / _META).is_file():
-                raise
-            LOG.info("prefix features %s were written by another process meanwhile; using them", folder)
+        install_entry(tmp, folder, _META, broken, "prefix features")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
