@@ -16,7 +16,7 @@ DEMOS ?= data/sim_pick_place
 RUNS ?= runs
 DATA ?= data
 
-.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask ground ablations train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
+.PHONY: setup test test-all demo eval-sim eval-realtime results-multitask ground train-language ablations train-sim train-multitask sim-demos bench-policy bench-node bench-data bench-train bench-sim \
         bench-hw bench-teleop clean
 
 setup:
@@ -68,6 +68,13 @@ results-multitask: setup
 # writes $(RUNS)/grounded (must not exist) and prints one JSON line (fit, held-out paraphrases, unrelated).
 ground: setup
 	@$(ENV) python -m meanflow_policy.tools.ground $(CHECKPOINT) --out $(RUNS)/grounded --cpu-threads 1
+
+# The language recipe (scripts/train_language.sh): the shipped multi-task policy distilled onto the frozen, pretrained
+# SmolLM2 (docs/language.md): 40 demos per task variant, then 2,500 steps training only the projection from SmolLM2
+# (about 20 min on 2 cores) into $(RUNS)/multitask_smollm2; continues where it stopped. `shipped:sim_multitask_smollm2`
+# is its result.
+train-language: setup
+	@$(ENV) DATA=$(DATA) RUNS=$(RUNS) bash scripts/train_language.sh
 
 # The paper's ablations (scripts/ablations.py): Tables I-IV on pick-place, each cell a fresh action expert on the shipped
 # checkpoint's frozen backbone, evaluated on EPISODES held-out seeds; docs/results/ablations.{json,md}. Cells already in

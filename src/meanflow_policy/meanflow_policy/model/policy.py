@@ -597,6 +597,14 @@ class MeanFlowPolicy(nn.Module):
             z = self._sample_normalized(ctx, noise, nfe, generator, steer)
         return z[0]
 
+    def chunks_normalized(self, images: torch.Tensor, state: torch.Tensor, instructions: list[str],
+                          noise: torch.Tensor, nfe: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Normalised chunks (B, T, D) of a batch from the given starting ``noise``, one draw each, differentiable
+        where gradients are on: what the policy does, as a training target (language distillation, train/distill.py)
+        and for offline evaluation (``sample_batch``)."""
+        features, mask = self.backbone(images, instructions)
+        return self._sample_normalized(self._context(features, mask, state), noise, nfe, generator)
+
     @torch.inference_mode()
     def sample_batch(self, batch: Mapping[str, Any], nfe: int | None = None,
                      generator: torch.Generator | None = None) -> torch.Tensor:
@@ -607,10 +615,9 @@ class MeanFlowPolicy(nn.Module):
         state = batch["state"].to(self.device, torch.float32)
         read = [self.read_instruction(text) for text in batch["instruction"]]
         instructions = [text if r is None else r for text, r in zip(batch["instruction"], read)]
-        features, mask = self.backbone(images, instructions)
-        ctx = self._context(features, mask, state)
         noise = self._noise(state.shape[0], generator)
-        chunks = self.unnormalize_actions(self._sample_normalized(ctx, noise, nfe, generator).float())
+        chunks = self.unnormalize_actions(self.chunks_normalized(images, state, instructions, noise, nfe,
+                                                                 generator).float())
         for i, r in enumerate(read):
             if r is None:  # no task: hold (as sample)
                 chunks[i] = state[i]

@@ -17,8 +17,9 @@ from so101_common.graph import CAMERA_NAMES, JOINT_NAMES
 
 PACKAGE = "meanflow_policy"
 # The sim checkpoints this package ships, the default first: the multi-task policy (every task, the instruction
-# says which), then the single-task pick-place one (the ablations' backbone, the real-time table's policy).
-SHIPPED_CHECKPOINTS = ("sim_multitask", "sim_pick_place", "sim_pick_place_rtc")
+# says which), then the single-task pick-place one (the ablations' backbone, the real-time table's policy), its
+# fine-tune for real-time chunking, and the multi-task one distilled onto the pretrained SmolLM2 (docs/language.md).
+SHIPPED_CHECKPOINTS = ("sim_multitask", "sim_pick_place", "sim_pick_place_rtc", "sim_multitask_smollm2")
 NODE_MODULE = "meanflow_policy.ros.policy_node"
 
 

@@ -27,12 +27,13 @@ from meanflow_policy.data.cache import ensure_writable_dirs, load_episodes
 from meanflow_policy.data.prefetch import Prefetcher
 from meanflow_policy.data.samples import SampleSet, compute_stats, split_episodes
 from meanflow_policy.model.checkpoint import LANGUAGE_PREFIX
-from meanflow_policy.model.configuration import (OBJECTIVES, SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
-                                                 MeanFlowConfig, TrainConfig)
+from meanflow_policy.model.configuration import (OBJECTIVES, SENTENCE_POOLINGS, SMOLVLM2_500M_PRESET, TINY_BACKBONE,
+                                                 TINY_SMOLLM2_PRESET, MeanFlowConfig, TrainConfig)
 from meanflow_policy.model.objectives import make_objective
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
                                           resolve_device, run_cli, sync_config)
+from meanflow_policy.train.distill import LanguageDistillation
 from meanflow_policy.train.feature_cache import load_prefix_features
 from meanflow_policy.train.trainer import (STATE_FILE, BatchSource, Trainer, TrainStateError, make_loader,
                                            read_state_meta, swap_in, write_json_atomic)
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tiny-smollm2: the instruction enters the backbone as K tokens made from its pooled SmolLM2 "
                         "states by a small network, instead of one projected token per word (0); with --init-from "
                         "it applies when the checkpoint moves onto tiny-smollm2")
+    p.add_argument("--sentence-pooling", choices=SENTENCE_POOLINGS, default=SENTENCE_POOLINGS[0],
+                   help="how that network pools the SmolLM2 states: weighted along the sentence (word order shows), "
+                        "or that and the plain mean side by side (a fronted phrase leaves the mean as it was)")
     for field, (option, _, what) in _ADDABLE_PATHS.items():
         if what:  # the sized inputs (--instruction-film, a switch, is above)
             p.add_argument(option, dest=field, type=int, default=None, metavar="N",
@@ -149,6 +153,13 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
                                               "half chunk (at least 0.3 s) of commands stays within this many "
                                               "radians (a 'stay' label there teaches the policy to stall; 0: keep "
                                               "every sample)"),
+    ("--distill-from", "distill_from", str, "language distillation: learn to act on any phrasing (needs "
+                                            "--instruction-variety) as this checkpoint (the teacher) acts on the "
+                                            "recorded sentence; the run starts from it moved onto SmolLM2 "
+                                            "(--init-from TEACHER --preset tiny-smollm2 --sentence-tokens K) and "
+                                            "trains only the projection from SmolLM2 (docs/language.md)"),
+    ("--distill-tau", "distill_tau", float, "temperature of the distillation's contrast term: the student's chunk "
+                                            "nearer the teacher's for the meant sentence than for the others"),
     ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
                                         "checkpoint as at the end (0: run to --steps)"),
 )
@@ -207,6 +218,7 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
                   instruction_film_hidden=args.instruction_film_hidden or 0)
     if args.sentence_tokens:
         common["language_sentence_tokens"] = args.sentence_tokens
+        common["language_sentence_pooling"] = args.sentence_pooling
     preset = args.preset or TINY_BACKBONE
     if preset in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         if args.backbone:
@@ -220,7 +232,8 @@ def policy_config(args: argparse.Namespace, seed: int) -> MeanFlowConfig:
     return config
 
 
-def onto_language_model(source: MeanFlowPolicy, preset: str, sentence_tokens: int = 0) -> MeanFlowPolicy:
+def onto_language_model(source: MeanFlowPolicy, preset: str, sentence_tokens: int = 0,
+                        sentence_pooling: str = SENTENCE_POOLINGS[0]) -> MeanFlowPolicy:
     """``source``, a tiny checkpoint, moved onto tiny-smollm2, so a trained multi-task policy keeps what it can do
     while it learns to read instructions through the pretrained SmolLM2 (training that preset from scratch costs
     the whole multi-task run again). Every weight whose name and shape match is copied (vision encoder, connector,
@@ -230,7 +243,7 @@ def onto_language_model(source: MeanFlowPolicy, preset: str, sentence_tokens: in
         raise ValueError(f"--preset {preset} with --init-from: only a {TINY_BACKBONE} checkpoint moves onto another "
                          f"preset ({TINY_SMOLLM2_PRESET}); {source.config.backbone!r} checkpoints keep their own")
     values = {**source.config.to_dict(), "backbone": preset, "language_model_sha256": "", "train_backbone": True,
-              "language_sentence_tokens": sentence_tokens}
+              "language_sentence_tokens": sentence_tokens, "language_sentence_pooling": sentence_pooling}
     policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values)).to(source.device)
     weights, target = source.state_dict(), policy.state_dict()
     kept = {k: v for k, v in weights.items() if k in target and target[k].shape == v.shape}
@@ -506,11 +519,13 @@ def run(args: argparse.Namespace) -> dict:
         cfg = train_config(args)
         policy = MeanFlowPolicy.load(args.init_from, device=device)
         if args.preset and args.preset != policy.config.backbone:
-            policy = onto_language_model(policy, args.preset, args.sentence_tokens)
-        elif args.sentence_tokens != policy.config.language_sentence_tokens:
-            raise ValueError(f"--sentence-tokens {args.sentence_tokens}: the checkpoint has "
-                             f"{policy.config.language_sentence_tokens}; the setting is chosen when a tiny checkpoint "
-                             "moves onto tiny-smollm2 (--preset tiny-smollm2) or for a new model")
+            policy = onto_language_model(policy, args.preset, args.sentence_tokens, args.sentence_pooling)
+        elif (args.sentence_tokens, args.sentence_pooling) != (policy.config.language_sentence_tokens,
+                                                               policy.config.language_sentence_pooling):
+            raise ValueError(f"--sentence-tokens {args.sentence_tokens} --sentence-pooling {args.sentence_pooling}: "
+                             f"the checkpoint has {policy.config.language_sentence_tokens} and "
+                             f"{policy.config.language_sentence_pooling}; the settings are chosen when a tiny "
+                             "checkpoint moves onto tiny-smollm2 (--preset tiny-smollm2) or for a new model")
         if args.instruction_film:
             policy = with_new_path(policy, "instruction_film", True)
         if args.instruction_film_hidden is not None:
@@ -597,7 +612,11 @@ def run(args: argparse.Namespace) -> dict:
     sources = args.bags or [args.lerobot_dataset]
     run_info = {"sync": sync.cache_key(), "bags": [str(b) for b in sources], "cache_dir": str(cache),
                 "device": str(device), "prefix_feature_cache": data is not train_set}
-    trainer = Trainer(policy, cfg, out, run_info)
+    distill = None
+    if cfg.distill_from:
+        distill = LanguageDistillation.load(Path(cfg.distill_from), policy,
+                                            sorted({e.instruction for e in train_eps}), cfg.distill_tau)
+    trainer = Trainer(policy, cfg, out, run_info, loss_fn=distill.loss if distill else None)
     if args.resume:
         trainer.load_state(out / LAST_DIR)
         LOG.info("resuming %s at step %d of %d (optimizer, schedule, EMA, random states and data order restored)",

@@ -45,6 +45,8 @@ STATE_FORMAT = "meanflow_policy train state"
 STATE_VERSION = 1
 
 ValFn = Callable[[MeanFlowPolicy, int], Mapping[str, float]]
+# A training loss other than the policy's own objective: (batch on the device, generator) -> (loss, info with "loss").
+LossFn = Callable[[Mapping[str, Any], torch.Generator], tuple[torch.Tensor, dict[str, float]]]
 CheckpointFn = Callable[[int, Mapping[str, float]], None]
 
 
@@ -202,8 +204,11 @@ class Trainer:
     """One training run's complete state and loop (see module docstring)."""
 
     def __init__(self, policy: MeanFlowPolicy, cfg: TrainConfig, out_dir: str | Path,
-                 run_info: Mapping[str, Any] | None = None) -> None:
+                 run_info: Mapping[str, Any] | None = None, loss_fn: LossFn | None = None) -> None:
         self.policy, self.cfg, self.out = policy, cfg, Path(out_dir)
+        # What each step minimises: the policy's objective unless given (language distillation: train/distill.py).
+        self.loss_fn: LossFn = loss_fn or (lambda batch, generator: policy.compute_loss(
+            batch, generator=generator, instruction_contrast=cfg.instruction_contrast))
         self.run_info = dict(run_info or {})  # saved in train_config.json beside the training config
         self.params = policy.trainable_parameters()
         if not self.params:
@@ -401,8 +406,7 @@ class Trainer:
             if self.step >= cfg.steps:
                 break
             start = time.perf_counter()
-            loss, info = policy.compute_loss(_to_device(batch, device), generator=self.generator,
-                                              instruction_contrast=cfg.instruction_contrast)
+            loss, info = self.loss_fn(_to_device(batch, device), self.generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
             self.opt.zero_grad(set_to_none=True)
