@@ -51,6 +51,17 @@ def test_distillation_settings_are_checked() -> None:
         LanguageDistillation(teacher, _teacher(), TASKS, 0.01)
 
 
+def test_a_missing_teacher_is_one_clear_error_before_any_data_is_read(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    start = _teacher().save(tmp_path / "start")
+    code = train_cli.main(["--bags", str(tmp_path / "no_bags"), "--out", str(tmp_path / "run"), "--init-from",
+                           str(start), "--distill-from", str(tmp_path / "gone"), "--instruction-variety",
+                           "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 2
+    assert f"--distill-from {tmp_path / 'gone'}: no checkpoint there" in caplog.text
+    assert "no_bags" not in caplog.text, "the teacher is checked before the (missing) bags are read"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_only_the_text_projection_learns_and_the_student_comes_to_act_as_the_teacher() -> None:

@@ -565,6 +565,8 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError("--freeze-backbone needs a frozen backbone, but the model trains its backbone "
                          "(--train-backbone, or the checkpoint's train_backbone)")
 
+    if cfg.distill_from and not (Path(cfg.distill_from) / "config.json").is_file():
+        raise ValueError(f"--distill-from {cfg.distill_from}: no checkpoint there (no config.json)")
     sync = sync_config(config, args)
     cache = args.cache_dir
     start = time.perf_counter()
