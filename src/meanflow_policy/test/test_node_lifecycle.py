@@ -9,7 +9,7 @@ from lifecycle_msgs.srv import ChangeState, GetState
 from meanflow_policy.ros.probe import PolicyProbe
 from meanflow_policy.testing import corrupt_checkpoint
 from so101_common import graph
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 
 NODE = "meanflow_policy.ros.policy_node"
 START_TIMEOUT = 90.0
@@ -25,8 +25,10 @@ class Lifecycle:
         self.get = node.create_client(GetState, f"/{graph.POLICY_NODE}/get_state")
 
     def wait(self) -> None:
-        assert spin_until(self.node, lambda: self.change.service_is_ready() and self.get.service_is_ready(),
-                          START_TIMEOUT), "lifecycle services did not appear"
+        # An unknown transition label is answered with success=False and changes nothing.
+        harmless = ChangeState.Request(transition=Transition(label="no-such-transition"))
+        assert wait_until_answering(self.node, self.change, harmless, START_TIMEOUT), "change_state never answered"
+        assert wait_until_answering(self.node, self.get, GetState.Request(), START_TIMEOUT), "get_state never answered"
 
     def _call(self, future, timeout: float = 60.0):
         assert spin_until(self.node, future.done, timeout), "lifecycle service call got no answer"

@@ -139,3 +139,22 @@ def spin_until(node, predicate: Callable[[], bool], timeout: float, period: floa
             return True
         node.executor_for_test.spin_once(timeout_sec=period)
     return predicate()
+
+
+def wait_until_answering(node, client, harmless_request, timeout: float, attempt_s: float = 1.0) -> bool:
+    """Call ``client`` with a request that changes nothing until one answer comes back.
+
+    A client's ``service_is_ready()`` only says that *its* side has matched the server. Fast DDS's server waits just
+    100 ms for its reply writer to match the client's reply reader and otherwise drops the reply ("client will not
+    receive response"), so on a loaded machine the first, fast answer of a just-started node can be lost. One answered
+    round trip proves both directions are matched before a call that must not be repeated.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not spin_until(node, client.service_is_ready, deadline - time.monotonic()):
+            return False
+        future = client.call_async(harmless_request)
+        if spin_until(node, future.done, min(attempt_s, max(deadline - time.monotonic(), 0.0))):
+            return True
+        client.remove_pending_request(future)
+    return False

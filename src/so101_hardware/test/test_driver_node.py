@@ -17,7 +17,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from so101_common.graph import (DIAGNOSTICS_TOPIC, HW_COMMANDS_TOPIC, HW_STATES_TOPIC, JOINT_NAMES,
                                 JOINT_STATES_TOPIC, TRAJECTORY_TOPIC)
 from so101_common.joints import JointLimits
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 from so101_hardware import protocol as P
 from so101_hardware.calibration import ArmCalibration
 from so101_hardware.emulator import BusEmulator
@@ -41,7 +41,8 @@ def _rest_inside_range(emulator: BusEmulator) -> ArmCalibration:
 
 def _transition(node, transition_id: int) -> bool:
     client = node.create_client(ChangeState, "/so101_driver/change_state")
-    assert spin_until(node, client.service_is_ready, 15.0), "lifecycle service did not appear"
+    harmless = ChangeState.Request(transition=Transition(label="no-such-transition"))  # answered, changes nothing
+    assert wait_until_answering(node, client, harmless, 15.0), "lifecycle service never answered"
     future = client.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
     assert spin_until(node, future.done, 15.0), f"transition {transition_id} timed out"
     return future.result().success
