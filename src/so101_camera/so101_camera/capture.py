@@ -171,10 +171,12 @@ class FrameSource:
         self._cap = cap
 
     def _fail(self, message: str) -> None:
-        self.close()
-        self._failed_since_open = True
+        # The error is recorded before the source reads as disconnected: diagnostics published from another thread
+        # in between must name it.
         self.stats.failures += 1
         self.stats.last_error = message
+        self._failed_since_open = True
+        self.close()
         self._retry_at = self._monotonic() + self._backoff.next_delay()
 
     def close(self) -> None:
@@ -188,9 +190,11 @@ class FrameSource:
         if ok:
             return frame
         if self.config.kind is SourceKind.FILE:
-            # End of file: reopen from the path (so a file that vanished is noticed) and loop.
-            self.close()
+            # End of file: reopen from the path (so a file that vanished is noticed) and loop. The old capture stays
+            # ``connected`` until the reopen succeeded or the failure is recorded (_fail).
+            finished = self._cap
             self._open()
+            finished.release()
             ok, frame = self._cap.read()
             if ok:
                 return frame
