@@ -71,8 +71,8 @@ ground: setup
 
 # The language recipe (scripts/train_language.sh): the shipped multi-task policy distilled onto the frozen, pretrained
 # SmolLM2 (docs/language.md): 40 demos per task variant, then 2,500 steps training only the projection from SmolLM2
-# (about 20 min on 2 cores) into $(RUNS)/multitask_smollm2; continues where it stopped. `shipped:sim_multitask_smollm2`
-# is its result.
+# (about 20 min on 2 cores) into $(RUNS)/multitask_smollm2, then a grounding that only refuses instructions asking for no
+# task ($(RUNS)/multitask_smollm2/grounded: `shipped:sim_multitask_smollm2`); continues where it stopped.
 train-language: setup
 	@$(ENV) DATA=$(DATA) RUNS=$(RUNS) bash scripts/train_language.sh
 

@@ -7,6 +7,9 @@
 #    projection from SmolLM2 into its tiny LM trains, STEPS steps at lr 1e-3 (about 15 min on one core), towards the
 #    teacher's chunks for each training phrasing's recorded sentence. Episode starts (the first 1.33 s, where the
 #    instruction decides) are drawn 20 times per epoch, idle ones included: the policy meets them at every start.
+# 3. meanflow-ground --keep-wording: instruction grounding in front that only refuses instructions asking for no task
+#    (the arm holds); the policy reads every accepted one in its own words. About a minute. -> $OUT/grounded, the
+#    shipped sim_multitask_smollm2.
 # A finished demo set is kept and a stopped run resumes exactly (--resume), so the recipe continues where it stopped.
 set -euo pipefail
 
@@ -50,4 +53,8 @@ else
   meanflow-train "${common[@]}" --init-from "$TEACHER" --preset tiny-smollm2 --sentence-tokens 16 --sentence-pooling weighted+mean \
     --distill-from "$TEACHER" --instruction-variety --lr 1e-3 --batch-size 32 --start-repeat 20 \
     --start-window 1.33 --idle-start 0 --val-every 500 --seed 0
+fi
+if [[ ! -f $OUT/grounded/config.json ]]; then
+  rm -rf "$OUT/grounded"
+  meanflow-ground "$OUT/last" --keep-wording --out "$OUT/grounded" --cpu-threads "$THREADS"
 fi

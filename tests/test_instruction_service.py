@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from so101_common.graph import SET_INSTRUCTION_SERVICE
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 from so101_interfaces.srv import SetInstruction
 
 SERVER = str(Path(__file__).parent / "nodes" / "instruction_server.py")
@@ -17,7 +17,8 @@ def call(node, client, text: str) -> SetInstruction.Response:
 def test_set_instruction_across_processes(node_process, ros_node):
     server = node_process(SERVER)
     client = ros_node.create_client(SetInstruction, SET_INSTRUCTION_SERVICE)
-    assert spin_until(ros_node, client.service_is_ready, timeout=20.0), server.output()
+    # An empty instruction is refused and changes nothing: its answer proves the replies reach this client.
+    assert wait_until_answering(ros_node, client, SetInstruction.Request(instruction=" "), 20.0), server.output()
 
     ok = call(ros_node, client, "  grasp the red block and put it in the box ")
     assert ok.accepted and "'grasp the red block and put it in the box'" in ok.message

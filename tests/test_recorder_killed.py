@@ -29,7 +29,7 @@ from so101_common.graph import (JOINT_NAMES, JOINT_STATES_TOPIC, START_EPISODE_S
                                 camera_image_topic)
 from so101_common.images import rgb_to_image
 from so101_common.joints import home_vector
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 from so101_interfaces.srv import StartEpisode
 
 CAMERAS = (camera_image_topic("wrist"), camera_image_topic("top"))
@@ -72,7 +72,8 @@ def test_recorder_killed_mid_episode_is_recovered_and_trained_from(node_process,
         "dataset_dir": str(data), "min_free_mb": 1.0, "disk_check_period_s": 0.2,
         "topics": [*CAMERAS, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC]})
     client = ros_node.create_client(StartEpisode, START_EPISODE_SERVICE)
-    assert client.wait_for_service(timeout_sec=20.0), recorder.output()
+    # An empty instruction is refused and changes nothing: its answer proves the replies reach this client.
+    assert wait_until_answering(ros_node, client, StartEpisode.Request(instruction=" "), 20.0), recorder.output()
     future = client.call_async(StartEpisode.Request(instruction="put the cube in the bowl"))
     assert spin_until(ros_node, future.done, 10.0) and future.result().success, recorder.output()
     episode = Path(future.result().episode_path)

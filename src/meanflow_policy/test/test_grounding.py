@@ -5,6 +5,7 @@ The tests marked slow need the de-quantised SmolLM2 (as test_model_language.py's
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from so101_common.phrasings import (GROUNDING_EXTRA, HELD_OUT_PARAPHRASES, HELD_
                                    UNRELATED)
 from meanflow_policy.model import checkpoint
 from meanflow_policy.model.configuration import MeanFlowConfig
-from meanflow_policy.model.grounding import InstructionGrounding, correct_spelling
+from meanflow_policy.model.grounding import Grounding, InstructionGrounding, correct_spelling
 from meanflow_policy.model.language import FrozenLanguageModel
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools import ground as ground_cli
@@ -54,6 +55,15 @@ def test_what_grounding_is_fitted_on_is_never_measured() -> None:
     for text in extra:
         assert not set(text.replace(",", " ").replace(":", " ").split()) & set(HELD_OUT_WORDS), text
         assert not text.startswith(("in ", "into ", "inside ", "on ", "onto ")), text
+
+
+def test_a_reading_says_whether_the_policy_reads_the_words_or_the_trained_sentence() -> None:
+    accepted = Grounding("stack it", STACKING, 0.9, STACKING, 0.9)
+    assert accepted.describe() == f"'stack it' read as {STACKING!r} (probability 0.90)"
+    own_words = Grounding("stack it", STACKING, 0.9, STACKING, 0.9, keeps_wording=True)
+    assert "accepted as a task" in own_words.describe() and "reads its own words" in own_words.describe()
+    refused = Grounding("hi", None, 0.8, STACKING, 0.1, keeps_wording=True)
+    assert "asks for no task" in refused.describe()
 
 
 def test_misspelt_words_are_corrected_against_the_known_words_only_when_unambiguous() -> None:
@@ -158,10 +168,22 @@ def test_a_grounded_policy_acts_on_a_paraphrase_as_on_its_sentence_and_holds_on_
 @pytest.mark.timeout(600)
 def test_a_grounded_checkpoint_stores_the_classifier_not_the_language_model(grounded_checkpoint: Path,
                                                                               tmp_path: Path) -> None:
-    with safe_open(str(grounded_checkpoint / checkpoint.WEIGHTS_FILE), framework="pt") as fh:
+    with safe_open(str(grounded_checkpoint / checkpoint.GROUNDING_FILE), framework="pt") as fh:
         keys = set(fh.keys())
     assert any(k.startswith("grounding.members.") for k in keys) and {"grounding.mean", "grounding.std"} <= keys
-    assert not any("language" in k for k in keys)
+    assert all(k.startswith("grounding.") for k in keys)
+    with safe_open(str(grounded_checkpoint / checkpoint.WEIGHTS_FILE), framework="pt") as fh:
+        weights = set(fh.keys())
+    assert not any("language" in k or k.startswith("grounding.") for k in weights), "the policy's file is as trained"
+    # A checkpoint grounded before the classifier had a file of its own keeps it in the weights file and loads.
+    from safetensors.torch import load_file, save_file
+
+    merged = tmp_path / "merged"
+    shutil.copytree(grounded_checkpoint, merged)
+    weights_file, grounding_file = str(merged / checkpoint.WEIGHTS_FILE), str(merged / checkpoint.GROUNDING_FILE)
+    save_file({**load_file(weights_file), **load_file(grounding_file)}, weights_file)
+    (merged / checkpoint.GROUNDING_FILE).unlink()
+    assert MeanFlowPolicy.load(merged).grounding is not None
     config = json.loads((grounded_checkpoint / checkpoint.CONFIG_FILE).read_text())
     assert config["grounding_instructions"] == list(SMALL) and config["language_model_sha256"]
     a, b = MeanFlowPolicy.load(grounded_checkpoint), MeanFlowPolicy.load(grounded_checkpoint)
@@ -181,16 +203,15 @@ def test_a_grounded_checkpoint_stores_the_classifier_not_the_language_model(grou
 @pytest.mark.timeout(600)
 def test_a_grounded_config_without_its_classifier_is_one_clear_error(grounded_checkpoint: Path,
                                                                      tmp_path: Path) -> None:
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     broken = tmp_path / "broken"
     shutil.copytree(grounded_checkpoint, broken)
-    file = str(broken / checkpoint.WEIGHTS_FILE)
-    save_file({k: v for k, v in load_file(file).items() if not k.startswith("grounding.")}, file)
+    (broken / checkpoint.GROUNDING_FILE).unlink()
     with pytest.raises(checkpoint.CheckpointError, match=r"model.safetensors does not match config.json: missing "
                                                          r"\['grounding\.mean'"):
+        MeanFlowPolicy.load(broken)
+    shutil.copy(grounded_checkpoint / checkpoint.WEIGHTS_FILE, broken / checkpoint.GROUNDING_FILE)
+    with pytest.raises(checkpoint.CheckpointError, match=r"grounding.safetensors: holds weights other than the "
+                                                         r"grounding's"):
         MeanFlowPolicy.load(broken)
 
 

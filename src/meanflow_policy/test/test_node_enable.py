@@ -1,10 +1,11 @@
 """The policy node over real DDS under operator control: enable/disable with a hold; latency compensation."""
 import numpy as np
 import pytest
+from std_srvs.srv import SetBool
 
 from meanflow_policy.model.configuration import MeanFlowConfig
 from so101_common import graph
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 
 START_TIMEOUT = 90.0
 
@@ -22,7 +23,8 @@ def test_enable_and_disable_with_hold(checkpoint, start_policy, ros_node):
     fps = MeanFlowConfig.load(checkpoint / "config.json").fps
     proc, probe = start_policy(start_enabled=False)
     probe.start_streams(image_hz=15.0)
-    assert probe.enable_client.wait_for_service(timeout_sec=START_TIMEOUT)
+    # (disabling a disabled policy answers "already disabled" and changes nothing)
+    assert wait_until_answering(ros_node, probe.enable_client, SetBool.Request(data=False), START_TIMEOUT)
     assert spin_until(ros_node, lambda: "ready:" in proc.output(), START_TIMEOUT), proc.output()
     spin_until(ros_node, lambda: False, 1.0)
     assert probe.trajectories == [], "acted while disabled"

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from lifecycle_msgs.msg import State, Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from std_srvs.srv import SetBool
 
 from meanflow_policy.ros.probe import PolicyProbe
 from meanflow_policy.testing import corrupt_checkpoint
@@ -76,7 +77,8 @@ def test_configure_activate_deactivate_cleanup_shutdown(checkpoint, node_process
     assert lifecycle.state() == State.PRIMARY_STATE_INACTIVE
     assert "configured:" in proc.output() and "ready:" not in proc.output()
     assert spin_until(ros_node, lambda: ros_node.count_publishers(graph.TRAJECTORY_TOPIC) == 1, 10.0)
-    assert probe.enable_client.wait_for_service(timeout_sec=10.0)
+    # (while inactive every enable request is refused and changes nothing)
+    assert wait_until_answering(ros_node, probe.enable_client, SetBool.Request(data=True), 10.0)
     refused = probe.enable(True)
     assert spin_until(ros_node, refused.done, 30.0)
     assert not refused.result().success and "inactive" in refused.result().message

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -105,17 +103,19 @@ def test_calibration_procedure_on_the_emulated_arm(emulator: BusEmulator, bus: P
     assert offsets["shoulder_pan"] == 3000 - 2047 and offsets["wrist_flex"] == 500 - 2047
     assert bus.read(1, P.PRESENT_POSITION) == 2047
 
-    # The "user" sweeps every joint +-600 ticks around the middle while the calibrator samples.
-    def move() -> None:
-        for step in range(-600, 601, 100):
-            for servo_id, shaft in middle.items():
-                emulator.set_shaft(servo_id, shaft + step)
-            time.sleep(0.04)  # long enough for several samples at each position
+    # The "user" sweeps every joint +-600 ticks around the middle, one pose per sample the calibrator takes (a thread
+    # sleeping between poses once moved on before a loaded machine had sampled an end).
+    poses = iter(range(-600, 601, 100))
 
-    thread = threading.Thread(target=move)
-    thread.start()
-    calibrator.sweep(lambda: not thread.is_alive(), period_s=0.005)
-    thread.join()
+    def next_pose() -> bool:
+        step = next(poses, None)
+        if step is None:
+            return True
+        for servo_id, shaft in middle.items():
+            emulator.set_shaft(servo_id, shaft + step)
+        return False
+
+    calibrator.sweep(next_pose, period_s=0.0)
     cal = calibrator.finish()
     assert cal.motors["shoulder_pan"] == MotorCalibration(1, 0, 953, 2047 - 600, 2047 + 600)
     assert (cal.motors["wrist_roll"].range_min, cal.motors["wrist_roll"].range_max) == (0, 4095)

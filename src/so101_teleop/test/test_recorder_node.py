@@ -21,7 +21,7 @@ from so101_common.episode_bag import INDEX_FILE, read_episode_metadata
 from so101_common.graph import (DISCARD_EPISODE_SERVICE, JOINT_NAMES, JOINT_STATES_TOPIC, JOY_TOPIC,
                                 START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, TRAJECTORY_TOPIC, camera_image_topic)
 from so101_common.images import image_to_rgb, rgb_to_image
-from so101_common.testing import spin_until
+from so101_common.testing import spin_until, wait_until_answering
 from so101_interfaces.srv import StartEpisode
 
 CAMERAS = (camera_image_topic("wrist"), camera_image_topic("top"))
@@ -31,16 +31,6 @@ TOKEN = f"recorder_test_{os.getpid()}"
 TYPES = {CAMERAS[0]: Image, CAMERAS[1]: Image, JOINT_STATES_TOPIC: JointState, TRAJECTORY_TOPIC: JointTrajectory,
          JOY_TOPIC: Joy}
 QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE)
-
-
-def call(node, srv_type, name: str, request, timeout: float = 30.0):
-    """One service call; returns as soon as the answer comes (the first start of a freshly launched recorder took
-    over 10 s once with both cores busy)."""
-    client = node.create_client(srv_type, name)
-    assert client.wait_for_service(timeout_sec=timeout), f"service {name} not available"
-    future = client.call_async(request)
-    assert spin_until(node, future.done, timeout), f"no answer from {name}"
-    return future.result()
 
 
 class Publishers:
@@ -104,6 +94,26 @@ START, STOP, DISCARD = (SERVICE_PREFIX + s for s in (START_EPISODE_SERVICE, STOP
                                                      DISCARD_EPISODE_SERVICE))
 
 
+class Services:
+    """The recorder's services, one client each from the test's node. Each is first shown to answer a request it
+    refuses while idle (an empty instruction, stop / discard with no episode): Fast DDS drops the reply to a client
+    it has not matched yet (so101_common.testing.wait_until_answering), which once lost a fast refusal."""
+
+    TYPES = {START: StartEpisode, STOP: Trigger, DISCARD: Trigger}
+    HARMLESS = {START: StartEpisode.Request(instruction=" "), STOP: Trigger.Request(), DISCARD: Trigger.Request()}
+
+    def __init__(self, node, names: tuple[str, ...] = (START, STOP, DISCARD), timeout: float = 30.0) -> None:
+        self.node = node
+        self.clients = {name: node.create_client(self.TYPES[name], name) for name in names}
+        for name, client in self.clients.items():
+            assert wait_until_answering(node, client, self.HARMLESS[name], timeout), f"{name} never answered"
+
+    def call(self, name: str, request, timeout: float = 30.0):
+        future = self.clients[name].call_async(request)
+        assert spin_until(self.node, future.done, timeout), f"no answer from {name}"
+        return future.result()
+
+
 def start_recorder(node_process, tmp_path: Path):
     remaps = ["--ros-args"] + [a for s in (START_EPISODE_SERVICE, STOP_EPISODE_SERVICE, DISCARD_EPISODE_SERVICE)
                                for a in ("-r", f"{s}:={SERVICE_PREFIX}{s}")]
@@ -113,19 +123,20 @@ def start_recorder(node_process, tmp_path: Path):
 
 def test_full_episode_two_cameras_640x480_30hz(node_process, ros_node, tmp_path: Path) -> None:
     recorder = start_recorder(node_process, tmp_path)
+    services = Services(ros_node)
     pubs = Publishers(ros_node)
     pubs.wait_matched()
     pubs.run(0.5)  # not recording yet: none of this may end up in the bag
     pubs.counts = {t: 0 for t in pubs.counts}
     spin_until(ros_node, lambda: False, 0.5)
-    started = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="put the cube in"
+    started = services.call(START, StartEpisode.Request(instruction="put the cube in"
                                                                                                    " the bowl"))
     assert started.success, started.message
     pubs.run(3.0)
     # What is still queued when stop_episode arrives is not recorded: 2 s let a recorder that a loaded machine
     # stalled (make test beside a training job) catch up; after 1 s, 3-4 of 90 messages per topic were missing once.
     spin_until(ros_node, lambda: False, 2.0)
-    stopped = call(ros_node, Trigger, STOP, Trigger.Request())
+    stopped = services.call(STOP, Trigger.Request())
     assert stopped.success, stopped.message
     path = Path(started.episode_path)
     bag = read_bag(path)
@@ -158,9 +169,10 @@ def test_signal_mid_episode_leaves_a_readable_bag(node_process, ros_node, tmp_pa
                                                   signals: tuple[int, ...]) -> None:
     """Also as ``ros2 launch`` does on Ctrl-C: the terminal's SIGINT, launch's own, then SIGTERM."""
     recorder = start_recorder(node_process, tmp_path)
+    services = Services(ros_node)
     pubs = Publishers(ros_node)
     pubs.wait_matched()
-    started = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="open drawer"))
+    started = services.call(START, StartEpisode.Request(instruction="open drawer"))
     assert started.success
     pubs.run(1.0)
     # Time for the recorder to take in what was sent (30 MB of images): on a loaded 2-core machine it lags.
@@ -184,15 +196,16 @@ def test_signal_mid_episode_leaves_a_readable_bag(node_process, ros_node, tmp_pa
 
 def test_second_start_refused_and_discard(node_process, ros_node, tmp_path: Path) -> None:
     start_recorder(node_process, tmp_path)
-    first = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="wipe"))
+    services = Services(ros_node)
+    first = services.call(START, StartEpisode.Request(instruction="wipe"))
     assert first.success and Path(first.episode_path).is_dir()
-    second = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="wipe 2"))
+    second = services.call(START, StartEpisode.Request(instruction="wipe 2"))
     assert not second.success and "already recording" in second.message
-    discarded = call(ros_node, Trigger, DISCARD, Trigger.Request())
+    discarded = services.call(DISCARD, Trigger.Request())
     assert discarded.success and not Path(first.episode_path).exists()
-    again = call(ros_node, Trigger, STOP, Trigger.Request())
+    again = services.call(STOP, Trigger.Request())
     assert not again.success and "not recording" in again.message
-    empty = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction=" "))
+    empty = services.call(START, StartEpisode.Request(instruction=" "))
     assert not empty.success and "instruction is empty" in empty.message
     index = json.loads((tmp_path / "data" / INDEX_FILE).read_text())
     assert index["episodes"] == []
@@ -202,7 +215,8 @@ def test_full_disk_refuses_start_and_node_stays_up(node_process, ros_node, tmp_p
     remaps = ["--ros-args", "-r", f"{START_EPISODE_SERVICE}:={START}"]
     recorder = node_process("so101_teleop.recorder_node", extra_args=remaps, params={
         "dataset_dir": str(tmp_path / "data"), "min_free_mb": 1e12})  # more than any disk has free
-    refused = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="wipe"))
+    services = Services(ros_node, (START,))
+    refused = services.call(START, StartEpisode.Request(instruction="wipe"))
     assert not refused.success and "MiB free" in refused.message and "needs at least" in refused.message
     assert recorder.alive()
 
@@ -213,13 +227,14 @@ def test_topic_of_unknown_type_takes_the_publishers_type(node_process, ros_node,
                                for a in ("-r", f"{s}:={SERVICE_PREFIX}{s}")]
     node_process("so101_teleop.recorder_node", extra_args=remaps, params={
         "dataset_dir": str(tmp_path / "data"), "min_free_mb": 1.0, "topics": [topic]})
+    services = Services(ros_node, (START, STOP))
     pub = ros_node.create_publisher(String, topic, QOS)
     assert spin_until(ros_node, lambda: pub.get_subscription_count() > 0, 15.0), "recorder never subscribed"
-    started = call(ros_node, StartEpisode, START, StartEpisode.Request(instruction="take notes"))
+    started = services.call(START, StartEpisode.Request(instruction="take notes"))
     for i in range(10):
         pub.publish(String(data=f"note {i}"))
     spin_until(ros_node, lambda: False, 0.5)
-    assert call(ros_node, Trigger, STOP, Trigger.Request()).success
+    assert services.call(STOP, Trigger.Request()).success
     with Reader(started.episode_path) as reader:
         assert [c.msgtype for c in reader.connections] == ["std_msgs/msg/String"]
         notes = [deserialize_message(raw, String).data for _c, _t, raw in reader.messages()]

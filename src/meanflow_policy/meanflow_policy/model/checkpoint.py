@@ -1,12 +1,14 @@
 """Checkpoint directories, as a file format: config.json + model.safetensors + stats.json (+ tokenizer.json for
-presets with an in-code tokenizer).
+presets with an in-code tokenizer, + grounding.safetensors for a policy with instruction grounding).
 
 This module knows the files, not the model: the policy (model/policy.py) hands it tensors and
 stats to write, and checks what it reads against a model built from the config.
 
 No pickle anywhere. A pretrained backbone is stored by reference (its path and config hash, in config.json); its
 weights are only written when they were trained or are random (presets). The frozen SmolLM2 of tiny-smollm2 is
-never written: config.json names it by its GGUF file's SHA-256, which loading checks.
+never written: config.json names it by its GGUF file's SHA-256, which loading checks. An instruction grounding's
+classifier (meanflow-ground) has a file of its own, so that grounding a policy adds a small file beside its weights
+instead of a second copy of them (checkpoints grounded before keep it in model.safetensors, which still loads).
 
 Reading is strict: anything wrong with a file (missing, truncated, wrong type, non-finite weights, tensors that do
 not fit the config, a spread of 0 in the stats) raises one CheckpointError naming the file and the field, which
@@ -31,6 +33,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 STATS_FILE = "stats.json"
 TOKENIZER_FILE = "tokenizer.json"
+GROUNDING_FILE = "grounding.safetensors"
+GROUNDING_PREFIX = "grounding."
 # State-dict keys of the backbone: left out of the weights file when the backbone is stored by reference.
 BACKBONE_PREFIX = "backbone."
 # State-dict keys of the frozen pretrained language model (tiny-smollm2): never stored, always by reference.
@@ -59,7 +63,13 @@ def write_checkpoint(path: Path, config: MeanFlowConfig, state: Mapping[str, tor
     """Write weights (the stored keys of ``state``), config and stats into ``path`` (created if needed)."""
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: state[k].detach().to("cpu").contiguous() for k in stored_keys(config, state)}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "meanflow_policy", "objective": config.objective})
+    metadata = {"format": "meanflow_policy", "objective": config.objective}
+    grounding = {k: v for k, v in tensors.items() if k.startswith(GROUNDING_PREFIX)}
+    save_file({k: v for k, v in tensors.items() if k not in grounding}, str(path / WEIGHTS_FILE), metadata=metadata)
+    if grounding:
+        save_file(grounding, str(path / GROUNDING_FILE), metadata=metadata)
+    elif (path / GROUNDING_FILE).exists():
+        (path / GROUNDING_FILE).unlink()  # a classifier of an earlier save must not outlive its config
     config.save(path / CONFIG_FILE)
     (path / STATS_FILE).write_text(json.dumps(stats, indent=2) + "\n")
     return path
@@ -104,10 +114,8 @@ def read_config(path: Path, expect: Mapping[str, Any] | None = None) -> MeanFlow
     return config
 
 
-def read_weights(path: Path, expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    """All tensors of the weights file, which must hold exactly ``expected_shapes`` (key -> shape of the model
-    built from the config); a truncated or foreign file and non-finite values are refused."""
-    file = path / WEIGHTS_FILE
+def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file, refused when unreadable or holding NaN / inf."""
     try:
         stored = load_file(str(file))
     except (SafetensorError, OSError) as exc:
@@ -118,16 +126,33 @@ def read_weights(path: Path, expected_shapes: Mapping[str, tuple[int, ...]]) -> 
         first = ", ".join(f"{k}: {n} of {stored[k].numel()}" for k, n in sorted(bad.items())[:3])
         more = ", ..." if len(bad) > 3 else ""
         raise CheckpointError(f"{file}: {len(bad)} tensors contain NaN or inf ({first}{more}); the weights are corrupt")
+    return stored
+
+
+def read_weights(path: Path, expected_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """All tensors of the weights file (and of the grounding file, if there is one), which together must hold
+    exactly ``expected_shapes`` (key -> shape of the model built from the config); a truncated or foreign file and
+    non-finite values are refused."""
+    stored = _read_tensors(path / WEIGHTS_FILE)
+    files = WEIGHTS_FILE
+    if (path / GROUNDING_FILE).is_file():
+        grounding = _read_tensors(path / GROUNDING_FILE)
+        twice = sorted(set(grounding) & set(stored))
+        if twice or not all(k.startswith(GROUNDING_PREFIX) for k in grounding):
+            raise CheckpointError(f"{path / GROUNDING_FILE}: holds weights other than the grounding's or ones that "
+                                  f"{WEIGHTS_FILE} holds too ({(twice or sorted(grounding))[:3]})")
+        stored.update(grounding)
+        files = f"{WEIGHTS_FILE} + {GROUNDING_FILE}"
     missing = sorted(set(expected_shapes) - set(stored))
     unexpected = sorted(set(stored) - set(expected_shapes))
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint {path}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: "
+        raise CheckpointError(f"checkpoint {path}: {files} does not match {CONFIG_FILE}: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     for key in sorted(expected_shapes):
         if tuple(stored[key].shape) != tuple(expected_shapes[key]):
             raise CheckpointError(f"checkpoint {path}: tensor {key} has shape {tuple(stored[key].shape)} in "
-                                  f"{WEIGHTS_FILE} but {tuple(expected_shapes[key])} in a model built from "
+                                  f"{files} but {tuple(expected_shapes[key])} in a model built from "
                                   f"{CONFIG_FILE}")
     return stored
 

@@ -116,6 +116,9 @@ class MeanFlowConfig:
     grounding_instructions: tuple[str, ...] = ()
     # An instruction whose best trained instruction is less probable than this is refused as no task.
     grounding_min_confidence: float = 0.5
+    # With grounding: the policy reads an accepted instruction in its own words instead of the trained sentence it
+    # means (for a policy that reads any wording itself, e.g. one distilled onto SmolLM2); grounding then only refuses.
+    grounding_keeps_wording: bool = False
 
     camera_keys: tuple[str, ...] = ("wrist", "top")
     joint_names: tuple[str, ...] = JOINT_NAMES
@@ -330,6 +333,9 @@ class TrainConfig:
     # of normalised chunks (the teacher's chunks for two different tasks differ by ~0.01-0.1 at an episode's start).
     distill_from: str = ""
     distill_tau: float = 0.01
+    # Share of distillation samples whose instruction is replaced by one that asks for no task (NO_TASK_PHRASINGS)
+    # and whose target is the arm holding where it is: the teacher never saw such wordings and acts on them. 0: off.
+    distill_no_task: float = 0.0
     # Samples of each episode's first start_window_s seconds are drawn start_repeat times per epoch (1: uniform):
     # the start is where the instruction decides (SampleSet.start_weighted_rows).
     start_repeat: int = 1
@@ -360,6 +366,9 @@ class TrainConfig:
                              f"{self.instruction_contrast}")
         if self.distill_tau <= 0:
             raise ValueError(f"distill_tau must be > 0, got {self.distill_tau}")
+        if not 0.0 <= self.distill_no_task < 1.0 or (self.distill_no_task and not self.distill_from):
+            raise ValueError(f"distill_no_task must be in [0, 1), and > 0 only with distill_from, got "
+                             f"{self.distill_no_task}")
         if self.distill_from and (not self.instruction_variety or self.freeze_backbone or self.instruction_contrast):
             raise ValueError("distill_from (language distillation) needs instruction_variety (the phrasings the "
                              "student learns to read) and runs the text side in every step: it excludes "

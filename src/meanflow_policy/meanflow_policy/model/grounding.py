@@ -55,12 +55,16 @@ class Grounding:
     confidence: float  # averaged probability of the class chosen (the no-task class's when refused)
     closest: str  # the trained instruction with the highest probability, even when refused
     closest_probability: float
+    keeps_wording: bool = False  # accepted, the policy reads ``text`` itself (grounding_keeps_wording)
 
     def describe(self) -> str:
         """One line for logs and service responses."""
         if self.instruction is None:
             return (f"{self.text!r} asks for no task this policy was trained on (closest: {self.closest!r}, "
                     f"probability {self.closest_probability:.2f})")
+        if self.keeps_wording:
+            return (f"{self.text!r} accepted as a task ({self.instruction!r}, probability {self.confidence:.2f}); "
+                    "the policy reads its own words")
         return f"{self.text!r} read as {self.instruction!r} (probability {self.confidence:.2f})"
 
 

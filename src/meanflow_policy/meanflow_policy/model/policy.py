@@ -474,11 +474,17 @@ class MeanFlowPolicy(nn.Module):
 
     def read_instruction(self, text: str) -> str | None:
         """The instruction the backbone reads for ``text``: ``text`` itself without grounding, else the trained
-        instruction it is read as, None for no task (``last_grounding`` keeps the details)."""
+        instruction it is read as (``text`` itself with grounding_keeps_wording), None for no task
+        (``last_grounding`` keeps the details)."""
         if self.grounding is None:
             return text
-        self.last_grounding = self.grounding.ground(text)
-        return self.last_grounding.instruction
+        reading = self.grounding.ground(text)
+        if self.config.grounding_keeps_wording:
+            reading = dataclasses.replace(reading, keeps_wording=True)
+        self.last_grounding = reading
+        if reading.instruction is None or not reading.keeps_wording:
+            return reading.instruction
+        return text
 
     def _check_eval_mode(self) -> None:
         if self.training:

@@ -314,7 +314,8 @@ class PolicyNode(LifecycleNode):
             except (InvalidParameterTypeException, InvalidParameterValueException) as exc:
                 raise PolicyNodeError(f"parameter {name} (default {default!r}): {exc}") from exc
 
-        declare("checkpoint", "", "Checkpoint directory (config.json, model.safetensors, stats.json). Required.")
+        declare("checkpoint", "", "Checkpoint directory (config.json, model.safetensors, stats.json; "
+                "grounding.safetensors with instruction grounding). Required.")
         declare("device", "cpu", f"Torch device for inference, one of {DEVICES}.")
         declare("nfe", 1, "Network (action expert) evaluations per chunk; 1 = one-step Mean-Flow sampling.",
                 read_only=False, integer_range=[IntegerRange(from_value=1, to_value=1000, step=1)])

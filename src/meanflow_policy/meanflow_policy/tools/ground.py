@@ -22,26 +22,26 @@ from pathlib import Path
 from so101_common.phrasings import (HELD_OUT_PARAPHRASES, SECOND_HELD_OUT, SECOND_UNRELATED, THIRD_HELD_OUT,
                                    THIRD_UNRELATED, TRAINING_POOL, UNRELATED)
 
+from meanflow_policy.model import checkpoint
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.model.grounding import FIT_STEPS
 from meanflow_policy.model.policy import MeanFlowPolicy
 from meanflow_policy.tools.common import add_cpu_threads_argument, apply_cpu_threads, run_json_cli
 
 LOG = logging.getLogger("meanflow_ground")
-GROUNDING_KEYS = "grounding."
 
 
 def grounded(source: MeanFlowPolicy, instructions: Sequence[str], min_confidence: float, steps: int = FIT_STEPS,
-             seed: int = 0) -> tuple[MeanFlowPolicy, float]:
+             seed: int = 0, keep_wording: bool = False) -> tuple[MeanFlowPolicy, float]:
     """A copy of ``source`` with a grounding onto ``instructions`` fitted (InstructionGrounding.fit); returns it and
-    the fit's accuracy."""
+    the fit's accuracy. ``keep_wording``: the policy reads accepted instructions in their own words."""
     values = {**source.config.to_dict(), "grounding_instructions": list(instructions),
-              "grounding_min_confidence": min_confidence}
+              "grounding_min_confidence": min_confidence, "grounding_keeps_wording": keep_wording}
     config = MeanFlowConfig.from_dict(values)
     policy = MeanFlowPolicy(config, tokenizer=source.backbone.tokenizer if config.code_tokenizer else None)
-    weights = {k: v for k, v in source.state_dict().items() if not k.startswith(GROUNDING_KEYS)}
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith(checkpoint.GROUNDING_PREFIX)}
     missing, unexpected = policy.load_state_dict(weights, strict=False)
-    assert not unexpected and all(k.startswith(GROUNDING_KEYS) for k in missing), (missing, unexpected)
+    assert not unexpected and all(k.startswith(checkpoint.GROUNDING_PREFIX) for k in missing), (missing, unexpected)
     policy.set_stats(source.get_stats())
     policy.to(source.device).eval()
     assert policy.grounding is not None
@@ -90,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-confidence", type=float, default=MeanFlowConfig.grounding_min_confidence,
                    help="below this probability of the best trained instruction, an instruction is refused as no "
                         "task (the policy holds the arm)")
+    p.add_argument("--keep-wording", action="store_true",
+                   help="the policy reads an accepted instruction in its own words, not the trained sentence it "
+                        "means: grounding only refuses instructions that ask for no task (for a policy that reads "
+                        "any wording itself, e.g. shipped:sim_multitask_smollm2)")
     p.add_argument("--steps", type=int, default=FIT_STEPS, help="full-batch optimiser steps per ensemble member")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifier's initialisation and dropout")
     add_cpu_threads_argument(p)
@@ -118,7 +122,8 @@ def _run(args: argparse.Namespace) -> dict:
     source = MeanFlowPolicy.load(path)
     LOG.info("fitting the grounding of %s onto %d instructions (%d steps x 5 members)", path,
              len(args.instructions), args.steps)
-    policy, accuracy = grounded(source, args.instructions, args.min_confidence, args.steps, args.seed)
+    policy, accuracy = grounded(source, args.instructions, args.min_confidence, args.steps, args.seed,
+                                args.keep_wording)
     report = held_out_report(policy)
     policy.save(args.out)
     for name, r in report.items():
@@ -128,6 +133,7 @@ def _run(args: argparse.Namespace) -> dict:
             LOG.warning("%s held-out set: %r read as %r", name, miss["text"], miss["read_as"])
     LOG.info("fit accuracy %.3f; wrote %s", accuracy, args.out)
     return {"out": str(args.out), "checkpoint": str(path), "instructions": list(args.instructions),
+            "keeps_wording": args.keep_wording,
             "fit_accuracy": round(accuracy, 4), "held_out": report}
 
 

@@ -160,6 +160,9 @@ _TRAIN_OPTIONS: tuple[tuple[str, str, type, str], ...] = (
                                             "trains only the projection from SmolLM2 (docs/language.md)"),
     ("--distill-tau", "distill_tau", float, "temperature of the distillation's contrast term: the student's chunk "
                                             "nearer the teacher's for the meant sentence than for the others"),
+    ("--distill-no-task", "distill_no_task", float, "share of distillation samples given an instruction that asks "
+                                                    "for no task ('stop', 'tell me a joke', ...) with the arm holding "
+                                                    "where it is as target (0: off)"),
     ("--stop-after", "stop_after", int, "stop after this many steps of this invocation, saving a resumable "
                                         "checkpoint as at the end (0: run to --steps)"),
 )
@@ -617,7 +620,8 @@ def run(args: argparse.Namespace) -> dict:
     distill = None
     if cfg.distill_from:
         distill = LanguageDistillation.load(Path(cfg.distill_from), policy,
-                                            sorted({e.instruction for e in train_eps}), cfg.distill_tau)
+                                            sorted({e.instruction for e in train_eps}), cfg.distill_tau,
+                                            cfg.distill_no_task)
     trainer = Trainer(policy, cfg, out, run_info, loss_fn=distill.loss if distill else None)
     if args.resume:
         trainer.load_state(out / LAST_DIR)
