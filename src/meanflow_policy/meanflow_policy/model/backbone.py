@@ -31,6 +31,7 @@ from so101_common.phrasings import TRAIN_TEMPLATES
 from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECISIONS, SENTENCE_POOLINGS,
                                                  SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig, fastest_precision)
+from meanflow_policy.model.cpu_attention import BF16_PRODUCTS_ATTENTION, SDPA_ATTENTION, cpu_multiplies_bf16
 from meanflow_policy.model.language import FrozenLanguageModel
 
 _TINY_VOCAB = 512
@@ -161,8 +162,8 @@ class VLMBackbone(nn.Module):
             processor = SmolVLMImageProcessorPil(do_image_splitting=False)
         else:
             self.vlm, self.tokenizer, processor = _load_pretrained(config)
-        self.vlm.config.text_config._attn_implementation = "sdpa"
-        self.vlm.config.vision_config._attn_implementation = "sdpa"
+        self.vlm.config.text_config._attn_implementation = SDPA_ATTENTION
+        self.vlm.config.vision_config._attn_implementation = SDPA_ATTENTION
         vcfg = self.vlm.config.vision_config
         self.patch_size = vcfg.patch_size
         self.scale_factor = self.vlm.config.scale_factor
@@ -205,6 +206,12 @@ class VLMBackbone(nn.Module):
             raise ValueError(f"backbone precision must be one of {BACKBONE_PRECISIONS} or {AUTO_PRECISION!r}, "
                              f"got {precision!r}")
         self.clear_cache()
+        # The vision encoder's attention products in bf16 where a CPU multiplies bf16 natively and the backbone is
+        # already reduced (model/cpu_attention.py); float32 stays the exact reference.
+        bf16_attention = (device.type == "cpu" and precision in ("int8", "bfloat16")
+                          and cpu_multiplies_bf16(torch.cpu.get_capabilities()))
+        self.vlm.config.vision_config._attn_implementation = (BF16_PRODUCTS_ATTENTION if bf16_attention
+                                                              else SDPA_ATTENTION)
         if precision != "int8":
             self.vlm.to(getattr(torch, precision))
             return precision

@@ -42,8 +42,9 @@ AUTO_PRECISION = "auto"
 def fastest_precision(device_type: str, capabilities: Mapping[str, Any], cuda_bf16: bool = True) -> str:
     """The backbone precision that ran the real SmolVLM2-500M chunk fastest on such hardware (docs/method.md,
     Backbone precision): on a GPU bfloat16 (float16 where it has no bf16); on a CPU with AMX bf16 tiles bfloat16
-    (3.4x float32, int8 1.7x); on any other CPU int8 (AVX-512 bf16 + VNNI: 2.7x, bfloat16 1.8x; AVX2: 1.4x,
-    bfloat16 slower than float32). ``capabilities`` as ``torch.cpu.get_capabilities()`` names them."""
+    (3.4x float32, int8 1.7x); on any other CPU int8 (AVX-512 bf16 + VNNI, attention products in bf16: 3.3x,
+    bfloat16 3.1x; AVX2: 1.4x, bfloat16 slower than float32). ``capabilities`` as ``torch.cpu.get_capabilities()``
+    names them."""
     if device_type == "cuda":
         return "bfloat16" if cuda_bf16 else "float16"
     return "bfloat16" if capabilities.get("amx_bf16") else "int8"
