@@ -426,8 +426,9 @@ class MeanFlowPolicy(nn.Module):
         generator (torch fills a larger tensor differently): the first of several candidates is the chunk one
         candidate would give."""
         cfg = self.config
-        return torch.cat([objectives.draw_normal((1, cfg.chunk_size, cfg.action_dim), generator, self.device,
-                                                 self.state_proj.weight.dtype) for _ in range(batch)])
+        draws = [objectives.draw_normal((1, cfg.chunk_size, cfg.action_dim), generator, self.device,
+                                        self.state_proj.weight.dtype) for _ in range(batch)]
+        return draws[0] if batch == 1 else torch.cat(draws)  # no copy for the usual single draw
 
     def _sample_normalized(self, ctx: ActionExpertContext, noise: torch.Tensor, nfe: int,
                            generator: torch.Generator | None,
