@@ -10,7 +10,7 @@ from so101_common.graph import JOINT_NAMES
 
 from meanflow_policy.model.checkpoint import CheckpointError
 from meanflow_policy.model.configuration import MeanFlowConfig
-from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy, phrasing_contrast_loss
+from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy, phrasing_contrast_loss, resize_token_grid
 from meanflow_policy.testing import (
     corrupt_checkpoint,
     make_tiny_checkpoint,
@@ -591,6 +591,63 @@ def test_average_is_the_mean_of_the_closest_candidates(policy):
     error = ((draws[:, :10] - plan[:10]) / policy.action_std.clamp(min=1e-6).numpy()) ** 2
     closest = np.argsort(error.sum(axis=(1, 2)))[:2]
     np.testing.assert_allclose(two, draws[closest].mean(axis=0), atol=1e-5)
+
+
+def test_reading_smaller_cameras_uses_fewer_tokens_and_the_trained_size_comes_back_exactly(ckpt):
+    """set_image_size (node parameter image_size, so101-eval --policy-image-size): 32 px cameras on a 64 px policy
+    give a quarter of the image tokens and another chunk; 0 restores the trained size bit for bit; sizes the
+    backbone cannot read, and training at a size not trained, are one clear error each."""
+    policy = MeanFlowPolicy.load(ckpt).eval()
+    obs = random_observation(policy.config, seed=7, size=(480, 640))
+    full = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    tokens = policy.n_image_tokens
+    assert policy.set_image_size(32) == 32 and policy.image_size == 32 and policy.n_image_tokens == tokens // 4
+    small = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    assert np.all(np.isfinite(small)) and np.abs(small - full).max() > 1e-4
+    assert policy.set_image_size(0) == policy.config.image_size == 64 and policy.n_image_tokens == tokens
+    np.testing.assert_array_equal(policy.sample(obs, generator=torch.Generator().manual_seed(0)), full)
+    for size in (40, 128):
+        with pytest.raises(ValueError, match=rf"image size {size} px cannot be read by this backbone \(trained at 64 "
+                           r"px\): use one of \[16, 32, 48, 64\]"):
+            policy.set_image_size(size)
+    policy.set_image_size(32)
+    policy.train()
+    with pytest.raises(ValueError, match="reads 32 px cameras .* training needs the checkpoint's 64 px"):
+        policy.compute_loss(random_batch(policy.config))
+    with pytest.raises(ValueError, match="set_image_size is for inference"):
+        policy.set_image_size(0)
+
+
+def test_token_grid_statistics_are_resized_per_camera_as_the_image_is():
+    """resize_token_grid: each camera's grid is resized on its own (a constant camera stays that constant, a left-to-
+    right ramp stays one), the same for flattened statistics and (tokens, D) tables."""
+    side, new, d = 4, 3, 2
+    ramp = torch.arange(side, dtype=torch.float32).repeat(side, 1)[..., None].expand(side, side, d)
+    values = torch.stack([ramp, torch.full((side, side, d), 5.0)]).reshape(-1)
+    out = resize_token_grid(values, 2, side, new).view(2, new, new, d)
+    torch.testing.assert_close(out[1], torch.full((new, new, d), 5.0))
+    assert torch.all(out[0][:, 1:] > out[0][:, :-1]) and torch.allclose(out[0][0], out[0][-1])
+    assert torch.equal(resize_token_grid(values.view(-1, d), 2, side, new).reshape(-1), out.reshape(-1))
+
+
+def test_a_policy_moved_to_a_smaller_image_size_trains_and_round_trips_there(ckpt, tmp_path):
+    """at_image_size to a smaller size (meanflow-train --init-from --image-size 32): the same patches, a 4 x 4
+    position grid interpolated from 8 x 8 and a quarter of the image-token statistics; it trains and saves at 32
+    px; a size the checkpoint cannot be moved to names the option and the sizes it can."""
+    source = MeanFlowPolicy.load(ckpt).eval()
+    policy = at_image_size(source, 32)
+    assert policy.config.image_size == 32 and policy.n_image_tokens == source.n_image_tokens // 4
+    assert policy.backbone.vlm.vision_model.embeddings.position_embedding.weight.shape[0] == 16
+    assert policy.image_norm.running_mean.numel() == source.image_norm.running_mean.numel() // 4
+    loss, _ = policy.train().compute_loss(random_batch(policy.config), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    policy.eval()
+    obs = random_observation(policy.config, seed=3, size=(480, 640))
+    chunk = policy.sample(obs, generator=torch.Generator().manual_seed(0))
+    again = MeanFlowPolicy.load(policy.save(tmp_path / "at32")).sample(obs, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(again, chunk)
+    with pytest.raises(ValueError, match=r"--image-size 40 with --init-from: .*\[16, 32, 48, 64\] px"):
+        at_image_size(source, 40)
 
 
 def test_a_policy_moved_to_twice_the_image_size_acts_as_on_the_downscaled_views(ckpt):

@@ -100,18 +100,25 @@ def test_bad_configuration_stops_with_a_clear_error(node_process, params, messag
     assert message in proc.output()
 
 
-def test_int8_backbone_publishes_chunks_and_a_bad_precision_is_refused(checkpoint, node_process, ros_node):
+def test_int8_backbone_at_a_smaller_image_size_publishes_chunks_and_bad_values_are_refused(checkpoint, node_process,
+                                                                                           ros_node):
+    """backbone_precision and image_size (the tiny checkpoint is trained at 64 px: 32 px reads a quarter of its
+    patches) apply at configure and are logged; a value the model cannot take stops the node with one line."""
     proc = node_process(NODE, params={"checkpoint": str(checkpoint), "rate_hz": 10.0, "backbone_precision": "int8",
-                                      "instruction": "put the cube in the box"})
+                                      "image_size": 32, "instruction": "put the cube in the box"})
     probe = PolicyProbe(ros_node, height=48, width=64)
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()
-    assert "in int8" in proc.output()
+    assert "in int8 at 32 px" in proc.output()
     assert proc.stop() == 0
-    bad = node_process(NODE, params={"checkpoint": str(checkpoint), "backbone_precision": "int4"}, discovery=False)
-    bad.proc.wait(timeout=60)
-    assert bad.proc.returncode == 2, bad.output()
-    assert "parameter backbone_precision: backbone precision must be one of" in bad.output()
+    for params, message in (({"backbone_precision": "int4"},
+                              "parameter backbone_precision: backbone precision must be one of"),
+                             ({"image_size": 40}, "parameter image_size: image size 40 px cannot be read by this "
+                              "backbone (trained at 64 px): use one of [16, 32, 48, 64]")):
+        bad = node_process(NODE, params={"checkpoint": str(checkpoint), **params}, discovery=False)
+        bad.proc.wait(timeout=60)
+        assert bad.proc.returncode == 2, bad.output()
+        assert message in bad.output()
 
 
 def test_auto_backbone_runs_in_the_fastest_precision_for_this_cpu(checkpoint, node_process, ros_node):
@@ -121,5 +128,5 @@ def test_auto_backbone_runs_in_the_fastest_precision_for_this_cpu(checkpoint, no
     probe = PolicyProbe(ros_node, height=48, width=64)
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 3, START_TIMEOUT), proc.output()
-    assert f"in {expected}," in proc.output()
+    assert f"in {expected} at 64 px," in proc.output()
     assert proc.stop() == 0

@@ -17,6 +17,17 @@ def test_bench_times_each_candidate_count_beside_the_single_draw_variants(capsys
     assert all(ms > 0 for ms in chunk.values())
 
 
+def test_bench_reads_the_cameras_at_a_smaller_size_and_refuses_one_it_cannot(capsys):
+    assert bench.main(["--preset", "tiny", "--runs", "2", "--warmup", "0", "--precisions", "float32", "--threads", "1",
+                       "--candidates", "", "--read-size", "32"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["image_size"] == 64 and summary["read_size"] == 32
+    assert "image 64px read at 32px x 2 cameras" in out and "prefix tokens 8 image" in out
+    with pytest.raises(SystemExit, match=r"--read-size 40: image size 40 px cannot be read .*\[16, 32, 48, 64\]"):
+        bench.main(["--preset", "tiny", "--runs", "1", "--precisions", "float32", "--read-size", "40"])
+
+
 def test_bench_refuses_a_candidate_count_below_two(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--candidates", "1"])

@@ -48,6 +48,7 @@ class ExpertEvalPolicy(ExpertChunkPolicy):
     nfe = 1
     candidates = 1
     average = 1
+    input_size = 0
 
     def reseed(self, seed: int) -> None:
         """Deterministic: nothing to seed."""
@@ -178,6 +179,7 @@ class EvalJob:
     candidates: int = 1
     average: int = 1
     trace_dir: str | None = None
+    input_size: int = 0  # camera size the policy reads (px; 0: its trained size)
 
 
 # Per process: the loaded policies and one env per (task, image size), reused by every job or cell the process
@@ -206,6 +208,7 @@ def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
     policy: ExpertEvalPolicy | CheckpointPolicy
     policy = ExpertEvalPolicy(env) if job.checkpoint is None else cached_policy(job.checkpoint, job.device)
     policy.nfe, policy.candidates, policy.average = job.nfe, job.candidates, job.average
+    policy.input_size = job.input_size
     video_dir = None if job.video_dir is None else Path(job.video_dir)
     report = evaluate(env, policy, list(job.seeds), job.max_steps, job.action_steps, video_dir, job.video_episodes,
                       label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
@@ -321,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="control steps executed from each chunk before the next observation")
     parser.add_argument("--image-size", type=int, default=128,
                         help="rendered camera size (use the demos' size; the policy resizes)")
+    parser.add_argument("--policy-image-size", type=int, default=0, metavar="PX",
+                        help="size the checkpoint policy reads its camera images at (px; 0: its trained size; a "
+                        "smaller one is cheaper, node parameter image_size)")
     parser.add_argument("--out", type=Path, default=Path("eval_out"), help="directory for JSON and GIFs")
     parser.add_argument("--video-episodes", type=int, default=2, help="GIFs of the first N episodes per task and NFE")
     parser.add_argument("--trace-failures", action="store_true",
@@ -356,10 +362,14 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint is not None:
         # Load once here: a bad checkpoint is one error before any episode, and a single process reuses it.
         try:
-            cached_policy(checkpoint, args.device)
+            policy = cached_policy(checkpoint, args.device)
         except (ValueError, FileNotFoundError, OSError, PolicyPluginError) as exc:
             print(f"so101-eval: cannot load checkpoint: {exc}", file=sys.stderr)
             return 2
+        try:
+            policy.input_size = args.policy_image_size
+        except ValueError as exc:
+            parser.error(f"--policy-image-size {args.policy_image_size}: {exc}")
     seeds = tuple(range(args.seed, args.seed + args.episodes))
     task_dir = {t: args.out / t if multi else args.out for t in tasks}
     jobs = [EvalJob(task=t, nfe=n, seeds=seeds, checkpoint=checkpoint, device=args.device,
@@ -367,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                     action_steps=args.action_steps, instruction=args.instruction,
                     video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes,
                     candidates=1 if args.expert else args.candidates, average=1 if args.expert else args.average,
-                    trace_dir=str(task_dir[t] / "traces") if args.trace_failures else None)
+                    trace_dir=str(task_dir[t] / "traces") if args.trace_failures else None,
+                    input_size=0 if args.expert else args.policy_image_size)
             for t in tasks for n in nfes]
     variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
     variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))
@@ -398,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe,
                        "candidates": job.candidates, "average": job.average, "task": job.task,
                        "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
-                       "image_size": args.image_size})
+                       "image_size": args.image_size, "policy_image_size": job.input_size})
         path = task_dir[job.task] / f"eval_nfe{job.nfe}.json"
         path.write_text(json.dumps(report, indent=2))
         reports[job.task][job.nfe] = report
@@ -422,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "summary.md").write_text(table + "\n")
         (args.out / "summary.json").write_text(json.dumps(
             {"summary": last, "checkpoint": reports[tasks[0]][nfes[0]]["checkpoint"], "seed": args.seed,
-             "image_size": args.image_size, "candidates": jobs[0].candidates,
+             "image_size": args.image_size, "policy_image_size": jobs[0].input_size, "candidates": jobs[0].candidates,
              "average": jobs[0].average, "workers": args.workers,
              "wall_seconds": wall, **provenance(),
              "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}

@@ -31,6 +31,7 @@ class CheckpointPolicy(Protocol):
     nfe: int
     candidates: int
     average: int
+    input_size: int  # camera size read (px; 0: the trained size); setting a size it cannot read: ValueError
 
     @property
     def chunk_size(self) -> int: ...

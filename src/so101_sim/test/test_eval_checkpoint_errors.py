@@ -24,3 +24,12 @@ def test_unusable_checkpoint_is_one_line_and_exit_2(ckpt, tmp_path, capsys, kind
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("so101-eval: cannot load checkpoint") and named in err[0], err
+
+
+def test_an_image_size_the_policy_cannot_read_is_one_error_naming_the_option(ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(["--checkpoint", str(ckpt), "--episodes", "1", "--image-size", "32", "--policy-image-size", "40",
+                       "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert ("--policy-image-size 40: image size 40 px cannot be read by this backbone (trained at 64 px): use one of "
+            "[16, 32, 48, 64]") in capsys.readouterr().err

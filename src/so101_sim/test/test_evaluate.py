@@ -91,7 +91,7 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     out = tmp_path / "eval"
     rc = evaluate.main(["--checkpoint", str(ckpt), "--episodes", "2", "--seed", "0", "--max-steps", "30",
                         "--image-size", "48", "--out", str(out), "--sweep-nfe", "1,2", "--video-episodes", "1",
-                        "--trace-failures"])
+                        "--trace-failures", "--policy-image-size", "32"])
     assert rc == 0
     text = capsys.readouterr().out
     assert "| NFE |" in text
@@ -102,6 +102,7 @@ def test_eval_cli_two_episodes_end_to_end(tmp_path, capsys):
     for nfe in (1, 2):
         report = json.loads((out / f"eval_nfe{nfe}.json").read_text())
         assert report["nfe"] == nfe and report["episodes"] == 2 and len(report["results"]) == 2
+        assert report["policy_image_size"] == 32  # the 64 px checkpoint read its cameras at 32 px
         # the default inference: coherent sampling
         assert report["candidates"] == DEFAULT_CANDIDATES and report["average"] == DEFAULT_AVERAGE
         assert 0.0 <= report["ci95"][0] <= report["success_rate"] <= report["ci95"][1] <= 1.0

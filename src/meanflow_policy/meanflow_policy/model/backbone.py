@@ -172,6 +172,7 @@ class VLMBackbone(nn.Module):
             raise ValueError(f"image_size {config.image_size} must be a multiple of patch size {self.patch_size} "
                              f"times pixel-shuffle factor {self.scale_factor} for this backbone")
         self.tokens_per_image = (grid // self.scale_factor) ** 2
+        self.input_size = config.image_size  # camera images' size in px (set_input_size), the trained one by default
         self.feature_dim = self.vlm.config.text_config.hidden_size
         mean = torch.tensor(processor.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(processor.image_std, dtype=torch.float32).view(1, 3, 1, 1)
@@ -227,6 +228,27 @@ class VLMBackbone(nn.Module):
             torch.ao.quantization.quantize_dynamic(self.vlm, {nn.Linear}, dtype=torch.qint8, inplace=True)
         return precision
 
+    def input_sizes(self) -> list[int]:
+        """The camera image sizes (px) this backbone can read: multiples of patch size x pixel-shuffle factor, up
+        to the trained size."""
+        step = self.patch_size * self.scale_factor
+        return list(range(step, self.config.image_size + 1, step))
+
+    def set_input_size(self, size: int) -> int:
+        """Read camera images of ``size`` px instead of the trained ``config.image_size`` (inference): fewer
+        patches, which the vision embeddings place on the trained position grid by their fractional coordinates
+        (SmolVLM's own variable-resolution scheme: each patch takes the trained position nearest its place in the
+        image), and fewer image tokens. Returns the image tokens per camera."""
+        sizes = self.input_sizes()
+        if size not in sizes:
+            shown = sizes if len(sizes) <= 12 else [*sizes[:4], "...", *sizes[-4:]]
+            raise ValueError(f"image size {size} px cannot be read by this backbone (trained at "
+                             f"{self.config.image_size} px): use one of {shown} (multiples of patch "
+                             f"{self.patch_size} x pixel shuffle {self.scale_factor}, at most the trained size)")
+        self.input_size = size
+        self.tokens_per_image = (size // self.patch_size // self.scale_factor) ** 2
+        return self.tokens_per_image
+
     def clear_cache(self) -> None:
         """Forget the cached instruction features (weights or mode changed)."""
         self._text_cache = None
@@ -240,9 +262,9 @@ class VLMBackbone(nn.Module):
         """(B, N, H, W, 3) uint8 -> (B*N, 3, H, W) normalised float, as SmolVLM's image processor does."""
         if images.dtype != torch.uint8 or images.ndim != 5 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (B, n_cameras, H, W, 3), got {images.dtype} {tuple(images.shape)}")
-        size = self.config.image_size
+        size = self.input_size
         if images.shape[2] != size or images.shape[3] != size:
-            raise ValueError(f"images must be {size}x{size} (config.image_size), "
+            raise ValueError(f"images must be {size}x{size} (the backbone's input size), "
                              f"got {images.shape[2]}x{images.shape[3]}")
         x = images.flatten(0, 1).permute(0, 3, 1, 2).float()
         dtype = self.vlm.dtype

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -130,6 +131,17 @@ class InstructionFilm(nn.Module):
         return self.norm((text * weight[..., None]).sum(1) / weight.sum(1, keepdim=True).clamp(min=1.0))
 
 
+def resize_token_grid(values: torch.Tensor, grids: int, side: int, new_side: int) -> torch.Tensor:
+    """Values per token of ``grids`` square side x side token grids (row-major, flattened: (grids * side**2 * D,)
+    or (grids * side**2, D)) resized bilinearly (antialiased) to new_side x new_side grids, same layout and dtype:
+    what a token at that place of a smaller image would carry."""
+    d = values.numel() // (grids * side * side)
+    grid = values.float().reshape(grids, side, side, d).permute(0, 3, 1, 2)
+    out = F.interpolate(grid, size=(new_side, new_side), mode="bilinear", align_corners=False, antialias=True)
+    out = out.permute(0, 2, 3, 1).reshape(grids * new_side * new_side, d)
+    return (out.reshape(-1) if values.ndim == 1 else out).to(values.dtype)
+
+
 class MeanFlowPolicy(nn.Module):
     """The VLA policy (see module docstring); ``MeanFlowPolicy(config)`` or ``MeanFlowPolicy.load(dir)``."""
 
@@ -146,12 +158,13 @@ class MeanFlowPolicy(nn.Module):
         self.backbone = VLMBackbone(config, tokenizer)
         width = config.expert_width
         feature_dim = self.backbone.feature_dim
-        self.n_image_tokens = len(config.camera_keys) * self.backbone.tokens_per_image
         # Image-token features are standardised per (token slot, channel) with running dataset statistics: frozen
         # features carry a large per-slot constant that otherwise drowns the part that varies with the scene
         # (measured on a synthetic "where is the red square" task, 600 meanflow steps: one-step error 0.70 without,
         # 0.30 with it; predicting the mean gives 0.50).
         self.image_norm = nn.BatchNorm1d(self.n_image_tokens * feature_dim, affine=False, momentum=0.05)
+        # image_norm's statistics resampled to the token grid of a smaller input size (set_image_size), by device
+        self._image_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.prefix_proj = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, width))
         self.state_proj = nn.Linear(config.state_dim, width)
         self.instruction_film = (InstructionFilm(feature_dim, width, config.instruction_film_hidden)
@@ -178,6 +191,47 @@ class MeanFlowPolicy(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.state_mean.device
+
+    @property
+    def n_image_tokens(self) -> int:
+        """Image tokens of one observation, every camera, at the backbone's current input size."""
+        return len(self.config.camera_keys) * self.backbone.tokens_per_image
+
+    @property
+    def image_size(self) -> int:
+        """The size (px) camera images are resized to: the trained ``config.image_size`` unless set_image_size."""
+        return self.backbone.input_size
+
+    def set_image_size(self, size: int) -> int:
+        """Read the cameras at ``size`` px instead of the trained size (0: the trained size), for inference: the
+        vision pass shrinks with the number of patches (SmolVLM places them on its trained position grid,
+        VLMBackbone.set_input_size) and the image-token statistics are resampled to the smaller token grid, as the
+        image is. Cheaper chunks at some cost in success (docs/method.md, "Lower camera resolution"). Returns the
+        size applied; a size the backbone cannot read is one ValueError listing those it can."""
+        if self.training:
+            raise ValueError("set_image_size is for inference (policy.eval()); train at the checkpoint's size")
+        self.backbone.set_input_size(size or self.config.image_size)
+        self._image_stats = None
+        if self._graphs is not None:
+            self._graphs.clear()
+        return self.image_size
+
+    def _normalise_image_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, n_image_tokens * D) standardised by image_norm, whose statistics are per token slot of the trained
+        size: at a smaller input size each camera's grid of slot statistics is resized bilinearly (antialiased) to
+        the token grid read."""
+        if self.image_size == self.config.image_size:
+            return self.image_norm(image)
+        mean, var = self._image_stats or (None, None)
+        if mean is None or var is None or mean.device != image.device:
+            cams, step = len(self.config.camera_keys), self.backbone.patch_size * self.backbone.scale_factor
+            side, new_side = self.config.image_size // step, self.image_size // step
+            assert self.image_norm.running_mean is not None and self.image_norm.running_var is not None
+            mean, var = (resize_token_grid(stat, cams, side, new_side)
+                         for stat in (self.image_norm.running_mean, self.image_norm.running_var))
+            self._image_stats = (mean, var)
+        return F.batch_norm(image, mean.to(image.dtype), var.to(image.dtype), training=False,
+                            eps=self.image_norm.eps)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -211,10 +265,12 @@ class MeanFlowPolicy(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "MeanFlowPolicy":
-        """Moves and casts (``to``, ``half``, ...) invalidate captured graphs: they read weights by address."""
+        """Moves and casts (``to``, ``half``, ...) invalidate captured graphs (they read weights by address) and
+        the resampled image statistics."""
         graphs = getattr(self, "_graphs", None)  # None too while nn.Module.__init__ runs, before it is set
         if graphs is not None:
             graphs.clear()
+        self._image_stats = None
         return super()._apply(fn, *args, **kwargs)
 
     def set_stats(self, stats: Mapping[str, Mapping[str, Any]]) -> None:
@@ -269,7 +325,7 @@ class MeanFlowPolicy(nn.Module):
         features = features.to(self.state_proj.weight.dtype)
         n_img, b = self.n_image_tokens, features.shape[0]
         text = features[:, :-n_img]
-        image = self.image_norm(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
+        image = self._normalise_image_tokens(features[:, -n_img:].reshape(b, -1)).view(b, n_img, -1)
         cond = None
         if self.instruction_film is not None:
             scale, shift, cond = film if film is not None else self.instruction_film(*self._text(features, mask))
@@ -344,6 +400,9 @@ class MeanFlowPolicy(nn.Module):
         ``prefix_mask`` (B, L), see train/feature_cache.py): then no backbone runs. ``instruction_contrast`` > 0
         adds that weight times :func:`phrasing_contrast_loss` of the FiLM's hidden layer, labelled by the batch's
         ``recorded_instruction`` (the sentence each sample's phrasing was drawn for)."""
+        if self.image_size != self.config.image_size:
+            raise ValueError(f"the policy reads {self.image_size} px cameras (set_image_size); training needs the "
+                             f"checkpoint's {self.config.image_size} px: set_image_size(0) first")
         self._validate_batch(batch)
         film_mlp = None if self.instruction_film is None else self.instruction_film.mlp_in
         sentence = self.config.language_sentence_tokens > 0
@@ -407,7 +466,7 @@ class MeanFlowPolicy(nn.Module):
         frames = []
         for cam in cfg.camera_keys:
             try:
-                frames.append(resize_image(np.asarray(images[cam]), cfg.image_size))
+                frames.append(resize_image(np.asarray(images[cam]), self.image_size))
             except ValueError as exc:
                 raise ValueError(f"camera {cam!r}: {exc}") from exc
         state = np.asarray(observation["state"], dtype=np.float32)

@@ -367,9 +367,15 @@ class PolicyNode(LifecycleNode):
         declare("start_enabled", True, "Act as soon as an instruction is there; false: wait for ~/enable.")
         declare("backbone_precision", "float32", f"Inference precision of the backbone, one of "
                 f"{', '.join(BACKBONE_PRECISIONS)} or {AUTO_PRECISION}: int8 (CPU only) quantises its Linear layers "
-                "(real SmolVLM2 chunks 1.4x faster on an AVX2 CPU, 2.7x with AVX-512 VNNI), bfloat16 casts it "
-                "(GPUs; 3.4x on a CPU with AMX); auto picks the fastest measured for the device. The action expert "
-                "always runs in float32 (docs/method.md, Backbone precision).")
+                "(real SmolVLM2 chunks 1.4x faster on an AVX2 CPU, 3.6x with AVX512-BF16: its vision attention "
+                "then multiplies in bf16), bfloat16 casts it (GPUs; 3.4x on a CPU with AMX); auto picks the "
+                "fastest measured for the device. The action expert always runs in float32 (docs/method.md, "
+                "Backbone precision).")
+        declare("image_size", 0, "Size (px) the camera images are read at: 0 is the checkpoint's trained size; a "
+                "smaller one (a multiple of the backbone's patch x pixel-shuffle size) reads fewer patches and "
+                "image tokens: cheaper chunks (the real SmolVLM2 vision pass shrinks with the square of the size) "
+                "at some cost in success (docs/method.md, Lower camera resolution).",
+                integer_range=[IntegerRange(from_value=0, to_value=4096, step=1)])
         declare("cuda_graphs", True, "With device cuda: replay each chunk's kernels as captured CUDA graphs (the "
                 "first chunk of each instruction, step count and candidate count captures them, a few eager runs "
                 "longer); the real SmolVLM2-500M architecture in bfloat16 then chunks 3.3x faster on an H200. "
@@ -413,13 +419,17 @@ class PolicyNode(LifecycleNode):
             precision = policy.backbone.set_precision(str(self._param("backbone_precision")))
         except ValueError as exc:
             raise PolicyNodeError(f"parameter backbone_precision: {exc}") from exc
+        try:
+            image_size = policy.set_image_size(int(self._param("image_size")))
+        except ValueError as exc:
+            raise PolicyNodeError(f"parameter image_size: {exc}") from exc
         graphs = device == "cuda" and bool(self._param("cuda_graphs"))
         if graphs:
             if bool(self._param("compile_kernels")):
                 policy.compile_kernels()
             policy.use_cuda_graphs()
         self.get_logger().info(f"loaded {checkpoint} on {device} in {time.perf_counter() - t0:.1f} s "
-                               f"(backbone {policy.config.backbone} in {precision}, objective "
+                               f"(backbone {policy.config.backbone} in {precision} at {image_size} px, objective "
                                f"{policy.config.objective}{', CUDA graphs' if graphs else ''})")
         # Declared once the checkpoint is known (at the first configure): its default follows the checkpoint's
         # cameras, which stay the same for a later configure (checkpoint is read-only).

@@ -54,9 +54,10 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def build_policy(preset: str, device: str, image_size: int | None, precision: str,
-                 checkpoint: str = "") -> MeanFlowPolicy:
+                 checkpoint: str = "", read_size: int = 0) -> MeanFlowPolicy:
     """The benchmarked model: a preset with random weights (the same weights every call: seeded), or a checkpoint;
-    its backbone then runs in ``precision`` (BACKBONE_PRECISIONS)."""
+    its backbone then runs in ``precision`` (BACKBONE_PRECISIONS) and reads cameras at ``read_size`` px
+    (set_image_size; 0: the model's size)."""
     if checkpoint:
         policy = MeanFlowPolicy.load(checkpoint, device=device)
     else:
@@ -66,6 +67,7 @@ def build_policy(preset: str, device: str, image_size: int | None, precision: st
         torch.manual_seed(0)
         policy = MeanFlowPolicy(MeanFlowConfig(backbone=preset, **values)).to(device).eval()
     policy.backbone.set_precision(precision)
+    policy.set_image_size(read_size)
     return policy
 
 
@@ -241,7 +243,10 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     """The first precision is the reference: its figures are the JSON's top level; every precision's figures (and,
     for the others, their parity with the reference and their meanflow-1 speed-up) are under ``precisions``."""
     reference = args.precisions[0]
-    policy = build_policy(args.preset, args.device, args.image_size, reference, args.checkpoint)
+    try:
+        policy = build_policy(args.preset, args.device, args.image_size, reference, args.checkpoint, args.read_size)
+    except ValueError as exc:
+        raise SystemExit(f"meanflow-bench: --read-size {args.read_size}: {exc}") from exc
     cfg = policy.config
     obs = make_observation(cfg, args.camera_height, args.camera_width)
     parity_set = parity_observations(cfg, args.camera_height, args.camera_width)
@@ -249,13 +254,14 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         f"{platform.machine()} CPU, {torch.get_num_threads()} threads")
     weights = "random vision, pretrained SmolLM2" if cfg.backbone == TINY_SMOLLM2_PRESET else "random weights"
     model = args.checkpoint or f"preset {args.preset} ({weights if cfg.backbone_is_preset else cfg.backbone})"
-    print(f"{model} on {device_name}; image {cfg.image_size}px x {len(cfg.camera_keys)} cameras, {args.runs} warm "
-          f"runs after {args.warmup}; backbone precisions {', '.join(args.precisions)}")
+    read = f" read at {policy.image_size}px" if policy.image_size != cfg.image_size else ""
+    print(f"{model} on {device_name}; image {cfg.image_size}px{read} x {len(cfg.camera_keys)} cameras, "
+          f"{args.runs} warm runs after {args.warmup}; backbone precisions {', '.join(args.precisions)}")
     print(f"params: backbone {_param_millions(policy.backbone):.2f} M, expert {_param_millions(policy.expert):.2f} M, "
-          f"prefix tokens {len(cfg.camera_keys) * policy.backbone.tokens_per_image} image + text + 1 state")
+          f"prefix tokens {policy.n_image_tokens} image + text + 1 state")
     summary: dict[str, object] = {
         **provenance(), "preset": cfg.backbone, "checkpoint": args.checkpoint or None, "device": device_name,
-        "image_size": cfg.image_size, "runs": args.runs, "backbone_dtype": reference,
+        "image_size": cfg.image_size, "read_size": policy.image_size, "runs": args.runs, "backbone_dtype": reference,
         "params_m": {"backbone": round(_param_millions(policy.backbone), 3),
                      "expert": round(_param_millions(policy.expert), 3)},
     }
@@ -263,7 +269,8 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     reference_outputs = parity_outputs(policy, parity_set)
     for precision in args.precisions:
         if precision != reference:
-            policy = build_policy(args.preset, args.device, args.image_size, precision, args.checkpoint)
+            policy = build_policy(args.preset, args.device, args.image_size, precision, args.checkpoint,
+                                  args.read_size)
         figures = bench_precision(policy, obs, args, precision)
         eager_outputs = reference_outputs if precision == reference else parity_outputs(policy, parity_set)
         if precision != reference:
@@ -305,6 +312,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=20, help="warm runs per variant (median/p95 over these)")
     p.add_argument("--warmup", type=int, default=3, help="untimed runs per variant first")
     p.add_argument("--image-size", type=int, default=0, help="model input size (0: the preset's, 64 / 512)")
+    p.add_argument("--read-size", type=int, default=0,
+                   help="read the cameras at this size (px; the node's image_size, MeanFlowPolicy.set_image_size): "
+                        "fewer patches and image tokens than the model's size; 0: the model's size")
     p.add_argument("--camera-height", type=int, default=480, help="raw camera frame height (policy resizes)")
     p.add_argument("--camera-width", type=int, default=640, help="raw camera frame width")
     p.add_argument("--checkpoint", default="", help="benchmark this checkpoint directory instead of a preset with "

@@ -50,6 +50,17 @@ class SimCheckpointPolicy:
         self.generator = torch.Generator().manual_seed(0)
 
     @property
+    def input_size(self) -> int:
+        """The camera size (px) the policy reads: 0 for its trained size."""
+        size = self.policy.image_size
+        return 0 if size == self.policy.config.image_size else size
+
+    @input_size.setter
+    def input_size(self, size: int) -> None:
+        if size != self.input_size:
+            self.policy.set_image_size(size)
+
+    @property
     def chunk_size(self) -> int:
         return int(self.policy.config.chunk_size)
 

@@ -30,7 +30,7 @@ from meanflow_policy.model.checkpoint import LANGUAGE_PREFIX
 from meanflow_policy.model.configuration import (OBJECTIVES, SENTENCE_POOLINGS, SMOLVLM2_500M_PRESET, TINY_BACKBONE,
                                                  TINY_SMOLLM2_PRESET, MeanFlowConfig, TrainConfig)
 from meanflow_policy.model.objectives import make_objective
-from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.model.policy import MeanFlowPolicy, resize_token_grid
 from meanflow_policy.tools.common import (add_cpu_threads_argument, add_sync_arguments, apply_cpu_threads,
                                           resolve_device, run_cli, sync_config)
 from meanflow_policy.train.distill import LanguageDistillation
@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "comparison that starts both objectives from one checkpoint)")
     p.add_argument("--image-size", type=int, default=None,
                    help="override the preset's image size (pixels); with --init-from a tiny checkpoint, a whole "
-                        "multiple of its size: patches grow by the same factor, so the token grid is unchanged")
+                        "multiple of its size (patches grow by the same factor, so the token grid is unchanged) or a "
+                        "smaller size it can read (fewer patches: position embeddings and image-token statistics "
+                        "interpolated)")
     p.add_argument("--train-backbone", action="store_true",
                    help="train the backbone too (meant for the random tiny preset; the paper freezes a pretrained "
                         "SmolVLM2)")
@@ -318,6 +320,31 @@ def with_backbone_frozen(source: MeanFlowPolicy) -> MeanFlowPolicy:
 
 
 _PATCH_EMBEDDING = "backbone.vlm.vision_model.embeddings.patch_embedding.weight"
+_POSITION_EMBEDDING = "backbone.vlm.vision_model.embeddings.position_embedding.weight"
+_IMAGE_NORM_STATS = ("image_norm.running_mean", "image_norm.running_var")
+
+
+def _at_smaller_size(source: MeanFlowPolicy, image_size: int) -> MeanFlowPolicy:
+    """``source`` made to read ``image_size`` px cameras, fewer than its own: the same patches, fewer of them;
+    the position embeddings and the image-token statistics interpolated to the smaller grids (what reading the
+    smaller size without training does with nearest positions, MeanFlowPolicy.set_image_size), for a fine-tune."""
+    config, backbone = source.config, source.backbone
+    if image_size not in backbone.input_sizes():
+        raise ValueError(f"--image-size {image_size} with --init-from: the checkpoint ({config.image_size} px) can be "
+                         f"moved to {backbone.input_sizes()} px or a whole multiple of its size")
+    values = {**config.to_dict(), "image_size": image_size, "backbone_config_hash": ""}
+    policy = MeanFlowPolicy(MeanFlowConfig.from_dict(values), tokenizer=backbone.tokenizer).to(source.device)
+    state = source.state_dict()
+    patches, new_patches = config.image_size // backbone.patch_size, image_size // backbone.patch_size
+    state[_POSITION_EMBEDDING] = resize_token_grid(state[_POSITION_EMBEDDING], 1, patches, new_patches)
+    for key in _IMAGE_NORM_STATS:
+        state[key] = resize_token_grid(state[key], len(config.camera_keys), patches // backbone.scale_factor,
+                                       new_patches // backbone.scale_factor)
+    policy.load_state_dict(state)
+    policy.set_stats(source.get_stats())
+    LOG.info("cameras %d -> %d px: %d -> %d patches per side, position embeddings and image-token statistics "
+             "interpolated", config.image_size, image_size, patches, new_patches)
+    return policy
 
 
 def at_image_size(source: MeanFlowPolicy, image_size: int) -> MeanFlowPolicy:
@@ -332,6 +359,8 @@ def at_image_size(source: MeanFlowPolicy, image_size: int) -> MeanFlowPolicy:
     if config.backbone not in (TINY_BACKBONE, TINY_SMOLLM2_PRESET):
         raise ValueError(f"--image-size {image_size} with --init-from: only the tiny presets' vision can change "
                          f"resolution (the checkpoint's backbone is {config.backbone!r})")
+    if image_size < config.image_size:
+        return _at_smaller_size(source, image_size)
     factor, rest = divmod(image_size, config.image_size)
     if rest or factor < 2:
         raise ValueError(f"--image-size {image_size} with --init-from: must be a whole multiple (2x, 3x, ...) of the "
