@@ -198,3 +198,25 @@ def test_anchored_fine_tune_resumes_pulling_to_its_own_start_weights(bags: Path,
     assert len(start) == sum(k.startswith("anchor.") for k in state) > 0
     for i, weight in enumerate(start):
         assert torch.equal(state[f"anchor.{i}"], weight.detach()), f"anchor.{i} is not the start weight"
+
+
+def test_bfloat16_steps_keep_float32_weights_change_the_losses_a_little_and_resume_exactly(
+        bags: Path, one_go: Path, tmp_path: Path) -> None:
+    """--mixed-precision bfloat16: the step's products run in bf16 (its losses differ from the float32 run's, by
+    little), the weights, optimizer and EMA stay float32, the setting travels with the run, and a stopped run
+    resumes to the run in one go; an unknown precision is one clear error."""
+    bf16 = ("--mixed-precision", "bfloat16")
+    assert _train(bags, tmp_path / "go", "--steps", "12", *bf16) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--stop-after", "6", *bf16) == 0
+    assert _train(bags, tmp_path / "split", "--steps", "12", "--resume") == 0
+    _assert_same_run(tmp_path / "go", tmp_path / "split")
+    saved = TrainConfig.from_dict(json.loads((tmp_path / "split" / "last" / STATE_FILE).read_text())["train_config"])
+    assert saved.mixed_precision == "bfloat16"
+    weights = load_file(str(tmp_path / "go" / "last" / STATE_TENSORS_FILE))
+    assert {t.dtype for k, t in weights.items() if k.startswith(("model.", "optim.", "ema."))} <= {torch.float32,
+                                                                                                 torch.int64}
+    losses = [r["loss"] for r in json.loads((tmp_path / "go" / "log.json").read_text()) if "loss" in r]
+    reference = [r["loss"] for r in json.loads((one_go / "log.json").read_text()) if "loss" in r]
+    assert losses != reference and losses[0] == pytest.approx(reference[0], rel=0.05)
+    with pytest.raises(ValueError, match="mixed_precision must be one of float32, bfloat16, got 'float16'"):
+        TrainConfig(mixed_precision="float16")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from meanflow_policy.model.configuration import (BACKBONE_PRESETS, OBJECTIVES, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
-                                                 MeanFlowConfig)
+from meanflow_policy.model.configuration import (BACKBONE_PRESETS, MIXED_PRECISIONS, OBJECTIVES, TINY_BACKBONE,
+                                                 TINY_SMOLLM2_PRESET, MeanFlowConfig, TrainConfig)
 from meanflow_policy.data.cache import load_episodes
 from meanflow_policy.data.samples import SampleSet, compute_stats
 from meanflow_policy.data.sync import SyncConfig
@@ -31,8 +31,10 @@ from meanflow_policy.train.trainer import BatchSource, make_loader
 _INSTRUCTIONS = ("reach the yellow square", "put the red cube in the left box")
 
 
-def steps_per_s(policy: MeanFlowPolicy, samples: BatchSource, batch_size: int, steps: int, warmup: int) -> float:
-    """Training steps per second, batch gathering included, after ``warmup`` untimed steps."""
+def steps_per_s(policy: MeanFlowPolicy, samples: BatchSource, batch_size: int, steps: int, warmup: int,
+                mixed_precision: str = "float32") -> float:
+    """Training steps per second, batch gathering included, after ``warmup`` untimed steps; the forward pass in
+    ``mixed_precision`` as the trainer runs it (TrainConfig.mixed_precision)."""
     params = policy.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=1e-4)
     generator = torch.Generator(device=policy.device).manual_seed(0)
@@ -42,7 +44,8 @@ def steps_per_s(policy: MeanFlowPolicy, samples: BatchSource, batch_size: int, s
         if i == warmup:
             start = time.perf_counter()
         batch = next(batches)
-        loss, _ = policy.compute_loss(batch, generator=generator)
+        with torch.autocast(policy.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bfloat16"):
+            loss, _ = policy.compute_loss(batch, generator=generator)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -75,6 +78,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--image-size", type=int, default=None, help="override the preset's image size")
     p.add_argument("--tiny-patch-size", type=int, default=MeanFlowConfig.tiny_patch_size)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=TrainConfig.mixed_precision,
+                   help="precision of every variant's matrix products (meanflow-train --mixed-precision)")
     p.add_argument("--bags", default="", help="time on these episode bags (a folder of episodes) instead of "
                    "writing synthetic ones")
     add_cpu_threads_argument(p)
@@ -110,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 data, report = load_prefix_features(policy, samples, root / "cache", batch_size=args.batch_size)
                 cache_s = time.perf_counter() - start
                 print(f"prefix-feature cache for {len(samples)} samples: {cache_s:.2f} s ({report.summary()})")
-            rates[name] = steps_per_s(policy, data, args.batch_size, args.steps, args.warmup)
+            rates[name] = steps_per_s(policy, data, args.batch_size, args.steps, args.warmup, args.mixed_precision)
             print(f"{name:>14}: {rates[name]:.2f} steps/s = {rates[name] * args.batch_size:.0f} samples/s")
     load = os.getloadavg()[0]
     result = {"steps_per_s": {k: round(v, 3) for k, v in rates.items()},
@@ -118,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               "ratio_cached_over_frozen": round(rates["frozen_cached"] / rates["frozen"], 2),
               "preset": args.preset, "image_size": base.image_size,
               "tiny_patch_size": args.tiny_patch_size, "objective": args.objective,
+              "mixed_precision": args.mixed_precision,
               "batch": args.batch_size, "device": str(device), "cpu_threads": torch.get_num_threads(),
               "cache_build_s": round(cache_s, 2), "samples": len(samples), "load_avg_1min": round(load, 2)}
     print(json.dumps(result))

@@ -226,6 +226,11 @@ class Trainer:
         # and checkpoint: an interrupted run keeps every finished step and resumes exactly.
         self.stop_requested = threading.Event()
 
+    def autocast(self) -> torch.autocast:
+        """The step's forward pass in cfg.mixed_precision (float32: autocast off); the backward follows it."""
+        bf16 = self.cfg.mixed_precision == "bfloat16"
+        return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     # ---- weights ----------------------------------------------------------------------------------------------
     @contextmanager
     def ema_weights(self) -> Iterator[None]:
@@ -406,7 +411,8 @@ class Trainer:
             if self.step >= cfg.steps:
                 break
             start = time.perf_counter()
-            loss, info = self.loss_fn(_to_device(batch, device), self.generator)
+            with self.autocast():
+                loss, info = self.loss_fn(_to_device(batch, device), self.generator)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {float(loss)} at step {self.step}")
             self.opt.zero_grad(set_to_none=True)
