@@ -237,8 +237,8 @@ class VLMBackbone(nn.Module):
     def set_input_size(self, size: int) -> int:
         """Read camera images of ``size`` px instead of the trained ``config.image_size`` (inference): fewer
         patches, which the vision embeddings place on the trained position grid by their fractional coordinates
-        (SmolVLM's own variable-resolution scheme: each patch takes the trained position nearest its place in the
-        image), and fewer image tokens. Returns the image tokens per camera."""
+        (SmolVLM's own variable-resolution scheme: each patch takes the position of the trained grid cell its corner
+        falls in), and fewer image tokens. Returns the image tokens per camera."""
         sizes = self.input_sizes()
         if size not in sizes:
             shown = sizes if len(sizes) <= 12 else [*sizes[:4], "...", *sizes[-4:]]

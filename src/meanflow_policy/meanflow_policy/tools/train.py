@@ -329,8 +329,8 @@ _IMAGE_NORM_STATS = ("image_norm.running_mean", "image_norm.running_var")
 
 def _at_smaller_size(source: MeanFlowPolicy, image_size: int) -> MeanFlowPolicy:
     """``source`` made to read ``image_size`` px cameras, fewer than its own: the same patches, fewer of them;
-    the position embeddings and the image-token statistics interpolated to the smaller grids (what reading the
-    smaller size without training does with nearest positions, MeanFlowPolicy.set_image_size), for a fine-tune."""
+    the position embeddings and the image-token statistics interpolated to the smaller grids, for a fine-tune
+    (reading the smaller size without training takes the trained grid's positions: MeanFlowPolicy.set_image_size)."""
     config, backbone = source.config, source.backbone
     if image_size not in backbone.input_sizes():
         raise ValueError(f"--image-size {image_size} with --init-from: the checkpoint ({config.image_size} px) can be "
