@@ -15,7 +15,8 @@
 # (35 MB; the rest LeRobot imports is on that machine's image). Then, there:
 #   OUT=runs/gpu bash scripts/gpu_bench.sh
 # PARTS picks what runs (default: tests ours peers tiny). `train` times training steps of the real architecture
-# (meanflow_policy.tools.bench_train: joint vs cached prefix features) on episode bags written beforehand into
+# (meanflow_policy.tools.bench_train: joint vs cached prefix features, float32 and bfloat16 autocast) on episode
+# bags written beforehand into
 # .gpu_bags (`python -c "from pathlib import Path; from meanflow_policy.tools.bench_train import write_synthetic_bags
 # as w; w(Path('.gpu_bags'), 4, 2.0)"`, 18 MB), read there without ROS (rosbags, with its needs as wheels in
 # .whl/bags: rosbags apsw backports.zstd lz4 ruamel.yaml); carry .whl/ours, .whl/bags and .gpu_bags, not .whl/lr
@@ -70,9 +71,11 @@ fi
 
 if part train && [ -d .gpu_bags ]; then
   for preset in smolvlm2-500m tiny; do
-    echo "== $SECONDS s: training steps, $preset, batch 32"
-    PYTHONPATH=$OURS timeout 200 python3 -m meanflow_policy.tools.bench_train --bags .gpu_bags --preset $preset \
-      --device cuda --batch-size 32 --steps 10 --warmup 2 > "$OUT/train_$preset.txt" 2>&1
-    tail -n 6 "$OUT/train_$preset.txt"
+    for mp in float32 bfloat16; do
+      echo "== $SECONDS s: training steps, $preset, batch 32, $mp"
+      PYTHONPATH=$OURS timeout 200 python3 -m meanflow_policy.tools.bench_train --bags .gpu_bags --preset $preset \
+        --device cuda --batch-size 32 --steps 10 --warmup 2 --mixed-precision $mp > "$OUT/train_${preset}_$mp.txt" 2>&1
+      tail -n 6 "$OUT/train_${preset}_$mp.txt"
+    done
   done
 fi
