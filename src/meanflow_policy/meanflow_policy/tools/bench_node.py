@@ -46,9 +46,10 @@ WARMUP_CALLS = 3
 
 
 def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: int, threads: int,
-                  precision: str) -> list[float]:
-    """Wall time of ``policy.sample`` in this process on the same input the node gets, the
-    backbone in ``precision`` as the node's ``backbone_precision``; after ``WARMUP_CALLS`` untimed calls."""
+                  precision: str, read_size: int = 0) -> list[float]:
+    """Wall time of ``policy.sample`` in this process on the same input the node gets, the backbone in
+    ``precision`` as the node's ``backbone_precision``, the cameras read at ``read_size`` px as its ``image_size``;
+    after ``WARMUP_CALLS`` untimed calls."""
     import torch
 
     from meanflow_policy.model.policy import MeanFlowPolicy
@@ -57,6 +58,7 @@ def bare_model_ms(checkpoint: Path, height: int, width: int, nfe: int, repeats: 
         torch.set_num_threads(threads)
     policy = MeanFlowPolicy.load(checkpoint, device="cpu")
     policy.backbone.set_precision(precision)
+    policy.set_image_size(read_size)
     rng = np.random.default_rng(0)
     obs = {"images": {k: rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
                       for k in policy.config.camera_keys},
@@ -99,7 +101,8 @@ class RobotSide:
 
 
 def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int, image_hz: float,
-                threads: int, image_reliability: str, precision: str, log_dir: Path) -> dict[str, list[float]]:
+                threads: int, image_reliability: str, precision: str, log_dir: Path,
+                read_size: int = 0) -> dict[str, list[float]]:
     """Start the policy node and time ``chunks`` chunks, each from the stamp of the image set that caused it.
 
     Lock-step: one image set, wait for its chunk, a pause of 1 / image_hz, the next set. The node starts a chunk
@@ -110,7 +113,7 @@ def node_e2e_ms(checkpoint: Path, height: int, width: int, nfe: int, chunks: int
                    "-p", f"nfe:={nfe}", "-p", "rate_hz:=1000.0", "-p", "max_obs_age_s:=2.0",
                    "-p", "instruction:=pick up the cube", "-p", "log_period_s:=0.0",
                    "-p", f"torch_threads:={threads}", "-p", f"image_reliability:={image_reliability}",
-                   "-p", f"backbone_precision:={precision}"], log_path)
+                   "-p", f"backbone_precision:={precision}", "-p", f"image_size:={read_size}"], log_path)
     proc = node.proc
     robot = RobotSide(height, width, image_hz)
     probe = robot.probe
@@ -179,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone-precision", default="float32",
                         help=f"the node's backbone_precision, bare model alike: one of {', '.join(BACKBONE_PRECISIONS)}"
                              f" or {AUTO_PRECISION} (the fastest measured for this device)")
+    parser.add_argument("--read-size", type=int, default=0,
+                        help="the node's image_size, bare model alike: read the cameras at this size (px; 0: the "
+                             "checkpoint's)")
     parser.add_argument("--height", type=int, default=480, help="camera image height (default 480)")
     parser.add_argument("--width", type=int, default=640, help="camera image width (default 640)")
     parser.add_argument("--chunks", type=int, default=30, help="chunks timed per nfe (default 30)")
@@ -207,10 +213,14 @@ def main(argv: list[str] | None = None) -> None:
               f"{1 / args.image_hz:g} s apart; {args.chunks} chunks per nfe", flush=True)
         result: dict[str, float] = {}
         for nfe in args.nfe:
-            bare = bare_model_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.torch_threads,
-                                 args.backbone_precision)
+            try:
+                bare = bare_model_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.torch_threads,
+                                     args.backbone_precision, args.read_size)
+            except ValueError as exc:  # a size the checkpoint cannot read, before the node starts
+                parser.error(f"--read-size {args.read_size}: {exc}")
             e2e = node_e2e_ms(checkpoint, args.height, args.width, nfe, args.chunks, args.image_hz,
-                              args.torch_threads, args.image_reliability, args.backbone_precision, Path(tmp))
+                              args.torch_threads, args.image_reliability, args.backbone_precision, Path(tmp),
+                              args.read_size)
             print(f"nfe {nfe:3d}  bare policy.sample ms     {_stats(bare)}")
             print(f"nfe {nfe:3d}  e2e stamp->publish ms     {_stats(e2e['publish_ms'])}")
             print(f"nfe {nfe:3d}  e2e stamp->receipt ms     {_stats(e2e['receipt_ms'])}")
@@ -229,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         result["torch_threads"] = args.torch_threads
         result["image_reliability"] = args.image_reliability
         result["backbone_precision"] = args.backbone_precision
+        result["read_size"] = args.read_size
         result["preset"] = args.preset if args.checkpoint is None else str(args.checkpoint)
         result.update(provenance())
         print(json.dumps(result))
