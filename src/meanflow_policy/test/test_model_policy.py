@@ -1,5 +1,6 @@
 """MeanFlowPolicy end to end: sample() contract, stats, timing, checkpoints (round trip, mismatches, no pickle)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from so101_common.graph import JOINT_NAMES
 
 from meanflow_policy.model.checkpoint import CheckpointError
+from meanflow_policy.model import objectives as O
 from meanflow_policy.model.configuration import MeanFlowConfig
 from meanflow_policy.model.policy import InstructionFilm, MeanFlowPolicy, phrasing_contrast_loss, resize_token_grid
 from meanflow_policy.testing import (
@@ -541,6 +543,28 @@ def test_guided_chunk_follows_the_committed_rows(policy):
         policy.sample(obs, guide=(other[:8], weights[:3]))
     with pytest.raises(ValueError, match="finite"):
         policy.sample(obs, guide=(other[:8], -weights))
+
+
+def test_a_flow_matching_policy_is_guided_step_by_step(policy):
+    """A flow-matching policy at NFE 10 takes the RTC paper's guided Euler steps: its chunk follows the guide's
+    weighted rows, with ``steer`` so does each of several candidates before the closest are kept, and the weights
+    stay without gradients (the sampler runs under inference mode otherwise)."""
+    saved = policy.objective
+    policy.objective = O.make_objective(replace(policy.config, objective="flow_matching"))
+    try:
+        obs = random_observation(policy.config, seed=3)
+        plain = policy.sample(obs, nfe=10, generator=torch.Generator().manual_seed(0))
+        other = policy.sample({**obs, "state": obs["state"] + 0.3}, nfe=10, generator=torch.Generator().manual_seed(5))
+        weights = np.repeat(np.array([1.0] * 6 + [0.5, 0.25])[:, None], 6, axis=1)
+        guided = policy.sample(obs, nfe=10, generator=torch.Generator().manual_seed(0), guide=(other[:8], weights))
+        picked, steered = (policy.sample(obs, nfe=10, generator=torch.Generator().manual_seed(0),
+                                         guide=(other[:8], weights), candidates=4, steer=steer)
+                           for steer in (False, True))
+    finally:
+        policy.objective = saved
+    assert np.abs(guided[:6] - other[:6]).mean() < 0.5 * np.abs(plain[:6] - other[:6]).mean()
+    assert np.abs(steered[:6] - other[:6]).mean() < 0.5 * np.abs(picked[:6] - other[:6]).mean()
+    assert all(p.grad is None for p in policy.parameters())
 
 
 def test_candidates_keep_the_draw_that_continues_the_guide(policy):

@@ -85,14 +85,16 @@ def test_rtc_guide_is_the_published_trajectory_on_the_new_chunks_time_line():
     assert np.all(weights[:2, :5] == 1) and np.all(weights[2, :5] < 1)
 
 
-@pytest.mark.parametrize("mode, guidance, candidates", [("replace", False, 8), ("blend", False, 1),
-                                                        ("rtc", False, 1), ("rtc", True, 1), ("rtc", False, 8)])
-def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, guidance, candidates, checkpoint,
-                                                                          node_process, ros_node):
+@pytest.mark.parametrize("mode, guidance, candidates, correction", [
+    ("replace", False, 8, True), ("blend", False, 1, True), ("rtc", False, 1, True), ("rtc", True, 1, True),
+    ("rtc", False, 8, True), ("rtc", True, 8, False)])
+def test_node_hand_offs_over_dds_start_now_and_never_jump_beyond_max_step(mode, guidance, candidates, correction,
+                                                                          checkpoint, node_process, ros_node):
     max_step = 0.05
     proc = node_process(NODE, params={"checkpoint": str(checkpoint), "nfe": 1, "rate_hz": 10.0,
                                       "instruction": "pick up the red cube", "handoff": mode,
-                                      "rtc_guidance": guidance, "candidates": candidates, "max_step": max_step})
+                                      "rtc_guidance": guidance, "candidates": candidates, "max_step": max_step,
+                                      "rtc_correction": correction})
     probe = PolicyProbe(ros_node, height=64, width=64)
     probe.start_streams(image_hz=15.0)
     assert spin_until(ros_node, lambda: len(probe.trajectories) >= 5, START_TIMEOUT), proc.output()

@@ -23,7 +23,9 @@ the next step on:
   inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
   guidance aims at, applied after the fact. With ``committed`` rows (a policy given the plan's next rows as
   committed, rtc_guide) the rows not yet past run as planned and the correction starts where the chunk takes over
-  after them, as if the chunk had taken that long to compute.
+  after them, as if the chunk had taken that long to compute. Without the correction (``rtc_correct`` false)
+  ``rtc`` is the RTC paper's execution: the committed rows, then the new chunk as the model generated it (which
+  guidance made continue them).
 
 Whatever the mode, no command moves a joint by more than ``max_step`` rad from the one before it (the first
 command from the last one sent): larger steps are limited and counted, and the sequence is extended until it
@@ -46,6 +48,11 @@ DEFAULT_RTC_HORIZON = 4
 # policy's noise-space guidance). Off: with the shipped policy it succeeds as often as the correction alone, within
 # the noise of 50 episodes, at 3-5x the expert time (docs/simulation.md, "rtc guidance").
 DEFAULT_RTC_GUIDANCE = False
+# Whether rtc fades the offset between the plan and the new chunk (above). Off is the RTC paper's execution, for a
+# policy whose guided chunks already continue the plan: with the flow-matching pair at 284 ms it kept replace's
+# success (95 / 96 of 100) at 0.49x its boundary acceleration, where the correction on top cost 11 successes
+# (docs/simulation.md, "The RTC paper's guided denoising"). On: the correction is what smooths unguided chunks.
+DEFAULT_RTC_CORRECTION = True
 
 # Chunks a policy draws per inference when it is given the plan being executed (rtc_guide), and how many of those
 # closest to it are averaged into the chunk used (coherent sampling). One-step sampling makes the extra draws
@@ -79,7 +86,7 @@ class Handoff:
 
     commands: np.ndarray
     skipped: int  # rows of the new chunk already in the past (``delay``, at most the chunk length)
-    overlap: int  # rows mixed with the old plan (blend) or pulled onto it (rtc)
+    overlap: int  # rows mixed with the old plan (blend) or pulled onto it (rtc; 0 without the correction)
     limited: int  # joint values changed by the max_step limit
     stale: bool  # every row of the new chunk was in the past: its last row is the target
 
@@ -164,7 +171,8 @@ def _check(name: str, arr: object, ndim: int) -> np.ndarray:
 
 def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, delay: int,
              last_command: np.ndarray | None = None, max_step: float = DEFAULT_MAX_STEP,
-             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = (), committed: int = 0) -> Handoff:
+             rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = (), committed: int = 0,
+             rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> Handoff:
     """The commands from the next step on when ``new`` takes over.
 
     ``current`` (n, J) is the sequence being executed, one row per step, of which ``reached`` rows were already
@@ -172,7 +180,8 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
     ``delay`` steps ago. ``last_command`` is the last target sent (default: ``current[reached - 1]``, or its last
     row once it is used up). ``rtc_exempt``: joint indices rtc does not correct (the gripper). ``committed``
     (rtc): the first rows of ``new`` were given to the policy as committed (rtc_guide): those not yet past are
-    executed from the current sequence, and the correction starts where ``new`` takes over after them.
+    executed from the current sequence, and the correction starts where ``new`` takes over after them;
+    ``rtc_correct`` false leaves ``new`` uncorrected after them.
     """
     if mode not in HANDOFF_MODES:
         raise HandoffError(f"unknown hand-off mode {mode!r}; expected one of {', '.join(HANDOFF_MODES)}")
@@ -209,15 +218,17 @@ def hand_off(mode: str, current: np.ndarray, reached: int, new: np.ndarray, dela
         planned = np.concatenate([old_rest, np.repeat((old_rest[-1:] if len(old_rest) else last[None, :]),
                                                       keep + 1, axis=0)])
         ahead[:keep] = planned[:keep]
-        # The old plan's target for the step the new chunk takes over at, or the held position once it is used up.
-        offset = planned[keep] - ahead[keep]
-        offset[list(rtc_exempt)] = 0.0
-        overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
-        # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out over
-        # that hold, so the arm still ends on the new chunk's target.
-        if len(ahead) - keep <= overlap:
-            ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead) + keep, axis=0)])
-        ahead[keep:] += rtc_correction(offset, len(ahead) - keep, overlap)
+        if rtc_correct:
+            # The old plan's target for the step the new chunk takes over at, or the held position once it is used
+            # up.
+            offset = planned[keep] - ahead[keep]
+            offset[list(rtc_exempt)] = 0.0
+            overlap = rtc_horizon_for(offset, max_step, rtc_horizon)
+            # A sequence shorter than the horizon is followed by a hold of its last row: the correction fades out
+            # over that hold, so the arm still ends on the new chunk's target.
+            if len(ahead) - keep <= overlap:
+                ahead = np.concatenate([ahead, np.repeat(ahead[-1:], overlap + 1 - len(ahead) + keep, axis=0)])
+            ahead[keep:] += rtc_correction(offset, len(ahead) - keep, overlap)
     commands, limited = limit_steps(ahead, last, max_step)
     return Handoff(commands=commands, skipped=skipped, overlap=overlap, limited=limited, stale=stale)
 
@@ -253,11 +264,11 @@ class CommandStream:
 
     def take_over(self, mode: str, new: np.ndarray, delay: int, max_step: float = DEFAULT_MAX_STEP,
                   rtc_horizon: int = DEFAULT_RTC_HORIZON, rtc_exempt: Sequence[int] = (),
-                  committed: int = 0) -> Handoff:
-        """Hand off to ``new`` (computed ``delay`` steps ago; ``committed``: see hand_off); the stream then
-        executes the result."""
+                  committed: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> Handoff:
+        """Hand off to ``new`` (computed ``delay`` steps ago; ``committed``, ``rtc_correct``: see hand_off); the
+        stream then executes the result."""
         result = hand_off(mode, self.sequence, self.reached, new, delay, self.last, max_step, rtc_horizon,
-                          rtc_exempt, committed)
+                          rtc_exempt, committed, rtc_correct)
         self.sequence = result.commands
         self.reached = 0
         return result

@@ -81,6 +81,22 @@ def test_rtc_runs_the_committed_rows_still_ahead_as_planned_then_fades_into_the_
         hand_off("rtc", old, 12, new, 2, committed=-1)
 
 
+def test_rtc_without_the_correction_runs_the_committed_rows_then_the_chunk_as_generated():
+    """The RTC paper's execution (a guided chunk already continues the plan): nothing is faded in; without
+    committed rows that is replace, and the max_step limit still holds."""
+    old = ramp(0.0, 20)
+    new = ramp(0.04, 20)
+    out = hand_off("rtc", old, reached=12, new=new, delay=2, committed=6, rtc_correct=False)
+    np.testing.assert_allclose(out.commands[:4], old[12:16])
+    np.testing.assert_allclose(out.commands[4:], new[6:])
+    assert out.overlap == 0
+    np.testing.assert_allclose(hand_off("rtc", old, 12, new, 2, rtc_correct=False).commands,
+                               hand_off("replace", old, 12, new, 2).commands)
+    far = hand_off("rtc", old, 12, new + 1.0, 2, committed=6, max_step=0.05, rtc_correct=False)
+    assert np.abs(np.diff(np.vstack([old[11], far.commands]), axis=0)).max() <= 0.05 + 1e-12
+    assert far.limited > 0
+
+
 def test_rtc_fades_a_large_offset_over_more_steps():
     old = np.zeros((20, J))
     new = np.full((20, J), 1.0)  # the arm held at 0 while the new chunk stands 1 rad away

@@ -26,7 +26,7 @@ SHIPPED_HELP = ("'shipped': the policy plugin's default installed checkpoint (me
 
 class CheckpointPolicy(Protocol):
     """What so101-eval, recovery and the demo need from a loaded checkpoint (a rollout Policy plus NFE/noise and
-    the chunks drawn per inference when an observation carries a guide)."""
+    the chunks drawn per inference when an observation carries a ``guide``; ``steer`` true in it: rtc guidance)."""
 
     nfe: int
     candidates: int

@@ -35,8 +35,8 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON, HANDOFF_MODES,
-                                  CommandStream, rtc_guide)
+from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_CORRECTION, DEFAULT_RTC_GUIDANCE,
+                                  DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream, rtc_guide)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
@@ -134,14 +134,16 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                          on_frame: FrameSink | None = None,
                          latency_of: Callable[[], float | None] | None = None,
                          rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
-                         rtc_commit: int = 0) -> RealtimeEpisode:
+                         rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> RealtimeEpisode:
     """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk.
 
     ``rtc_guidance`` (``rtc`` only) or ``guide_plan`` (any hand-off): each observation carries ``guide``
     (so101_common.handoff.rtc_guide: the rows the arm will execute while the chunk is computed, at the latency
-    expected, then the rest of the plan), which a checkpoint policy continues (trained with committed rows), steers
-    its chunk onto (one candidate) or picks the closest of its candidates to; the hand-off then corrects what is
-    left of the offset. ``rtc_commit``: with ``rtc_guidance``, at least this many rows of the plan are committed
+    expected, then the rest of the plan). With ``rtc_guidance`` it also carries ``steer`` true: a checkpoint policy
+    continues the rows (trained with committed rows) or steers every draw onto them; with ``guide_plan`` alone it
+    picks the closest of its candidates. The hand-off then corrects what is left of the offset, or with
+    ``rtc_correct`` false runs the chunk as generated after the committed rows. ``rtc_commit``: with
+    ``rtc_guidance``, at least this many rows of the plan are committed
     (weighted 1), whatever the latency: a policy trained with committed rows continues them instead of starting
     from its observation alone; the arm executes them as planned and the chunk takes over after them."""
     if handoff not in HANDOFFS:
@@ -168,7 +170,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                 pending = None
                 # sync: the arm stood still since the observation, so the chunk runs from its first row.
                 mode, delay = ("replace", 0) if handoff == "sync" else (handoff, steps - observed)
-                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER, committed)
+                done = stream.take_over(mode, chunk, delay, max_step, rtc_horizon, GRIPPER, committed, rtc_correct)
                 result.limited += done.limited
                 result.stale_chunks += int(done.stale)
                 if taken:  # the first chunk takes over from the arm at rest: no hand-off between chunks
@@ -189,6 +191,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                 elif rtc_guidance and handoff == "rtc":
                     expected = committed = max(expected, rtc_commit)
                 obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
+                obs["steer"] = rtc_guidance and handoff == "rtc"
             started = time.perf_counter()
             chunk = check_chunk(policy(obs))
             chunk_len = len(chunk)
@@ -228,7 +231,7 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
                       latency_of: Callable[[], float | None] | None = None,
                       log: Callable[[str], None] = lambda message: None,
                       rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
-                      rtc_commit: int = 0) -> dict:
+                      rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> dict:
     """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
     episodes: list[RealtimeEpisode] = []
     for seed in seeds:
@@ -236,7 +239,7 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
             reseed(seed)
         ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
                                   rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance,
-                                  guide_plan=guide_plan, rtc_commit=rtc_commit)
+                                  guide_plan=guide_plan, rtc_commit=rtc_commit, rtc_correct=rtc_correct)
         episodes.append(ep)
         log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
             f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
@@ -278,6 +281,7 @@ class Cell:
     rtc_horizon: int
     rtc_guidance: bool
     rtc_commit: int
+    rtc_correct: bool
     image_size: int
     device: str
     label: str
@@ -293,7 +297,7 @@ def run_cell(cell: Cell) -> dict:
                              cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
                              latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
                              rtc_guidance=cell.rtc_guidance, guide_plan=cell.candidates > 1,
-                             rtc_commit=cell.rtc_commit)
+                             rtc_commit=cell.rtc_commit, rtc_correct=cell.rtc_correct)
 
 
 def _run_cells(cells: list[Cell], workers: int) -> Iterator[tuple[Cell, dict]]:
@@ -408,12 +412,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="steps over which rtc pulls the new chunk onto the old plan")
     parser.add_argument("--rtc-guidance", action=argparse.BooleanOptionalAction, default=DEFAULT_RTC_GUIDANCE,
                         help="rtc: give each chunk the rows the arm executes while it is computed (a checkpoint "
-                             "trained with --action-prefix-rows continues them; any other is steered onto them by "
+                             "trained with --action-prefix-rows continues them; any other steers every draw onto "
+                             "them: flow matching by the RTC paper's guided denoising steps, a one-step model by "
                              "noise-space guidance) before the hand-off corrects what is left (default: %(default)s)")
     parser.add_argument("--rtc-commit", type=int, default=0, metavar="ROWS",
                         help="with --rtc-guidance: commit at least ROWS rows of the plan being executed, whatever the "
                              "latency: they run as planned and the chunk takes over after them (a checkpoint trained "
                              "with --action-prefix-rows continues them)")
+    parser.add_argument("--rtc-correction", action=argparse.BooleanOptionalAction, default=DEFAULT_RTC_CORRECTION,
+                        help="rtc: fade the offset between the plan and the new chunk where it takes over; "
+                             "--no-rtc-correction executes the chunk as generated after the committed rows (the RTC "
+                             "paper's execution, with --rtc-guidance) (default: %(default)s)")
     add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
@@ -454,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                   1 if spec.checkpoint is None else args.candidates, 1 if spec.checkpoint is None else args.average,
                   latency, handoff, args.task, seeds, max_steps,
                   args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.rtc_commit,
-                  args.image_size,
+                  args.rtc_correction, args.image_size,
                   args.device, labels[spec.text])
              for spec in specs for latency in args.latencies for handoff in args.handoffs]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -474,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.out / name).write_text(json.dumps({**row, **report, "task": args.task, "seed": args.seed,
                                                      "max_step": args.max_step, "rtc_guidance": args.rtc_guidance,
                                                      "rtc_commit": args.rtc_commit,
+                                                     "rtc_correction": args.rtc_correction,
                                                      "action_steps": args.action_steps}, indent=2))
     except KeyboardInterrupt:
         print("so101-eval-realtime: interrupted", file=sys.stderr)

@@ -89,6 +89,16 @@ def test_rtc_halves_the_commanded_boundary_acceleration_of_replace_when_chunks_r
     assert replace.boundary_accel_max > 1.5 * replace.between_accel_max
 
 
+def test_rtc_without_its_correction_executes_the_new_chunks_as_replace_does(env, expert):
+    """--no-rtc-correction (the RTC paper's execution): with nothing committed, the chunks run as generated, so the
+    episode is replace's step for step; the correction is what makes rtc differ."""
+    replace = run_realtime_episode(env, expert, 10, 120, 10, "replace", 400)
+    plain = run_realtime_episode(env, expert, 10, 120, 10, "rtc", 400, rtc_correct=False)
+    corrected = run_realtime_episode(env, expert, 10, 120, 10, "rtc", 400)
+    assert plain.commanded == replace.commanded and plain.handoff_steps == replace.handoff_steps
+    assert corrected.commanded != replace.commanded
+
+
 def test_between_figure_is_the_same_window_half_way_between_hand_offs():
     dt = 0.1
     steps = 40
@@ -120,6 +130,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     assert "commit " in table[-1] and "cores" in table[-1]  # where the numbers came from, under the table
     cell = json.loads((out / "expert_400.0ms_rtc.json").read_text())
     assert cell["handoff"] == "rtc" and len(cell["results"]) == 1 and cell["results"][0]["seed"] == 3
+    assert cell["rtc_correction"] is True and cell["rtc_guidance"] is False
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == last["rows"] and saved["commit"] and saved["machine"] and saved["episodes"] == 1
     # Cells in two worker processes: the same rows, in the same order (injected latency is deterministic).
@@ -178,6 +189,7 @@ def test_rtc_guidance_hands_the_policy_the_rows_the_arm_executes_meanwhile(env, 
         np.testing.assert_allclose(target[:6], executed[observed + 1:observed + 7], atol=1e-12)
         assert np.all(weights[:6, :5] == 1) and np.all(weights[10:] == 0)
         assert np.all(weights[:, 5] == 0)  # the gripper is the new chunk's to decide
+    assert all(obs["steer"] for obs in seen[1:])  # the policy steers its draws onto the guide (rtc guidance)
     for handoff, guidance in (("rtc", False), ("replace", True)):
         seen.clear()
         run_realtime_episode(env, recording, 5, 40, 10, handoff, 200, rtc_guidance=guidance)
@@ -190,6 +202,7 @@ def test_rtc_guidance_hands_the_policy_the_rows_the_arm_executes_meanwhile(env, 
         guides = [obs.get("guide") for obs in seen]
         assert guides[0] is None and all(g is not None for g in guides[1:]) and len(guides) >= 2
         assert all(int((g[1][:, 0] == 1).sum()) == committed for g in guides[1:])
+        assert not any(obs["steer"] for obs in seen[1:])  # the guide only picks among the candidates
     # --rtc-commit: at least that many rows committed, at any latency (at 0 ms the arm executes none meanwhile).
     for latency, commit, committed in ((0, 6, 6), (0, 0, 0), (200, 3, 6)):
         seen.clear()

@@ -24,6 +24,9 @@ UFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # deviations) the guided noise may move from the drawn one.
 GUIDE_STEPS = 3
 GUIDE_MAX_SHIFT = 3.0
+# The RTC paper's clip on its guidance weight (Black et al. 2025, beta = 5): the weight
+# (1 - tau) / (tau r_tau^2) is unbounded at the start of the flow, where the predicted chunk is still a guess.
+RTC_GUIDANCE_CLIP = 5.0
 
 
 def draw_normal(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
@@ -119,6 +122,34 @@ def euler_sample(u_fn: UFn, noise: torch.Tensor, nfe: int) -> torch.Tensor:
     return z
 
 
+def rtc_guidance_weight(t: float) -> float:
+    """The RTC paper's guidance weight min(beta, (1 - tau) / (tau r_tau^2)), r_tau^2 = (1 - tau)^2 / (tau^2 +
+    (1 - tau)^2), written in this module's time (tau = 1 - t)."""
+    if t >= 1.0:
+        return RTC_GUIDANCE_CLIP
+    return min(RTC_GUIDANCE_CLIP, ((1 - t) ** 2 + t**2) / ((1 - t) * t))
+
+
+def rtc_guided_euler(u_fn: UFn, noise: torch.Tensor, nfe: int, target: torch.Tensor,
+                     weights: torch.Tensor) -> torch.Tensor:
+    """Euler integration of u(z, t, t) with real-time-chunking guidance: at each step the clean chunk the step
+    predicts, a = z - t u, is compared with ``target`` (B, T, D) under ``weights`` (T, D), and the velocity is
+    corrected by rtc_guidance_weight(t) times the vector-Jacobian product W (target - a) da/dz. The expert is
+    differentiated with respect to its input only (never its weights); zero weights give ``euler_sample``'s
+    chunk exactly."""
+    grid = _time_grid(nfe)
+    z = noise.detach()
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        tt = _full(z, t)
+        with torch.enable_grad():
+            zg = z.requires_grad_(True)
+            u = u_fn(zg, tt, tt)
+            predicted = zg - t * u
+            (pull,) = torch.autograd.grad(predicted, zg, grad_outputs=weights[None] * (target - predicted))
+        z = (z - (t - t_next) * (u - rtc_guidance_weight(t) * pull)).detach()
+    return z
+
+
 class DDPMSchedule:
     """Squared-cosine noise schedule over K training steps (Diffusion Policy's default)."""
 
@@ -197,12 +228,12 @@ class Objective(ABC):
         """Whether ``sample`` is a function of its noise alone (guidance needs one to differentiate)."""
         return True
 
-    def guided_sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, target: torch.Tensor, weights: torch.Tensor,
-                      steps: int = GUIDE_STEPS) -> torch.Tensor:
+    def guided_sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, target: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
         """Real-time chunking by noise-space guidance: a chunk whose values follow ``target`` (B, T, D) where
         ``weights`` (T, D) is > 0 (the committed prefix), the rest the model's own continuation from there.
 
-        ``steps`` steepest-descent steps on the noise of the weighted squared error between the sampled chunk and
+        ``GUIDE_STEPS`` steepest-descent steps on the noise of the weighted squared error between the sampled chunk and
         the target, each length found by a probe along the gradient (the error is near quadratic in the noise:
         the step lands on the minimum of the parabola through the two values; no step size to tune, whatever the
         scale of the model's noise-to-chunk map). A step costs one backpropagation through the sampler and one
@@ -227,7 +258,7 @@ class Objective(ABC):
 
         z = noise.detach()
         loss, actions, grad = with_grad(z)
-        for _ in range(steps):
+        for _ in range(GUIDE_STEPS):
             gg = float((grad * grad).sum())
             if gg <= 0.0:
                 break
@@ -304,6 +335,13 @@ class FlowMatchingObjective(Objective):
 
     def sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, generator: torch.Generator | None) -> torch.Tensor:
         return euler_sample(u_fn, noise, nfe)
+
+    def guided_sample(self, u_fn: UFn, noise: torch.Tensor, nfe: int, target: torch.Tensor,
+                      weights: torch.Tensor) -> torch.Tensor:
+        """The RTC paper's prefix inpainting itself (Black et al. 2025, Algorithm 1): a multi-step sampler has
+        intermediate states, and each Euler step is guided by a vector-Jacobian product that pulls the chunk it
+        predicts onto the weighted rows (rather than searching the noise, as the base class must for one step)."""
+        return rtc_guided_euler(u_fn, noise, nfe, target, weights)
 
 
 @register_objective

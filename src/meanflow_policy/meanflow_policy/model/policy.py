@@ -557,7 +557,7 @@ class MeanFlowPolicy(nn.Module):
 
     def sample(self, observation: Mapping[str, Any], nfe: int | None = None,
                generator: torch.Generator | None = None, guide: ChunkGuide | None = None,
-               candidates: int = 1, average: int = 1) -> np.ndarray:
+               candidates: int = 1, average: int = 1, steer: bool = False) -> np.ndarray:
         """One action chunk (chunk_size, action_dim) float32 in joint units.
 
         With instruction grounding (config.grounding_instructions) the policy reads the trained instruction the
@@ -570,10 +570,11 @@ class MeanFlowPolicy(nn.Module):
         ``average`` closest (draws of one mode: averaging them removes their jitter, not a choice). With one
         candidate, a policy trained with committed rows (``action_prefix_rows``) is given the rows weighted 1 (at most
         that many), returns them as given and continues them in the usual nfe passes (with several, each candidate
-        does); any other steers its noise onto the weighted rows (``Objective.guided_sample``). Without a guide
-        ``candidates`` and ``average`` have no effect. ``last_timing`` splits its latency: prefix_ms (inputs,
-        backbone, expert context), expert_ms (noise + nfe expert evaluations, the guidance or the candidates
-        included), post_ms (un-normalise, copy to host), total_ms; and nfe, candidates, average as used.
+        does); any other is steered onto the weighted rows (``Objective.guided_sample``), and with ``steer`` so is
+        each of several candidates before the closest are kept (real-time chunking with coherent sampling). Without
+        a guide ``candidates``, ``average`` and ``steer`` have no effect. ``last_timing`` splits its latency:
+        prefix_ms (inputs, backbone, expert context), expert_ms (noise + nfe expert evaluations, the guidance or the
+        candidates included), post_ms (un-normalise, copy to host), total_ms; and nfe, candidates, average as used.
         """
         self._check_eval_mode()
         nfe = self.config.default_nfe if nfe is None else int(nfe)
@@ -582,10 +583,10 @@ class MeanFlowPolicy(nn.Module):
                              f"{average}")
         conditioned = guide is not None and self.config.action_prefix_rows > 0
         select = guide is not None and candidates > 1
-        graphed = (self._graphs is not None and self.objective.deterministic and not conditioned
-                   and (guide is None or select))
+        steered = guide is not None and not conditioned and (steer or not select)
+        graphed = self._graphs is not None and self.objective.deterministic and not conditioned and not steered
         # Guidance differentiates through the expert (never its weights), which inference mode forbids.
-        with torch.inference_mode(guide is None or conditioned or select), torch.no_grad():
+        with torch.inference_mode(not steered), torch.no_grad():
             start = time.perf_counter()
             guide_t = None if guide is None else self._guide_tensors(guide)
             images, state, instruction = self._observation_tensors(observation)
@@ -620,7 +621,7 @@ class MeanFlowPolicy(nn.Module):
                 if guide_t is not None and conditioned:
                     noise = self._committed_start(noise, ctx)
                 out = self._chunk_from(ctx, noise, nfe, guide_t if select else None, avg,
-                                       generator, None if conditioned or select else guide_t)
+                                       generator, guide_t if steered else None)
                 if ctx.known_mask is not None and ctx.known is not None:
                     # Committed rows are what the arm executes: returned as given, not as the expert redrew them.
                     out = torch.where(ctx.known_mask[0] > 0, ctx.known[0].to(out.dtype), out)
@@ -653,11 +654,11 @@ class MeanFlowPolicy(nn.Module):
                     select: tuple[torch.Tensor, torch.Tensor] | None, average: int,
                     generator: torch.Generator | None = None,
                     steer: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """One observation's context and (K, T, D) noise -> its normalised chunk (T, D): the closest of the K draws
-        to ``select`` (normalised target, weights; the mean of the ``average`` closest), else the one draw, steered
-        onto ``steer`` if given."""
+        """One observation's context and (K, T, D) noise -> its normalised chunk (T, D): the K draws, each steered
+        onto ``steer`` if given, then the closest to ``select`` (normalised target, weights; the mean of the
+        ``average`` closest), else the one draw."""
         if select is not None:
-            z = self._closest(self._sample_normalized(_repeat(ctx, noise.shape[0]), noise, nfe, generator),
+            z = self._closest(self._sample_normalized(_repeat(ctx, noise.shape[0]), noise, nfe, generator, steer),
                               *select, average)
         else:
             z = self._sample_normalized(ctx, noise, nfe, generator, steer)

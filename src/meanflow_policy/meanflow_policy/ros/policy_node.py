@@ -57,7 +57,8 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_GUIDANCE
+from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_CORRECTION,
+                                  DEFAULT_RTC_GUIDANCE)
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -345,8 +346,13 @@ class PolicyNode(LifecycleNode):
         declare("rtc_guidance", DEFAULT_RTC_GUIDANCE, "With handoff rtc: give each chunk the trajectory the arm "
                 "executes while it is computed, so the correction at the hand-off is small: a checkpoint trained "
                 "with committed rows (meanflow-train --action-prefix-rows) continues them at no extra cost, any "
-                "other is steered onto them (noise-space guidance: a few more expert passes per chunk); false: the "
-                "correction alone.", read_only=False)
+                "other is steered onto them, every candidate before the closest are kept (flow matching: the RTC "
+                "paper's guided denoising steps, ~3x the expert time; a one-step model: noise-space guidance, ~7x); "
+                "false: the correction alone.", read_only=False)
+        declare("rtc_correction", DEFAULT_RTC_CORRECTION, "With handoff rtc: fade the offset between the published "
+                "trajectory and the new chunk where it takes over (minimum jerk); false: after the committed rows the "
+                "chunk runs as generated (the RTC paper's execution: with rtc_guidance the chunk itself continues "
+                "the trajectory).", read_only=False)
         declare("rtc_commit", 0, "With handoff rtc and rtc_guidance: rows of the published trajectory given to "
                 "each chunk as committed at least, whatever the latency: the arm executes them as published and the "
                 "chunk takes over after them (a checkpoint trained with committed rows continues them; 0: only "
@@ -633,7 +639,7 @@ class PolicyNode(LifecycleNode):
                 guide = self._handoffs.guide(obs.newest_image_stamp_ns, self._latency_s, self._chunk_size, execute,
                                              commit)
         chunk = self._policy.sample(obs.as_policy_input(), nfe=nfe, guide=guide, candidates=candidates,
-                                    average=average)
+                                    average=average, steer=guided_rtc)
         timing = dict(self._policy.last_timing)
         publish_ns = self._now_ns()
         handoff = None
@@ -653,7 +659,7 @@ class PolicyNode(LifecycleNode):
                     self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
                     handoff = self._handoffs.plan(self._handoff_mode, chunk, self._latency_s, publish_ns,
                                                   self._store.current_positions(), float(self._param("max_step")),
-                                                  commit)
+                                                  commit, bool(self._param("rtc_correction")))
                 plan = handoff.plan
         except ChunkError as exc:
             self._stats.count("bad_chunks")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from so101_common.handoff import HANDOFF_MODES, hand_off, rtc_guide
+from so101_common.handoff import DEFAULT_RTC_CORRECTION, HANDOFF_MODES, hand_off, rtc_guide
 from so101_common.joints import JointLimits
 
 from so101_common.stamps import ns_to_s
@@ -337,9 +337,9 @@ class Handoffs:
         return rtc_guide(self._sample(grid), 0, delay, chunk_size, execute, self.rtc_exempt)
 
     def plan(self, mode: str, chunk: np.ndarray, elapsed_s: float, now_ns: int, measured: np.ndarray | None,
-             max_step: float, committed: int = 0) -> HandoffPlan:
+             max_step: float, committed: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> HandoffPlan:
         """The trajectory to publish at ``now_ns`` for ``chunk`` (observation ``elapsed_s`` ago; ``committed``:
-        its first rows were given as committed, see so101_common.handoff.hand_off)."""
+        its first rows were given as committed; ``rtc_correct``: see so101_common.handoff.hand_off)."""
         base = chunk_to_plan(chunk, self.limits, self.dt_s)  # shape, NaN and joint-limit checks, clamping
         dt = self.dt_s
         elapsed = max(0.0, float(elapsed_s))
@@ -358,7 +358,7 @@ class Handoffs:
             grid = grid[grid <= times[-1] + 1e-9]
             current, reached = (self._sample(grid), 0) if len(grid) else (last[None, :], 1)
         result = hand_off(mode, current, reached, base.positions, delay, last, max_step,
-                          rtc_exempt=self.rtc_exempt, committed=committed)
+                          rtc_exempt=self.rtc_exempt, committed=committed, rtc_correct=rtc_correct)
         positions = self.limits.clamp(result.commands)
         plan = TrajectoryPlan(times_s=(np.arange(len(positions)) + 1) * dt - frac, positions=positions,
                               dropped=result.skipped, clamped=base.clamped, clamped_by_joint=base.clamped_by_joint)

@@ -69,11 +69,11 @@ class SimCheckpointPolicy:
 
     def __call__(self, observation: dict) -> np.ndarray:
         """The chunk for ``observation``; its optional ``guide`` (target rows, weights: the plan being executed)
-        picks the mean of the ``average`` closest of ``candidates`` draws, or with one candidate steers the draw
-        (rtc guidance)."""
+        picks the mean of the ``average`` closest of ``candidates`` draws, or with one candidate steers the draw;
+        with ``steer`` true every draw is steered first (rtc guidance)."""
         return self.policy.sample(observation, nfe=self.nfe, generator=self.generator,
                                   guide=observation.get("guide"), candidates=self.candidates,
-                                  average=self.average)
+                                  average=self.average, steer=bool(observation.get("steer", False)))
 
     def last_latency_ms(self) -> float | None:
         return self.policy.last_timing.get("total_ms")
