@@ -48,14 +48,16 @@ eval-sim: setup
 # hand-off (sync, replace, blend, rtc), cells in WORKERS processes; table + JSON in $(RUNS)/eval_realtime; the last
 # line is one JSON object {"rows": [...]}. TASK= one task (pick_place unless given).
 # POLICIES: space-separated CHECKPOINT@NFE (or expert), e.g. "runs/sim_meanflow/last@1 runs/sim_fm/last@10"; default
-# the shipped pick-place checkpoint (shipped:sim_pick_place; CHECKPOINT= another).
+# the shipped pick-place checkpoint (shipped:sim_pick_place; CHECKPOINT= another). REALTIME_ARGS: more options, e.g.
+# "--rtc-guidance --no-rtc-correction" (the RTC paper's real-time chunking, for a flow-matching policy).
 LATENCIES ?= 0,33,100,200,400,800
 HANDOFFS ?= sync,replace,blend,rtc
 POLICIES ?= $(if $(filter file,$(origin CHECKPOINT)),shipped:sim_pick_place,$(CHECKPOINT))@$(NFE)
+REALTIME_ARGS ?=
 eval-realtime: setup
 	@$(ENV) OMP_NUM_THREADS=1 python -m so101_sim.realtime $(foreach p,$(POLICIES),--policy $(p)) \
 	  --latencies $(LATENCIES) --handoffs $(HANDOFFS) --episodes $(EPISODES) --task $(if $(filter file,$(origin TASK)),pick_place,$(TASK)) --seed 1000 \
-	  --image-size 64 --workers $(WORKERS) --out $(RUNS)/eval_realtime
+	  --image-size 64 --workers $(WORKERS) --out $(RUNS)/eval_realtime $(REALTIME_ARGS)
 
 # The multi-task results table (scripts/results_multitask.sh): every checkpoint in CHECKPOINTS ("LABEL=DIR@NFES ...")
 # on every task, EPISODES per cell, then docs/results/multitask.{md,json} with commit and machine.

@@ -50,7 +50,7 @@ DEFAULT_RTC_HORIZON = 4
 DEFAULT_RTC_GUIDANCE = False
 # Whether rtc fades the offset between the plan and the new chunk (above). Off is the RTC paper's execution, for a
 # policy whose guided chunks already continue the plan: with the flow-matching pair at 284 ms it kept replace's
-# success (95 / 96 of 100) at 0.49x its boundary acceleration, where the correction on top cost 11 successes
+# success (95 / 96 of 100) at 0.49x its boundary acceleration, where the correction on top cost 10 successes
 # (docs/simulation.md, "The RTC paper's guided denoising"). On: the correction is what smooths unguided chunks.
 DEFAULT_RTC_CORRECTION = True
 
