@@ -1,4 +1,5 @@
-"""meanflow-bench: the JSON last line names every timed variant, coherent sampling's candidate counts included;
+"""meanflow-bench: the JSON last line names every timed variant, coherent sampling's candidate counts and the
+rtc-guided draws included;
 meanflow-bench-peers: its inputs and errors (timing LeRobot itself needs LeRobot, which CI does not install)."""
 import importlib.util
 import json
@@ -10,11 +11,14 @@ from meanflow_policy.tools import bench, bench_peers
 
 def test_bench_times_each_candidate_count_beside_the_single_draw_variants(capsys):
     assert bench.main(["--preset", "tiny", "--runs", "2", "--warmup", "0", "--precisions", "float32",
-                       "--threads", "1", "--candidates", "4,8"]) == 0
+                       "--threads", "1", "--candidates", "4,8", "--rtc-guided"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     chunk = summary["chunk_ms"]
-    assert {"meanflow_1", "meanflow_1_candidates_4", "meanflow_1_candidates_8", "flow_matching_10"} <= set(chunk)
+    assert {"meanflow_1", "meanflow_1_candidates_4", "meanflow_1_candidates_8", "flow_matching_10",
+            "meanflow_1_rtc_guided", "flow_matching_10_rtc_guided"} <= set(chunk)
     assert all(ms > 0 for ms in chunk.values())
+    # A guided Euler step is a forward and a backward pass: ten of them cost more than ten plain steps.
+    assert summary["expert_ms"]["flow_matching_10_rtc_guided"] > summary["expert_ms"]["flow_matching_10"]
 
 
 def test_bench_reads_the_cameras_at_a_smaller_size_and_refuses_one_it_cannot(capsys):

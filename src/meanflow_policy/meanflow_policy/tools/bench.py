@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from so101_common.handoff import DEFAULT_CANDIDATES
+from so101_common.handoff import DEFAULT_CANDIDATES, rtc_guide
 from so101_common.joints import home_vector
 from so101_common.provenance import provenance
 
@@ -79,22 +79,31 @@ def make_observation(config: MeanFlowConfig, height: int, width: int, seed: int 
             "instruction": "pick up the red cube and place it in the bowl"}
 
 
+# The guide of a steered variant (--rtc-guided): the previous chunk committed over 6 rows (200 ms at 30 Hz), the
+# next chunk taking over after half of it, as the sim's real-time evaluation asks of a chunk at 200 ms.
+GUIDED_DELAY_ROWS = 6
+
+
 def time_variant(policy: MeanFlowPolicy, obs: dict[str, object], objective: str, nfe: int, runs: int,
-                 warmup: int, candidates: int = 1) -> dict[str, list[float]]:
+                 warmup: int, candidates: int = 1, steer: bool = False) -> dict[str, list[float]]:
     """Sample ``warmup + runs`` chunks with ``objective``'s sampler on the same weights; keep the warm timings.
     With ``candidates`` > 1 each chunk is the closest of that many draws to a guide (coherent sampling: the node
-    guides every chunk after the first by the trajectory it published)."""
+    guides every chunk after the first by the trajectory it published). ``steer``: each draw is first steered onto
+    the previous chunk (rtc guidance: the node's ``rtc_guidance``)."""
     saved = policy.objective
     policy.objective = make_objective(replace(policy.config, objective=objective))
     try:
         torch.manual_seed(0)  # noise drawn on the policy's device, as the node does (no generator)
         guide = None
-        if candidates > 1:
+        if steer:
+            previous = policy.sample(obs, nfe=nfe)
+            guide = rtc_guide(previous, 0, GUIDED_DELAY_ROWS, len(previous), len(previous) // 2)
+        elif candidates > 1:
             previous = policy.sample(obs, nfe=nfe)
             guide = (previous, np.ones_like(previous))
         timings: dict[str, list[float]] = {"prefix_ms": [], "expert_ms": [], "post_ms": [], "total_ms": []}
         for i in range(warmup + runs):
-            policy.sample(obs, nfe=nfe, guide=guide, candidates=candidates)
+            policy.sample(obs, nfe=nfe, guide=guide, candidates=candidates, steer=steer)
             if i >= warmup:
                 for key in timings:
                     timings[key].append(policy.last_timing[key])
@@ -204,9 +213,12 @@ def bench_precision(policy: MeanFlowPolicy, obs: dict[str, object], args: argpar
               f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
               f"{statistics.median(t['total_ms']):>11.2f}"
               f"{_percentile(t['total_ms'], 95):>11.2f}", flush=True)
-    for k in args.candidates:
-        key = f"meanflow_1_candidates_{k}"
-        t = time_variant(policy, obs, "meanflow", 1, args.runs, args.warmup, candidates=k)
+    extra = [(f"meanflow_1_candidates_{k}", "meanflow", 1, k, False) for k in args.candidates]
+    if args.rtc_guided:
+        extra += [(f"{objective}_{nfe}_rtc_guided", objective, nfe, 1, True)
+                  for objective, nfe in (("meanflow", 1), ("flow_matching", 10))]
+    for key, objective, nfe, k, steer in extra:
+        t = time_variant(policy, obs, objective, nfe, args.runs, args.warmup, candidates=k, steer=steer)
         results[key] = t
         print(f"{key:<18}{statistics.median(t['prefix_ms']):>11.2f}{statistics.median(t['expert_ms']):>11.2f}"
               f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
@@ -334,6 +346,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidates", default=str(DEFAULT_CANDIDATES),
                    help="comma list of candidate counts timed for MeanFlow NFE 1 with a guide (coherent sampling: "
                         "the closest of K draws), beside the single-draw variants; empty: none")
+    p.add_argument("--rtc-guided", action="store_true",
+                   help="also time one draw steered onto the previous chunk (rtc guidance, the node's rtc_guidance): "
+                        "MeanFlow NFE 1 by noise-space guidance, flow matching NFE 10 by the RTC paper's guided Euler "
+                        "steps (variants *_rtc_guided)")
     args = p.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         p.error("--runs must be >= 1 and --warmup >= 0")
