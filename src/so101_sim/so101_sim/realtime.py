@@ -473,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         for cell, report in _run_cells(cells, args.workers):
             row = {"latency_ms": MEASURED if cell.latency_ms is None else cell.latency_ms, "policy": cell.label,
                    "handoff": cell.handoff, "candidates": cell.candidates, "average": cell.average,
+                   "rtc_guidance": cell.rtc_guidance, "rtc_correction": cell.rtc_correct,
                    "success_rate": report["success_rate"],
                    "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"],
                    "between_accel_max": report["between_accel_max"]}
@@ -481,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             print(lines[-1], flush=True)
             name = f"{cell.label}_{row['latency_ms']}ms_{cell.handoff}.json"
             (args.out / name).write_text(json.dumps({**row, **report, "task": args.task, "seed": args.seed,
-                                                     "max_step": args.max_step, "rtc_guidance": args.rtc_guidance,
-                                                     "rtc_commit": args.rtc_commit,
-                                                     "rtc_correction": args.rtc_correction,
+                                                     "max_step": args.max_step, "rtc_commit": args.rtc_commit,
                                                      "action_steps": args.action_steps}, indent=2))
     except KeyboardInterrupt:
         print("so101-eval-realtime: interrupted", file=sys.stderr)

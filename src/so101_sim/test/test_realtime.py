@@ -131,6 +131,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     cell = json.loads((out / "expert_400.0ms_rtc.json").read_text())
     assert cell["handoff"] == "rtc" and len(cell["results"]) == 1 and cell["results"][0]["seed"] == 3
     assert cell["rtc_correction"] is True and cell["rtc_guidance"] is False
+    assert all(r["rtc_correction"] is True and r["rtc_guidance"] is False for r in last["rows"])
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == last["rows"] and saved["commit"] and saved["machine"] and saved["episodes"] == 1
     # Cells in two worker processes: the same rows, in the same order (injected latency is deterministic).
