@@ -226,18 +226,24 @@ def test_the_policy_samples_and_trains_through_its_objective(pair):
     assert "frac_r_eq_t" not in info  # a meanflow-only log value
 
 
+def _guided_case(objective: str, u_fn, nfe: int) -> tuple:
+    """The guidance tests' case, 8 rows x 3 joints: (objective, noise, plain chunk, a target 0.5 away from it,
+    weights 1 on the first rows fading to 0 with joint 2 exempt (left to the model), the guided chunk)."""
+    obj = O.make_objective(MeanFlowConfig(objective=objective))
+    noise = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
+    plain = obj.sample(u_fn, noise, nfe, None)
+    target = plain + 0.5
+    weights = torch.tensor([1.0, 1.0, 1.0, 0.5, 0, 0, 0, 0])[:, None].repeat(1, 3)
+    weights[:, 2] = 0.0
+    return obj, noise, plain, target, weights, obj.guided_sample(u_fn, noise, nfe, target, weights)
+
+
 def test_guidance_steers_the_weighted_rows_and_leaves_a_free_chunk_alone():
     """A one-step map that is linear in the noise (u = -0.2 e - c): guidance must pull the weighted rows onto the
     target, leave a chunk with zero weights exactly as sampled, and refuse a sampler that draws its own noise."""
     c = torch.linspace(-1, 1, 8 * 3).view(1, 8, 3)
     u_fn = lambda z, r, t: -0.2 * z - c  # noqa: E731 - a = 1.2 e + c
-    mf = O.make_objective(MeanFlowConfig(objective="meanflow"))
-    noise = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
-    plain = mf.sample(u_fn, noise, 1, None)
-    target = plain + 0.5
-    weights = torch.tensor([1.0, 1.0, 1.0, 0.5, 0, 0, 0, 0])[:, None].repeat(1, 3)
-    weights[:, 2] = 0.0  # an exempt joint: left to the model
-    guided = mf.guided_sample(u_fn, noise, 1, target, weights)
+    mf, noise, plain, target, weights, guided = _guided_case("meanflow", u_fn, 1)
     before = ((plain - target)[:, :3, :2] ** 2).sum()
     after = ((guided - target)[:, :3, :2] ** 2).sum()
     assert after < 0.01 * before
@@ -261,13 +267,7 @@ def test_flow_matching_guidance_is_the_rtc_papers_guided_euler():
         tb = t[:, None, None]
         return (z - (c + (1 - tb) * s2 * (z - (1 - tb) * c) / ((1 - tb) ** 2 * s2 + tb**2))) / tb
 
-    fm = O.make_objective(MeanFlowConfig(objective="flow_matching"))
-    noise = torch.randn(1, 8, 3, generator=torch.Generator().manual_seed(0))
-    plain = fm.sample(u_fn, noise, 10, None)
-    target = plain + 0.5
-    weights = torch.tensor([1.0, 1.0, 1.0, 0.5, 0, 0, 0, 0])[:, None].repeat(1, 3)
-    weights[:, 2] = 0.0  # an exempt joint: left to the model
-    guided = fm.guided_sample(u_fn, noise, 10, target, weights)
+    fm, noise, plain, target, weights, guided = _guided_case("flow_matching", u_fn, 10)
     assert ((guided - target)[:, :3, :2] ** 2).sum() < 0.05 * ((plain - target)[:, :3, :2] ** 2).sum()
     assert torch.equal(guided[:, 4:], plain[:, 4:]) and torch.equal(guided[..., 2], plain[..., 2])
     assert torch.equal(fm.guided_sample(u_fn, noise, 10, target, torch.zeros(8, 3)), plain)
