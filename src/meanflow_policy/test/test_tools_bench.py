@@ -86,3 +86,23 @@ def test_peers_replot_draws_a_run_from_its_json(tmp_path):
     png = tmp_path / "peers.png"
     assert bench_peers.main(["--replot", str(source), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_times_the_variants_in_rounds_each_chunk_after_one_of_its_own():
+    policy = bench.build_policy("tiny", "cpu", None, "float32")
+    obs = bench.make_observation(policy.config, 48, 64)
+    calls = []
+    sample = policy.sample
+
+    def spy(*args, **kwargs):
+        calls.append((policy.objective.name, kwargs["nfe"]))
+        return sample(*args, **kwargs)
+
+    policy.sample = spy  # type: ignore[method-assign]
+    variants = [bench.Variant("meanflow_1", "meanflow", 1), bench.Variant("flow_matching_2", "flow_matching", 2)]
+    timings = bench.time_variants(policy, obs, variants, runs=bench.ROUND_CHUNKS + 2, warmup=1)
+    assert all(len(t["expert_ms"]) == bench.ROUND_CHUNKS + 2 for t in timings.values())
+    mf, fm = ("meanflow", 1), ("flow_matching", 2)
+    first, second = bench.ROUND_CHUNKS + 1, 3  # a settling chunk, then the timed ones
+    assert calls == [mf, fm] + [mf] * first + [fm] * first + [mf] * second + [fm] * second
+    assert policy.objective.name == "meanflow"  # the policy's own sampler is put back

@@ -19,10 +19,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from so101_common.handoff import DEFAULT_CANDIDATES, rtc_guide
 from so101_common.joints import home_vector
@@ -32,7 +33,7 @@ from meanflow_policy.model.configuration import (AUTO_PRECISION, BACKBONE_PRECIS
                                                  SMOLVLM2_500M_PRESET, TINY_BACKBONE, TINY_SMOLLM2_PRESET,
                                                  MeanFlowConfig, fastest_precision)
 from meanflow_policy.model.objectives import make_objective
-from meanflow_policy.model.policy import MeanFlowPolicy
+from meanflow_policy.model.policy import ChunkGuide, MeanFlowPolicy
 
 VARIANTS: tuple[tuple[str, int], ...] = (
     ("meanflow", 1), ("meanflow", 2), ("meanflow", 5), ("meanflow", 10), ("flow_matching", 10), ("ddpm", 100),
@@ -84,29 +85,63 @@ def make_observation(config: MeanFlowConfig, height: int, width: int, seed: int 
 GUIDED_DELAY_ROWS = 6
 
 
-def time_variant(policy: MeanFlowPolicy, obs: dict[str, object], objective: str, nfe: int, runs: int,
-                 warmup: int, candidates: int = 1, steer: bool = False) -> dict[str, list[float]]:
-    """Sample ``warmup + runs`` chunks with ``objective``'s sampler on the same weights; keep the warm timings.
-    With ``candidates`` > 1 each chunk is the closest of that many draws to a guide (coherent sampling: the node
-    guides every chunk after the first by the trajectory it published). ``steer``: each draw is first steered onto
-    the previous chunk (rtc guidance: the node's ``rtc_guidance``)."""
+@dataclass
+class Variant:
+    """One timed way of sampling a chunk: ``objective``'s sampler with ``nfe`` evaluations; ``candidates`` > 1: the
+    closest of that many draws to a guide (coherent sampling: the node guides every chunk after the first by the
+    trajectory it published); ``steer``: each draw first steered onto the previous chunk (rtc guidance: the node's
+    ``rtc_guidance``)."""
+
+    key: str
+    objective: str
+    nfe: int
+    candidates: int = 1
+    steer: bool = False
+
+
+# Chunks each variant samples in a row within a round of time_variants, after one untimed chunk that settles it.
+ROUND_CHUNKS = 4
+
+
+def time_variants(policy: MeanFlowPolicy, obs: dict[str, object], variants: Sequence[Variant], runs: int,
+                  warmup: int) -> dict[str, dict[str, list[float]]]:
+    """Sample ``warmup`` untimed and ``runs`` timed chunks of every variant on the same weights.
+
+    The timed chunks come in rounds: each variant in turn samples one untimed chunk, then up to ``ROUND_CHUNKS``
+    timed ones. A slow spell of a shared machine (seconds long on the 2-core VMs) then falls on every variant alike
+    rather than on whichever ran through it (timed one variant after another, the tiny preset's fm10 / mf1 ranged
+    6.6-8.9x over three runs on the 2-core AMD EPYC), while each timed chunk follows a chunk of its own variant, as
+    in a node that samples the same way chunk after chunk (the first expert step after a different sampler,
+    candidates 8 say, measured up to 0.2 ms slower: the allocator gave memory back between them)."""
     saved = policy.objective
-    policy.objective = make_objective(replace(policy.config, objective=objective))
+    objectives = {v.objective: make_objective(replace(policy.config, objective=v.objective)) for v in variants}
+    guides: dict[str, ChunkGuide] = {}
+    timings = {v.key: {"prefix_ms": [], "expert_ms": [], "post_ms": [], "total_ms": []} for v in variants}
+
+    def chunk(v: Variant, timed: bool) -> None:
+        policy.objective = objectives[v.objective]
+        policy.sample(obs, nfe=v.nfe, guide=guides.get(v.key), candidates=v.candidates, steer=v.steer)
+        if timed:
+            for key, values in timings[v.key].items():
+                values.append(policy.last_timing[key])
+
     try:
         torch.manual_seed(0)  # noise drawn on the policy's device, as the node does (no generator)
-        guide = None
-        if steer:
-            previous = policy.sample(obs, nfe=nfe)
-            guide = rtc_guide(previous, 0, GUIDED_DELAY_ROWS, len(previous), len(previous) // 2)
-        elif candidates > 1:
-            previous = policy.sample(obs, nfe=nfe)
-            guide = (previous, np.ones_like(previous))
-        timings: dict[str, list[float]] = {"prefix_ms": [], "expert_ms": [], "post_ms": [], "total_ms": []}
-        for i in range(warmup + runs):
-            policy.sample(obs, nfe=nfe, guide=guide, candidates=candidates, steer=steer)
-            if i >= warmup:
-                for key in timings:
-                    timings[key].append(policy.last_timing[key])
+        for v in variants:
+            policy.objective = objectives[v.objective]
+            if v.steer:
+                previous = policy.sample(obs, nfe=v.nfe)
+                guides[v.key] = rtc_guide(previous, 0, GUIDED_DELAY_ROWS, len(previous), len(previous) // 2)
+            elif v.candidates > 1:
+                previous = policy.sample(obs, nfe=v.nfe)
+                guides[v.key] = (previous, np.ones_like(previous))
+            for _ in range(warmup):
+                chunk(v, timed=False)
+        for start in tqdm(range(0, runs, ROUND_CHUNKS), desc="rounds", leave=False, dynamic_ncols=True):
+            for v in variants:
+                chunk(v, timed=False)
+                for _ in range(min(ROUND_CHUNKS, runs - start)):
+                    chunk(v, timed=True)
         return timings
     finally:
         policy.objective = saved
@@ -196,30 +231,22 @@ def bench_precision(policy: MeanFlowPolicy, obs: dict[str, object], args: argpar
                     label: str) -> dict[str, object]:
     """Every sampler on one precision: the table, the prefix breakdown and this precision's JSON figures."""
     cfg = policy.config
-    results: dict[str, dict[str, list[float]]] = {}
     header = (f"{'variant':<18}{'prefix med':>11}{'expert med':>11}{'expert p95':>11}{'post med':>10}"
               f"{'chunk med':>11}{'chunk p95':>11}")
     print(f"\nbackbone {label}:")
     print(header)
     print("-" * len(header))
+    variants = []
     for objective, nfe in VARIANTS:
-        key = f"{objective}_{nfe}"
         max_nfe = make_objective(replace(cfg, objective=objective)).max_nfe
-        if max_nfe is not None and nfe > max_nfe:
-            continue
-        t = time_variant(policy, obs, objective, nfe, args.runs, args.warmup)
-        results[key] = t
-        print(f"{key:<18}{statistics.median(t['prefix_ms']):>11.2f}{statistics.median(t['expert_ms']):>11.2f}"
-              f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
-              f"{statistics.median(t['total_ms']):>11.2f}"
-              f"{_percentile(t['total_ms'], 95):>11.2f}", flush=True)
-    extra = [(f"meanflow_1_candidates_{k}", "meanflow", 1, k, False) for k in args.candidates]
+        if max_nfe is None or nfe <= max_nfe:
+            variants.append(Variant(f"{objective}_{nfe}", objective, nfe))
+    variants += [Variant(f"meanflow_1_candidates_{k}", "meanflow", 1, candidates=k) for k in args.candidates]
     if args.rtc_guided:
-        extra += [(f"{objective}_{nfe}_rtc_guided", objective, nfe, 1, True)
-                  for objective, nfe in (("meanflow", 1), ("flow_matching", 10))]
-    for key, objective, nfe, k, steer in extra:
-        t = time_variant(policy, obs, objective, nfe, args.runs, args.warmup, candidates=k, steer=steer)
-        results[key] = t
+        variants += [Variant(f"{objective}_{nfe}_rtc_guided", objective, nfe, steer=True)
+                     for objective, nfe in (("meanflow", 1), ("flow_matching", 10))]
+    results = time_variants(policy, obs, variants, args.runs, args.warmup)
+    for key, t in results.items():
         print(f"{key:<18}{statistics.median(t['prefix_ms']):>11.2f}{statistics.median(t['expert_ms']):>11.2f}"
               f"{_percentile(t['expert_ms'], 95):>11.2f}{statistics.median(t['post_ms']):>10.2f}"
               f"{statistics.median(t['total_ms']):>11.2f}"
