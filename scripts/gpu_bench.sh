@@ -49,7 +49,7 @@ fi
 if part ours; then
   echo "== $SECONDS s: ours, SmolVLM2-500M architecture, 512 px"
   PYTHONPATH=$OURS timeout 300 python3 -m meanflow_policy.tools.bench --preset smolvlm2-500m --device cuda \
-    --precisions float32,bfloat16 --cuda-graphs --compile --runs 20 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
+    --precisions float32,bfloat16 --cuda-graphs --compile --runs 16 --warmup 3 --candidates 8 > "$OUT/ours_500m.txt" 2>&1
   tail -c 3000 "$OUT/ours_500m.txt"
 fi
 
