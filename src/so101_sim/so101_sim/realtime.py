@@ -15,7 +15,8 @@ node):
 With a latency of 0 ms, ``sync`` and ``replace`` execute exactly what ``so101-eval`` does. Per episode: hand-off
 count, the largest arm-joint acceleration measured in the 3 control steps after each hand-off (rad/s^2), the
 commanded acceleration across it, the largest commanded jump between two control steps, and the steps the arm
-held for want of a chunk.
+held for want of a chunk. The run's folder gets the table, the rows as JSON and realtime.png (so101_sim.realtime_plot:
+success and boundary acceleration against the injected latency).
 """
 from __future__ import annotations
 
@@ -494,8 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     footer = (f"\n{args.task}, {args.episodes} episodes per cell from seed {args.seed}; commit {source['commit']}, "
               f"{source['machine']}, {source['date_utc']}")
     (args.out / "table.md").write_text(table + "\n" + footer + "\n")
-    (args.out / "rows.json").write_text(json.dumps({"rows": rows, "task": args.task, "episodes": args.episodes,
-                                                    "seed": args.seed, **source}, indent=2))
+    run = {"rows": rows, "task": args.task, "episodes": args.episodes, "seed": args.seed, **source}
+    (args.out / "rows.json").write_text(json.dumps(run, indent=2))
+    if any(row["latency_ms"] != MEASURED for row in rows):
+        from so101_sim.realtime_plot import PLOT_FILE, plot_realtime, title_of  # matplotlib: here, not in workers
+
+        plot_realtime(rows, args.out / PLOT_FILE, title_of(run))
     print(table)
     print(json.dumps({"rows": rows}), flush=True)
     return 0

@@ -134,6 +134,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     assert all(r["rtc_correction"] is True and r["rtc_guidance"] is False for r in last["rows"])
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == last["rows"] and saved["commit"] and saved["machine"] and saved["episodes"] == 1
+    assert (out / "realtime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the rows drawn
     # Cells in two worker processes: the same rows, in the same order (injected latency is deterministic).
     rc = realtime.main(["--policy", "expert", "--latencies", "0,400", "--handoffs", "replace,rtc", "--episodes", "1",
                         "--seed", "3", "--max-steps", "90", "--image-size", "32", "--workers", "2",
