@@ -3,7 +3,9 @@
 Each argument is ``VARIANT=DIR``: an ``--out`` folder of so101-eval-realtime (its rows.json), labelled with what
 was varied (e.g. ``rtc guided``). Cells with the same variant, policy, latency and hand-off are pooled over their
 seed blocks: successes added, the acceleration figures averaged weighted by episodes. Writes ``OUT.md`` (the pooled
-table, then every run's own rows with its seed, commit and machine) and ``OUT.json``.
+table, then every run's own rows with its seed, commit and machine) and ``OUT.json``; ``--plot PNG`` draws the pooled
+cells against the injected latency (so101_sim.realtime_plot; a hand-off of any variant but the first is labelled
+with its variant).
 
     python scripts/realtime_results.py --out docs/results/realtime_rtc_paper --what "..." \\
         "replace=runs/a_1000" "replace=runs/a_70000" "rtc guided=runs/b_1000"
@@ -74,14 +76,31 @@ def markdown(what: str, runs: list[dict], pooled: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_rows(pooled: list[dict]) -> list[dict]:
+    """The pooled cells as so101_sim.realtime_plot draws them: one hand-off label per hand-off and variant (the first
+    variant's hand-offs under their own names)."""
+    first = pooled[0]["variant"] if pooled else ""
+    return [{**p, "success_rate": p["successes"] / p["episodes"],
+             "handoff": p["handoff"] if p["variant"] == first else f"{p['handoff']} ({p['variant']})"}
+            for p in pooled]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="path without suffix: writes OUT.md and OUT.json")
     parser.add_argument("--what", required=True, help="one sentence: what was evaluated (the table's title)")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help="also draw the pooled cells' success and boundary acceleration against the latency")
     parser.add_argument("runs", nargs="+", metavar="VARIANT=DIR")
     args = parser.parse_args()
     runs = [load(spec) for spec in args.runs]
     pooled = pool(runs)
+    if args.plot is not None:
+        from so101_sim.realtime_plot import plot_realtime
+
+        seeds = sorted({seed for p in pooled for seed in p["seeds"]})
+        plot_realtime(plot_rows(pooled), args.plot, f"{args.what}\nseed blocks from {', '.join(map(str, seeds))}; "
+                      f"commit {runs[0]['commit']}, {runs[0]['machine']}")
     args.out.with_suffix(".md").write_text(markdown(args.what, runs, pooled))
     args.out.with_suffix(".json").write_text(json.dumps({"what": args.what, "pooled": pooled, "runs": runs},
                                                         indent=1) + "\n")
