@@ -44,8 +44,8 @@ def plot_realtime(rows: list[dict], path: Path, title: str = "") -> Figure:
     success.set_ylabel(f"success (%, {'/'.join(str(n) for n in episodes)} episodes per point)")
     success.set_ylim(-3, 103)
     success.set_title("success while the arm keeps moving during inference")
-    accel.set_ylabel("boundary acceleration (rad/s^2, 3 steps after each hand-off)")
-    accel.set_title("smoothness where a new chunk takes over")
+    accel.set_ylabel("boundary acceleration (rad/s^2)")
+    accel.set_title("arm acceleration in the 3 steps after a hand-off")
     for ax in (success, accel):
         ax.set_xlabel("latency of a chunk (ms, injected)")
         ax.grid(alpha=0.3)
