@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -51,7 +52,7 @@ def plot_realtime(rows: list[dict], path: Path, title: str = "") -> Figure:
         ax.grid(alpha=0.3)
     success.legend(fontsize=7, loc="lower left")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle("\n".join(textwrap.fill(line, 140) for line in title.splitlines()), fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return fig
