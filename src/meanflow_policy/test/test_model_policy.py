@@ -413,8 +413,9 @@ def test_shipped_rtc_checkpoint_continues_its_committed_rows():
     shifted[:6, :5] += 0.1
     moved = chunk(shifted)
     np.testing.assert_allclose(moved[:6], shifted[:6], atol=1e-5)
-    # The rows after them move with them, if little (0.003 rad: this fine-tune reads them barely, docs/simulation.md;
-    # that an expert can learn to continue them is test_trained_with_committed_rows_the_expert_continues_them).
+    # The rows after them move with them, if little (0.003 rad: this fine-tune reads them barely,
+    # docs/notes/realtime_experiments.md; that an expert can learn to continue them is
+    # test_trained_with_committed_rows_the_expert_continues_them).
     assert np.abs(moved[6:9, :5] - base[6:9, :5]).mean() > 0.001
 
 

@@ -19,8 +19,8 @@ the next step on:
   extended by holding its last row. The first command is exactly the old plan's; past the horizon the new chunk
   runs unchanged. Joints named in ``rtc_exempt`` (the gripper: an open/close decision that must not come late)
   are not corrected: they switch as in ``replace``. Matching the old plan's velocity as well (a Hermite fade) was
-  tried and dropped: with the model's chunks it cost success (docs/simulation.md). This is not the RTC paper's
-  inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
+  tried and dropped: with the model's chunks it cost success (docs/notes/realtime_experiments.md). This is not the
+  RTC paper's inpainting (the model generating the chunk conditioned on the committed prefix); it is the correction such
   guidance aims at, applied after the fact. With ``committed`` rows (a policy given the plan's next rows as
   committed, rtc_guide) the rows not yet past run as planned and the correction starts where the chunk takes over
   after them, as if the chunk had taken that long to compute. Without the correction (``rtc_correct`` false)
@@ -42,16 +42,17 @@ HANDOFF_MODES = ("replace", "blend", "rtc")
 # rad per control step (7.5 rad/s at 30 Hz): above every step the scripted demos take (the gripper's up to 0.18)
 DEFAULT_MAX_STEP = 0.25
 # Steps over which rtc fades its correction (at least). Short: the correction must be over before the next
-# hand-off, or the arm lags the policy for good (measured: docs/simulation.md, "Real-time evaluation").
+# hand-off, or the arm lags the policy for good (measured: docs/notes/realtime_experiments.md).
 DEFAULT_RTC_HORIZON = 4
 # Whether rtc first steers each chunk onto what the arm executes while it is computed (rtc_guide; a checkpoint
 # policy's noise-space guidance). Off: with the shipped policy it succeeds as often as the correction alone, within
-# the noise of 50 episodes, at 3-5x the expert time (docs/simulation.md, "rtc guidance").
+# the noise of 50 episodes, at 3-5x the expert time (docs/realtime.md, "rtc guidance").
 DEFAULT_RTC_GUIDANCE = False
 # Whether rtc fades the offset between the plan and the new chunk (above). Off is the RTC paper's execution, for a
 # policy whose guided chunks already continue the plan: with the flow-matching pair at 284 ms it kept replace's
 # success (95 / 96 of 100) at 0.49x its boundary acceleration, where the correction on top cost 10 successes
-# (docs/simulation.md, "The RTC paper's guided denoising"). On: the correction is what smooths unguided chunks.
+# (docs/notes/realtime_experiments.md, "The RTC paper's guided denoising"). On: the correction is what smooths
+# unguided chunks.
 DEFAULT_RTC_CORRECTION = True
 
 # Chunks a policy draws per inference when it is given the plan being executed (rtc_guide), and how many of those

@@ -7,8 +7,8 @@ and ``so101-sim-recovery --mode dwell`` hands over to the expert where one is re
 
 Stacking's typical failure is another: the jaws come down ~2 cm towards the toy's head from its torso's centre
 (where every demo grasps it), the toy tilts in the jaws and wedges in them or falls beside the stack; the scripted
-expert itself fails every time from 1.5 cm off (docs/simulation.md). ``so101-sim-recovery --mode offcentre``
-hands over while such a descent can still be corrected (``OffCentre``). Where the toy lies so that both jaw
+expert itself fails every time from 1.5 cm off (docs/notes/multitask_training.md). ``so101-sim-recovery --mode
+offcentre`` hands over while such a descent can still be corrected (``OffCentre``). Where the toy lies so that both jaw
 directions need a wrist roll near +-90 deg, the demos flip between the two and the policy's wrist swings between
 them over the toy; ``--mode waver`` hands over there (``Waver``). Sorting's typical failure: the second cube
 carried over its box at carry height and held there, never lowered nor let go (``Hold``, ``--mode hold``).
@@ -122,7 +122,7 @@ class OffCentre:
     from the object's centre along the jaws' faces (across the direction they close in: the expert keeps its
     fixed-jaw clearance along that one, and open jaws forgive it)."""
 
-    # The expert succeeds from 0.5 cm along the toy and fails every time from 1.5 cm (docs/simulation.md).
+    # The expert succeeds from 0.5 cm along the toy and fails every time from 1.5 cm (docs/notes/multitask_training.md).
     offset: float = 0.008
     descent: float = 0.01
     clearance: float = 0.008
@@ -220,7 +220,7 @@ class Hold:
 
     # 1.5 s: the expert starts lowering as it arrives (its carry blends into t_lower); round 31 of the multi-task
     # policy paused 25-66 steps over a box before lowering when it succeeded, and where it failed sorting it hovered
-    # at carry height over the right-hand box until the episode ended (docs/simulation.md, round 32).
+    # at carry height over the right-hand box until the episode ended (docs/notes/multitask_training.md, round 32).
     steps: int = 45
     reach: float = 0.04
     drop: float = 0.01
@@ -268,7 +268,8 @@ class GraspWatch:
     """Call it after every control step of one episode: where each object was caught, the first time it is between
     the jaws while they close. Per grasp (``grasps``): the object, the control step, the grasp point in the object's
     own frame (m; for the toy x runs from tail to head) and its distance from the centre along the jaws' faces
-    (``along_faces``). Stacking's failures are grasps ~2 cm towards the toy's head (docs/simulation.md)."""
+    (``along_faces``). Stacking's failures are grasps ~2 cm towards the toy's head
+    (docs/notes/multitask_training.md)."""
 
     env: SimEnv
     expert: ScriptedExpert | None = None  # its IK and jaw axes (built here when not given; ~60 ms)

@@ -148,7 +148,8 @@ def summarize(results: list[EpisodeResult], videos: list[str], max_steps: int, a
 
 
 # A grasp further than this from the object's centre along the jaws' faces is counted as off-centre: the expert
-# itself stacks the toy 75-85 % of the time from 1 cm and never from 1.5 cm (docs/simulation.md, round 29).
+# itself stacks the toy 75-85 % of the time from 1 cm and never from 1.5 cm (docs/notes/multitask_training.md,
+# round 29).
 OFF_CENTRE_GRASP_M = 0.01
 
 

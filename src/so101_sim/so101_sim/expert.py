@@ -54,7 +54,7 @@ class ExpertConfig:
     # move starts while the last one slows down, so the arm never comes to rest between reach and descent, lift
     # and carry, carry and lower (--expert-blend). 0, each move coming to rest first, is how every demo the shipped
     # checkpoint learned from was made; a fine-tune of it on overlapped demos and recovery (round 19,
-    # docs/simulation.md) dwelt less over the objects but lost more elsewhere.
+    # docs/notes/multitask_training.md) dwelt less over the objects but lost more elsewhere.
     t_blend: float = 0.0
     # Taking over mid-episode (recovery demos): a grasp point within this horizontal distance (m) of the cube and
     # below carry height + margin aligns over the cube at its current height and goes on down, instead of going
@@ -78,7 +78,7 @@ class ExpertConfig:
     # face: a policy a few millimetres off sets it on the object's top, and the grasp closes on nothing. With a gap
     # the descent ends that far towards the fixed jaw's side and the arm moves back while the jaws close (in the
     # first half of the close), so the object ends between the pads where it was (--fixed-jaw-clearance; the
-    # multi-task policy's sorting 60 -> 88 %, docs/simulation.md "Round 24").
+    # multi-task policy's sorting 60 -> 88 %, docs/notes/multitask_training.md "Round 24").
     fixed_jaw_clearance: float = 0.008
     # Taking over from any state: an object lying on the table this far above its resting height (m) is not
     # lying on the table; one tilted more than this (deg; cube: every face off the table; toy: its up axis) is

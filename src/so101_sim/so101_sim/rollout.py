@@ -25,7 +25,8 @@ GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # a guide leaves it free (so1
 Policy = Callable[[dict], np.ndarray]
 # Control steps executed from each chunk before the next observation (half of a 20-step chunk), everywhere the sim
 # runs a policy (so101-eval, recovery collection, real-time evaluation): the states a recovery round collects are
-# those the evaluation reaches. Other values measured no better (docs/simulation.md, "Executed steps per chunk").
+# those the evaluation reaches. Other values measured no better (docs/notes/multitask_training.md, "Executed steps
+# per chunk").
 DEFAULT_ACTION_STEPS = 10
 FrameSink = Callable[[dict[str, np.ndarray]], None]
 

@@ -1,8 +1,8 @@
 """A failed episode, step by step, as a CSV a person can plot or read: where the grasp point was, what the gripper
 did, and where each object was relative to it (``so101-eval --trace-failures``).
 
-The failure anatomy in docs/simulation.md (hovers over a cube, descents that stop short, wandering between the
-cubes) was read from such logs; the dwell count says how often, a trace says how.
+The failure anatomy in docs/notes/multitask_training.md (hovers over a cube, descents that stop short, wandering
+between the cubes) was read from such logs; the dwell count says how often, a trace says how.
 """
 from __future__ import annotations
 

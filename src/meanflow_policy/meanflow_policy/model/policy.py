@@ -350,7 +350,8 @@ class MeanFlowPolicy(nn.Module):
     def _committed_start(noise: torch.Tensor, ctx: ActionExpertContext) -> torch.Tensor:
         """``noise`` whose committed rows start at their clean actions instead (no velocity there: they stay). The
         expert sees them in its noisy input, where it already reads its chunk, and learns to continue them: given
-        only as an added input, they were never read (docs/simulation.md, "Committed rows as an input")."""
+        only as an added input, they were never read (docs/notes/realtime_experiments.md, "Committed rows as an
+        input")."""
         assert ctx.known is not None and ctx.known_mask is not None
         return torch.where(ctx.known_mask > 0, ctx.known.to(noise.dtype), noise)
 

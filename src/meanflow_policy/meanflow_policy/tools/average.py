@@ -1,6 +1,6 @@
 """``meanflow-average``: one checkpoint whose weights are the (weighted) mean of several checkpoints of one model.
 
-Why: a fine-tune of the multi-task policy trades one task for another (docs/simulation.md, "Across sessions"); the
+Why: a fine-tune of the multi-task policy trades one task for another (docs/notes/multitask_training.md); the
 mean of the start's and the fine-tune's weights (weight-space ensembling) measured between the two on every task and
 above both in instruction following. Only checkpoints of the same model average: the same config, normalisation
 stats and tokenizer file (a fine-tune with ``--init-from`` keeps them), else one error naming what differs.
