@@ -58,6 +58,12 @@ def _nodes(context) -> list:
     hardware = arg["hardware"]
     if hardware not in ("mock", "real", "sim"):
         raise ValueError(f"hardware:={hardware} is not one of mock, real, sim")
+    cameras = arg["cameras"].lower()
+    if cameras not in ("true", "false"):
+        raise ValueError(f"cameras:={arg['cameras']} is not one of true, false")
+    if hardware == "sim" and cameras == "true":
+        raise ValueError("cameras:=true with hardware:=sim: the sim node renders both cameras itself, and camera "
+                         "nodes would publish a second image stream on the same topics")
     humble = os.environ.get("ROS_DISTRO", "") == "humble"
     plugin = arg["topic_plugin"] or (HUMBLE_TOPIC_PLUGIN if humble else TOPIC_PLUGIN)
     description = ParameterValue(robot_description(hardware, plugin), value_type=str)
@@ -80,7 +86,7 @@ def _nodes(context) -> list:
     elif hardware == "sim":
         nodes.append(Node(package="so101_sim", executable="sim_node", output="screen",
                           parameters=[{"hardware_topics": True}]))
-    if arg["cameras"].lower() == "true":
+    if cameras == "true":
         for camera in CAMERA_NAMES:
             nodes.append(Node(package="so101_camera", executable="camera_node", name="camera", output="screen",
                               namespace=camera_namespace(camera).strip("/"),
