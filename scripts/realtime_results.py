@@ -91,9 +91,16 @@ def main() -> None:
     parser.add_argument("--what", required=True, help="one sentence: what was evaluated (the table's title)")
     parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
                         help="also draw the pooled cells' success and boundary acceleration against the latency")
+    parser.add_argument("--policy", action="append", default=None, metavar="LABEL",
+                        help="keep only the rows of this policy label (e.g. meanflow_nfe1); repeatable")
     parser.add_argument("runs", nargs="+", metavar="VARIANT=DIR")
     args = parser.parse_args()
     runs = [load(spec) for spec in args.runs]
+    if args.policy:
+        missing = sorted(set(args.policy) - {row["policy"] for run in runs for row in run["rows"]})
+        if missing:
+            raise SystemExit(f"realtime_results: --policy {', '.join(missing)}: no run has rows of it")
+        runs = [{**run, "rows": [row for row in run["rows"] if row["policy"] in args.policy]} for run in runs]
     pooled = pool(runs)
     if args.plot is not None:
         from so101_sim.realtime_plot import plot_realtime

@@ -39,6 +39,11 @@ def test_two_seed_blocks_pool_into_one_row_per_cell(tmp_path, capsys):
         assert abs(pooled["boundary_accel_max"] - sum(r["boundary_accel_max"] for r in rows) / 2) < 1e-9
     text = (tmp_path / "pooled.md").read_text()
     assert text.startswith("# the expert at 400 ms") and blocks[0]["commit"] in text  # where the numbers came from
+    kept = _run("--out", str(tmp_path / "only"), "--what", "w", "--policy", "expert", f"expert={tmp_path / 'block3'}")
+    assert kept.returncode == 0 and len(json.loads((tmp_path / "only.json").read_text())["pooled"]) == 2
+    none = _run("--out", str(tmp_path / "x"), "--what", "w", "--policy", "meanflow_nfe1",
+                f"expert={tmp_path / 'block3'}")
+    assert none.returncode != 0 and "--policy meanflow_nfe1: no run has rows of it" in none.stderr
     bad = _run("--out", str(tmp_path / "x"), "--what", "w", f"expert={tmp_path / 'nowhere'}")
     assert bad.returncode != 0 and "rows.json does not exist (not an so101-eval-realtime --out folder)" in bad.stderr
 

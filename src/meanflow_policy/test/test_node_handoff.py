@@ -126,3 +126,35 @@ def test_unknown_handoff_stops_the_node_with_one_clear_line(checkpoint, node_pro
     assert "parameter handoff is 'smooth'; expected one of ['off', 'replace', 'blend', 'rtc']" in proc.output()
     assert "Traceback" not in proc.output()
 
+
+
+def _jitter(msgs) -> float:
+    """Mean absolute second difference over the rows of the published arm targets (rad per step^2)."""
+    arm = [np.array([p.positions for p in msg.points])[:, :5] for msg, _ in msgs]
+    return float(np.mean([np.abs(a[2:] - 2 * a[1:-1] + a[:-2]).mean() for a in arm]))
+
+
+def test_chunk_smoothing_is_set_at_run_time_and_takes_the_jitter_out_of_published_chunks(checkpoint, node_process,
+                                                                                          ros_node):
+    from rclpy.parameter import Parameter
+    from rclpy.parameter_client import AsyncParameterClient
+
+    from so101_common import graph
+
+    proc = node_process(NODE, params={"checkpoint": str(checkpoint), "nfe": 1, "rate_hz": 10.0,
+                                      "instruction": "pick up the red cube"})
+    probe = PolicyProbe(ros_node, height=64, width=64)
+    probe.start_streams(image_hz=15.0)
+    assert spin_until(ros_node, lambda: len(probe.trajectories) >= 4, START_TIMEOUT), proc.output()
+    raw = _jitter(probe.trajectories[:4])
+    params = AsyncParameterClient(ros_node, graph.POLICY_NODE)
+    assert params.wait_for_services(timeout_sec=10.0)
+    for value, accepted in ((-1, False), (12, True)):
+        future = params.set_parameters([Parameter("chunk_smoothing", value=value)])
+        assert spin_until(ros_node, future.done, 30.0)
+        assert future.result().results[0].successful == accepted, value
+    count = len(probe.trajectories)
+    assert spin_until(ros_node, lambda: len(probe.trajectories) >= count + 5, 60.0)
+    smoothed = _jitter(probe.trajectories[count + 1:count + 5])  # the first may have been computed before the set
+    assert raw > 0 and smoothed < 0.25 * raw, (raw, smoothed)
+    assert proc.stop() == 0

@@ -81,6 +81,34 @@ class HandoffError(ValueError):
     """Inputs a hand-off cannot use (unknown mode, wrong shapes, non-finite values, negative delay)."""
 
 
+# Passes of the [1, 2, 1] / 4 filter that smooth_chunk runs along a chunk's rows by default: 0, every chunk as the
+# policy made it (every result before the thirty-fourth session).
+DEFAULT_CHUNK_SMOOTHING = 0
+
+
+def smooth_chunk(chunk: np.ndarray, passes: int, exempt: Sequence[int] = ()) -> np.ndarray:
+    """``chunk`` (T, J) low-pass filtered along time: ``passes`` passes of the binomial kernel [1, 2, 1] / 4 (about a
+    Gaussian of sigma sqrt(passes / 2) steps), each end padded by point reflection, so a chunk that moves at constant
+    velocity comes back unchanged and its ends keep their place and slope. Joints in ``exempt`` (the gripper: an
+    open/close decision, not a path) are left as they are. Why: a one-step policy's chunk carries row-to-row jitter
+    that a position-controlled arm turns into acceleration everywhere, not only where chunks hand over
+    (docs/realtime.md, "Chunk smoothing")."""
+    if passes < 0:
+        raise HandoffError(f"chunk smoothing passes must be >= 0, got {passes}")
+    out = np.array(chunk, dtype=np.float64)
+    if out.ndim != 2:
+        raise HandoffError(f"chunk must be (steps, joints), got shape {out.shape}")
+    if passes == 0 or len(out) < 3:
+        return out
+    keep = [j for j in range(out.shape[1]) if j not in set(exempt)]
+    x = out[:, keep]
+    for _ in range(passes):
+        padded = np.concatenate([2 * x[:1] - x[1:2], x, 2 * x[-1:] - x[-2:-1]])
+        x = 0.25 * padded[:-2] + 0.5 * padded[1:-1] + 0.25 * padded[2:]
+    out[:, keep] = x
+    return out
+
+
 @dataclass(frozen=True)
 class Handoff:
     """The command sequence from the next control step on (one row per step) and what the hand-off did."""

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, CommandStream, HandoffError, hand_off,
-                                  limit_steps, resolve_average, rtc_guide)
+                                  limit_steps, resolve_average, rtc_guide, smooth_chunk)
 
 J = 6
 
@@ -210,3 +210,31 @@ def test_resolve_average_defaults_within_the_candidates_and_refuses_a_count_outs
             resolve_average(average, candidates)
     with pytest.raises(ValueError, match="candidates must be >= 1"):
         resolve_average(None, 0)
+
+
+def _second_differences(x: np.ndarray) -> np.ndarray:
+    return x[2:] - 2 * x[1:-1] + x[:-2]
+
+
+def test_chunk_smoothing_removes_row_to_row_jitter_and_keeps_a_constant_velocity():
+    rng = np.random.default_rng(0)
+    path = ramp(0.1, 20, step=0.02)
+    jitter = 0.01 * rng.standard_normal(path.shape)
+    out = smooth_chunk(path + jitter, passes=10, exempt=(5,))
+    # A straight line in time is a fixed point, ends included (point reflection keeps position and slope there).
+    np.testing.assert_allclose(smooth_chunk(path, passes=10), path, atol=1e-12)
+    # The jitter's acceleration falls by far more than half on every smoothed joint, the path stays near.
+    before = np.abs(_second_differences(jitter[:, :5])).mean(axis=0)
+    after = np.abs(_second_differences(out[:, :5] - path[:, :5])).mean(axis=0)
+    assert np.all(after < 0.2 * before)
+    assert np.abs(out[:, :5] - path[:, :5]).max() < 0.03
+    # The exempt gripper column is returned bit for bit; no passes is the chunk itself.
+    np.testing.assert_array_equal(out[:, 5], (path + jitter)[:, 5])
+    np.testing.assert_array_equal(smooth_chunk(path + jitter, passes=0), path + jitter)
+
+
+def test_chunk_smoothing_refuses_negative_passes_and_a_flat_array():
+    with pytest.raises(ValueError, match="passes"):
+        smooth_chunk(ramp(0.0, 20), passes=-1)
+    with pytest.raises(ValueError, match="steps, joints"):
+        smooth_chunk(np.zeros(20), passes=2)

@@ -36,8 +36,9 @@ import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
 from so101_common.provenance import provenance
-from so101_common.handoff import (DEFAULT_MAX_STEP, DEFAULT_RTC_CORRECTION, DEFAULT_RTC_GUIDANCE,
-                                  DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream, rtc_guide)
+from so101_common.handoff import (DEFAULT_CHUNK_SMOOTHING, DEFAULT_MAX_STEP, DEFAULT_RTC_CORRECTION,
+                                  DEFAULT_RTC_GUIDANCE, DEFAULT_RTC_HORIZON, HANDOFF_MODES, CommandStream, rtc_guide,
+                                  smooth_chunk)
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
@@ -135,7 +136,8 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                          on_frame: FrameSink | None = None,
                          latency_of: Callable[[], float | None] | None = None,
                          rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
-                         rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> RealtimeEpisode:
+                         rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION,
+                         chunk_smoothing: int = DEFAULT_CHUNK_SMOOTHING) -> RealtimeEpisode:
     """One episode from ``seed``; ``latency_ms`` None simulates the latency measured for each chunk.
 
     ``rtc_guidance`` (``rtc`` only) or ``guide_plan`` (any hand-off): each observation carries ``guide``
@@ -146,7 +148,9 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
     ``rtc_correct`` false runs the chunk as generated after the committed rows. ``rtc_commit``: with
     ``rtc_guidance``, at least this many rows of the plan are committed
     (weighted 1), whatever the latency: a policy trained with committed rows continues them instead of starting
-    from its observation alone; the arm executes them as planned and the chunk takes over after them."""
+    from its observation alone; the arm executes them as planned and the chunk takes over after them.
+    ``chunk_smoothing``: passes of so101_common.handoff.smooth_chunk over each chunk's arm joints before it is
+    handed over (0: the chunk as the policy made it)."""
     if handoff not in HANDOFFS:
         raise ValueError(f"handoff must be one of {', '.join(HANDOFFS)}, got {handoff!r}")
     if max_steps < 1 or action_steps < 1:
@@ -194,7 +198,7 @@ def run_realtime_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int,
                 obs["guide"] = rtc_guide(stream.sequence, stream.reached, expected, chunk_len, action_steps, GRIPPER)
                 obs["steer"] = rtc_guidance and handoff == "rtc"
             started = time.perf_counter()
-            chunk = check_chunk(policy(obs))
+            chunk = smooth_chunk(check_chunk(policy(obs)), chunk_smoothing, GRIPPER)
             chunk_len = len(chunk)
             wall_ms = (time.perf_counter() - started) * 1e3
             reported = latency_of() if latency_of is not None else None
@@ -232,7 +236,8 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
                       latency_of: Callable[[], float | None] | None = None,
                       log: Callable[[str], None] = lambda message: None,
                       rtc_guidance: bool = DEFAULT_RTC_GUIDANCE, guide_plan: bool = False,
-                      rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION) -> dict:
+                      rtc_commit: int = 0, rtc_correct: bool = DEFAULT_RTC_CORRECTION,
+                      chunk_smoothing: int = DEFAULT_CHUNK_SMOOTHING) -> dict:
     """One real-time episode per seed; the cell's report (rate, interval, smoothness, latency)."""
     episodes: list[RealtimeEpisode] = []
     for seed in seeds:
@@ -240,7 +245,8 @@ def evaluate_realtime(env: SimEnv, policy: Policy, seeds: list[int], max_steps: 
             reseed(seed)
         ep = run_realtime_episode(env, policy, seed, max_steps, action_steps, handoff, latency_ms, max_step,
                                   rtc_horizon, latency_of=latency_of, rtc_guidance=rtc_guidance,
-                                  guide_plan=guide_plan, rtc_commit=rtc_commit, rtc_correct=rtc_correct)
+                                  guide_plan=guide_plan, rtc_commit=rtc_commit, rtc_correct=rtc_correct,
+                                  chunk_smoothing=chunk_smoothing)
         episodes.append(ep)
         log(f"  seed {seed}: {'success' if ep.success else 'failure'} (score {ep.score:.2f}) {ep.steps} steps, "
             f"{len(ep.handoff_steps)} hand-offs, held {ep.held_steps}, accel max {ep.boundary_accel_max:.1f}")
@@ -283,6 +289,7 @@ class Cell:
     rtc_guidance: bool
     rtc_commit: int
     rtc_correct: bool
+    chunk_smoothing: int
     image_size: int
     device: str
     label: str
@@ -298,7 +305,8 @@ def run_cell(cell: Cell) -> dict:
                              cell.latency_ms, cell.max_step, cell.rtc_horizon, reseed=policy.reseed,
                              latency_of=policy.last_latency_ms, log=lambda m: print(m, flush=True),
                              rtc_guidance=cell.rtc_guidance, guide_plan=cell.candidates > 1,
-                             rtc_commit=cell.rtc_commit, rtc_correct=cell.rtc_correct)
+                             rtc_commit=cell.rtc_commit, rtc_correct=cell.rtc_correct,
+                             chunk_smoothing=cell.chunk_smoothing)
 
 
 def _run_cells(cells: list[Cell], workers: int) -> Iterator[tuple[Cell, dict]]:
@@ -424,6 +432,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtc: fade the offset between the plan and the new chunk where it takes over; "
                              "--no-rtc-correction executes the chunk as generated after the committed rows (the RTC "
                              "paper's execution, with --rtc-guidance) (default: %(default)s)")
+    parser.add_argument("--chunk-smoothing", type=int, default=DEFAULT_CHUNK_SMOOTHING, metavar="PASSES",
+                        help="passes of the [1, 2, 1]/4 filter along each chunk's rows (arm joints; the gripper as "
+                             "made) before it is handed over: a one-step policy's row-to-row jitter removed "
+                             "(0: off; default %(default)s)")
     add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
@@ -440,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
     if args.rtc_commit < 0:
         parser.error(f"--rtc-commit must be >= 0 rows, got {args.rtc_commit}")
+    if args.chunk_smoothing < 0:
+        parser.error(f"--chunk-smoothing must be >= 0 passes, got {args.chunk_smoothing}")
     specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]
     for spec in specs:
         if spec.checkpoint is not None:
@@ -464,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
                   1 if spec.checkpoint is None else args.candidates, 1 if spec.checkpoint is None else args.average,
                   latency, handoff, args.task, seeds, max_steps,
                   args.action_steps, args.max_step, args.rtc_horizon, args.rtc_guidance, args.rtc_commit,
-                  args.rtc_correction, args.image_size,
+                  args.rtc_correction, args.chunk_smoothing, args.image_size,
                   args.device, labels[spec.text])
              for spec in specs for latency in args.latencies for handoff in args.handoffs]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -475,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"latency_ms": MEASURED if cell.latency_ms is None else cell.latency_ms, "policy": cell.label,
                    "handoff": cell.handoff, "candidates": cell.candidates, "average": cell.average,
                    "rtc_guidance": cell.rtc_guidance, "rtc_correction": cell.rtc_correct,
-                   "success_rate": report["success_rate"],
+                   "chunk_smoothing": cell.chunk_smoothing, "success_rate": report["success_rate"],
                    "episodes": report["episodes"], "boundary_accel_max": report["boundary_accel_max"],
                    "between_accel_max": report["between_accel_max"]}
             rows.append(row)

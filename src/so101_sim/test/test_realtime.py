@@ -113,6 +113,26 @@ def test_between_figure_is_the_same_window_half_way_between_hand_offs():
     assert realtime._smoothness(commanded, velocities, [20, 25], dt)["between_accel_max"] == 0.0
 
 
+def test_chunk_smoothing_takes_a_policys_row_to_row_jitter_out_of_the_commands(env, expert):
+    """A policy whose chunks zig-zag row to row (the expert's plan + 0.02 rad alternating on the arm joints): with
+    chunk smoothing the arm is commanded the plan's path without the zig-zag, the gripper's commands untouched."""
+    def jittery(obs: dict) -> np.ndarray:
+        chunk = np.array(expert(obs), dtype=np.float64)
+        chunk[:, :5] += 0.02 * (-1.0) ** np.arange(len(chunk))[:, None]
+        return chunk
+
+    def zigzag(ep) -> float:
+        cmd = np.asarray(ep.commanded)[:, :5]
+        return float(np.abs(cmd[2:] - 2 * cmd[1:-1] + cmd[:-2]).mean())
+
+    raw = run_realtime_episode(env, jittery, 11, 120, 10, "replace", 100)
+    smooth = run_realtime_episode(env, jittery, 11, 120, 10, "replace", 100, chunk_smoothing=8)
+    plan = run_realtime_episode(env, expert, 11, 120, 10, "replace", 100)
+    assert zigzag(raw) > 0.05 and zigzag(smooth) < 0.2 * zigzag(raw)
+    np.testing.assert_allclose(np.asarray(smooth.commanded)[:, :5], np.asarray(plan.commanded)[:, :5], atol=0.02)
+    assert [c[5] for c in smooth.commanded] == [c[5] for c in raw.commanded]
+
+
 def test_cli_table_and_last_line(tmp_path, capsys):
     out = tmp_path / "rt"
     rc = realtime.main(["--policy", "expert", "--latencies", "0,400", "--handoffs", "replace,rtc", "--episodes", "1",
@@ -131,7 +151,8 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     cell = json.loads((out / "expert_400.0ms_rtc.json").read_text())
     assert cell["handoff"] == "rtc" and len(cell["results"]) == 1 and cell["results"][0]["seed"] == 3
     assert cell["rtc_correction"] is True and cell["rtc_guidance"] is False
-    assert all(r["rtc_correction"] is True and r["rtc_guidance"] is False for r in last["rows"])
+    assert all(r["rtc_correction"] is True and r["rtc_guidance"] is False and r["chunk_smoothing"] == 0
+               for r in last["rows"])
     saved = json.loads((out / "rows.json").read_text())
     assert saved["rows"] == last["rows"] and saved["commit"] and saved["machine"] and saved["episodes"] == 1
     assert (out / "realtime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the rows drawn
@@ -151,6 +172,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     (["--policy", "/nonexistent/ckpt@1"], "is not a directory"),
     (["--policy", "expert", "--max-step", "0"], "--max-step must be > 0"),
     (["--policy", "expert", "--rtc-commit", "-1"], "--rtc-commit must be >= 0 rows, got -1"),
+    (["--policy", "expert", "--chunk-smoothing", "-2"], "--chunk-smoothing must be >= 0 passes, got -2"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(args, match, capsys):
     with pytest.raises(SystemExit) as exc:

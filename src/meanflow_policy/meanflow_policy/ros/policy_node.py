@@ -57,8 +57,8 @@ from meanflow_policy.ros.runtime import (
     chunk_to_plan,
     hold_plan,
 )
-from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_MAX_STEP, DEFAULT_RTC_CORRECTION,
-                                  DEFAULT_RTC_GUIDANCE)
+from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_CHUNK_SMOOTHING, DEFAULT_MAX_STEP,
+                                  DEFAULT_RTC_CORRECTION, DEFAULT_RTC_GUIDANCE, HandoffError, smooth_chunk)
 from so101_common.stamps import s_to_ns
 from so101_common import graph
 from so101_common.images import ImageError, image_to_rgb, stamp_to_ns
@@ -366,6 +366,11 @@ class PolicyNode(LifecycleNode):
         declare("average", DEFAULT_AVERAGE, "How many of the candidates closest to the published trajectory are "
                 "averaged into the chunk (1: the closest alone; at most candidates).", read_only=False,
                 integer_range=[IntegerRange(from_value=1, to_value=64, step=1)])
+        declare("chunk_smoothing", DEFAULT_CHUNK_SMOOTHING, "Passes of the [1, 2, 1]/4 low-pass filter run along "
+                "each chunk's rows before it is published (arm joints only, the gripper as the model made it; the "
+                "first and last rows and any constant velocity are kept): removes a one-step policy's row-to-row "
+                "jitter, which the arm turns into acceleration (docs/realtime.md, Chunk smoothing); 0: off.",
+                read_only=False, integer_range=[IntegerRange(from_value=0, to_value=64, step=1)])
         declare("max_step", DEFAULT_MAX_STEP, "With a hand-off: largest change of a joint target from one control "
                 "step to the next (rad), the first one included.", read_only=False,
                 floating_point_range=[FloatingPointRange(from_value=1e-4, to_value=10.0, step=0.0)])
@@ -646,6 +651,7 @@ class PolicyNode(LifecycleNode):
         try:
             if np.shape(chunk)[0] != self._chunk_size:
                 raise ChunkError(f"model returned {np.shape(chunk)[0]} steps, the checkpoint says {self._chunk_size}")
+            chunk = smooth_chunk(chunk, int(self._param("chunk_smoothing")), self._handoffs.rtc_exempt)
             if self._handoff_mode == HANDOFF_OFF:
                 self._latency_s = age_s(publish_ns, obs.newest_image_stamp_ns)
                 plan = chunk_to_plan(chunk, self._limits, self._dt, self._latency_s,
@@ -661,7 +667,7 @@ class PolicyNode(LifecycleNode):
                                                   self._store.current_positions(), float(self._param("max_step")),
                                                   commit, bool(self._param("rtc_correction")))
                 plan = handoff.plan
-        except ChunkError as exc:
+        except (ChunkError, HandoffError) as exc:
             self._stats.count("bad_chunks")
             text = f"no chunk: model output rejected: {exc}"
             self._report(DiagnosticStatus.ERROR, "output", text)
