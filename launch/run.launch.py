@@ -32,6 +32,10 @@ ARGUMENTS = (
     ("max_obs_age_s", "0.5", "Older images or joint states are stale: no chunk from them", float),
     ("latency_compensation", "false", "Drop chunk points already due at publish time", bool),
     ("start_enabled", "true", "Act as soon as there is an instruction (false: wait for ~/enable)", bool),
+    ("handoff", "off", "How a new chunk takes over from the trajectory being executed: off, replace, blend or rtc "
+     "(asynchronous: the arm keeps moving while the next chunk is computed)", str),
+    ("chunk_smoothing", "0", "Passes of the [1, 2, 1]/4 low-pass filter along each chunk's rows (arm joints) before "
+     "it is published; 0: off", int),
     ("hardware", "mock", "Robot side: real, mock or sim (sim publishes camera images itself)", None),
     ("cameras", "false", "Start the wrist and top camera nodes with the robot (needed with hardware:=real)", None),
     ("robot", "true", "Also launch the robot side (robot.launch.py)", None),

@@ -166,6 +166,7 @@ class PolicyNode(LifecycleNode):
             f"ready: cameras {self._camera_topics}, joint states {self._joint_topic}, output "
             f"{self._param('output_topic')}, chunk {self._chunk_size} x {len(self._joint_names)} at dt "
             f"{self._dt * 1e3:.1f} ms, nfe {self._param('nfe')}, rate <= {self._param('rate_hz')} Hz, "
+            f"hand-off {self._handoff_mode}, chunk smoothing {self._param('chunk_smoothing')} passes, "
             f"{'enabled' if self._enabled else 'disabled'}, instruction "
             f"{repr(self._instruction) if self._instruction else 'none yet'}")
         return result
