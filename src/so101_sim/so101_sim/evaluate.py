@@ -35,7 +35,8 @@ from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertChunkPolicy, ScriptedExpert
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, load_checkpoint_policy,
                                       resolve_checkpoint)
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments, latency_summary,
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_chunk_smoothing_argument,
+                               add_sampling_arguments, latency_summary,
                                resolve_sampling_arguments, run_episode, wilson_interval)
 from so101_sim.scene import SceneConfig
 from so101_sim.tasks import LANGUAGE_DECIDED, PAPER_TASKS, TASKS
@@ -80,12 +81,14 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
              video_dir: Path | None = None, video_episodes: int = 0, label: str = "",
              reseed: Callable[[int], None] | None = None, latency_of: Callable[[], float | None] | None = None,
              log: Callable[[str], None] = lambda message: print(message, flush=True),
-             instruction: str | None = None, guide_plan: bool = False, trace_dir: Path | None = None) -> dict:
+             instruction: str | None = None, guide_plan: bool = False, trace_dir: Path | None = None,
+             chunk_smoothing: int = 0) -> dict:
     """Run one closed-loop episode per seed; returns the report (rate, Wilson 95 % interval, latency).
 
     ``instruction`` replaces the task's own sentence (e.g. a paraphrase); the task still scores the episode.
     ``guide_plan``: observations carry the rest of the last chunk (so101_sim.rollout.run_episode).
     ``trace_dir``: each failed episode's step-by-step trace (so101_sim.trace) goes there as a CSV.
+    ``chunk_smoothing``: passes of so101_common.handoff.smooth_chunk over each chunk (so101_sim.rollout.run_episode).
     """
     results: list[EpisodeResult] = []
     videos: list[str] = []
@@ -104,7 +107,7 @@ def evaluate(env: SimEnv, policy: Policy, seeds: list[int], max_steps: int, acti
         hooks: list[Callable[[], object]] = [watch, hold, grasps] if trace is None else [watch, hold, grasps, trace]
         result = run_episode(env, policy, seed, max_steps, action_steps, instruction=instruction,
                              on_frame=recorder, latency_of=latency_of, guide_plan=guide_plan,
-                             after_step=partial(_call_each, hooks))
+                             after_step=partial(_call_each, hooks), chunk_smoothing=chunk_smoothing)
         result.dwell_watched, result.dwell_step, result.grasps = True, watch.first_step, grasps.grasps
         result.hold_watched, result.hold_step = True, hold.first_step
         traced = ""
@@ -181,6 +184,7 @@ class EvalJob:
     average: int = 1
     trace_dir: str | None = None
     input_size: int = 0  # camera size the policy reads (px; 0: its trained size)
+    chunk_smoothing: int = 0  # passes of so101_common.handoff.smooth_chunk over each chunk
 
 
 # Per process: the loaded policies and one env per (task, image size), reused by every job or cell the process
@@ -215,7 +219,8 @@ def run_job(job: EvalJob) -> tuple[list[EpisodeResult], list[str]]:
                       label=f"nfe{job.nfe}_", reseed=policy.reseed, latency_of=policy.last_latency_ms,
                       log=lambda message: print(f"[{job.task}] {message}", flush=True), instruction=job.instruction,
                       guide_plan=policy.candidates > 1,
-                      trace_dir=None if job.trace_dir is None else Path(job.trace_dir))
+                      trace_dir=None if job.trace_dir is None else Path(job.trace_dir),
+                      chunk_smoothing=job.chunk_smoothing)
     return [EpisodeResult(**r) for r in report["results"]], report["videos"]
 
 
@@ -304,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="evaluate the scripted expert through the same closed loop (reference, no model)")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk (default 1)")
     add_sampling_arguments(parser)
+    add_chunk_smoothing_argument(parser)
     parser.add_argument("--sweep-nfe", type=_parse_nfe_list, default=None, help="evaluate each NFE, e.g. 1,2,5,10")
     parser.add_argument("--episodes", type=int, default=50, help="episodes per task and NFE (seeds seed..seed+N-1)")
     parser.add_argument("--seed", type=int, default=0, help="first episode seed")
@@ -379,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                     video_dir=str(task_dir[t] / "videos"), video_episodes=args.video_episodes,
                     candidates=1 if args.expert else args.candidates, average=1 if args.expert else args.average,
                     trace_dir=str(task_dir[t] / "traces") if args.trace_failures else None,
-                    input_size=0 if args.expert else args.policy_image_size)
+                    input_size=0 if args.expert else args.policy_image_size, chunk_smoothing=args.chunk_smoothing)
             for t in tasks for n in nfes]
     variants = {t: _variant_sentences(t, args.paraphrases, args.unrelated) for t in tasks}
     variant_jobs = [(kind, replace(job, instruction=sentence, video_dir=None, video_episodes=0))
@@ -400,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     for (kind, job), (results, videos) in zip(variant_jobs, outputs[len(jobs):]):
         report = {**summarize(results, videos, job.max_steps, job.action_steps), "task": job.task, "kind": kind,
                   "instruction": job.instruction, "nfe": job.nfe, "candidates": job.candidates,
-                  "average": job.average, "seed": args.seed}
+                  "average": job.average, "chunk_smoothing": job.chunk_smoothing, "seed": args.seed}
         (task_dir[job.task] / f"instruction_{kind}_nfe{job.nfe}.json").write_text(json.dumps(report, indent=2))
         variant_reports[job.task][kind] = report
         print(f"{job.task} said {kind} ({job.instruction!r}): success {report['successes']}/{report['episodes']}, "
@@ -408,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     for job, (results, videos) in zip(jobs, outputs[:len(jobs)]):
         report = summarize(results, videos, job.max_steps, job.action_steps)
         report.update({"checkpoint": "expert" if args.expert else checkpoint, "nfe": job.nfe,
-                       "candidates": job.candidates, "average": job.average, "task": job.task,
+                       "candidates": job.candidates, "average": job.average,
+                       "chunk_smoothing": job.chunk_smoothing, "task": job.task,
                        "instruction": job.instruction or TASKS[job.task].instruction, "seed": args.seed,
                        "image_size": args.image_size, "policy_image_size": job.input_size})
         path = task_dir[job.task] / f"eval_nfe{job.nfe}.json"
@@ -435,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "summary.json").write_text(json.dumps(
             {"summary": last, "checkpoint": reports[tasks[0]][nfes[0]]["checkpoint"], "seed": args.seed,
              "image_size": args.image_size, "policy_image_size": jobs[0].input_size, "candidates": jobs[0].candidates,
-             "average": jobs[0].average, "workers": args.workers,
+             "average": jobs[0].average, "chunk_smoothing": args.chunk_smoothing, "workers": args.workers,
              "wall_seconds": wall, **provenance(),
              "reports": {t: {str(n): {k: v for k, v in r.items() if k != "results"} for n, r in by_nfe.items()}
                          for t, by_nfe in reports.items()}}, indent=2))

@@ -42,7 +42,8 @@ from so101_common.handoff import (DEFAULT_CHUNK_SMOOTHING, DEFAULT_MAX_STEP, DEF
 from so101_sim.env import SimEnv
 from so101_sim.evaluate import ExpertEvalPolicy, cached_env, cached_policy, close_envs
 from so101_sim.policy_plugins import (SHIPPED_HELP, CheckpointPolicy, PolicyPluginError, resolve_checkpoint)
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, add_sampling_arguments, check_chunk,
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, FrameSink, Policy, add_chunk_smoothing_argument,
+                               add_sampling_arguments, check_chunk,
                                latency_summary, resolve_sampling_arguments, wilson_interval)
 from so101_sim.tasks import TASKS
 
@@ -432,10 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="rtc: fade the offset between the plan and the new chunk where it takes over; "
                              "--no-rtc-correction executes the chunk as generated after the committed rows (the RTC "
                              "paper's execution, with --rtc-guidance) (default: %(default)s)")
-    parser.add_argument("--chunk-smoothing", type=int, default=DEFAULT_CHUNK_SMOOTHING, metavar="PASSES",
-                        help="passes of the [1, 2, 1]/4 filter along each chunk's rows (arm joints; the gripper as "
-                             "made) before it is handed over: a one-step policy's row-to-row jitter removed "
-                             "(0: off; default %(default)s)")
+    add_chunk_smoothing_argument(parser)
     add_sampling_arguments(parser)
     parser.add_argument("--image-size", type=int, default=64, help="rendered camera size (use the demos' size)")
     parser.add_argument("--out", type=Path, default=Path("eval_realtime"), help="directory for table and JSON")
@@ -452,8 +450,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--max-step must be > 0 rad, got {args.max_step}")
     if args.rtc_commit < 0:
         parser.error(f"--rtc-commit must be >= 0 rows, got {args.rtc_commit}")
-    if args.chunk_smoothing < 0:
-        parser.error(f"--chunk-smoothing must be >= 0 passes, got {args.chunk_smoothing}")
     specs = args.policy or [parse_policy("shipped:sim_pick_place@1")]
     for spec in specs:
         if spec.checkpoint is not None:

@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from so101_common.graph import CAMERA_NAMES, GRIPPER_JOINT_NAME, JOINT_NAMES
-from so101_common.handoff import DEFAULT_AVERAGE, DEFAULT_CANDIDATES, resolve_average, rtc_guide
+from so101_common.handoff import (DEFAULT_AVERAGE, DEFAULT_CANDIDATES, DEFAULT_CHUNK_SMOOTHING, resolve_average,
+                                  rtc_guide, smooth_chunk)
 from so101_sim.env import SimEnv
 
 GRIPPER = [JOINT_NAMES.index(GRIPPER_JOINT_NAME)]  # a guide leaves it free (so101_common.handoff)
@@ -40,6 +41,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--average", type=int, default=None,
                         help="how many of the candidates closest to the plan are averaged into the chunk used "
                         f"(1: the closest alone; default {DEFAULT_AVERAGE}, at most --candidates)")
+
+
+def _passes(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 passes, got {value}")
+    return value
+
+
+def add_chunk_smoothing_argument(parser: argparse.ArgumentParser) -> None:
+    """``--chunk-smoothing PASSES`` (so101_common.handoff.smooth_chunk), the same in so101-eval and
+    so101-eval-realtime."""
+    parser.add_argument("--chunk-smoothing", type=_passes, default=DEFAULT_CHUNK_SMOOTHING, metavar="PASSES",
+                        help="passes of the [1, 2, 1]/4 filter along each chunk's rows (arm joints; the gripper as "
+                             "made) before the arm executes it: a one-step policy's row-to-row jitter removed "
+                             "(0: off; default %(default)s)")
 
 
 def resolve_sampling_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -93,7 +110,8 @@ def check_chunk(chunk: object) -> np.ndarray:
 def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_steps: int,
                 instruction: str | None = None, on_frame: FrameSink | None = None,
                 latency_of: Callable[[], float | None] | None = None, guide_plan: bool = False,
-                after_step: Callable[[], None] | None = None) -> EpisodeResult:
+                after_step: Callable[[], None] | None = None,
+                chunk_smoothing: int = DEFAULT_CHUNK_SMOOTHING) -> EpisodeResult:
     """Reset to ``seed`` and run until success or ``max_steps`` control steps.
 
     ``on_frame`` receives the rendered camera images after every control step (for videos).
@@ -102,6 +120,7 @@ def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_s
     after the first carries ``guide``, the unexecuted rest of the last chunk (so101_common.handoff.rtc_guide), for
     a policy that draws several chunks and keeps the one that continues it. ``after_step`` is called after every
     control step (a watch such as so101_sim.dwell.DwellWatch; it may raise to end the run there).
+    ``chunk_smoothing``: passes of so101_common.handoff.smooth_chunk over each chunk before it runs (0: as made).
     """
     if max_steps < 1 or action_steps < 1:
         raise ValueError(f"max_steps and action_steps must be >= 1, got {max_steps}, {action_steps}")
@@ -118,7 +137,7 @@ def run_episode(env: SimEnv, policy: Policy, seed: int, max_steps: int, action_s
         started = time.perf_counter()
         if guide_plan and chunk is not None:
             obs["guide"] = rtc_guide(chunk, action_steps, 0, len(chunk), action_steps, GRIPPER)
-        chunk = check_chunk(policy(obs))
+        chunk = smooth_chunk(check_chunk(policy(obs)), chunk_smoothing, GRIPPER)
         wall_ms = (time.perf_counter() - started) * 1e3
         reported = latency_of() if latency_of is not None else None
         latencies.append(float(reported) if reported is not None else wall_ms)

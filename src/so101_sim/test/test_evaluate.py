@@ -63,6 +63,24 @@ def test_runner_executes_chunks_and_observes_every_action_steps(env):
     assert abs(env.joint_positions()[0] - (home[0] + 0.3)) < 0.05
 
 
+def test_chunk_smoothing_takes_the_zigzag_out_of_what_the_arm_is_commanded(env):
+    commanded = []
+
+    def zigzag(obs):
+        chunk = np.repeat(obs["state"][None].astype(np.float64), 20, axis=0)
+        chunk[:, :5] += 0.05 * (-1.0) ** np.arange(20)[:, None]
+        return chunk
+
+    def roughness(smoothing: int) -> float:
+        commanded.clear()
+        run_episode(env, zigzag, seed=0, max_steps=30, action_steps=10, chunk_smoothing=smoothing,
+                    after_step=lambda: commanded.append(env.commanded()[:5]))
+        cmd = np.asarray(commanded)
+        return float(np.abs(cmd[2:] - 2 * cmd[1:-1] + cmd[:-2]).mean())
+
+    assert roughness(8) < 0.1 * roughness(0)
+
+
 def test_with_guide_plan_each_observation_carries_the_rest_of_the_last_chunk(env):
     """Coherent sampling in the sim: from the second observation on, ``guide`` holds the last chunk's unexecuted
     rows (row k continues where execution stopped), weighted over the rows the next chunk replaces, gripper free."""
@@ -131,9 +149,10 @@ def test_eval_cli_rejects_missing_checkpoint(tmp_path, capsys):
 def test_eval_cli_expert_reference_succeeds(tmp_path, capsys):
     out = tmp_path / "eval"
     assert evaluate.main(["--expert", "--episodes", "2", "--seed", "20", "--image-size", "32", "--out", str(out),
-                          "--video-episodes", "0"]) == 0
+                          "--video-episodes", "0", "--chunk-smoothing", "4"]) == 0
     report = json.loads((out / "eval_nfe1.json").read_text())
-    assert report["checkpoint"] == "expert" and report["successes"] == 2
+    # The expert's smooth plan succeeds as well through the chunk filter, and the report says it was on.
+    assert report["checkpoint"] == "expert" and report["successes"] == 2 and report["chunk_smoothing"] == 4
     assert all(r["steps"] < report["max_steps"] for r in report["results"])
     text = capsys.readouterr().out
     assert "success 2/2 = 100.0 %" in text

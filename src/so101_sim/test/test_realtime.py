@@ -172,7 +172,7 @@ def test_cli_table_and_last_line(tmp_path, capsys):
     (["--policy", "/nonexistent/ckpt@1"], "is not a directory"),
     (["--policy", "expert", "--max-step", "0"], "--max-step must be > 0"),
     (["--policy", "expert", "--rtc-commit", "-1"], "--rtc-commit must be >= 0 rows, got -1"),
-    (["--policy", "expert", "--chunk-smoothing", "-2"], "--chunk-smoothing must be >= 0 passes, got -2"),
+    (["--policy", "expert", "--chunk-smoothing", "-2"], "--chunk-smoothing: must be >= 0 passes, got -2"),
 ])
 def test_cli_bad_arguments_exit_2_with_one_line(args, match, capsys):
     with pytest.raises(SystemExit) as exc:
