@@ -50,8 +50,9 @@ from so101_sim.dwell import Dwell, DwellWatch, Hold, HoldWatch, OffCentre, OffCe
 from so101_sim.env import SimEnv
 from so101_sim.expert import ExpertConfig, ScriptedExpert, TakeoverError
 from so101_sim.policy_plugins import SHIPPED_HELP, PolicyPluginError, load_checkpoint_policy, resolve_checkpoint
-from so101_sim.rollout import (DEFAULT_ACTION_STEPS, EpisodeResult, Policy, add_sampling_arguments,
-                               resolve_sampling_arguments, run_episode)
+from so101_common.handoff import smooth_chunk
+from so101_sim.rollout import (DEFAULT_ACTION_STEPS, GRIPPER, EpisodeResult, Policy, add_chunk_smoothing_argument,
+                               add_sampling_arguments, resolve_sampling_arguments, run_episode)
 from so101_sim.tasks import TASKS, task_class
 
 RECOVERY_FILE = "recovery.json"
@@ -88,6 +89,7 @@ class _PolicyRecorder:
     action_steps: int = DEFAULT_ACTION_STEPS
     reseed: Callable[[int], None] | None = None
     guide_plan: bool = False
+    chunk_smoothing: int = 0  # passes of so101_common.handoff.smooth_chunk over each chunk, as so101-eval
     expert: ExpertConfig = field(default_factory=ExpertConfig)
 
     def _run(self, env: SimEnv, seed: int, max_steps: int, after_step: Callable[[], None] | None = None,
@@ -97,7 +99,7 @@ class _PolicyRecorder:
         if self.reseed is not None:
             self.reseed(seed)
         return run_episode(env, policy or self.policy, seed, max_steps=max_steps, action_steps=self.action_steps,
-                           guide_plan=self.guide_plan, after_step=after_step)
+                           guide_plan=self.guide_plan, after_step=after_step, chunk_smoothing=self.chunk_smoothing)
 
     def _expert_from_here(self, env: SimEnv, seed: int, path: Path, started: float, where: str) -> DemoResult:
         """The scripted expert finishes the task from the env's state; its part is recorded as the episode."""
@@ -152,7 +154,7 @@ class LatencyRecorder(_PolicyRecorder):
         result = self._run(env, seed, step, after_step=lambda: commands.append(env.commanded()), policy=remembering)
         if result.success:
             raise SeedSkipped(f"the policy succeeded by step {result.steps} (handover at {step})")
-        chunk = np.asarray(plan["chunk"])
+        chunk = smooth_chunk(np.asarray(plan["chunk"]), self.chunk_smoothing, GRIPPER)  # the rows the arm runs
         reached = step - plan["from"]  # rows of the current chunk executed so far
         rows = chunk[reached:reached + self.delay]
         committed = np.concatenate([rows, np.repeat(chunk[-1:], self.delay - len(rows), axis=0)])
@@ -266,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="first seed (keep clear of the evaluation seeds); each attempt uses the next one")
     parser.add_argument("--nfe", type=int, default=1, help="network evaluations per chunk of the policy")
     add_sampling_arguments(parser)
+    add_chunk_smoothing_argument(parser)
     parser.add_argument("--action-steps", type=int, default=DEFAULT_ACTION_STEPS,
                         help="control steps executed from each chunk")
     parser.add_argument("--handover-first", type=int, default=HandoverRange.first,
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         recorder: RecoveryRecorder | LatencyRecorder | WatchRecorder | RolloutRecorder
         # How every recorder runs the policy: as so101-eval does.
         run: dict[str, Any] = {"action_steps": args.action_steps, "reseed": policy.reseed,
-                               "guide_plan": args.candidates > 1}
+                               "guide_plan": args.candidates > 1, "chunk_smoothing": args.chunk_smoothing}
         steps = task_class(args.task).max_steps
         rules: dict[str, WatchRule] = {"dwell": Dwell(steps=args.dwell_steps),
                                        "offcentre": OffCentre(offset=args.offcentre_cm / 100),
@@ -355,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     (args.out / RECOVERY_FILE).write_text(json.dumps({
         "checkpoint": str(args.checkpoint), "task": args.task, "nfe": args.nfe, "candidates": args.candidates,
-        "average": args.average, "action_steps": args.action_steps,
+        "average": args.average, "chunk_smoothing": args.chunk_smoothing, "action_steps": args.action_steps,
         "first_seed": args.seed, "mode": args.mode,
         **({} if isinstance(recorder, RolloutRecorder)
            else {"expert_blend_s": expert.t_blend, "fixed_jaw_clearance_m": expert.fixed_jaw_clearance}),

@@ -12,6 +12,7 @@ from sensor_msgs.msg import JointState
 from trajectory_msgs.msg import JointTrajectory
 
 from so101_common.episode_bag import read_episode_metadata
+from so101_common.handoff import smooth_chunk
 from so101_common.graph import JOINT_NAMES, JOINT_STATES_TOPIC, TRAJECTORY_TOPIC
 from so101_common.joints import home_vector
 from so101_sim import recovery
@@ -22,7 +23,7 @@ from so101_sim.evaluate import evaluate
 from so101_sim.expert import ExpertChunkPolicy, ExpertConfig, ScriptedExpert
 from so101_sim.ik import TopDownIK
 from so101_sim.scene import CUBE_BODY, GREEN_CUBE_BODY, TOY_BODY, SceneConfig
-from so101_sim.rollout import run_episode
+from so101_sim.rollout import GRIPPER, run_episode
 from so101_sim.tasks import TASKS
 
 SIZE = 32
@@ -158,6 +159,26 @@ def test_latency_mode_records_the_committed_rows_of_the_chunk_then_the_expert_fr
     assert read_episode_metadata(out / "episode_0000").success is True
     with pytest.raises(ValueError, match="--latency-steps must be >= 1"):
         recovery.LatencyRecorder(policy, recovery.HandoverRange(43, 43), 0)
+
+
+def test_latency_mode_with_chunk_smoothing_commits_the_rows_the_arm_runs(tmp_path):
+    """With --chunk-smoothing the policy's chunks run smoothed, as in so101-eval; the committed rows recorded are
+    those smoothed rows, not the chunk as the policy made it."""
+    class ZigzagSweep(SweepingPolicy):
+        def __call__(self, observation: dict) -> np.ndarray:
+            rows = super().__call__(observation)
+            rows[:, 1] += 0.02 * (-1.0) ** np.arange(20)  # the shoulder zig-zags from row to row
+            return rows
+
+    policy = ZigzagSweep()
+    recorder = recovery.LatencyRecorder(policy, recovery.HandoverRange(43, 43), 6, chunk_smoothing=8)
+    out = tmp_path / "lat"
+    results = generate(out, 1, seed=7, image_size=SIZE, record=recorder, max_tries=1, log=lambda m: None)
+    assert len(results) == 1 and results[0].success
+    commands = _commands(out / "episode_0000")
+    smoothed = smooth_chunk(policy.chunks[-1], 8, GRIPPER)
+    assert np.abs(smoothed[3:9] - policy.chunks[-1][3:9]).max() > 0.005  # the filter changed them
+    np.testing.assert_allclose(commands[:6], smoothed[3:9], atol=1e-9)
 
 
 class PlannedStandIn:
@@ -475,6 +496,7 @@ def test_cli_writes_episodes_and_provenance(tmp_path, capsys):
     assert read_episode_metadata(out / "episode_0000").success is True
     assert "wrote 1 recovery episodes" in capsys.readouterr().out
     assert prov["mode"] == "takeover" and prov["expert_blend_s"] == ExpertConfig.t_blend
+    assert prov["chunk_smoothing"] == 0
     assert prov["fixed_jaw_clearance_m"] == ExpertConfig.fixed_jaw_clearance
     # The expert's moves overlap as --expert-blend says: the same takeover, rest between moves -> a longer episode.
     lengths = {}
